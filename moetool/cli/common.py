@@ -1,0 +1,78 @@
+"""What every command shares: --json/-q/-v, the progress bar, and printing results."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+
+class Output:
+    """Data to stdout (JSON with --json), logs and progress to stderr."""
+
+    def __init__(self, as_json: bool, verbosity: int) -> None:
+        self.as_json = as_json
+        self.verbosity = verbosity
+
+    def log(self, msg: str, level: int = 1) -> None:
+        if self.verbosity >= level:
+            click.echo(msg, err=True)
+
+    def result(self, data: Any, text: str | Callable[[], str]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        else:
+            click.echo(text() if callable(text) else text)
+
+    def progress(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        disable = self.verbosity < 1 or not sys.stderr.isatty()
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=disable,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+
+
+def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds --json, -q and -v; the command receives ``out: Output``."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+    @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no progress bar.")
+    @click.option("-v", "--verbose", count=True, help="More detail on stderr (repeatable).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, as_json: bool, quiet: bool, verbose: int, **kwargs: Any) -> Any:
+        return fn(*args, out=Output(as_json, 0 if quiet else 1 + verbose), **kwargs)
+
+    return wrapper
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def table(rows: list[list[str]], header: list[str] | None = None) -> str:
+    allrows = ([header] if header else []) + rows
+    if not allrows:
+        return ""
+    widths = [max(len(str(r[i])) for r in allrows) for i in range(len(allrows[0]))]
+    lines = []
+    for j, r in enumerate(allrows):
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+        if header and j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

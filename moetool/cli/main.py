@@ -1,0 +1,83 @@
+"""The ``moetool`` command group and the one place that turns errors into exit codes (SPEC §1)."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from moetool import __version__
+from moetool.env import ENV
+from moetool.errors import MoetoolError
+
+COMMANDS = (
+    ("moetool.cli.inspect", "inspect"),
+    ("moetool.cli.quantize", "quantize"),
+    ("moetool.cli.fuse_shared", "fuse_shared"),
+    ("moetool.cli.convert_ssm", "convert_ssm"),
+    ("moetool.cli.capture_ssm", "capture_ssm"),
+    ("moetool.cli.validate", "validate"),
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="moetool")
+def cli() -> None:
+    """Prepare Mixture-of-Experts checkpoints for fast GPU inference, offline and once.
+
+    \b
+    Examples:
+      moetool inspect deepseek-ai/DeepSeek-V2-Lite
+      moetool quantize ./Qwen3-30B-A3B ./Qwen3-30B-A3B-fp8 --layout hf
+      moetool fuse-shared ./DeepSeek-V3-fp8 ./DeepSeek-V3-fp8-fused
+      moetool validate ./DeepSeek-V3 ./DeepSeek-V3-fp8-fused
+
+    Set MOETOOL_DEBUG=1 for a traceback instead of the one-line error.
+    """
+
+
+def _register() -> None:
+    import importlib
+
+    for module, attr in COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue  # command not part of this build
+            raise
+        cli.add_command(getattr(mod, attr))
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one clear line and an exit code for every failure (0 ok, 1 mismatch, 2 error)."""
+    try:
+        rv = cli.main(args=argv, prog_name="moetool", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("moetool: aborted", err=True)
+        sys.exit(2)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except MoetoolError as e:
+        if ENV.debug:
+            traceback.print_exc()
+        click.echo(f"moetool: error: {e.line()}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("moetool: interrupted; OUT.partial is kept for --resume", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug: still one line unless debugging
+        if ENV.debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        click.echo(
+            f"moetool: internal error: {type(e).__name__}: {first} (MOETOOL_DEBUG=1 for the traceback)",
+            err=True,
+        )
+        sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,178 @@
+"""``moetool inspect``: what a checkpoint holds and what ``quantize`` would change, from headers only."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from moetool.errors import MoetoolError
+from moetool.model import FP8_DTYPES, CheckpointView
+from moetool.quantize import QuantizeOptions, plan_quantize
+
+
+def _kind(view: CheckpointView, name: str, experts: set[str], shared: set[str]) -> str:
+    if name in experts:
+        return "routed_experts"
+    if name in shared:
+        return "shared_experts"
+    if name in view.router_names():
+        return "routers"
+    if "embed" in name or "lm_head" in name:
+        return "embeddings"
+    if ".linear_attn." in name:
+        return "linear_attention"
+    if ".self_attn." in name or ".attn." in name:
+        return "attention"
+    if "norm" in name:
+        return "norms"
+    return "other"
+
+
+def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
+    ckpt, info = view.ckpt, view.info
+    shared_names = {n for s in view.shared.values() for n in s.names}
+    expert_names = {n for s in view.stores.values() for n in s.names}
+    by_kind: Counter[str] = Counter()
+    by_dtype: Counter[str] = Counter()
+    for name, t in ckpt.tensors.items():
+        by_kind[_kind(view, name, expert_names, shared_names)] += t.nbytes
+        by_dtype[t.dtype] += t.nbytes
+    not128 = sorted(
+        n
+        for n, t in ckpt.tensors.items()
+        if len(t.shape) == 2
+        and n.endswith(".weight")
+        and any(d % 128 for d in t.shape)
+        and (n in expert_names or n in shared_names or view.is_linear_weight(n))
+    )
+    fp8 = [n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES]
+    q = view.quantization or {}
+    gdn = info.gdn
+    moe = set(info.moe_layers)
+    result: dict[str, Any] = {
+        "path": str(ckpt.root),
+        "family": view.arch.family,
+        "model_type": info.model_type,
+        "layers": info.num_layers,
+        "moe_layers": list(info.moe_layers),
+        "dense_layers": [i for i in range(info.num_layers) if i not in moe],
+        "gdn_layers": list(gdn.layers) if gdn else [],
+        "hidden_size": info.hidden_size,
+        "routed_experts": info.num_experts,
+        "top_k": info.routing.top_k,
+        "moe_intermediate_size": info.moe_intermediate_size,
+        "routing": {
+            "scoring": info.routing.scoring,
+            "topk_method": info.routing.topk_method,
+            "n_group": info.routing.n_group,
+            "topk_group": info.routing.topk_group,
+            "norm_topk_prob": info.routing.norm_topk_prob,
+            "routed_scaling_factor": info.routing.routed_scaling_factor,
+        },
+        "shared_expert_intermediate_size": info.shared_intermediate_size,
+        "shared_expert_weight": view.arch.slot_weight,
+        "fused_slots_if_fused": info.shared_slots,
+        "fused_shared_experts": view.fused,
+        "expert_storage": sorted({s.kind for s in view.stores.values()}),
+        "layout": view.layout,
+        "quantization": {
+            "config": q or None,
+            "fp8_tensors": len(fp8),
+            "scale_fmt": q.get("scale_fmt", "float") if q else None,
+        },
+        "tensors": len(ckpt.tensors),
+        "shards": len(ckpt.shard_files),
+        "total_bytes": ckpt.total_bytes,
+        "bytes_by_kind": dict(sorted(by_kind.items())),
+        "bytes_by_dtype": dict(sorted(by_dtype.items())),
+        "not_divisible_by_128": not128,
+        "ssm": (
+            {
+                "num_key_heads": gdn.num_key_heads,
+                "num_value_heads": gdn.num_value_heads,
+                "head_k_dim": gdn.head_k_dim,
+                "head_v_dim": gdn.head_v_dim,
+                "conv_kernel": gdn.conv_kernel,
+            }
+            if gdn
+            else None
+        ),
+        "manifest": (
+            {k: view.manifest.get(k) for k in ("moetool_version", "command", "layout")}
+            if view.manifest
+            else None
+        ),
+    }
+    would: dict[str, Any] = {}
+    for layout in ("deepgemm", "hf"):
+        try:
+            plan = plan_quantize(view, QuantizeOptions(layout=layout))
+        except MoetoolError as e:
+            would[layout] = {"error": e.line()}
+            continue
+        touched = {s.name for sh in plan.shards for j in sh.jobs if j.op == "quant" for s in j.sources}
+        would[layout] = {
+            "quantized_tensors": len(touched),
+            "quantized_bytes": sum(ckpt.tensors[n].nbytes for n in touched),
+            "output_bytes": plan.total_bytes,
+            "notes": list(plan.notes),
+        }
+    result["quantize_would"] = would
+    return result
+
+
+def render(r: dict[str, Any]) -> str:
+    from moetool.cli.common import human_bytes, table
+
+    rows = [
+        ["family", f"{r['family']} (model_type {r['model_type']})"],
+        [
+            "layers",
+            f"{r['layers']}: {len(r['moe_layers'])} MoE, {len(r['dense_layers'])} dense"
+            + (f", {len(r['gdn_layers'])} GDN" if r["gdn_layers"] else ""),
+        ],
+        [
+            "experts",
+            f"{r['routed_experts']} routed, top-{r['top_k']}, intermediate {r['moe_intermediate_size']}",
+        ],
+        ["routing", ", ".join(f"{k}={v}" for k, v in r["routing"].items())],
+        [
+            "shared experts",
+            (
+                f"intermediate {r['shared_expert_intermediate_size']} -> {r['fused_slots_if_fused']} "
+                f"fused slot(s), weight {r['shared_expert_weight']}"
+            )
+            if r["shared_expert_intermediate_size"]
+            else "none",
+        ],
+        ["fused", str(r["fused_shared_experts"]) if r["fused_shared_experts"] else "no"],
+        ["layout", f"{r['layout']} ({', '.join(r['expert_storage']) or 'no experts'})"],
+        [
+            "quantization",
+            (
+                f"fp8 {r['quantization']['scale_fmt']} scales, {r['quantization']['fp8_tensors']} FP8 tensors"
+                if r["quantization"]["config"] or r["quantization"]["fp8_tensors"]
+                else "none"
+            ),
+        ],
+        ["size", f"{human_bytes(r['total_bytes'])} in {r['tensors']} tensors, {r['shards']} shard(s)"],
+        ["by dtype", ", ".join(f"{k} {human_bytes(v)}" for k, v in r["bytes_by_dtype"].items())],
+        ["by kind", ", ".join(f"{k} {human_bytes(v)}" for k, v in r["bytes_by_kind"].items())],
+    ]
+    if r["ssm"]:
+        rows.append(["ssm state", ", ".join(f"{k}={v}" for k, v in r["ssm"].items())])
+    n = r["not_divisible_by_128"]
+    rows.append(["not /128", f"{len(n)} weight(s)" + (f", e.g. {n[0]}" if n else "")])
+    for layout, w in r["quantize_would"].items():
+        if "error" in w:
+            rows.append([f"quantize {layout}", f"refused: {w['error']}"])
+        else:
+            rows.append(
+                [
+                    f"quantize {layout}",
+                    f"{w['quantized_tensors']} tensors ({human_bytes(w['quantized_bytes'])})"
+                    f" -> output {human_bytes(w['output_bytes'])}",
+                ]
+            )
+            rows += [["", f"note: {note}"] for note in w["notes"]]
+    return table(rows)

@@ -1,0 +1,230 @@
+"""A local Hugging Face checkpoint, read lazily: config, index and any tensor (or row slice) of any shard.
+
+Tensors are read through a private copy-on-write memory map of the shard, so a read touches only the
+pages it needs and nothing can ever write back to the input file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetool.errors import InputError
+from moetool.io.safetensors_format import Header, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MANIFEST_NAME = "moetool.json"
+MAX_JSON_BYTES = 64 * 1024 * 1024
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def read_json(path: Path, *, what: str = "JSON") -> Any:
+    """Read a small JSON file with a size bound; defects are an ``InputError`` naming the file."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise InputError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MB", file=str(path))
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} not found", file=str(path)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{what} is not valid JSON ({type(e).__name__})", file=str(path)) from None
+
+
+def allowed_roots(root: Path) -> list[Path]:
+    """Where files of ``root`` may really live: the folder itself, and for a Hub cache snapshot
+    (``.../snapshots/<rev>``, whose files are links into ``../../blobs``) that repo's blob store."""
+    roots = [root.resolve()]
+    if root.parent.name == "snapshots":
+        roots.append((root.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _inside(root: Path, rel: str, *, file: str) -> Path:
+    """``root / rel`` if it stays inside ``root`` (no absolute paths, ``..`` or links out of it)."""
+    if not rel or os.path.isabs(rel) or "\\" in rel or ".." in Path(rel).parts:
+        raise InputError(
+            f"path {rel!r} is not a plain relative file name inside the checkpoint",
+            file=file,
+            fix="refusing to follow it; the index is hostile or corrupt",
+        )
+    p = (root / rel).resolve()
+    if not any(p.is_relative_to(r) for r in allowed_roots(root)):
+        raise InputError(
+            f"path {rel!r} points outside the checkpoint",
+            file=file,
+            fix="refusing to follow it; the index is hostile or corrupt",
+        )
+    return p
+
+
+class Checkpoint:
+    """A checkpoint directory: ``config``, ``tensors`` (name → ``TensorInfo``), lazy tensor reads."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InputError(
+                "not a directory", file=str(self.root), fix="give a checkpoint directory or a Hub repo id"
+            )
+        self.config: dict[str, Any] = read_json(self.root / "config.json", what="config.json")
+        if not isinstance(self.config, dict):
+            raise InputError("config.json is not a JSON object", file=str(self.root / "config.json"))
+        self.shard_files, self.index_metadata = self._find_shards()
+        self.headers: dict[str, Header] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for rel in self.shard_files:
+            path = _inside(self.root, rel, file=str(self.root / INDEX_NAME))
+            header = read_header(path)
+            self.headers[rel] = header
+            for name, info in header.tensors.items():
+                if name in self.tensors:
+                    raise InputError(
+                        f"tensor appears in two shards ({Path(self.tensors[name].file).name} and {rel})",
+                        file=str(path),
+                        tensor=name,
+                        fix="the checkpoint is corrupt",
+                    )
+                self.tensors[name] = info
+        if self._index_map is not None:
+            for name, rel in self._index_map.items():
+                info = self.tensors.get(name)
+                if info is None or Path(info.file) != _inside(self.root, rel, file=INDEX_NAME):
+                    raise InputError(
+                        f"index names {rel} but the tensor is not in it",
+                        file=str(self.root / INDEX_NAME),
+                        tensor=name,
+                        fix="the index and shards disagree; re-download",
+                    )
+            extra = sorted(set(self.tensors) - set(self._index_map))
+            if extra:
+                raise InputError(
+                    "tensor is in a shard but not in the index",
+                    file=str(self.root / INDEX_NAME),
+                    tensor=extra[0],
+                )
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def _find_shards(self) -> tuple[list[str], dict[str, Any]]:
+        index_path = self.root / INDEX_NAME
+        self._index_map: dict[str, str] | None = None
+        if index_path.exists():
+            index = read_json(index_path, what="index")
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
+            ):
+                raise InputError("index has no weight_map of names to files", file=str(index_path))
+            self._index_map = wm
+            files = sorted(set(wm.values()))
+            for rel in files:
+                p = _inside(self.root, rel, file=str(index_path))
+                if not p.is_file():
+                    raise InputError(
+                        f"index names shard {rel}, which is missing",
+                        file=str(index_path),
+                        fix="download the missing shard",
+                    )
+            return files, dict(index.get("metadata") or {})
+        files = sorted(p.name for p in self.root.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in self.root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise InputError(
+                    f"only pickle weights ({pickles[0]}); moetool never unpickles",
+                    file=str(self.root),
+                    fix="convert to safetensors with a trusted tool first",
+                )
+            raise InputError("no *.safetensors weights", file=str(self.root))
+        return files, {}
+
+    # -- reading ------------------------------------------------------------------------------
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise InputError("tensor not found in the checkpoint", file=str(self.root), tensor=name) from None
+
+    def _map(self, file: str) -> mmap.mmap:
+        m = self._maps.get(file)
+        if m is None:
+            with open(file, "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[file] = m
+        return m
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, *, copy: bool = False) -> torch.Tensor:
+        """Tensor ``name`` (or rows ``[r0, r1)`` of its first dimension) backed by the file mapping.
+
+        ``copy=True`` returns memory owned by the caller (use it when the tensor outlives the reader).
+        """
+        info = self.info(name)
+        shape = list(info.shape)
+        offset, nbytes = info.offset, info.nbytes
+        if rows is not None:
+            r0, r1 = rows
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            offset, nbytes = offset + r0 * row_bytes, (r1 - r0) * row_bytes
+            shape[0] = r1 - r0
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.torch_dtype)
+        buf = self._map(info.file)
+        t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
+        t = t.view(info.torch_dtype).reshape(shape)
+        return t.clone() if copy else t
+
+    def read_bytes(self, name: str) -> memoryview:
+        info = self.info(name)
+        return memoryview(self._map(info.file))[info.offset : info.offset + info.nbytes]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            # a tensor may still view it; the mapping then goes with the last reference
+            with contextlib.suppress(BufferError):
+                m.close()
+        self._maps.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- listing ------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def other_files(self) -> list[str]:
+        """Non-weight files to copy unchanged (tokenizer, generation config, license, ...), relative paths."""
+        skip = {"config.json", INDEX_NAME, MANIFEST_NAME, *self.shard_files}
+        out = []
+        for p in sorted(self.root.rglob("*")):
+            rel = p.relative_to(self.root).as_posix()
+            if rel.startswith(".") or "/." in rel or rel in skip or p.suffix == ".safetensors":
+                continue
+            if p.is_symlink() and not any(p.resolve().is_relative_to(r) for r in allowed_roots(self.root)):
+                raise InputError(
+                    "symbolic link points outside the checkpoint",
+                    file=str(p),
+                    fix="replace it with the file it points to",
+                )
+            if p.is_file() and p.suffix not in PICKLE_SUFFIXES:
+                out.append(rel)
+        return out

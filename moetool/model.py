@@ -1,0 +1,260 @@
+"""What a checkpoint holds, read from headers only: per MoE layer, how its experts are stored.
+
+Three storages of routed experts are recognised:
+
+- ``per_expert``: ``P.{e}.{gate,up,down}_proj.weight`` (+ ``weight_scale_inv`` when FP8) — what
+  transformers saves, and the ``--layout hf`` output.
+- ``packed``: transformers v5 ``P.gate_up_proj [E, 2I, H]`` (gate rows first) and ``P.down_proj [E, H, I]``.
+- ``deepgemm``: ``P.w13_weight [E, 2I, H]`` F8_E4M3 + ``P.w13_weight_scale_inv``, ``P.w2_weight`` + scale.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from moetool.arch import ArchSpec, ModelInfo, detect
+from moetool.errors import InputError
+from moetool.io.checkpoint import MANIFEST_NAME, Checkpoint, read_json
+from moetool.plan import Src
+
+FP8_DTYPES = ("F8_E4M3",)
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+def scale_name(weight: str) -> str:
+    """``...weight`` → ``...weight_scale_inv`` (also ``w13_weight`` → ``w13_weight_scale_inv``)."""
+    return weight + "_scale_inv"
+
+
+@dataclass(frozen=True)
+class ExpertStore:
+    layer: int
+    kind: str  # "per_expert" | "packed" | "deepgemm"
+    num_experts: int  # stored expert slots (routed + fused shared slots)
+    fp8: bool
+    dtype: str
+    names: tuple[str, ...]  # every tensor of this layer's experts (weights and scales)
+    prefix: str
+    proj: dict[str, str]  # gate/up/down module names
+
+    def gate_up(self, e: int, inter: int) -> tuple[Src, ...]:
+        """Sources of expert ``e``'s gate rows then up rows, ``[2I, H]`` in all."""
+        if self.kind == "per_expert":
+            return (
+                Src(f"{self.prefix}.{e}.{self.proj['gate']}.weight"),
+                Src(f"{self.prefix}.{e}.{self.proj['up']}.weight"),
+            )
+        name = f"{self.prefix}.gate_up_proj" if self.kind == "packed" else f"{self.prefix}.w13_weight"
+        return (Src(name, expert=e, rows=(0, inter)), Src(name, expert=e, rows=(inter, 2 * inter)))
+
+    def down(self, e: int) -> Src:
+        if self.kind == "per_expert":
+            return Src(f"{self.prefix}.{e}.{self.proj['down']}.weight")
+        name = f"{self.prefix}.down_proj" if self.kind == "packed" else f"{self.prefix}.w2_weight"
+        return Src(name, expert=e)
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    layer: int
+    gate: str
+    up: str
+    down: str
+    fp8: bool
+    intermediate: int
+    gate_weight: str | None  # shared_expert_gate.weight (Qwen)
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointView:
+    ckpt: Checkpoint
+    arch: ArchSpec
+    info: ModelInfo
+    stores: dict[int, ExpertStore]
+    shared: dict[int, SharedExpert]
+    fused: dict[str, Any] | None  # config's moetool_fused_shared_experts
+    quantization: dict[str, Any] | None  # config's quantization_config
+    manifest: dict[str, Any] | None
+    layout: str  # "hf" | "packed" | "deepgemm" | "mixed" | "none"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.ckpt.config
+
+    def expert_names(self) -> set[str]:
+        names = {n for s in self.stores.values() for n in s.names}
+        names |= {n for s in self.shared.values() for n in s.names}
+        return names
+
+    def router_names(self) -> set[str]:
+        out = set()
+        for layer in self.stores:
+            out.add(self.arch.router_weight(layer))
+            b = self.arch.router_bias(layer)
+            if b:
+                out.add(b)
+            g = self.arch.shared_gate_weight(layer)
+            if g:
+                out.add(g)
+        return out
+
+    def is_linear_weight(self, name: str) -> bool:
+        """A 2-D ``.weight`` of a Linear that ``--targets linear`` quantizes: not a router, norm,
+        embedding, lm_head, shared-expert gate or convolution."""
+        t = self.ckpt.tensors.get(name)
+        if t is None or not name.endswith(".weight") or len(t.shape) != 2:
+            return False
+        if name in self.router_names():
+            return False
+        leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
+        return not (
+            "norm" in leaf
+            or "embed" in name
+            or name.startswith("lm_head")
+            or ".lm_head" in name
+            or leaf in ("conv1d", "shared_expert_gate")
+        )
+
+
+_EXPERT_IDX = re.compile(
+    r"^(?P<p>.+)\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<kind>weight|weight_scale_inv)$"
+)
+
+
+def analyze(ckpt: Checkpoint) -> CheckpointView:
+    """Detect family, MoE layers and their expert storage from config and headers; checks consistency."""
+    cfg_file = str(ckpt.root / "config.json")
+    arch = detect(ckpt.config, file=cfg_file)
+    info = arch.model(ckpt.config, file=cfg_file)
+    fused = ckpt.config.get("moetool_fused_shared_experts")
+    extra_slots = int(fused["num_slots"]) * int(fused["replicas"]) if isinstance(fused, dict) else 0
+    t = ckpt.tensors
+    stores: dict[int, ExpertStore] = {}
+    shared: dict[int, SharedExpert] = {}
+    inter, hidden = info.moe_intermediate_size, info.hidden_size
+    for layer in info.moe_layers:
+        prefix = arch.experts_prefix(layer)
+        dg = arch.deepgemm_names(layer)
+        packed_gu, packed_d = arch.packed_names(layer)
+        names = tuple(sorted(n for n in t if n.startswith(prefix + ".")))
+        if not names:
+            raise InputError(
+                f"layer {layer} should be MoE but holds no expert tensors under {prefix}",
+                file=cfg_file,
+                fix="the config and the weights disagree",
+            )
+        if dg["w13_weight"] in t:
+            kind = "deepgemm"
+            w13, w2 = t[dg["w13_weight"]], t.get(dg["w2_weight"])
+            if w2 is None or dg["w13_weight_scale_inv"] not in t or dg["w2_weight_scale_inv"] not in t:
+                raise InputError(
+                    "deepgemm layout is missing w2_weight or a scale tensor",
+                    file=str(ckpt.root),
+                    tensor=dg["w13_weight"],
+                )
+            n_exp, fp8, dtype = w13.shape[0], w13.dtype in FP8_DTYPES, w13.dtype
+            _expect(w13, (n_exp, 2 * inter, hidden), ckpt)
+            _expect(w2, (n_exp, hidden, inter), ckpt)
+        elif packed_gu in t:
+            kind = "packed"
+            gu, d = t[packed_gu], t.get(packed_d)
+            if d is None:
+                raise InputError("packed experts lack down_proj", file=str(ckpt.root), tensor=packed_gu)
+            n_exp, fp8, dtype = gu.shape[0], gu.dtype in FP8_DTYPES, gu.dtype
+            _expect(gu, (n_exp, 2 * inter, hidden), ckpt)
+            _expect(d, (n_exp, hidden, inter), ckpt)
+        else:
+            kind = "per_expert"
+            ids = set()
+            for n in names:
+                m = _EXPERT_IDX.match(n)
+                if not m or m["p"] != prefix or m["proj"] not in arch.proj_names.values():
+                    raise InputError(
+                        "unrecognised expert tensor",
+                        file=str(ckpt.root),
+                        tensor=n,
+                        fix=f"expected {prefix}.<e>.{{{','.join(arch.proj_names.values())}}}.weight",
+                    )
+                ids.add(int(m["e"]))
+            n_exp = len(ids)
+            if ids != set(range(n_exp)):
+                raise InputError(f"expert ids are not 0..{n_exp - 1}", file=str(ckpt.root), tensor=prefix)
+            first = t[f"{prefix}.0.{arch.proj_names['gate']}.weight"]
+            fp8, dtype = first.dtype in FP8_DTYPES, first.dtype
+            for e in range(n_exp):
+                for proj, shape in (
+                    ("gate", (inter, hidden)),
+                    ("up", (inter, hidden)),
+                    ("down", (hidden, inter)),
+                ):
+                    name = f"{prefix}.{e}.{arch.proj_names[proj]}.weight"
+                    if name not in t:
+                        raise InputError("expert weight missing", file=str(ckpt.root), tensor=name)
+                    _expect(t[name], shape, ckpt)
+                    if t[name].dtype != dtype:
+                        raise InputError(
+                            f"dtype {t[name].dtype} differs from the layer's {dtype}",
+                            file=str(ckpt.root),
+                            tensor=name,
+                        )
+                    if fp8 and scale_name(name) not in t:
+                        raise InputError(
+                            "FP8 weight without weight_scale_inv", file=str(ckpt.root), tensor=name
+                        )
+        if dtype not in FP8_DTYPES + FLOAT_DTYPES:
+            raise InputError(f"unsupported expert dtype {dtype}", file=str(ckpt.root), tensor=names[0])
+        if n_exp != info.num_experts + extra_slots:
+            raise InputError(
+                f"layer {layer} stores {n_exp} experts, config says {info.num_experts}"
+                + (f" + {extra_slots} fused slots" if extra_slots else ""),
+                file=cfg_file,
+                tensor=prefix,
+            )
+        stores[layer] = ExpertStore(layer, kind, n_exp, fp8, dtype, names, prefix, arch.proj_names)
+        sp = arch.shared_prefix(layer)
+        if sp and info.shared_intermediate_size and not fused:
+            g, u, d = (f"{sp}.{p}_proj.weight" for p in ("gate", "up", "down"))
+            for n in (g, u, d):
+                if n not in t:
+                    raise InputError("shared expert weight missing", file=str(ckpt.root), tensor=n)
+            s = info.shared_intermediate_size
+            _expect(t[g], (s, hidden), ckpt)
+            _expect(t[u], (s, hidden), ckpt)
+            _expect(t[d], (hidden, s), ckpt)
+            sh_names = tuple(sorted(n for n in t if n.startswith(sp + ".")))
+            shared[layer] = SharedExpert(
+                layer, g, u, d, t[g].dtype in FP8_DTYPES, s, arch.shared_gate_weight(layer), sh_names
+            )
+    kinds = {s.kind for s in stores.values()}
+    layout = "none" if not kinds else (kinds.pop() if len(kinds) == 1 else "mixed")
+    if layout == "per_expert":
+        layout = "hf"
+    manifest = None
+    mpath = ckpt.root / MANIFEST_NAME
+    if mpath.exists():
+        manifest = read_json(mpath, what="manifest")
+    q = ckpt.config.get("quantization_config")
+    return CheckpointView(
+        ckpt,
+        arch,
+        info,
+        stores,
+        shared,
+        fused if isinstance(fused, dict) else None,
+        q if isinstance(q, dict) else None,
+        manifest,
+        layout,
+    )
+
+
+def _expect(info, shape: tuple[int, ...], ckpt: Checkpoint) -> None:
+    if tuple(info.shape) != tuple(shape):
+        raise InputError(
+            f"shape {list(info.shape)} contradicts config.json (expected {list(shape)})",
+            file=str(ckpt.root),
+            tensor=info.name,
+            fix="the config and the weights disagree",
+        )

@@ -1,0 +1,290 @@
+"""Executes a ``Plan``: per output shard, read → transform → write, overlapped, then index, config and
+manifest last. The output protocol of SPEC §2 lives here: ``OUT.partial/``, atomic shards with sha256,
+``--resume`` reusing finished shards whose recorded hash still matches, and rename to OUT at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetool import __version__
+from moetool.errors import InputError, MoetoolError, UsageError
+from moetool.hub import Source
+from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
+from moetool.io.writer import OutputDir, ShardWriter, sha256_file, write_index
+from moetool.model import scale_name
+from moetool.plan import Job, Plan, Shard, Src
+
+PROGRESS_NAME = ".moetool-progress.json"
+QUEUE_DEPTH = 2
+FP8 = torch.float8_e4m3fn
+
+
+@dataclass
+class RunResult:
+    out: Path
+    files: dict[str, dict[str, Any]]
+    reused: list[str]
+    bytes_written: int
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` → the first CUDA device if there is one, else CPU; ``cuda[:N]`` must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}", fix="use auto, cpu or cuda[:N]") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        from moetool.errors import EnvironmentError_
+
+        raise EnvironmentError_(
+            f"{device} requested but no such CUDA device is available", fix="use --device cpu or auto"
+        )
+    if d.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {device!r}", fix="use auto, cpu or cuda[:N]")
+    return d
+
+
+# -- reading sources --------------------------------------------------------------------------
+def _region(t: torch.Tensor, src: Src, block: int = 1) -> torch.Tensor:
+    if src.expert is not None:
+        t = t[src.expert]
+    if src.rows:
+        t = t[src.rows[0] // block : -(-src.rows[1] // block)]
+    if src.cols:
+        t = t[:, src.cols[0] // block : -(-src.cols[1] // block)]
+    return t
+
+
+def read_source(ckpt: Checkpoint, src: Src) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A source region as ``(tensor, None)`` for floats, or ``(q, scales)`` for FP8 (scales sliced by
+    128-blocks; the planner guarantees region edges on block boundaries)."""
+    info = ckpt.info(src.name)
+    rows = None
+    if src.expert is None and src.rows and not src.cols and info.dtype != "F8_E4M3":
+        rows = src.rows  # read only those rows from disk
+        t = ckpt.read(src.name, rows=rows)
+        return t, None
+    t = _region(ckpt.read(src.name), src)
+    if info.dtype != "F8_E4M3":
+        return t, None
+    sname = scale_name(src.name)
+    if sname not in ckpt:
+        raise InputError("FP8 tensor without its weight_scale_inv", file=str(ckpt.root), tensor=src.name)
+    s = _region(ckpt.read(sname), src, block=128)
+    return t, s
+
+
+# -- transforms -------------------------------------------------------------------------------
+class Quantizer:
+    """Block FP8 on one device: the torch reference on CPU, the Triton kernel on CUDA (byte-identical)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        from moetool.kernels.fp8_quant_ref import block_quant_ref, ceil_to_ue8m0, dequant_ref
+
+        self._ref = block_quant_ref
+        self._dequant = dequant_ref
+        self._ceil = ceil_to_ue8m0
+        self._triton = None
+        if device.type == "cuda":
+            from moetool.kernels.fp8_quant import block_quant
+
+            self._triton = block_quant
+
+    def quant(self, w: torch.Tensor, *, ue8m0: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._triton is not None:
+            q, s = self._triton(w.to(self.device, non_blocking=True), ue8m0=ue8m0, name=name)
+            return q.cpu(), s.cpu()
+        return self._ref(w, ue8m0=ue8m0, name=name)
+
+    def from_fp8(
+        self, q: torch.Tensor, s: torch.Tensor, *, ue8m0: bool, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep FP8 bytes when the scales already satisfy the request (lossless), else dequantize in
+        float32 and requantize."""
+        if not ue8m0 or torch.equal(self._ceil(s.float()), s.float()):
+            return q, s.float()
+        return self.quant(self._dequant(q, s), ue8m0=ue8m0, name=name)
+
+
+def run_job(ckpt: Checkpoint, job: Job, quantizer: Quantizer | None) -> list[torch.Tensor]:
+    """The tensors a job writes, in the order of ``job.writes``."""
+    if job.op == "copy":
+        (src,) = job.sources
+        t, _ = read_source(ckpt, src)
+        return [t]
+    if job.op == "quant":
+        assert quantizer is not None
+        qs, ss = [], []
+        for src in job.sources:
+            t, s = read_source(ckpt, src)
+            if s is None:
+                q, s = quantizer.quant(t, ue8m0=job.ue8m0, name=src.describe())
+            else:
+                q, s = quantizer.from_fp8(t, s, ue8m0=job.ue8m0, name=src.describe())
+            qs.append(q)
+            ss.append(s)
+        q = qs[0] if len(qs) == 1 else torch.cat(qs)
+        s = ss[0] if len(ss) == 1 else torch.cat(ss)
+        if job.scale_layout == "sm100":
+            from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref
+
+            s = pack_sm100_scales_ref(s, q.shape[0])
+        return [q, s]
+    raise InputError(f"internal: unknown job op {job.op!r}")
+
+
+# -- execution --------------------------------------------------------------------------------
+def _pipelined(
+    items: list[Job], produce: Callable[[Job], list[torch.Tensor]]
+) -> Iterator[tuple[Job, list[torch.Tensor]]]:
+    """Yield ``(job, produce(job))`` in order while the next jobs are computed on a worker thread
+    (torch kernels release the GIL, so reading/quantizing overlaps with the caller's writing)."""
+    if len(items) <= 1:
+        for j in items:
+            yield j, produce(j)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: queue.Queue = queue.Queue()
+        it = iter(items)
+        for _ in range(QUEUE_DEPTH):
+            j = next(it, None)
+            if j is None:
+                break
+            pending.put((j, pool.submit(produce, j)))
+        while not pending.empty():
+            j, fut = pending.get()
+            result = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.put((nxt, pool.submit(produce, nxt)))
+            yield j, result
+
+
+def write_shard(
+    ckpt: Checkpoint,
+    shard: Shard,
+    out: OutputDir,
+    quantizer: Quantizer | None,
+    metadata: dict[str, str],
+    progress: Callable[[int], None] | None = None,
+) -> tuple[str, int]:
+    entries = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+    writer = ShardWriter(out.path(shard.file), entries, metadata)
+    try:
+        for job, results in _pipelined(list(shard.jobs), lambda j: run_job(ckpt, j, quantizer)):
+            if len(results) != len(job.writes):
+                raise InputError(f"internal: job made {len(results)} tensors for {len(job.writes)} writes")
+            for w, t in zip(job.writes, results):
+                writer.write(w.tensor, t, w.start)
+                if progress:
+                    progress(t.numel() * t.element_size())
+        return writer.finish()
+    except BaseException:
+        writer.close()
+        raise
+
+
+def _load_progress(out: OutputDir) -> dict[str, dict[str, Any]]:
+    p = out.path(PROGRESS_NAME)
+    if not p.exists():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def execute(
+    plan: Plan,
+    ckpt: Checkpoint,
+    source: Source,
+    out_path: str | Path,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    resume: bool = False,
+    argv: list[str] | None = None,
+    progress_factory: Callable[[int], Any] | None = None,
+) -> RunResult:
+    """Run ``plan`` into ``out_path`` under the output protocol (SPEC §2)."""
+    dev = pick_device(device)
+    out = OutputDir(out_path, source=ckpt.root, overwrite=overwrite, resume=resume)
+    committed = False
+    try:
+        needs_quant = any(j.op == "quant" for s in plan.shards for j in s.jobs)
+        quantizer = Quantizer(dev) if needs_quant else None
+        done = _load_progress(out) if out.resumed else {}
+        files: dict[str, dict[str, Any]] = {}
+        reused: list[str] = []
+        bar = progress_factory(plan.total_bytes) if progress_factory else None
+        for shard in plan.shards:
+            rec = done.get(shard.file)
+            path = out.path(shard.file)
+            if (
+                rec
+                and path.exists()
+                and rec.get("size") == path.stat().st_size
+                and sha256_file(path) == rec.get("sha256")
+            ):
+                files[shard.file] = rec
+                reused.append(shard.file)
+                if bar:
+                    bar.update(shard.nbytes)
+                continue
+            digest, size = write_shard(
+                ckpt, shard, out, quantizer, plan.shard_metadata, bar.update if bar else None
+            )
+            files[shard.file] = {"sha256": digest, "size": size}
+            done[shard.file] = files[shard.file]
+            out.write_json(PROGRESS_NAME, done)
+        if bar:
+            bar.close()
+        weight_map = plan.weight_map()
+        write_index(out, weight_map, plan.total_bytes)
+        out.write_json("config.json", plan.config)
+        for rel in plan.copy_files:
+            out.copy_file(ckpt.root / rel, rel)
+        for rel in (INDEX_NAME, "config.json", *plan.copy_files):
+            p = out.path(rel)
+            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+        manifest = {
+            "moetool_version": __version__,
+            "command": plan.command,
+            "argv": argv or [],
+            "options": plan.options,
+            "source": source.describe(),
+            "layout": plan.layout,
+            "files": dict(sorted(files.items())),
+            "tensors": plan.provenance(),
+        }
+        out.path(PROGRESS_NAME).unlink(missing_ok=True)
+        out.write_json(MANIFEST_NAME, manifest)
+        result = RunResult(out.commit(), files, reused, sum(f["size"] for f in files.values()))
+        committed = True
+        return result
+    except KeyboardInterrupt:
+        out.release()
+        raise
+    except BaseException as e:
+        if not committed:
+            out.abort()
+        if isinstance(e, MoetoolError):
+            raise
+        if isinstance(e, OSError):
+            from moetool.io.writer import _os_error
+
+            raise _os_error(e, out.partial) from e
+        raise

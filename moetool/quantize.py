@@ -1,0 +1,233 @@
+"""``moetool quantize``: the plan that turns a checkpoint's experts (or every Linear) into block FP8,
+laid out for DeepGEMM (stacked ``[E, N, K]``) or as Hugging Face per-expert tensors (SPEC §3)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from moetool import __version__
+from moetool.errors import PlanError, UsageError
+from moetool.model import FP8_DTYPES, CheckpointView, scale_name
+from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards
+
+BLOCK = 128
+LAYOUTS = ("deepgemm", "hf")
+SCALE_FMTS = ("float", "ue8m0")
+SCALE_LAYOUTS = ("sm90", "sm100")
+TARGETS = ("experts", "linear")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    layout: str = "deepgemm"
+    scale_fmt: str = "float"
+    scale_layout: str = "sm90"
+    targets: str = "experts"
+    max_shard_size: int = 5 * 10**9
+
+    def check(self) -> None:
+        for value, allowed, flag in (
+            (self.layout, LAYOUTS, "--layout"),
+            (self.scale_fmt, SCALE_FMTS, "--scale-fmt"),
+            (self.scale_layout, SCALE_LAYOUTS, "--scale-layout"),
+            (self.targets, TARGETS, "--targets"),
+        ):
+            if value not in allowed:
+                raise UsageError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+        if self.scale_layout == "sm100" and (self.scale_fmt != "ue8m0" or self.layout != "deepgemm"):
+            raise UsageError(
+                "--scale-layout sm100 needs --scale-fmt ue8m0 and --layout deepgemm",
+                fix="SM100 kernels take power-of-two scales packed as UE8M0 bytes",
+            )
+
+
+def natural_key(name: str) -> tuple:
+    """Sort ``layers.2`` before ``layers.10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sm100_scale_shape(mn: int, k: int) -> tuple[int, ...]:
+    """Stored shape of one matrix's SM100 packed scales (see moetool.kernels.fp8_quant_ref)."""
+    import torch
+
+    from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref
+
+    probe = torch.ones(cdiv(mn, BLOCK), cdiv(k, BLOCK))
+    return tuple(pack_sm100_scales_ref(probe, mn).shape)
+
+
+def quant_unit(weight: str, src: tuple[Src, ...], n: int, k: int, ue8m0: bool) -> Unit:
+    """One Linear weight ``[n, k]`` quantized under its own name plus ``weight_scale_inv``."""
+    q = OutTensor(weight, "F8_E4M3", (n, k))
+    s = OutTensor(scale_name(weight), "F32", (cdiv(n, BLOCK), cdiv(k, BLOCK)))
+    return Unit((q, s), (Job("quant", src, (Write(q.name), Write(s.name)), ue8m0=ue8m0),))
+
+
+def stacked_units(
+    prefix: str,
+    num: int,
+    inter: int,
+    hidden: int,
+    gate_up: list[tuple[Src, ...]],
+    down: list[tuple[Src, ...]],
+    *,
+    ue8m0: bool,
+    scale_layout: str,
+    op: str = "quant",
+) -> list[Unit]:
+    """DeepGEMM's ``w13`` ``[E, 2I, H]`` and ``w2`` ``[E, H, I]`` with their scales, filled expert by
+    expert at precomputed byte offsets. ``op='copy'`` sources are (q, s) regions copied as they are."""
+    units = []
+    for tag, n, k, srcs in (("w13", 2 * inter, hidden, gate_up), ("w2", hidden, inter, down)):
+        qname, sname = f"{prefix}.{tag}_weight", f"{prefix}.{tag}_weight_scale_inv"
+        if scale_layout == "sm100":
+            per = sm100_scale_shape(n, k)
+            s_t = OutTensor(sname, "I32", (num, *per))
+            s_bytes = 4 * math.prod(per)
+        else:
+            s_t = OutTensor(sname, "F32", (num, cdiv(n, BLOCK), cdiv(k, BLOCK)))
+            s_bytes = 4 * cdiv(n, BLOCK) * cdiv(k, BLOCK)
+        q_t = OutTensor(qname, "F8_E4M3", (num, n, k))
+        jobs = tuple(
+            Job(
+                op,
+                sources,
+                (Write(qname, e * n * k), Write(sname, e * s_bytes)),
+                ue8m0=ue8m0,
+                scale_layout=scale_layout,
+            )
+            for e, sources in enumerate(srcs)
+        )
+        units.append(Unit((q_t, s_t), jobs))
+    return units
+
+
+def quant_config(view: CheckpointView, quantized: set[str], ue8m0: bool, layout: str) -> dict[str, Any]:
+    """config.json with ``quantization_config`` (SPEC §3): DeepSeek-V3's format, and every Linear left
+    unquantized named in ``modules_to_not_convert`` and ``ignored_layers``."""
+    cfg = copy.deepcopy(view.config)
+    skipped = sorted(
+        (
+            n[: -len(".weight")]
+            for n, t in view.ckpt.tensors.items()
+            if n not in quantized
+            and n.endswith(".weight")
+            and len(t.shape) == 2
+            and t.dtype not in FP8_DTYPES
+            and (view.is_linear_weight(n) or n in view.router_names() or "lm_head" in n)
+        ),
+        key=natural_key,
+    )
+    qc: dict[str, Any] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [BLOCK, BLOCK],
+        "modules_to_not_convert": skipped,
+        "ignored_layers": skipped,
+    }
+    if ue8m0:
+        qc["scale_fmt"] = "ue8m0"
+    if layout == "deepgemm":
+        qc["moetool_layout"] = "deepgemm"
+    cfg["quantization_config"] = qc
+    return cfg
+
+
+def plan_quantize(
+    view: CheckpointView, opts: QuantizeOptions, *, options: dict[str, Any] | None = None
+) -> Plan:
+    opts.check()
+    info, ckpt = view.info, view.ckpt
+    inter, hidden = info.moe_intermediate_size, info.hidden_size
+    ue8m0 = opts.scale_fmt == "ue8m0"
+    if opts.layout == "deepgemm" and view.stores and inter % BLOCK:
+        raise PlanError(
+            f"--layout deepgemm needs moe_intermediate_size % 128 == 0, got {inter}",
+            file=str(ckpt.root / "config.json"),
+            fix="use --layout hf",
+        )
+    if any(s.kind == "deepgemm" for s in view.stores.values()) and "I32" in {
+        ckpt.tensors[n].dtype for s in view.stores.values() for n in s.names
+    }:
+        raise PlanError(
+            "input has SM100-packed scales; quantize from the sm90 or BF16 checkpoint", file=str(ckpt.root)
+        )
+    consumed: set[str] = set()
+    units: list[Unit] = []
+    for _, store in sorted(view.stores.items()):
+        consumed.update(store.names)
+        gu = [store.gate_up(e, inter) for e in range(store.num_experts)]
+        dn = [(store.down(e),) for e in range(store.num_experts)]
+        if opts.layout == "deepgemm":
+            units += stacked_units(
+                store.prefix,
+                store.num_experts,
+                inter,
+                hidden,
+                gu,
+                dn,
+                ue8m0=ue8m0,
+                scale_layout=opts.scale_layout,
+            )
+        else:
+            for e in range(store.num_experts):
+                for proj, srcs, (n, k) in (
+                    ("gate", gu[e][:1], (inter, hidden)),
+                    ("up", gu[e][1:], (inter, hidden)),
+                    ("down", dn[e], (hidden, inter)),
+                ):
+                    name = f"{store.prefix}.{e}.{store.proj[proj]}.weight"
+                    units.append(quant_unit(name, srcs, n, k, ue8m0))
+    targets: set[str] = {n for sh in view.shared.values() for n in (sh.gate, sh.up, sh.down)}
+    if opts.targets == "linear":
+        targets |= {n for n in ckpt.tensors if view.is_linear_weight(n)}
+    targets |= {n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES}
+    targets -= consumed
+    for name in sorted(targets):
+        t = ckpt.tensors[name]
+        if len(t.shape) != 2:
+            raise PlanError(f"cannot quantize a {len(t.shape)}-D tensor", file=str(ckpt.root), tensor=name)
+        units.append(quant_unit(name, (Src(name),), t.shape[0], t.shape[1], ue8m0))
+        consumed.add(name)
+        if t.dtype in FP8_DTYPES:
+            consumed.add(scale_name(name))
+    for name, t in ckpt.tensors.items():
+        if name in consumed:
+            continue
+        if name.endswith("_scale_inv") and name[: -len("_scale_inv")] in consumed:
+            continue
+        units.append(Unit((OutTensor(name, t.dtype, t.shape),), (Job("copy", (Src(name),), (Write(name),)),)))
+    units.sort(key=lambda u: natural_key(u.tensors[0].name))
+    cfg = quant_config(view, consumed, ue8m0, opts.layout)
+    notes = []
+    odd = sorted(
+        n
+        for n in consumed
+        if n in ckpt.tensors
+        and len(ckpt.tensors[n].shape) == 2
+        and any(d % BLOCK for d in ckpt.tensors[n].shape)
+    )
+    if odd:
+        notes.append(
+            f"{len(odd)} quantized tensors have a dimension not divisible by 128 (e.g. {odd[0]}): their "
+            "scale grids are ceil grids, which some loaders (transformers' CPU dequantizer) mis-read"
+        )
+    return Plan(
+        command="quantize",
+        options=options if options is not None else asdict(opts),
+        layout=opts.layout,
+        shards=pack_shards(units, opts.max_shard_size),
+        config=cfg,
+        copy_files=tuple(ckpt.other_files()),
+        shard_metadata={"format": "pt", "moetool.layout": opts.layout, "moetool.version": __version__},
+        notes=tuple(notes),
+    )
