@@ -122,8 +122,9 @@ def run_job(ckpt: Checkpoint, job: Job, quantizer: Quantizer | None) -> list[tor
     """The tensors a job writes, in the order of ``job.writes``."""
     if job.op == "copy":
         (src,) = job.sources
-        t, _ = read_source(ckpt, src)
-        return [t]
+        t, s = read_source(ckpt, src)
+        # an FP8 region travels with its scale blocks when the job writes both
+        return [t, s] if len(job.writes) == 2 and s is not None else [t]
     if job.op == "quant":
         assert quantizer is not None
         qs, ss = [], []

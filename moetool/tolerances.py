@@ -1,0 +1,25 @@
+"""Every inexact comparison moetool makes, in one table, each with its reason.
+
+Quantization, packing, layout and fusion are compared byte for byte (no tolerance): they promise bytes.
+"""
+
+from __future__ import annotations
+
+# DeepGEMM's bar for an FP8 x FP8 GEMM with 1x128 activation / 128x128 weight blocks against the float32
+# product of the unquantized inputs (its tests assert calc_diff < 1e-3; one GEMM measures ~7e-4 on
+# Gaussian data at K = 2048).
+GEMM_CALC_DIFF = 1e-3
+
+# A whole SwiGLU expert layer chains two such GEMMs and re-quantizes the activation in between, so the
+# errors add: ~2e-3 measured on Gaussian weights (H=2048, I=768). The bar leaves 2.5x headroom and still
+# fails by orders of magnitude on a swapped expert, a dropped fused slot or a wrong shared-expert weight
+# (each measured ~1e-1 or more).
+MOE_CALC_DIFF = 5e-3
+
+# GDN decode in float32: the Triton kernel and the torch reference sum K = 128 products in different
+# orders; measured relative errors are ~1e-7. 1e-5 is SPEC §6's bar.
+SSM_REL_ERROR_FP32 = 1e-5
+
+# bf16 states are rounded to bf16 after every step on both sides; one bf16 ulp (2^-8 relative) per step
+# bounds the drift over the few steps validate runs.
+SSM_REL_ERROR_BF16 = 2e-2
