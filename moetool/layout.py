@@ -57,16 +57,13 @@ def load_experts(path: str | os.PathLike[str], layer: int, *, unpack_scales: boo
         t = {k: ckpt.read(v, copy=True) for k, v in names.items()}
     packed = t["w13_weight_scale_inv"].dtype == torch.int32
     if packed and unpack_scales:
-        from moetool.kernels.fp8_quant_ref import unpack_sm100_scales_ref
+        from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage, unpack_sm100_scales_ref
 
-        e, n13, h = t["w13_weight"].shape
+        _, n13, h = t["w13_weight"].shape
         _, n2, i = t["w2_weight"].shape
-        t["w13_weight_scale_inv"] = torch.stack(
-            [unpack_sm100_scales_ref(t["w13_weight_scale_inv"][x], n13, h) for x in range(e)]
-        )
-        t["w2_weight_scale_inv"] = torch.stack(
-            [unpack_sm100_scales_ref(t["w2_weight_scale_inv"][x], n2, i) for x in range(e)]
-        )
+        s13, s2 = t["w13_weight_scale_inv"], t["w2_weight_scale_inv"]
+        t["w13_weight_scale_inv"] = unpack_sm100_scales_ref(sm100_scales_from_storage(s13, n13), n13, h)
+        t["w2_weight_scale_inv"] = unpack_sm100_scales_ref(sm100_scales_from_storage(s2, n2), n2, i)
         packed = False
     return StackedExperts(
         layer,

@@ -139,9 +139,9 @@ def run_job(ckpt: Checkpoint, job: Job, quantizer: Quantizer | None) -> list[tor
         q = qs[0] if len(qs) == 1 else torch.cat(qs)
         s = ss[0] if len(ss) == 1 else torch.cat(ss)
         if job.scale_layout == "sm100":
-            from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref
+            from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
 
-            s = pack_sm100_scales_ref(s, q.shape[0])
+            s = sm100_scales_to_storage(pack_sm100_scales_ref(s, q.shape[0]))
         return [q, s]
     raise InputError(f"internal: unknown job op {job.op!r}")
 

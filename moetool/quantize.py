@@ -58,10 +58,10 @@ def sm100_scale_shape(mn: int, k: int) -> tuple[int, ...]:
     """Stored shape of one matrix's SM100 packed scales (see moetool.kernels.fp8_quant_ref)."""
     import torch
 
-    from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref
+    from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
 
     probe = torch.ones(cdiv(mn, BLOCK), cdiv(k, BLOCK))
-    return tuple(pack_sm100_scales_ref(probe, mn).shape)
+    return tuple(sm100_scales_to_storage(pack_sm100_scales_ref(probe, mn)).shape)
 
 
 def quant_unit(weight: str, src: tuple[Src, ...], n: int, k: int, ue8m0: bool) -> Unit:

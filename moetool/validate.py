@@ -440,13 +440,15 @@ class Validator:
         )
 
     def _compare_sm100(self, layer: int, e: int, o_gu: tuple[Src, ...], o_d: Src) -> str | None:
-        from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref
+        from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
 
         names = self.conv.arch.deepgemm_names(layer)
         for tag, srcs in (("w13", o_gu), ("w2", (o_d,))):
             parts = [self._expected_quant(s) for s in srcs]
             want_q = torch.cat([p[0] for p in parts])
-            want_s = pack_sm100_scales_ref(torch.cat([p[1] for p in parts]), want_q.shape[0])
+            want_s = sm100_scales_to_storage(
+                pack_sm100_scales_ref(torch.cat([p[1] for p in parts]), want_q.shape[0])
+            )
             got_q = self.c_ck.read(names[f"{tag}_weight"])[e]
             got_s = self.c_ck.read(names[f"{tag}_weight_scale_inv"])[e]
             pos = _first_diff(got_q, want_q)
@@ -471,12 +473,12 @@ class Validator:
                 for k in ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv")
             ]
             if out[1].dtype == torch.int32:
-                from moetool.kernels.fp8_quant_ref import unpack_sm100_scales_ref
+                from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage, unpack_sm100_scales_ref
 
                 n13, h = out[0].shape[1:]
                 n2, i = out[2].shape[1:]
-                out[1] = torch.stack([unpack_sm100_scales_ref(x, n13, h) for x in out[1]])
-                out[3] = torch.stack([unpack_sm100_scales_ref(x, n2, i) for x in out[3]])
+                out[1] = unpack_sm100_scales_ref(sm100_scales_from_storage(out[1], n13), n13, h)
+                out[3] = unpack_sm100_scales_ref(sm100_scales_from_storage(out[3], n2), n2, i)
             return tuple(out)
         inter = self.conv.info.moe_intermediate_size
         q13, s13, q2, s2 = [], [], [], []

@@ -1,0 +1,45 @@
+"""``moetool capture-ssm MODEL OUT``."""
+
+from __future__ import annotations
+
+import click
+
+from moetool.cli.common import Output, common_options
+
+
+@click.command("capture-ssm")
+@click.argument("model")
+@click.argument("dst", metavar="OUT", type=click.Path(dir_okay=False))
+@click.option("--prompt", default=None, help="Text to run through the model (uses its tokenizer).")
+@click.option("--token-ids", default=None, help="Comma-separated token ids, for models without a tokenizer.")
+@click.option("--device", default="cpu", show_default=True, help="Where transformers runs the model.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@common_options
+def capture_ssm(
+    model: str, dst: str, prompt: str | None, token_ids: str | None, device: str, overwrite: bool, out: Output
+) -> None:
+    """Run a Gated DeltaNet model (Qwen3-Next) on a prompt and save its linear-attention state (k-first).
+
+    Needs transformers (pip install 'moetool[hf]').
+
+    \b
+    Examples:
+      moetool capture-ssm Qwen/Qwen3-Next-80B-A3B-Instruct state.safetensors --prompt "Hello" --device cuda
+      moetool capture-ssm ./tiny-qwen3-next state.safetensors --token-ids 1,2,3,4
+    """
+    from moetool.capture import capture_state
+    from moetool.hub import resolve
+    from moetool.ssm import write_state_file
+
+    ids = None
+    if token_ids:
+        try:
+            ids = [int(x) for x in token_ids.split(",")]
+        except ValueError:
+            raise click.BadParameter("comma-separated integers", param_hint="--token-ids") from None
+    tensors, meta = capture_state(resolve(model).path, prompt=prompt, token_ids=ids, device=device)
+    write_state_file(dst, tensors, meta, overwrite=overwrite)
+    out.result(
+        {"out": dst, "layers": len(tensors), "layout": meta.layout},
+        f"wrote {dst}: {len(tensors)} tensors ({meta.layout})",
+    )

@@ -1,0 +1,99 @@
+"""``moetool convert-ssm IN OUT``."""
+
+from __future__ import annotations
+
+import click
+
+from moetool.cli.common import Output, common_options
+
+
+@click.command("convert-ssm")
+@click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("dst", metavar="OUT", type=click.Path(dir_okay=False))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["k-last", "k-first"]),
+    default="k-last",
+    show_default=True,
+    help="k-last [N, HV, V, K] (FlashInfer, SGLang, vLLM) or k-first [N, HV, K, V] (transformers, fla).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["keep", "float32", "bfloat16"]),
+    default="keep",
+    show_default=True,
+    help="State dtype; float32 -> bfloat16 only when asked.",
+)
+@click.option(
+    "--pool", is_flag=True, help="Write [P+1, HV, V, K] pools with zero slot 0 and slot_ids (k-last)."
+)
+@click.option(
+    "--trim-conv", is_flag=True, help="Keep the last conv_kernel-1 conv_state columns, as engines store it."
+)
+@click.option(
+    "--conv-kernel",
+    type=click.IntRange(min=2),
+    default=4,
+    show_default=True,
+    help="Short-convolution width for --trim-conv (linear_conv_kernel_dim).",
+)
+@click.option(
+    "--assume-layout",
+    type=click.Choice(["k-first", "k-last"]),
+    default=None,
+    help="Layout of an input file that carries no moetool metadata (e.g. saved by hand).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@common_options
+def convert_ssm(
+    src: str,
+    dst: str,
+    to: str,
+    dtype: str,
+    pool: bool,
+    trim_conv: bool,
+    conv_kernel: int,
+    assume_layout: str | None,
+    overwrite: bool,
+    out: Output,
+) -> None:
+    """Convert a Gated DeltaNet state file between K-first and K-last layouts (exact transposes).
+
+    \b
+    Examples:
+      moetool convert-ssm state.safetensors state-klast.safetensors
+      moetool convert-ssm state.safetensors pool.safetensors --pool --dtype bfloat16 --trim-conv
+      moetool convert-ssm raw.safetensors state.safetensors --assume-layout k-first
+    """
+    from pathlib import Path
+
+    from moetool.errors import UsageError
+    from moetool.ssm import read_state_file, write_state_file
+    from moetool.transforms.ssm_layout import (
+        convert_dtype,
+        convert_layout,
+        from_pool,
+        to_pool,
+        trim_conv_state,
+    )
+
+    if Path(dst).resolve() == Path(src).resolve():
+        raise UsageError(
+            "OUT is the input file", file=dst, fix="write to a new file; the input is never modified"
+        )
+    if pool and to != "k-last":
+        raise UsageError("--pool needs --to k-last", fix="a pool is k-last by definition")
+    tensors, meta = read_state_file(src, assume_layout=assume_layout)
+    tensors, meta = from_pool(tensors, meta)
+    tensors, meta = convert_layout(tensors, meta, to)
+    tensors, meta = convert_dtype(tensors, meta, dtype)
+    if trim_conv:
+        tensors, meta = trim_conv_state(tensors, meta, conv_kernel)
+    if pool:
+        tensors, meta = to_pool(tensors, meta)
+    write_state_file(dst, tensors, meta, overwrite=overwrite)
+    out.result(
+        {"out": dst, "layout": meta.layout, "pooled": meta.pooled, "tensors": len(tensors)},
+        f"wrote {dst}: {len(tensors)} tensors, {meta.layout}{' pooled' if meta.pooled else ''}",
+    )
