@@ -149,7 +149,7 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
                             )
                         jobs.append(Job("copy", (src,), tuple(writes)))
                 units.append(Unit(tuple(tensors), tuple(jobs)))
-    for name, t in ckpt.tensors.items():
+    for name in ckpt.tensors:
         if name in consumed:
             continue
         units.append(_copy(name, view))  # shared_expert_gate.weight stays (SPEC §4)

@@ -5,8 +5,11 @@ manifest last. The output protocol of SPEC §2 lives here: ``OUT.partial/``, ato
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import queue
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -197,8 +200,8 @@ def write_shard(
         raise
 
 
-def _load_progress(out: OutputDir) -> dict[str, dict[str, Any]]:
-    p = out.path(PROGRESS_NAME)
+def _load_progress(out: OutputDir, name: str) -> dict[str, dict[str, Any]]:
+    p = out.path(name)
     if not p.exists():
         return {}
     try:
@@ -208,6 +211,89 @@ def _load_progress(out: OutputDir) -> dict[str, dict[str, Any]]:
         return {}
 
 
+class _Dist:
+    """torchrun's world (RANK / WORLD_SIZE set): a gloo group for the few control messages moetool
+    exchanges (setup status, per-rank results); tensors never travel between ranks."""
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.active = self.world > 1
+        if self.active:
+            import torch.distributed as dist
+
+            self.dist = dist
+            if not dist.is_initialized():
+                # conversions between two collectives can take hours on a large checkpoint
+                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if not self.active:
+            return obj
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _convert_shards(
+    plan: Plan,
+    ckpt: Checkpoint,
+    out: OutputDir,
+    shards: list[Shard],
+    devices: list[torch.device],
+    progress_name: str,
+    bar: Any,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Write ``shards`` (one worker thread per device, shards dealt round-robin); returns each shard's
+    record and which were reused from an earlier run (``--resume``)."""
+    needs_quant = any(j.op == "quant" for s in shards for j in s.jobs)
+    done = _load_progress(out, progress_name) if out.resumed else {}
+    files: dict[str, dict[str, Any]] = {}
+    reused: list[str] = []
+    todo: list[Shard] = []
+    for shard in shards:
+        rec = done.get(shard.file)
+        path = out.path(shard.file)
+        if (
+            rec
+            and path.exists()
+            and rec.get("size") == path.stat().st_size
+            and sha256_file(path) == rec.get("sha256")
+        ):
+            files[shard.file] = rec
+            reused.append(shard.file)
+            if bar:
+                bar.update(shard.nbytes)
+        else:
+            todo.append(shard)
+    lock = threading.Lock()
+
+    def worker(idx: int) -> None:
+        quantizer = Quantizer(devices[idx]) if needs_quant else None
+        for shard in todo[idx :: len(devices)]:
+            digest, size = write_shard(
+                ckpt, shard, out, quantizer, plan.shard_metadata, bar.update if bar else None
+            )
+            with lock:
+                files[shard.file] = done[shard.file] = {"sha256": digest, "size": size}
+                out.write_json(progress_name, done)
+
+    if len(devices) == 1:
+        worker(0)
+    else:
+        with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+            for fut in [pool.submit(worker, i) for i in range(len(devices))]:
+                fut.result()
+    return files, reused
+
+
 def execute(
     plan: Plan,
     ckpt: Checkpoint,
@@ -215,73 +301,104 @@ def execute(
     out_path: str | Path,
     *,
     device: str = "auto",
+    devices: list[str] | None = None,
     overwrite: bool = False,
     resume: bool = False,
     argv: list[str] | None = None,
     progress_factory: Callable[[int], Any] | None = None,
 ) -> RunResult:
-    """Run ``plan`` into ``out_path`` under the output protocol (SPEC §2)."""
-    dev = pick_device(device)
-    out = OutputDir(out_path, source=ckpt.root, overwrite=overwrite, resume=resume)
+    """Run ``plan`` into ``out_path`` under the output protocol (SPEC §2).
+
+    ``devices`` (``--devices cuda:0,cuda:1``) runs one worker per device over disjoint shards. Under
+    torchrun each rank converts shards ``i`` with ``i % WORLD_SIZE == RANK`` into the shared
+    ``OUT.partial`` (on its ``LOCAL_RANK`` GPU when ``device`` is ``auto``); rank 0 writes index, config
+    and manifest and renames once every rank has succeeded. The bytes are the same however the work is
+    split. A failing rank fails the run on every rank, and nothing is left at OUT.
+    """
+    dist = _Dist()
+    if devices:
+        devs = [pick_device(d) for d in devices]
+    elif dist.active and device == "auto" and torch.cuda.is_available():
+        devs = [torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())]
+    else:
+        devs = [pick_device(device)]
+    out: OutputDir | None = None
+    setup_error = None
+    if dist.rank == 0:
+        try:
+            out = OutputDir(out_path, source=ckpt.root, overwrite=overwrite, resume=resume)
+        except MoetoolError as e:
+            setup_error = e
+    if dist.active:
+        line = dist.broadcast(setup_error.line() if setup_error else None)
+        if line is not None:
+            raise setup_error or MoetoolError(f"rank 0: {line}")
+        if dist.rank != 0:
+            out = OutputDir.join(out_path, resumed=resume)
+    elif setup_error:
+        raise setup_error
+    assert out is not None
     committed = False
+    progress_name = PROGRESS_NAME if not dist.active else f"{PROGRESS_NAME}.rank{dist.rank}"
     try:
-        needs_quant = any(j.op == "quant" for s in plan.shards for j in s.jobs)
-        quantizer = Quantizer(dev) if needs_quant else None
-        done = _load_progress(out) if out.resumed else {}
+        mine = [s for i, s in enumerate(plan.shards) if i % dist.world == dist.rank]
+        bar = progress_factory(sum(s.nbytes for s in mine)) if progress_factory else None
+        error = None
         files: dict[str, dict[str, Any]] = {}
         reused: list[str] = []
-        bar = progress_factory(plan.total_bytes) if progress_factory else None
-        for shard in plan.shards:
-            rec = done.get(shard.file)
-            path = out.path(shard.file)
-            if (
-                rec
-                and path.exists()
-                and rec.get("size") == path.stat().st_size
-                and sha256_file(path) == rec.get("sha256")
-            ):
-                files[shard.file] = rec
-                reused.append(shard.file)
-                if bar:
-                    bar.update(shard.nbytes)
-                continue
-            digest, size = write_shard(
-                ckpt, shard, out, quantizer, plan.shard_metadata, bar.update if bar else None
-            )
-            files[shard.file] = {"sha256": digest, "size": size}
-            done[shard.file] = files[shard.file]
-            out.write_json(PROGRESS_NAME, done)
-        if bar:
-            bar.close()
-        weight_map = plan.weight_map()
-        write_index(out, weight_map, plan.total_bytes)
-        out.write_json("config.json", plan.config)
-        for rel in plan.copy_files:
-            out.copy_file(ckpt.root / rel, rel)
-        for rel in (INDEX_NAME, "config.json", *plan.copy_files):
-            p = out.path(rel)
-            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
-        manifest = {
-            "moetool_version": __version__,
-            "command": plan.command,
-            "argv": argv or [],
-            "options": plan.options,
-            "source": source.describe(),
-            "layout": plan.layout,
-            "files": dict(sorted(files.items())),
-            "tensors": plan.provenance(),
-        }
-        out.path(PROGRESS_NAME).unlink(missing_ok=True)
-        out.write_json(MANIFEST_NAME, manifest)
-        result = RunResult(out.commit(), files, reused, sum(f["size"] for f in files.values()))
-        committed = True
-        return result
+        try:
+            files, reused = _convert_shards(plan, ckpt, out, mine, devs, progress_name, bar)
+        except MoetoolError as e:
+            error = e
+        finally:
+            if bar:
+                bar.close()
+        results = dist.gather((files, reused, error.line() if error else None))
+        errors = [(r, res[2]) for r, res in enumerate(results) if res[2]]
+        if errors:
+            if error is not None:
+                raise error
+            raise MoetoolError(f"rank {errors[0][0]} failed: {errors[0][1]}")
+        files, reused = {}, []
+        for f, r, _ in results:
+            files.update(f)
+            reused.extend(r)
+        if dist.rank == 0:
+            write_index(out, plan.weight_map(), plan.total_bytes)
+            out.write_json("config.json", plan.config)
+            for rel in plan.copy_files:
+                out.copy_file(ckpt.root / rel, rel)
+            for rel in (INDEX_NAME, "config.json", *plan.copy_files):
+                p = out.path(rel)
+                files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+            manifest = {
+                "moetool_version": __version__,
+                "command": plan.command,
+                "argv": argv or [],
+                "options": plan.options,
+                "source": source.describe(),
+                "layout": plan.layout,
+                "files": dict(sorted(files.items())),
+                "tensors": plan.provenance(),
+            }
+            for p in out.partial.glob(PROGRESS_NAME + "*"):
+                p.unlink()
+            out.write_json(MANIFEST_NAME, manifest)
+            final = out.commit()
+            committed = True
+        else:
+            final = Path(out_path).absolute()
+            out.release()
+        dist.gather(None)  # every rank returns after OUT exists
+        return RunResult(final, files, sorted(reused), sum(f["size"] for f in files.values()))
     except KeyboardInterrupt:
         out.release()
         raise
     except BaseException as e:
-        if not committed:
+        if not committed and dist.rank == 0:
             out.abort()
+        else:
+            out.release()
         if isinstance(e, MoetoolError):
             raise
         if isinstance(e, OSError):

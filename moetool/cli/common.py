@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import json
 import sys
 from collections.abc import Callable
@@ -23,6 +24,8 @@ class Output:
             click.echo(msg, err=True)
 
     def result(self, data: Any, text: str | Callable[[], str]) -> None:
+        if os.environ.get("RANK", "0") != "0":
+            return  # under torchrun, rank 0 reports for the run
         if self.as_json:
             click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         else:

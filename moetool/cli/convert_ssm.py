@@ -70,13 +70,7 @@ def convert_ssm(
 
     from moetool.errors import UsageError
     from moetool.ssm import read_state_file, write_state_file
-    from moetool.transforms.ssm_layout import (
-        convert_dtype,
-        convert_layout,
-        from_pool,
-        to_pool,
-        trim_conv_state,
-    )
+    from moetool.transforms.ssm_layout import convert_state
 
     if Path(dst).resolve() == Path(src).resolve():
         raise UsageError(
@@ -85,13 +79,9 @@ def convert_ssm(
     if pool and to != "k-last":
         raise UsageError("--pool needs --to k-last", fix="a pool is k-last by definition")
     tensors, meta = read_state_file(src, assume_layout=assume_layout)
-    tensors, meta = from_pool(tensors, meta)
-    tensors, meta = convert_layout(tensors, meta, to)
-    tensors, meta = convert_dtype(tensors, meta, dtype)
-    if trim_conv:
-        tensors, meta = trim_conv_state(tensors, meta, conv_kernel)
-    if pool:
-        tensors, meta = to_pool(tensors, meta)
+    tensors, meta = convert_state(
+        tensors, meta, layout=to, dtype=dtype, pool=pool, conv_kernel_size=conv_kernel if trim_conv else None
+    )
     write_state_file(dst, tensors, meta, overwrite=overwrite)
     out.result(
         {"out": dst, "layout": meta.layout, "pooled": meta.pooled, "tensors": len(tensors)},

@@ -32,6 +32,7 @@ def fuse_shared(
     resume: bool,
     max_shard_size: str,
     device: str,
+    devices: str | None,
     out: Output,
 ) -> None:
     """Fold shared experts into the routed-expert tensors as extra expert slots (exact; BF16 or FP8, any layout).
@@ -68,6 +69,7 @@ def fuse_shared(
             source,
             out_dir,
             device=device,
+            devices=devices.split(",") if devices else None,
             overwrite=overwrite,
             resume=resume,
             argv=sys.argv[1:],

@@ -11,6 +11,11 @@ from moetool.cli.common import Output, common_options, human_bytes, table
 
 def shared_write_options(fn):
     """--overwrite, --resume, --max-shard-size, --device: every command that writes a checkpoint."""
+    fn = click.option(
+        "--devices",
+        default=None,
+        help="Comma-separated devices, one worker each over disjoint shards (e.g. cuda:0,cuda:1).",
+    )(fn)
     fn = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(fn)
     fn = click.option(
         "--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB)."
@@ -108,6 +113,7 @@ def quantize(
     resume: bool,
     max_shard_size: str,
     device: str,
+    devices: str | None,
     out: Output,
 ) -> None:
     """Quantize expert weights to block FP8 (128x128, DeepGEMM's recipe), byte-exact on CPU and GPU.
@@ -149,6 +155,7 @@ def quantize(
             source,
             out_dir,
             device=device,
+            devices=devices.split(",") if devices else None,
             overwrite=overwrite,
             resume=resume,
             argv=sys.argv[1:],

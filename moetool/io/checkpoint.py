@@ -1,14 +1,14 @@
 """A local Hugging Face checkpoint, read lazily: config, index and any tensor (or row slice) of any shard.
 
-Tensors are read through a private copy-on-write memory map of the shard, so a read touches only the
-pages it needs and nothing can ever write back to the input file.
+Tensors are read with positioned reads into fresh buffers (never memory maps): the file is opened
+read-only, so nothing can write back to it, and the process holds only what it is working on, so peak
+memory is bounded by the tensors in flight rather than by the size of the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,7 +110,7 @@ class Checkpoint:
                     file=str(self.root / INDEX_NAME),
                     tensor=extra[0],
                 )
-        self._maps: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}
 
     def _find_shards(self) -> tuple[list[str], dict[str, Any]]:
         index_path = self.root / INDEX_NAME
@@ -152,19 +152,16 @@ class Checkpoint:
         except KeyError:
             raise InputError("tensor not found in the checkpoint", file=str(self.root), tensor=name) from None
 
-    def _map(self, file: str) -> mmap.mmap:
-        m = self._maps.get(file)
-        if m is None:
-            with open(file, "rb") as f:
-                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._maps[file] = m
-        return m
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.open(file, os.O_RDONLY)
+            self._fds[file] = fd
+        return fd
 
-    def read(self, name: str, rows: tuple[int, int] | None = None, *, copy: bool = False) -> torch.Tensor:
-        """Tensor ``name`` (or rows ``[r0, r1)`` of its first dimension) backed by the file mapping.
-
-        ``copy=True`` returns memory owned by the caller (use it when the tensor outlives the reader).
-        """
+    def read(self, name: str, rows: tuple[int, int] | None = None, *, pin: bool = False) -> torch.Tensor:
+        """Tensor ``name`` (or rows ``[r0, r1)`` of its first dimension) in a new CPU buffer it owns
+        (page-locked with ``pin=True``, for asynchronous copies to a GPU)."""
         info = self.info(name)
         shape = list(info.shape)
         offset, nbytes = info.offset, info.nbytes
@@ -173,23 +170,28 @@ class Checkpoint:
             row_bytes = nbytes // shape[0] if shape and shape[0] else 0
             offset, nbytes = offset + r0 * row_bytes, (r1 - r0) * row_bytes
             shape[0] = r1 - r0
-        if nbytes == 0:
-            return torch.empty(shape, dtype=info.torch_dtype)
-        buf = self._map(info.file)
-        t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
-        t = t.view(info.torch_dtype).reshape(shape)
-        return t.clone() if copy else t
-
-    def read_bytes(self, name: str) -> memoryview:
-        info = self.info(name)
-        return memoryview(self._map(info.file))[info.offset : info.offset + info.nbytes]
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        if nbytes:
+            view = memoryview(buf.numpy()).cast("B")
+            fd = self._fd(info.file)
+            done = 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise InputError(
+                        f"file ended after {done} of {nbytes} bytes",
+                        file=info.file,
+                        tensor=name,
+                        fix="the shard is truncated; re-download it",
+                    )
+                done += n
+        return buf.view(info.torch_dtype).reshape(shape)
 
     def close(self) -> None:
-        for m in self._maps.values():
-            # a tensor may still view it; the mapping then goes with the last reference
-            with contextlib.suppress(BufferError):
-                m.close()
-        self._maps.clear()
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -114,6 +114,23 @@ class OutputDir:
                 fix="wait for it to finish or choose another OUT",
             ) from None
 
+    @classmethod
+    def join(cls, out: str | os.PathLike[str], *, resumed: bool) -> OutputDir:
+        """Another rank's handle on the ``OUT.partial`` rank 0 created (no checks, no lock: rank 0
+        owns the directory's life)."""
+        self = cls.__new__(cls)
+        self.out = Path(out).absolute()
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        if not self.partial.is_dir():
+            raise UsageError(
+                "OUT.partial is not visible to this rank",
+                file=str(self.partial),
+                fix="under torchrun OUT must be on a filesystem every rank shares",
+            )
+        self.resumed = resumed
+        self._lock_fd = None
+        return self
+
     def path(self, rel: str) -> Path:
         return self.partial / rel
 
