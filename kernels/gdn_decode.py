@@ -1,0 +1,337 @@
+"""Gated DeltaNet decode on K-last state held in a pool, updated in place (Triton).
+
+One launch runs ``T ≥ 1`` tokens for ``B`` sequences. Sequence ``b`` reads and writes pool row
+``slot_ids[b]``; ``-1`` means "no state yet": it starts from zeros and writes nothing back (pool row 0 is
+the zero null slot that engines point such sequences at, FlashInfer/SGLang style). The gates are fused:
+the kernel takes the raw ``a, b`` projections and computes ``g = -exp(A_log)·softplus(a + dt_bias)`` and
+``β = sigmoid(b)`` itself, as SGLang's ``fused_sigmoid_gating_delta_rule_update`` does. The torch
+reference with the same signature is ``kernels/gdn_decode_ref.py``; the maths is in ``moetool/gdn.py``.
+
+Why K-last: a state row ``Sᵀ[v, :]`` is K contiguous elements, so the tile each program owns
+(``[BV, K]``) is read and written in coalesced 16-byte vectors and both reductions (``S'ᵀk̂`` and
+``Sᵀq̂``) run along the contiguous dimension inside a warp. The tile is loaded once, kept in registers in
+float32 across the ``T`` tokens and stored once in the pool's dtype: per call the state costs
+``B·HV·V·K·elt`` bytes read plus the same written, which is the whole memory traffic at large B.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from moetool.errors import InputError
+
+_SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus default: above it softplus(x) == x
+
+
+@triton.jit
+def _to_bf16_rtne(x):
+    """float32 -> bfloat16, round to nearest even, on the bit pattern: what the GPU's conversion does, and
+    exact in Triton's interpreter too, whose own cast truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def gdn_decode_klast_kernel(
+    q,  # [B, T, H, K]
+    k,  # [B, T, H, K]
+    v,  # [B, T, HV, V]
+    a,  # [B, T, HV]
+    b,  # [B, T, HV]
+    A_log,  # [HV] f32
+    dt_bias,  # [HV] f32
+    pool,  # [P+1, HV, V, K] f32 | bf16, in place
+    slot_ids,  # [B] int32
+    o,  # [B, T, HV, V]
+    T,
+    num_slots,
+    scale,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    SOFTPLUS_THRESHOLD: tl.constexpr,
+    EPS: tl.constexpr,
+    STATE_BF16: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    i_nh = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    i_h = i_hv // (HV // H)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+
+    slot = tl.load(slot_ids + i_n).to(tl.int64)
+    # An id outside [0, P] touches no memory: -1 is the documented "no state"; anything else is a caller
+    # bug that must not corrupt other sequences' states.
+    has_state = (slot >= 0) & (slot < num_slots)
+    slot = tl.where(has_state, slot, 0)
+    # The row limit drops to 0 for a stateless sequence (a comparison, not `m_v & has_state`: Triton's
+    # interpreter turns a bool scalar & bool vector into int32).
+    m_h = (o_v < tl.where(has_state, V, 0))[:, None] & m_k[None, :]
+    p_h = pool + (slot * HV + i_hv) * (V * K) + o_v[:, None] * K + o_k[None, :]
+    b_h = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)  # [BV, BK] = Sᵀ tile
+
+    neg_A = -tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+    b_dt = tl.load(dt_bias + i_hv).to(tl.float32)
+
+    p_q = q + (i_n * T * H + i_h) * K + o_k
+    p_k = k + (i_n * T * H + i_h) * K + o_k
+    p_v = v + (i_n * T * HV + i_hv) * V + o_v
+    p_a = a + i_n * T * HV + i_hv
+    p_b = b + i_n * T * HV + i_hv
+    p_o = o + (i_n * T * HV + i_hv) * V + o_v
+
+    for _ in range(0, T):
+        b_q = tl.load(p_q, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(p_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(p_v, mask=m_v, other=0.0).to(tl.float32)
+        x = tl.load(p_a).to(tl.float32) + b_dt
+        softplus = tl.where(
+            x > SOFTPLUS_THRESHOLD, x, tl.log(1.0 + tl.exp(tl.minimum(x, SOFTPLUS_THRESHOLD)))
+        )
+        decay = tl.exp(neg_A * softplus)
+        beta = tl.sigmoid(tl.load(p_b).to(tl.float32))
+
+        b_q = b_q * tl.math.rsqrt(tl.sum(b_q * b_q, 0) + EPS) * scale
+        b_k = b_k * tl.math.rsqrt(tl.sum(b_k * b_k, 0) + EPS)
+
+        b_h = b_h * decay
+        b_d = beta * (b_v - tl.sum(b_h * b_k[None, :], 1))
+        b_h = b_h + b_d[:, None] * b_k[None, :]
+        b_o = tl.sum(b_h * b_q[None, :], 1)
+        if OUT_BF16:
+            tl.store(p_o, _to_bf16_rtne(b_o), mask=m_v)
+        else:
+            tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+
+        p_q += H * K
+        p_k += H * K
+        p_v += HV * V
+        p_a += HV
+        p_b += HV
+        p_o += HV * V
+
+    if STATE_BF16:
+        tl.store(p_h, _to_bf16_rtne(b_h), mask=m_h)
+    else:
+        tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
+
+
+# Programs with a tile of this many state elements: 16 KiB of float32 for 4 warps keeps enough bytes in
+# flight per SM at large batch; at small batch a quarter of that (one warp, as fla) gives 4x the programs
+# so more SMs take part.
+_TILE_ELEMS_LARGE = 4096
+_TILE_ELEMS_SMALL = 1024
+_LARGE_BATCH_HEADS = 512  # B·HV from which the large tile has enough programs (B ≥ 16 at HV = 32)
+
+
+@functools.lru_cache(maxsize=256)
+def launch_config(bh: int, k: int, v: int) -> tuple[int, int, int, int]:
+    """(BK, BV, number of V tiles, num_warps) for ``bh = B·HV`` heads of ``[V, K]`` state."""
+    bk = triton.next_power_of_2(k)
+    if bh >= _LARGE_BATCH_HEADS:
+        elems, warps = _TILE_ELEMS_LARGE, 4
+    else:
+        elems, warps = _TILE_ELEMS_SMALL, 1
+    bv = max(1, min(triton.next_power_of_2(v), elems // bk))
+    return bk, bv, triton.cdiv(v, bv), warps
+
+
+_BF16 = torch.bfloat16
+_F32 = torch.float32
+_I32 = torch.int32
+_FLOATS = frozenset((_BF16, _F32))
+
+
+def _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out) -> InputError:
+    """The precise complaint once the fast checks in ``gdn_decode_klast`` found something wrong."""
+    for name, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("state_pool", state_pool, 4)):
+        if x.dim() != nd:
+            return InputError(f"gdn_decode_klast: expected {nd}-D, got shape {list(x.shape)}", tensor=name)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    expected = {
+        "k": [B, T, H, K],
+        "v": [B, T, HV, V],
+        "a": [B, T, HV],
+        "b": [B, T, HV],
+        "A_log": [HV],
+        "dt_bias": [HV],
+        "state_pool": [state_pool.shape[0], HV, V, K],
+        "slot_ids": [B],
+    }
+    tensors = {
+        "k": k,
+        "v": v,
+        "a": a,
+        "b": b,
+        "A_log": A_log,
+        "dt_bias": dt_bias,
+        "state_pool": state_pool,
+        "slot_ids": slot_ids,
+    }
+    for name, shape in expected.items():
+        if list(tensors[name].shape) != shape:
+            fix = "a k-first state must be transposed to [P+1, HV, V, K]" if name == "state_pool" else None
+            return InputError(
+                f"gdn_decode_klast: expected shape {shape}, got {list(tensors[name].shape)}",
+                tensor=name,
+                fix=fix,
+            )
+    if HV % H != 0:
+        return InputError(f"gdn_decode_klast: HV={HV} is not a multiple of H={H}", tensor="v")
+    allowed = {
+        "q": _FLOATS,
+        "k": _FLOATS,
+        "v": _FLOATS,
+        "a": _FLOATS,
+        "b": _FLOATS,
+        "A_log": {_F32},
+        "dt_bias": {_F32},
+        "state_pool": _FLOATS,
+        "slot_ids": {_I32},
+    }
+    tensors.update(q=q)
+    for name, dtypes in allowed.items():
+        if tensors[name].dtype not in dtypes:
+            want = " or ".join(sorted(str(d) for d in dtypes))
+            return InputError(f"gdn_decode_klast: dtype {tensors[name].dtype}, need {want}", tensor=name)
+    for name, x in tensors.items():
+        if not x.is_contiguous():
+            return InputError("gdn_decode_klast: must be contiguous", tensor=name, fix="call .contiguous()")
+    if out is not None:
+        return InputError(
+            f"gdn_decode_klast: expected contiguous {q.dtype} {[B, T, HV, V]}, got {out.dtype} "
+            f"{list(out.shape)}",
+            tensor="out",
+        )
+    return InputError("gdn_decode_klast: inconsistent arguments")
+
+
+def gdn_decode_klast(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state_pool: torch.Tensor,
+    slot_ids: torch.Tensor,
+    *,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """``T`` GDN decode steps for ``B`` sequences on a K-last state pool, updated in place.
+
+    q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]`` (HV a multiple of H; value head ``hv`` uses key head
+    ``hv // (HV/H)``); a, b: ``[B, T, HV]`` raw gate inputs; q/k/v/a/b bfloat16 or float32, contiguous.
+    A_log, dt_bias: ``[HV]`` float32. state_pool: ``[P+1, HV, V, K]`` float32 or bfloat16, contiguous, row
+    0 the zero null slot; rows ``slot_ids[b]`` are read, advanced ``T`` tokens and written back in place.
+    slot_ids: ``[B]`` int32, distinct, each in ``[0, P]`` or ``-1`` (start from zeros, write nothing
+    back). Ids are not checked on the host (that would sync); an id outside ``[-1, P]`` reads zeros and
+    writes nothing. scale defaults to ``K ** -0.5``. Returns ``o [B, T, HV, V]`` in q's dtype, written
+    into ``out`` when given (contiguous, that shape and dtype).
+
+    ``block_v``/``num_warps`` override the tile height and warps per program (tuning; by default they
+    follow ``B·HV``). The launch allocates nothing but ``o``, never syncs, and checks shapes, dtypes and
+    contiguity with plain attribute reads (the detailed message is built only on failure), so a T=1
+    call costs little more on the host than Triton's own launch.
+    """
+    qs = q.shape
+    vs = v.shape
+    ps = state_pool.shape
+    if len(qs) != 4 or len(vs) != 4 or len(ps) != 4:
+        raise _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, None)
+    B, T, H, K = qs
+    HV = vs[2]
+    V = vs[3]
+    bth = (B, T, HV)
+    hv1 = (HV,)
+    if (
+        k.shape != qs
+        or vs[0] != B
+        or vs[1] != T
+        or HV % H
+        or a.shape != bth
+        or b.shape != bth
+        or A_log.shape != hv1
+        or dt_bias.shape != hv1
+        or ps[1] != HV
+        or ps[2] != V
+        or ps[3] != K
+        or slot_ids.shape != (B,)
+        or q.dtype not in _FLOATS
+        or k.dtype not in _FLOATS
+        or v.dtype not in _FLOATS
+        or a.dtype not in _FLOATS
+        or b.dtype not in _FLOATS
+        or A_log.dtype is not _F32
+        or dt_bias.dtype is not _F32
+        or state_pool.dtype not in _FLOATS
+        or slot_ids.dtype is not _I32
+        or not q.is_contiguous()
+        or not k.is_contiguous()
+        or not v.is_contiguous()
+        or not a.is_contiguous()
+        or not b.is_contiguous()
+        or not A_log.is_contiguous()
+        or not dt_bias.is_contiguous()
+        or not state_pool.is_contiguous()
+        or not slot_ids.is_contiguous()
+    ):
+        raise _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, None)
+    if out is None:
+        out = q.new_empty((B, T, HV, V))
+    elif out.shape != (B, T, HV, V) or out.dtype is not q.dtype or not out.is_contiguous():
+        raise _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out)
+    if B == 0 or T == 0:
+        return out
+
+    bk, bv, nv, warps = launch_config(B * HV, K, V)
+    if block_v is not None:
+        bv, nv = block_v, triton.cdiv(V, block_v)
+    if num_warps is not None:
+        warps = num_warps
+    gdn_decode_klast_kernel[(B * HV, nv)](
+        q,
+        k,
+        v,
+        a,
+        b,
+        A_log,
+        dt_bias,
+        state_pool,
+        slot_ids,
+        out,
+        T,
+        ps[0],
+        K**-0.5 if scale is None else scale,
+        H=H,
+        HV=HV,
+        K=K,
+        V=V,
+        BK=bk,
+        BV=bv,
+        SOFTPLUS_THRESHOLD=_SOFTPLUS_THRESHOLD,
+        EPS=1e-6,
+        STATE_BF16=state_pool.dtype is _BF16,
+        OUT_BF16=q.dtype is _BF16,
+        num_warps=warps,
+    )
+    return out

@@ -1,0 +1,337 @@
+"""Benchmark: Triton GDN decode on a K-last pool against fla-core's fused recurrent kernel (GPU).
+
+Qwen3-Next dimensions (H=16, HV=32, K=V=128), one token per call, bf16 activations, float32 and bfloat16
+states, B in {1, 8, 64, 256, 512}. Correctness first (our kernel against fla's K-first kernel on the
+same inputs, states transposed; and against the torch reference), then for each B and state dtype:
+
+- ours: ``gdn_decode_klast`` on a pool ``[B+1, HV, V, K]`` in place, slots in shuffled order;
+- fla K-first (default layout) and fla ``state_v_first=True`` (K-last), gates fused in both
+  (``use_gate_in_kernel``, ``use_beta_sigmoid_in_kernel``, ``use_qk_l2norm_in_kernel``), returning the
+  final state as their API does;
+
+each timed as a decode step pays it: ``loop`` = CUDA events around N back-to-back calls (host launch cost
+included whenever it exceeds the GPU time), ``bench`` = ``triton.testing.do_bench`` median (GPU time, L2
+flushed). States smaller than 4x L2 are rotated over several copies. Memory traffic counts the state
+read and written, ``B·HV·V·K·elt·2`` (fla writes its final state in float32 even from a bf16 state, so
+its bf16 runs move 1.5x these bytes). Copy bandwidth (read + write) is measured in the same run.
+
+Bars (docs BENCHMARKS.md): ours ≥ 1.0x fla K-last and ≥ 1.3x fla K-first at every B, ≥ 85% of copy
+bandwidth at B ≥ 256, ≥ 2x fla at B = 1 (loop timings).
+
+fla-core 0.6.0 needs einops; from a folder of wheels: ``pip install --no-index --no-deps DIR/*.whl``.
+Run: ``python scripts/bench_gdn_decode.py`` (``--sweep`` also times other tile shapes of our kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import itertools
+import math
+import sys
+import time
+
+import torch
+
+H, HV, K, V = 16, 32, 128, 128
+DEVICE = "cuda"
+BARS = {"vs_klast": 1.0, "vs_kfirst": 1.3, "copy_frac": 0.85, "b1": 2.0}
+SWEEP = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8)]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_fla():
+    try:
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+    except Exception as err:  # any import failure means "no anchor", reported, not fatal
+        log(f"fla unavailable ({type(err).__name__}: {err}); timing ours and copy bandwidth only")
+        return None
+    return fused_recurrent_gated_delta_rule
+
+
+def make_inputs(B: int, T: int, state_dtype: torch.dtype, seed: int):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    dev = {"device": DEVICE, "generator": gen}
+    q = torch.randn(B, T, H, K, **dev).to(torch.bfloat16)
+    k = torch.randn(B, T, H, K, **dev).to(torch.bfloat16)
+    v = torch.randn(B, T, HV, V, **dev).to(torch.bfloat16)
+    a = (2.0 * torch.randn(B, T, HV, **dev)).to(torch.bfloat16)
+    b = (2.0 * torch.randn(B, T, HV, **dev)).to(torch.bfloat16)
+    A_log = 0.5 * torch.randn(HV, **dev)
+    dt_bias = 0.5 * torch.randn(HV, **dev)
+    pool = (0.1 * torch.randn(B + 1, HV, V, K, **dev)).to(state_dtype)
+    pool[0] = 0
+    perm = torch.randperm(B, device=DEVICE, generator=gen) + 1
+    slot_ids = perm.to(torch.int32)
+    return q, k, v, a, b, A_log, dt_bias, pool, slot_ids
+
+
+def fla_call(fla, q, k, v, a, b, A_log, dt_bias, h0, v_first: bool):
+    return fla(
+        q=q,
+        k=k,
+        v=v,
+        g=a,
+        beta=b,
+        scale=K**-0.5,
+        initial_state=h0,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=True,
+        state_v_first=v_first,
+    )
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    return float(torch.linalg.vector_norm(x - y) / torch.linalg.vector_norm(y).clamp_min(1e-300))
+
+
+def check_correctness(fla) -> bool:
+    from moetool.kernels.gdn_decode import gdn_decode_klast
+    from moetool.kernels.gdn_decode_ref import gdn_decode_klast_ref
+
+    ok = True
+    for state_dtype in (torch.float32, torch.bfloat16):
+        for T in (1, 2):
+            B = 48
+            q, k, v, a, b, A_log, dt_bias, pool, slot_ids = make_inputs(B, T, state_dtype, 7 + T)
+            slot_ids[5] = -1
+            ids = slot_ids.long()
+            before = pool.clone()
+            o = gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool, slot_ids)
+            ref_pool = before.to("cpu", copy=True)
+            o_ref = gdn_decode_klast_ref(
+                *(x.cpu() for x in (q, k, v, a, b, A_log, dt_bias)), ref_pool, slot_ids.cpu()
+            )
+            live = ids[ids >= 0]
+            e_o = rel(o.float().cpu(), o_ref.float())
+            e_s = rel(pool[live].float().cpu(), ref_pool[live.cpu()].float())
+            untouched = torch.ones(B + 1, dtype=torch.bool, device=DEVICE)
+            untouched[live] = False
+            same = torch.equal(pool[untouched], before[untouched])
+            # bf16 output and bf16 state: one rounding of identical float32 values, so <= 2^-8
+            bound = 1e-5 if state_dtype == torch.float32 else 2.0**-8
+            good = e_o <= 2.0**-8 and e_s <= bound and same
+            line = f"check vs torch reference  state={str(state_dtype)[6:]:8s} T={T}: out {e_o:.2e} state {e_s:.2e}"
+            if fla is not None:
+                h0 = before[ids.clamp(min=0)].transpose(-1, -2).contiguous()
+                h0[ids < 0] = 0
+                o_f, ht = fla_call(fla, q, k, v, a, b, A_log, dt_bias, h0, False)
+                f_o = rel(o.float(), o_f.float())
+                mine = pool[live].transpose(-1, -2).float()
+                theirs = ht[ids >= 0].to(state_dtype).float()
+                f_s = rel(mine, theirs)
+                good = good and f_o <= 2.0**-8 and f_s <= bound
+                line += f" | vs fla K-first: out {f_o:.2e} state {f_s:.2e}"
+            log(line + ("  ok" if good else "  MISMATCH"))
+            ok = ok and good
+    return ok
+
+
+def time_loop(fn, n: int) -> float:
+    """Seconds per call of ``n`` back-to-back calls between two CUDA events (host cost included)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e-3 / n
+
+
+def time_bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
+
+
+def host_time(fn, n: int = 2000) -> float:
+    """Seconds of host time per call: the GPU keeps up at small B, so the loop is host-bound."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n
+
+
+def copy_bandwidth() -> float:
+    nbytes = 1 << 30
+    src = torch.empty(nbytes // 4, device=DEVICE, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / time_bench(lambda: dst.copy_(src))
+
+
+def rotation(nbytes: int) -> int:
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    return max(1, min(256, math.ceil(4 * l2 / max(nbytes, 1))))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batches", default="1,8,64,256,512")
+    parser.add_argument("--tokens", type=int, default=1, help="tokens per call (T)")
+    parser.add_argument("--sweep", action="store_true", help="also time other (block_v, num_warps) tiles")
+    parser.add_argument(
+        "--timeout", type=float, default=170.0, help="abort with a traceback after this many s"
+    )
+    args = parser.parse_args()
+    faulthandler.dump_traceback_later(args.timeout, exit=True)
+
+    if not torch.cuda.is_available():
+        log("no CUDA device: this benchmark runs on a GPU machine")
+        return 2
+    try:
+        from moetool.kernels.gdn_decode import gdn_decode_klast, launch_config
+    except ImportError as err:
+        log(f"cannot import moetool.kernels ({err}): install the project first, pip install --no-deps -e .")
+        return 2
+
+    card = torch.cuda.get_device_name(0)
+    log(f"card: {card}; torch {torch.__version__}")
+    fla = load_fla()
+    if not check_correctness(fla):
+        log("correctness check failed: no timings")
+        return 1
+
+    copy_bw = copy_bandwidth()
+    log(f"device-to-device copy: {copy_bw / 1e12:.2f} TB/s (read + write)")
+    T = args.tokens
+    rows = []
+    host = {}
+    for state_dtype in (torch.float32, torch.bfloat16):
+        for B in (int(x) for x in args.batches.split(",")):
+            elt = torch.finfo(state_dtype).bits // 8
+            state_bytes = B * HV * V * K * elt
+            n_rot = rotation(state_bytes)
+            q, k, v, a, b, A_log, dt_bias, pool, slot_ids = make_inputs(B, T, state_dtype, 100 + B)
+            pools = [pool] + [pool.clone() for _ in range(n_rot - 1)]
+            it_ours = itertools.cycle(pools)
+
+            def ours(it=it_ours, q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, slot_ids=slot_ids):
+                return gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, next(it), slot_ids)
+
+            probe = time_bench(ours)
+            n = int(min(2000, max(20, 0.1 / max(probe, 1e-6))))
+            res = {"B": B, "state": "f32" if elt == 4 else "bf16", "bytes": 2 * state_bytes}
+            res["ours_loop"] = time_loop(ours, n)
+            res["ours_bench"] = time_bench(ours)
+            bk, bv, _, warps = launch_config(B * HV, K, V)
+            res["cfg"] = f"{bv}x{bk}/{warps}w"
+            if B == 1:
+                host[(res["state"], "ours")] = host_time(ours)
+            if args.sweep:
+                best = None
+                for bv_, w_ in SWEEP:
+
+                    def tile(
+                        bv_=bv_,
+                        w_=w_,
+                        it=it_ours,
+                        q=q,
+                        k=k,
+                        v=v,
+                        a=a,
+                        b=b,
+                        A_log=A_log,
+                        dt_bias=dt_bias,
+                        slot_ids=slot_ids,
+                    ):
+                        return gdn_decode_klast(
+                            q, k, v, a, b, A_log, dt_bias, next(it), slot_ids, block_v=bv_, num_warps=w_
+                        )
+
+                    t = time_bench(tile)
+                    log(f"  sweep B={B} {res['state']} BV={bv_} warps={w_}: {t * 1e6:.1f} us")
+                    if best is None or t < best[0]:
+                        best = (t, f"{bv_}x{bk}/{w_}w")
+                res["best_tile"] = f"{best[1]} {best[0] * 1e6:.1f}us"
+
+            if fla is not None:
+                for name, v_first in (("fla_kf", False), ("fla_kl", True)):
+                    base = pool[1:]
+                    h = base if v_first else base.transpose(-1, -2)
+                    h0s = [h.contiguous()] + [h.contiguous() for _ in range(n_rot - 1)]
+                    it = itertools.cycle(h0s)
+
+                    def call(it=it, v_first=v_first, q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias):
+                        return fla_call(fla, q, k, v, a, b, A_log, dt_bias, next(it), v_first)
+
+                    res[f"{name}_loop"] = time_loop(call, n)
+                    res[f"{name}_bench"] = time_bench(call)
+                    if B == 1:
+                        host[(res["state"], name)] = host_time(call)
+                    del h0s, it
+            rows.append(res)
+            log(
+                f"B={B:4d} {res['state']:4s} ours {res['ours_loop'] * 1e6:8.1f} us loop "
+                f"{res['ours_bench'] * 1e6:8.1f} us bench"
+                + (
+                    f" | fla K-first {res['fla_kf_loop'] * 1e6:8.1f} / K-last {res['fla_kl_loop'] * 1e6:8.1f} us loop"
+                    if fla is not None
+                    else ""
+                )
+            )
+            del pools, pool, it_ours
+            torch.cuda.empty_cache()
+
+    for (state, who), t in sorted(host.items()):
+        log(f"host time per call at B=1 ({state} state): {who} {t * 1e6:.1f} us")
+
+    failures = []
+    print(f"\nGDN decode, T={T}, H={H} HV={HV} K={K} V={V}, bf16 activations; card: {card}")
+    print(
+        f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; times in us (loop = back-to-back calls, bench = do_bench median)"
+    )
+    head = (
+        f"{'B':>4} {'state':>5} {'tile':>10} {'ours loop':>9} {'ours bench':>10} {'flaKF loop':>10} "
+        f"{'flaKL loop':>10} {'TB/s':>5} {'%copy':>5} {'xKL':>5} {'xKF':>5}  bars"
+    )
+    print(head)
+    for r in rows:
+        tbs = r["bytes"] / r["ours_loop"]
+        frac = tbs / copy_bw
+        notes = []
+        if fla is not None:
+            xkl = r["fla_kl_loop"] / r["ours_loop"]
+            xkf = r["fla_kf_loop"] / r["ours_loop"]
+            if xkl < BARS["vs_klast"]:
+                notes.append(f"xKL<{BARS['vs_klast']}")
+            if xkf < BARS["vs_kfirst"]:
+                notes.append(f"xKF<{BARS['vs_kfirst']}")
+            if r["B"] == 1 and min(xkl, xkf) < BARS["b1"]:
+                notes.append(f"B=1 <{BARS['b1']}x")
+        else:
+            xkl = xkf = float("nan")
+            notes.append("no fla")
+        if r["B"] >= 256 and frac < BARS["copy_frac"]:
+            notes.append(f"copy<{BARS['copy_frac']:.0%}")
+        failures += [f"B={r['B']} {r['state']}: {n}" for n in notes if n != "no fla"]
+        print(
+            f"{r['B']:>4} {r['state']:>5} {r['cfg']:>10} {r['ours_loop'] * 1e6:>9.1f} {r['ours_bench'] * 1e6:>10.1f} "
+            f"{r.get('fla_kf_loop', float('nan')) * 1e6:>10.1f} {r.get('fla_kl_loop', float('nan')) * 1e6:>10.1f} "
+            f"{tbs / 1e12:>5.2f} {frac:>5.0%} {xkl:>5.2f} {xkf:>5.2f}  {'ok' if not notes else ' '.join(notes)}"
+            + (f"  best tile {r['best_tile']}" if "best_tile" in r else "")
+        )
+    print("bars: " + ("all met" if not failures and fla is not None else "; ".join(failures) or "no anchor"))
+    faulthandler.cancel_dump_traceback_later()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Triton GDN decode on a K-last pool (kernels/gdn_decode.py) against its torch reference, and on GPU
+against flash-linear-attention's fused recurrent kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moetool.kernels.gdn_decode import gdn_decode_klast
+from moetool.kernels.gdn_decode_ref import gdn_decode_klast_ref
+
+from moetool.errors import InputError
+from moetool.gdn import relative_error
+from moetool.tolerances import SSM_REL_ERROR_FP32
+
+# bf16 state: kernel and reference compute the same float32 values up to ~1e-7 relative, then both
+# round to bf16 (nearest even). An element can differ only where those float32 values straddle a
+# rounding boundary: by one bf16 ulp, and rarely.
+BF16_MAX_ULPS = 1
+BF16_MAX_FRACTION_DIFFERENT = 0.01
+# bf16 outputs: the same argument, one ulp is at most 2^-8 relative.
+BF16_IO_REL = 2.0**-8
+
+
+def _bf16_ulp_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elementwise distance in bf16 ulps (ordered bit patterns)."""
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        i = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+
+    return (ordered(x) - ordered(y)).abs()
+
+
+def _make(B, T, H, HV, K, V, num_slots, io_dtype, state_dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, HV, V, generator=gen)
+    a = 3.0 * torch.randn(B, T, HV, generator=gen)
+    b = 2.0 * torch.randn(B, T, HV, generator=gen)
+    # adversarial: softplus above its threshold, a vanishing decay input, an all-zero query
+    a[0, 0, 0] = 30.0
+    a[-1, -1, -1] = -40.0
+    q[-1, 0, 0] = 0.0
+    A_log = 0.5 * torch.randn(HV, generator=gen)
+    dt_bias = 0.5 * torch.randn(HV, generator=gen)
+    pool = torch.randn(num_slots, HV, V, K, generator=gen)
+    pool[0] = 0.0
+    to = {"device": device}
+    return (
+        q.to(io_dtype).to(**to),
+        k.to(io_dtype).to(**to),
+        v.to(io_dtype).to(**to),
+        a.to(io_dtype).to(**to),
+        b.to(io_dtype).to(**to),
+        A_log.to(**to),
+        dt_bias.to(**to),
+        pool.to(state_dtype).to(**to),
+    )
+
+
+def _check_state(got: torch.Tensor, expected: torch.Tensor) -> None:
+    if got.dtype == torch.float32:
+        assert relative_error(got, expected) <= SSM_REL_ERROR_FP32
+    else:
+        dist = _bf16_ulp_distance(got, expected)
+        assert int(dist.max()) <= BF16_MAX_ULPS
+        assert float((dist > 0).float().mean()) <= BF16_MAX_FRACTION_DIFFERENT
+
+
+def _check_out(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert not bool(torch.isnan(got).any())
+    bound = SSM_REL_ERROR_FP32 if got.dtype == torch.float32 else BF16_IO_REL
+    assert relative_error(got, expected) <= bound
+
+
+CASES = [
+    # (K, V, T, state dtype, io dtype)
+    (16, 16, 1, torch.float32, torch.float32),
+    (16, 16, 3, torch.float32, torch.float32),
+    (32, 32, 1, torch.bfloat16, torch.float32),
+    (32, 32, 3, torch.bfloat16, torch.float32),
+    (32, 16, 3, torch.float32, torch.float32),  # K != V: a transposed index cannot hide
+    (24, 20, 2, torch.float32, torch.float32),  # neither a power of two: masks on K and V
+    (16, 16, 2, torch.bfloat16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("K", "V", "T", "state_dtype", "io_dtype"), CASES)
+def test_kernel_matches_reference(K, V, T, state_dtype, io_dtype):
+    B, H, HV, num_slots = 3, 2, 4, 7
+    q, k, v, a, b, A_log, dt_bias, pool = _make(
+        B, T, H, HV, K, V, num_slots, io_dtype, state_dtype, "cpu", K * 100 + T
+    )
+    slot_ids = torch.tensor([5, -1, 2], dtype=torch.int32)  # out of order, with a stateless sequence
+    pool_ref, pool_tri, before = pool.clone(), pool.clone(), pool.clone()
+
+    out = torch.full((B, T, HV, V), float("nan"), dtype=io_dtype)
+    o_tri = gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool_tri, slot_ids, out=out)
+    o_ref = gdn_decode_klast_ref(q, k, v, a, b, A_log, dt_bias, pool_ref, slot_ids)
+
+    assert o_tri.data_ptr() == out.data_ptr()
+    _check_out(o_tri, o_ref)
+    _check_state(pool_tri[[5, 2]], pool_ref[[5, 2]])
+    untouched = [0, 1, 3, 4, 6]
+    assert torch.equal(pool_tri[untouched].view(torch.uint8), before[untouched].view(torch.uint8))
+    assert not torch.equal(pool_tri[5], before[5])  # the live rows did move
+
+
+def test_out_of_range_slot_touches_nothing_and_starts_from_zero():
+    B, T, H, HV, K, V, num_slots = 2, 2, 1, 2, 16, 16, 3
+    q, k, v, a, b, A_log, dt_bias, pool = _make(
+        B, T, H, HV, K, V, num_slots, torch.float32, torch.float32, "cpu", 77
+    )
+    before = pool.clone()
+    o_tri = gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool, torch.tensor([3, 7], dtype=torch.int32))
+    assert torch.equal(pool.view(torch.uint8), before.view(torch.uint8))
+    ref_pool = before.clone()
+    o_ref = gdn_decode_klast_ref(
+        q, k, v, a, b, A_log, dt_bias, ref_pool, torch.tensor([-1, -1], dtype=torch.int32)
+    )
+    _check_out(o_tri, o_ref)
+
+
+def test_reference_refuses_bad_slot_ids():
+    B, T, H, HV, K, V, num_slots = 2, 1, 1, 2, 8, 8, 3
+    args = _make(B, T, H, HV, K, V, num_slots, torch.float32, torch.float32, "cpu", 1)
+    with pytest.raises(InputError, match="slot_ids"):
+        gdn_decode_klast_ref(*args, torch.tensor([1, 3], dtype=torch.int32))
+    with pytest.raises(InputError, match="twice"):
+        gdn_decode_klast_ref(*args, torch.tensor([2, 2], dtype=torch.int32))
+
+
+def test_launcher_refuses_bad_arguments():
+    B, T, H, HV, K, V, num_slots = 2, 1, 1, 2, 16, 8, 3
+    q, k, v, a, b, A_log, dt_bias, pool = _make(
+        B, T, H, HV, K, V, num_slots, torch.float32, torch.float32, "cpu", 2
+    )
+    ids = torch.tensor([1, 2], dtype=torch.int32)
+    with pytest.raises(InputError, match=r"tensor state_pool.*transposed"):
+        gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool.transpose(-1, -2).contiguous(), ids)
+    with pytest.raises(InputError, match=r"tensor slot_ids.*int32"):
+        gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool, ids.long())
+    with pytest.raises(InputError, match=r"tensor q.*contiguous"):
+        gdn_decode_klast(torch.cat([q, q], dim=-1)[..., :K], k, v, a, b, A_log, dt_bias, pool, ids)
+    with pytest.raises(InputError, match=r"tensor A_log.*float32"):
+        gdn_decode_klast(q, k, v, a, b, A_log.bfloat16(), dt_bias, pool, ids)
+    with pytest.raises(InputError, match="tensor out"):
+        gdn_decode_klast(
+            q, k, v, a, b, A_log, dt_bias, pool, ids, out=torch.empty(B, T, HV, V, dtype=torch.bfloat16)
+        )
+
+
+# GPU: real Qwen3-Next dimensions (H=16 key heads, HV=32 value heads, K=V=128).
+
+
+def _gpu_case(B, T, io_dtype, state_dtype, seed):
+    H, HV, K, V = 16, 32, 128, 128
+    num_slots = B + 5
+    q, k, v, a, b, A_log, dt_bias, pool = _make(
+        B, T, H, HV, K, V, num_slots, io_dtype, state_dtype, "cuda", seed
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    slot_ids = (torch.randperm(num_slots - 1, generator=gen)[:B] + 1).to(torch.int32)
+    slot_ids[B // 2] = -1
+    return q, k, v, a, b, A_log, dt_bias, pool, slot_ids.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("io_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_kernel_matches_reference(T, state_dtype, io_dtype):
+    B = 67
+    q, k, v, a, b, A_log, dt_bias, pool, slot_ids = _gpu_case(B, T, io_dtype, state_dtype, 31 + T)
+    pool_tri, before = pool.clone(), pool.clone()
+    out = torch.full(tuple(v.shape), float("nan"), dtype=io_dtype, device="cuda")
+    o_tri = gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool_tri, slot_ids, out=out)
+    torch.cuda.synchronize()
+
+    cpu = [x.cpu() for x in (q, k, v, a, b, A_log, dt_bias)]
+    pool_ref = before.cpu()
+    o_ref = gdn_decode_klast_ref(*cpu, pool_ref, slot_ids.cpu())
+
+    _check_out(o_tri.cpu(), o_ref)
+    live = slot_ids[slot_ids >= 0].long().cpu()
+    _check_state(pool_tri.cpu()[live], pool_ref[live])
+    mask = torch.ones(pool.shape[0], dtype=torch.bool)
+    mask[live] = False
+    assert torch.equal(pool_tri.cpu()[mask].view(torch.uint8), before.cpu()[mask].view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_kernel_matches_fla(T, state_dtype):
+    pytest.importorskip("fla", reason="flash-linear-attention (fla-core) is not installed")
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    B = 64
+    q, k, v, a, b, A_log, dt_bias, pool, slot_ids = _gpu_case(B, T, torch.bfloat16, state_dtype, 90 + T)
+    ids = slot_ids.long()
+    h0 = pool[ids.clamp(min=0)].transpose(-1, -2).contiguous()  # k-first [B, HV, K, V]
+    h0[ids < 0] = 0
+    o_fla, ht = fused_recurrent_gated_delta_rule(
+        q=q,
+        k=k,
+        v=v,
+        g=a,
+        beta=b,
+        scale=q.shape[-1] ** -0.5,
+        initial_state=h0,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=True,
+    )
+    o_tri = gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool, slot_ids)
+    torch.cuda.synchronize()
+
+    _check_out(o_tri.float(), o_fla.float())
+    live = ids >= 0
+    ours = pool[ids[live]].transpose(-1, -2)  # k-first view for comparison
+    theirs = ht[live]  # fla keeps its final state in float32 whatever h0's dtype
+    if state_dtype == torch.float32:
+        assert relative_error(ours, theirs) <= SSM_REL_ERROR_FP32
+    else:
+        _check_state(ours.contiguous(), theirs.to(torch.bfloat16).contiguous())
