@@ -1,0 +1,441 @@
+"""FP8 block grouped GEMM for MoE experts (Triton), with DeepGEMM's SM90 contract.
+
+``m_grouped_fp8_gemm_nt_contiguous`` and ``m_grouped_fp8_gemm_nt_masked`` take the same operands as
+DeepGEMM's functions of those names: activations ``a_q`` float8_e4m3fn K-major with per-token scales
+``a_s`` (1×128 blocks, float32, any strides: row-major or DeepGEMM's MN-major), weights ``b_q [G, N, K]``
+float8_e4m3fn K-major (the ``deepgemm`` layout's ``w13_weight``/``w2_weight``) with ``b_s [G,
+ceil(N/128), ceil(K/128)]`` float32 (128×128 blocks), and write ``d = a · bᵀ`` per expert in bfloat16.
+The torch reference with the same contract is ``kernels/fp8_grouped_gemm_ref.py``.
+
+Arithmetic: each program owns a ``[BLOCK_M, BLOCK_N]`` output tile of one expert and walks K in steps of
+128, one scale block: ``acc += dot(a_q tile, b_q tileᵀ) · (a_s[:, k] · b_s[k])``. The FP8 products are
+exact and the dot sums 128 of them on the tensor cores; promoting every 128-deep partial sum into a
+float32 accumulator is DeepGEMM's fix for the limited accumulation precision of Hopper's FP8 MMA, and it is
+what makes the block scales applicable at all. BLOCK_N divides 128, so a tile's weight scale is one
+scalar per K step and the rescale is one FMA per accumulator element.
+
+Layout rules (as DeepGEMM on SM90): in the contiguous layout every expert's rows start at a multiple of
+128 and are followed by ``-1`` padding rows, so a tile of ``BLOCK_M ≤ 128`` rows belongs to one expert.
+Padding rows (``-1``) come out zero, and a tile with no expert rows writes zeros without reading any
+weights. A layout that breaks the contract fails loudly instead of silently wrong: in a tile whose rows
+name several experts only the largest id is computed and the other rows come out NaN, and rows with an id
+``≥ G`` come out NaN without any weight being read (checking on the host would cost a sync per call).
+
+Launch configurations come from a small table keyed on rows per expert and N (K only sets the loop
+length; ``select_config``):
+at ≤ 64 rows per expert the GEMM streams weights (each weight byte is used for at most 2·64 FLOPs, far
+under Hopper's ≈590 FLOP/byte balance), so tiles are 64 rows tall, all-padding tiles are skipped, and
+enough pipeline stages are in flight to saturate HBM; above that it is compute-bound and uses 128×128
+tiles on two warpgroups with a grouped (L2-friendly) tile order.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moetool.errors import InputError
+
+BLOCK_K = 128  # one scale block per K step (1×128 activation blocks, 128×128 weight blocks)
+SCALE_BLOCK = 128
+# float32 quiet NaN, built from bits so every backend produces the same value
+_NAN_BITS: tl.constexpr = tl.constexpr(0x7FC00000)
+
+_FP8 = torch.float8_e4m3fn
+
+
+@triton.jit
+def _store_tile(
+    d_ptr, values, row_ids, keep_id, grp64, offs_m, offs_n, M, N, stride_dg, stride_dm, stride_dn
+):
+    """Store ``values [BLOCK_M, BLOCK_N]`` for rows whose id is ``keep_id``; padding rows (id < 0) get 0
+    and rows of any other id get NaN. Built only where it is stored, so the fill tile is never live
+    across the main loop."""
+    nan_tile = tl.full(values.shape, _NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+    fill = tl.where(row_ids[:, None] < 0, 0.0, nan_tile)
+    out = tl.where((row_ids == keep_id)[:, None], values, fill)
+    d_ptrs = (
+        d_ptr
+        + grp64 * stride_dg
+        + offs_m.to(tl.int64)[:, None] * stride_dm
+        + offs_n.to(tl.int64)[None, :] * stride_dn
+    )
+    d_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(d_ptrs, out.to(d_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def fp8_grouped_gemm_kernel(
+    a_ptr,  # [G?, M, K] e4m3, K-major (G only for the masked layout)
+    a_s_ptr,  # [G?, M, ceil(K/128)] f32, any strides
+    b_ptr,  # [G, N, K] e4m3, K-major
+    b_s_ptr,  # [G, ceil(N/128), ceil(K/128)] f32, any strides
+    d_ptr,  # [G?, M, N] bf16
+    layout_ptr,  # contiguous: m_indices [M] int32; masked: masked_m [G] int32
+    M,
+    N,
+    K,
+    G,
+    stride_ag,
+    stride_am,
+    stride_ak,
+    stride_asg,
+    stride_asm,
+    stride_ask,
+    stride_bg,
+    stride_bn,
+    stride_bk,
+    stride_bsg,
+    stride_bsn,
+    stride_bsk,
+    stride_dg,
+    stride_dm,
+    stride_dn,
+    MASKED: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    tl.static_assert(128 % BLOCK_N == 0, "BLOCK_N must divide the 128-wide weight scale block")
+    tl.static_assert(BLOCK_K == 128, "one K step is one 128-deep scale block")
+
+    # Grouped tile order: GROUP_M consecutive M tiles (rows of one expert in the contiguous layout) sweep
+    # the N tiles together, so the weight tiles they share stay in L2.
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    grp64 = grp.to(tl.int64)
+
+    if MASKED:
+        m_valid = tl.load(layout_ptr + grp)
+        row_ids = tl.where(offs_m < m_valid, grp, -1)
+    else:
+        row_ids = tl.load(layout_ptr + offs_m, mask=offs_m < M, other=-1)
+    # Valid tiles hold one expert id and -1s, so the maximum is the tile's expert.
+    expert = tl.max(row_ids, axis=0)
+
+    if (expert < 0) | (expert >= G):
+        # Nothing to compute (all padding), or an id past G (never dereferenced): zeros / NaN rows.
+        empty = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        _store_tile(d_ptr, empty, row_ids, -2, grp64, offs_m, offs_n, M, N, stride_dg, stride_dm, stride_dn)
+        return
+
+    # Rows past M and columns past N read row m mod M / column n mod N instead of being masked: the
+    # loads stay in bounds and unpredicated, and those results are never stored.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    e64 = expert.to(tl.int64)
+    a_ptrs = a_ptr + grp64 * stride_ag + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + e64 * stride_bg + cols[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    a_s_ptrs = a_s_ptr + grp64 * stride_asg + rows * stride_asm
+    b_s_ptrs = b_s_ptr + e64 * stride_bsg + ((pid_n * BLOCK_N) // 128) * stride_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        sa = tl.load(a_s_ptrs + kb * stride_ask)
+        sb = tl.load(b_s_ptrs + kb * stride_bsk)
+        acc += tl.dot(a, b) * (sa * sb)[:, None]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    _store_tile(d_ptr, acc, row_ids, expert, grp64, offs_m, offs_n, M, N, stride_dg, stride_dm, stride_dn)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration. ``block_m`` and ``block_n`` are powers of two in [16, 128] (so a tile
+    stays inside one expert's 128-aligned segment and one weight-scale block column); ``group_m`` M tiles
+    share their weight tiles through L2; ``num_warps``/``num_stages`` as in Triton."""
+
+    block_m: int
+    block_n: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    def check(self) -> None:
+        for name, v in (("block_m", self.block_m), ("block_n", self.block_n)):
+            if v < 16 or v > 128 or v & (v - 1):
+                raise InputError(f"GemmConfig.{name}={v}: must be a power of two in [16, 128]")
+        if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+            raise InputError(f"GemmConfig {self}: group_m ≥ 1, num_warps a power of two ≤ 16, stages ≥ 1")
+
+
+# Rows per expert at or below which the GEMM is bound by reading weights (see module docstring).
+_STREAMING_ROWS = 64
+# Weight-streaming tiles: 64 rows fill one warpgroup's MMA (m64); 4 stages of (64 + 128)×128 bytes =
+# 96 KiB let two programs share an SM, keeping 8 weight tiles (128 KiB) in flight per SM.
+_STREAMING = GemmConfig(block_m=64, block_n=128, group_m=1, num_warps=4, num_stages=4)
+# Twice the programs for small grids; 5 stages of 16 KiB keep as many weight bytes in flight per program.
+_STREAMING_NARROW = GemmConfig(block_m=64, block_n=64, group_m=1, num_warps=4, num_stages=5)
+# Compute-bound tiles: 128×128 on two warpgroups (64 accumulator + 64 partial-sum registers per thread),
+# 4 stages × 32 KiB of operands, GROUP_M=8 for weight reuse in L2.
+_COMPUTE = GemmConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=4)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=512)
+def select_config(rows_per_expert: int, n: int, k: int, m_tiles: int, sm_count: int) -> GemmConfig:
+    """Launch configuration for ``rows_per_expert`` expected rows per expert, output width ``n``, depth
+    ``k``, ``m_tiles`` expected 64-row tiles holding real rows (over all experts) and ``sm_count`` SMs.
+
+    Streaming regime (≤ 64 rows): 64×128 tiles; 64×64 when 128-wide tiles would leave SMs without a
+    program (few experts times a narrow N). Narrower tiles are not the default because every N tile
+    re-reads the expert's activation rows from L2: at 64×64 that is as many bytes as the weights.
+    Compute regime: 128×128 tiles, grouped order.
+    """
+    del k  # K only sets the loop length; both regimes pipeline it the same way
+    if rows_per_expert <= _STREAMING_ROWS:
+        if m_tiles * triton.cdiv(n, _STREAMING.block_n) < sm_count:
+            return _STREAMING_NARROW
+        return _STREAMING
+    return _COMPUTE
+
+
+def _fail(fn: str, name: str, message: str) -> None:
+    raise InputError(f"{fn}: {message}", tensor=name)
+
+
+def _check_common(
+    fn: str, a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor
+) -> None:
+    if a_q.dtype != _FP8 or b_q.dtype != _FP8:
+        _fail(fn, "a_q/b_q", f"operands must be float8_e4m3fn, got {a_q.dtype} and {b_q.dtype}")
+    if a_s.dtype != torch.float32 or b_s.dtype != torch.float32:
+        _fail(fn, "a_s/b_s", f"scales must be float32 (SM90 format), got {a_s.dtype} and {b_s.dtype}")
+    if b_q.dim() != 3:
+        _fail(fn, "b_q", f"weights must be [G, N, K], got {list(b_q.shape)}")
+    k = a_q.shape[-1]
+    g, n, kb = b_q.shape
+    if kb != k:
+        _fail(fn, "b_q", f"weights have K={kb}, activations K={k}")
+    if a_q.stride(-1) != 1 and k > 1:
+        _fail(fn, "a_q", f"activations must be K-major (stride(-1) == 1), got strides {a_q.stride()}")
+    if b_q.stride(-1) != 1 and k > 1:
+        _fail(fn, "b_q", f"weights must be K-major (stride(-1) == 1), got strides {b_q.stride()}")
+    want_as = (*a_q.shape[:-1], triton.cdiv(k, SCALE_BLOCK))
+    if tuple(a_s.shape) != want_as:
+        _fail(fn, "a_s", f"activation scales must be {list(want_as)} (1×128 blocks), got {list(a_s.shape)}")
+    want_bs = (g, triton.cdiv(n, SCALE_BLOCK), triton.cdiv(k, SCALE_BLOCK))
+    if tuple(b_s.shape) != want_bs:
+        _fail(fn, "b_s", f"weight scales must be {list(want_bs)} (128×128 blocks), got {list(b_s.shape)}")
+    devices = {t.device for t in (a_q, a_s, b_q, b_s)}
+    if len(devices) != 1:
+        _fail(fn, "a_q/a_s/b_q/b_s", f"tensors on different devices: {sorted(map(str, devices))}")
+    if a_q.device.type != "cuda" and not _interpreting():
+        _fail(fn, "a_q", "CPU tensors need TRITON_INTERPRET=1 (or use the torch reference)")
+
+
+def _check_out(fn: str, out: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    if out.dtype != torch.bfloat16 or tuple(out.shape) != shape or out.device != device:
+        _fail(fn, "out", f"must be bfloat16 {list(shape)} on {device}, got {out.dtype} {list(out.shape)}")
+
+
+def _device_config(rows: int, n: int, k: int, m_tiles: int, device: torch.device) -> GemmConfig:
+    sms = 1 if device.type != "cuda" else _sm_count(device.index if device.index is not None else 0)
+    return select_config(max(1, rows), n, k, max(1, m_tiles), sms)
+
+
+def contiguous_config(a_q: torch.Tensor, b_q: torch.Tensor, expected_m: int | None = None) -> GemmConfig:
+    """The configuration ``m_grouped_fp8_gemm_nt_contiguous`` picks for ``a_q [M, K]``, ``b_q [G, N, K]``.
+
+    Rows per expert default to ``M // G``. In the streaming regime each non-empty expert holds one
+    64-row tile of real rows in its 128-row segment, so the segments count the tiles with work.
+    """
+    m = a_q.shape[0]
+    g, n, k = b_q.shape
+    rows = expected_m if expected_m is not None else m // max(1, g)
+    return _device_config(rows, n, k, triton.cdiv(m, SCALE_BLOCK), a_q.device)
+
+
+def masked_config(a_q: torch.Tensor, b_q: torch.Tensor, expected_m: int | None = None) -> GemmConfig:
+    """The configuration ``m_grouped_fp8_gemm_nt_masked`` picks for ``a_q [G, M_max, K]``, ``b_q [G, N,
+    K]``; rows per expert default to ``M_max``."""
+    g, m_max, _ = a_q.shape
+    _, n, k = b_q.shape
+    rows = min(expected_m, m_max) if expected_m is not None else m_max
+    m_tiles = g * triton.cdiv(max(1, rows), _STREAMING.block_m)
+    return _device_config(rows, n, k, m_tiles, a_q.device)
+
+
+def _launch(
+    grid: tuple[int, int],
+    cfg: GemmConfig,
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    out: torch.Tensor,
+    layout: torch.Tensor,
+    m: int,
+    masked: bool,
+) -> None:
+    g, n, k = b_q.shape
+    # The contiguous layout has no group dimension on A/D: stride 0 makes program_id(1) == 0 harmless.
+    sa = (a_q.stride(0), a_q.stride(1), a_q.stride(2)) if masked else (0, a_q.stride(0), a_q.stride(1))
+    ss = (a_s.stride(0), a_s.stride(1), a_s.stride(2)) if masked else (0, a_s.stride(0), a_s.stride(1))
+    sd = (out.stride(0), out.stride(1), out.stride(2)) if masked else (0, out.stride(0), out.stride(1))
+    fp8_grouped_gemm_kernel[grid](
+        a_q,
+        a_s,
+        b_q,
+        b_s,
+        out,
+        layout,
+        m,
+        n,
+        k,
+        g,
+        *sa,
+        *ss,
+        *b_q.stride(),
+        *b_s.stride(),
+        *sd,
+        MASKED=masked,
+        EVEN_K=k % BLOCK_K == 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=BLOCK_K,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def m_grouped_fp8_gemm_nt_contiguous(
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    m_indices: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    expected_m: int | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """Grouped GEMM over the contiguous layout: ``d[m] = a[m] · b[m_indices[m]]ᵀ``, bfloat16 ``[M, N]``.
+
+    a_q: ``[M, K]`` float8_e4m3fn, K-major. a_s: ``[M, ceil(K/128)]`` float32, any strides.
+    b_q: ``[G, N, K]`` float8_e4m3fn, K-major. b_s: ``[G, ceil(N/128), ceil(K/128)]`` float32.
+    m_indices: ``[M]`` int32, contiguous: each expert's rows start at a multiple of 128
+    (``contiguous_layout`` builds this), ``-1`` on padding rows, which come out zero. Rows that break the
+    alignment (a second expert inside one tile) or name an expert ``≥ G`` come out NaN.
+    out: optional bfloat16 ``[M, N]`` to write into (any strides). Any N and K (K need not be a multiple
+    of 128), empty experts and M = 0 are allowed.
+
+    expected_m: rows per expert the caller expects (the layout's token counts; default ``M // G``, an
+    overestimate when experts are padded), used only to pick the launch configuration. config: explicit
+    configuration (tuning). The call never syncs with the device.
+    """
+    fn = "m_grouped_fp8_gemm_nt_contiguous"
+    if a_q.dim() != 2:
+        _fail(fn, "a_q", f"activations must be [M, K], got {list(a_q.shape)}")
+    _check_common(fn, a_q, a_s, b_q, b_s)
+    m, k = a_q.shape
+    n = b_q.shape[1]
+    if m_indices.shape != (m,) or m_indices.dtype != torch.int32 or not m_indices.is_contiguous():
+        _fail(
+            fn,
+            "m_indices",
+            f"must be contiguous int32 [M={m}], got {m_indices.dtype} {list(m_indices.shape)}",
+        )
+    if m_indices.device != a_q.device:
+        _fail(fn, "m_indices", f"on {m_indices.device}, activations on {a_q.device}")
+    if out is None:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device=a_q.device)
+    else:
+        _check_out(fn, out, (m, n), a_q.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    if config is not None:
+        config.check()
+    cfg = config or contiguous_config(a_q, b_q, expected_m)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), 1)
+    _launch(grid, cfg, a_q, a_s, b_q, b_s, out, m_indices, m, masked=False)
+    return out
+
+
+def m_grouped_fp8_gemm_nt_masked(
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    masked_m: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    expected_m: int | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """Grouped GEMM over the masked layout: ``d[g, :masked_m[g]] = a[g, :masked_m[g]] · b[g]ᵀ``, the
+    other rows zero; bfloat16 ``[G, M_max, N]``.
+
+    a_q: ``[G, M_max, K]`` float8_e4m3fn, K-major. a_s: ``[G, M_max, ceil(K/128)]`` float32, any strides.
+    b_q: ``[G, N, K]`` float8_e4m3fn, K-major. b_s: ``[G, ceil(N/128), ceil(K/128)]`` float32.
+    masked_m: ``[G]`` int32, contiguous, valid rows per group (values above M_max act as M_max).
+    out: optional bfloat16 ``[G, M_max, N]`` (any strides). expected_m: typical ``masked_m`` (default
+    M_max), used only to pick the configuration, as DeepGEMM's argument of that name. config: explicit
+    configuration. The call never syncs with the device.
+    """
+    fn = "m_grouped_fp8_gemm_nt_masked"
+    if a_q.dim() != 3:
+        _fail(fn, "a_q", f"activations must be [G, M_max, K], got {list(a_q.shape)}")
+    _check_common(fn, a_q, a_s, b_q, b_s)
+    g_a, m_max, k = a_q.shape
+    g, n, _ = b_q.shape
+    if g_a != g:
+        _fail(fn, "a_q", f"{g_a} groups of activations for {g} experts")
+    if masked_m.shape != (g,) or masked_m.dtype != torch.int32 or not masked_m.is_contiguous():
+        _fail(
+            fn, "masked_m", f"must be contiguous int32 [G={g}], got {masked_m.dtype} {list(masked_m.shape)}"
+        )
+    if masked_m.device != a_q.device:
+        _fail(fn, "masked_m", f"on {masked_m.device}, activations on {a_q.device}")
+    if out is None:
+        out = torch.empty(g, m_max, n, dtype=torch.bfloat16, device=a_q.device)
+    else:
+        _check_out(fn, out, (g, m_max, n), a_q.device)
+    if g == 0 or m_max == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    if config is not None:
+        config.check()
+    cfg = config or masked_config(a_q, b_q, expected_m)
+    grid = (triton.cdiv(m_max, cfg.block_m) * triton.cdiv(n, cfg.block_n), g)
+    _launch(grid, cfg, a_q, a_s, b_q, b_s, out, masked_m, m_max, masked=True)
+    return out
