@@ -59,32 +59,22 @@ def pick_device(device: str) -> torch.device:
 
 
 # -- reading sources --------------------------------------------------------------------------
-def _region(t: torch.Tensor, src: Src, block: int = 1) -> torch.Tensor:
-    if src.expert is not None:
-        t = t[src.expert]
-    if src.rows:
-        t = t[src.rows[0] // block : -(-src.rows[1] // block)]
-    if src.cols:
-        t = t[:, src.cols[0] // block : -(-src.cols[1] // block)]
-    return t
-
-
-def read_source(ckpt: Checkpoint, src: Src) -> tuple[torch.Tensor, torch.Tensor | None]:
+def read_source(ckpt: Checkpoint, src: Src, *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A source region as ``(tensor, None)`` for floats, or ``(q, scales)`` for FP8 (scales sliced by
     128-blocks; the planner guarantees region edges on block boundaries)."""
     info = ckpt.info(src.name)
-    rows = None
-    if src.expert is None and src.rows and not src.cols and info.dtype != "F8_E4M3":
-        rows = src.rows  # read only those rows from disk
-        t = ckpt.read(src.name, rows=rows)
-        return t, None
-    t = _region(ckpt.read(src.name), src)
+    t = ckpt.read(src.name, rows=src.rows, expert=src.expert, pin=pin)  # only the region's rows
+    if src.cols:
+        t = t[:, src.cols[0] : src.cols[1]]
     if info.dtype != "F8_E4M3":
         return t, None
     sname = scale_name(src.name)
     if sname not in ckpt:
         raise InputError("FP8 tensor without its weight_scale_inv", file=str(ckpt.root), tensor=src.name)
-    s = _region(ckpt.read(sname), src, block=128)
+    srows = (src.rows[0] // 128, -(-src.rows[1] // 128)) if src.rows else None
+    s = ckpt.read(sname, rows=srows, expert=src.expert)
+    if src.cols:
+        s = s[:, src.cols[0] // 128 : -(-src.cols[1] // 128)]
     return t, s
 
 
@@ -132,7 +122,8 @@ def run_job(ckpt: Checkpoint, job: Job, quantizer: Quantizer | None) -> list[tor
         assert quantizer is not None
         qs, ss = [], []
         for src in job.sources:
-            t, s = read_source(ckpt, src)
+            # page-locked reads let the copy to the GPU run asynchronously
+            t, s = read_source(ckpt, src, pin=quantizer.device.type == "cuda")
             if s is None:
                 q, s = quantizer.quant(t, ue8m0=job.ue8m0, name=src.describe())
             else:

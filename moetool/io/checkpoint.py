@@ -159,12 +159,20 @@ class Checkpoint:
             self._fds[file] = fd
         return fd
 
-    def read(self, name: str, rows: tuple[int, int] | None = None, *, pin: bool = False) -> torch.Tensor:
-        """Tensor ``name`` (or rows ``[r0, r1)`` of its first dimension) in a new CPU buffer it owns
-        (page-locked with ``pin=True``, for asynchronous copies to a GPU)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, *, expert: int | None = None,
+             pin: bool = False) -> torch.Tensor:
+        """Tensor ``name`` — or ``name[expert]`` of a stacked tensor, and/or rows ``[r0, r1)`` of the
+        first remaining dimension — in a new CPU buffer it owns (page-locked with ``pin=True``, for
+        asynchronous copies to a GPU). Only those bytes are read."""
         info = self.info(name)
         shape = list(info.shape)
         offset, nbytes = info.offset, info.nbytes
+        if expert is not None:
+            if not shape or not 0 <= expert < shape[0]:
+                raise InputError(f"no expert {expert} in a tensor of shape {shape}", file=info.file, tensor=name)
+            nbytes //= shape[0]
+            offset += expert * nbytes
+            shape = shape[1:]
         if rows is not None:
             r0, r1 = rows
             row_bytes = nbytes // shape[0] if shape and shape[0] else 0

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Everything the GPU machine checks and measures, in one call:
+#   bash scripts/gpu_suite.sh [tests] [bench-quant] [bench-gemm] [bench-gdn] [quantize-20g] [validate-time] [demo]
+# (no argument: all). Logs go to $OUT (or ./gpu-logs), one file per section; a summary table ends the output.
+set -uo pipefail
+out="${OUT:-gpu-logs}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(tests bench-quant bench-gemm bench-gdn quantize-20g validate-time demo)
+declare -A status
+run() {  # name, command...
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  status[$name]="rc=$rc $((SECONDS - t0))s"
+  tail -n 25 "$out/$name.log"
+}
+for s in "${sections[@]}"; do
+  case $s in
+    tests) run tests python3 -m pytest -m gpu -q -p no:cacheprovider ;;
+    bench-quant) run bench-quant python3 scripts/bench_quant_kernel.py ;;
+    bench-gemm) run bench-gemm python3 scripts/bench_grouped_gemm.py ;;
+    bench-gdn) run bench-gdn python3 scripts/bench_gdn_decode.py ;;
+    quantize-20g) run quantize-20g bash scripts/bench_quantize_gpu.sh /tmp/moetool-bench ;;
+    validate-time) run validate-time bash scripts/bench_validate.sh /tmp/moetool-bench ;;
+    demo) run demo bash scripts/demo.sh /tmp/moetool-demo ;;
+    *) echo "unknown section $s"; exit 2 ;;
+  esac
+done
+echo "=== summary ($(cat "$out/card.txt"))"
+for s in "${sections[@]}"; do echo "$s ${status[$s]}"; done
