@@ -37,12 +37,13 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
     for name, t in ckpt.tensors.items():
         by_kind[_kind(view, name, expert_names, shared_names)] += t.nbytes
         by_dtype[t.dtype] += t.nbytes
+    # weights whose matrix dims (the last two; packed experts are [E, N, K]) leave partial 128-blocks
     not128 = sorted(
         n
         for n, t in ckpt.tensors.items()
-        if len(t.shape) == 2
-        and n.endswith(".weight")
-        and any(d % 128 for d in t.shape)
+        if len(t.shape) in (2, 3)
+        and not n.endswith("_scale_inv")
+        and any(d % 128 for d in t.shape[-2:])
         and (n in expert_names or n in shared_names or view.is_linear_weight(n))
     )
     fp8 = [n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES]

@@ -10,6 +10,7 @@ Three storages of routed experts are recognised:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -128,6 +129,10 @@ def analyze(ckpt: Checkpoint) -> CheckpointView:
     """Detect family, MoE layers and their expert storage from config and headers; checks consistency."""
     cfg_file = str(ckpt.root / "config.json")
     arch = detect(ckpt.config, file=cfg_file)
+    alt = arch.tensors.get("moe_alt")
+    if alt and not _holds_block(ckpt, arch.tensors["moe"]) and _holds_block(ckpt, alt):
+        # the checkpoint names its MoE blocks the other way (Mixtral's packed experts live under mlp)
+        arch = dataclasses.replace(arch, tensors={**arch.tensors, "moe": alt})
     info = arch.model(ckpt.config, file=cfg_file)
     fused = ckpt.config.get("moetool_fused_shared_experts")
     extra_slots = int(fused["num_slots"]) * int(fused["replicas"]) if isinstance(fused, dict) else 0
@@ -248,6 +253,13 @@ def analyze(ckpt: Checkpoint) -> CheckpointView:
         manifest,
         layout,
     )
+
+
+def _holds_block(ckpt: Checkpoint, pattern: str) -> bool:
+    """Whether any tensor lies under an MoE block named by ``pattern`` (``model.layers.{layer}.mlp``)."""
+    head, tail = pattern.split("{layer}")
+    block = re.compile(re.escape(head) + r"\d+" + re.escape(tail) + r"\.experts\.")
+    return any(block.match(n) for n in ckpt.tensors)
 
 
 def _expect(info, shape: tuple[int, ...], ckpt: Checkpoint) -> None:

@@ -192,6 +192,6 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
+    if not math.isfinite(value) or not 0 < value * mult < 2**62:
+        raise ValueError(f"size must be a positive, finite number of bytes: {text!r}")
     return int(value * mult)

@@ -46,6 +46,7 @@ SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
     },
     "tensors": {
         "moe": (str, True),
+        "moe_alt": (str, False),
         "experts": (str, True),
         "gate_proj": (str, True),
         "up_proj": (str, True),

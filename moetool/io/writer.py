@@ -87,32 +87,54 @@ class OutputDir:
         if self.out.exists() and not self.out.is_dir():
             raise UsageError("OUT exists and is not a directory", file=str(self.out))
         self.resumed = False
-        if self.partial.exists():
+        existed = self.partial.exists()
+        # Lock before deciding anything about an existing OUT.partial: a run still writing it must be
+        # neither resumed nor wiped by a second run.
+        self._lock_fd: int | None = self._lock()
+        if existed:
             if resume:
                 self.resumed = True
             elif overwrite:
-                shutil.rmtree(self.partial)
+                self._clear_partial()
             else:
+                self._unlock()
                 raise UsageError(
                     "an earlier run left OUT.partial",
                     file=str(self.partial),
                     fix="pass --resume to continue it or --overwrite to start again",
                 )
+
+    def _lock(self) -> int:
+        """Create ``OUT.partial`` if needed and take its lock; refuse while another run holds it."""
         try:
             self.partial.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.partial / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
             raise _os_error(e, self.partial) from None
-        self._lock_fd: int | None = os.open(self.partial / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            os.close(fd)
             raise UsageError(
                 "another moetool run is writing this OUT",
                 file=str(self.out),
                 fix="wait for it to finish or choose another OUT",
             ) from None
+        return fd
+
+    def _clear_partial(self) -> None:
+        """Empty ``OUT.partial`` (``--overwrite``) but keep its lock file, so the lock stays held."""
+        try:
+            for p in self.partial.iterdir():
+                if p.name == LOCK_NAME:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        except OSError as e:
+            self._unlock()
+            raise _os_error(e, self.partial) from None
 
     @classmethod
     def join(cls, out: str | os.PathLike[str], *, resumed: bool) -> OutputDir:
@@ -215,7 +237,7 @@ class ShardWriter:
         self.prefix, self.spans = build_header(entries, metadata)
         self.entries = {n: (d, tuple(s)) for n, d, s in entries}
         self.size = len(self.prefix) + sum(n for _, n in self.spans.values())
-        self.written: dict[str, int] = dict.fromkeys(self.spans, 0)
+        self.written: dict[str, list[tuple[int, int]]] = {n: [] for n in self.spans}
         try:
             self.fd = os.open(self.tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
             self._pwrite(self.prefix, 0)
@@ -234,7 +256,7 @@ class ShardWriter:
         if DTYPE_NAMES.get(tensor.dtype) != dtype:
             raise InputError(f"internal: writing {tensor.dtype} into a {dtype} tensor", tensor=name)
         offset, nbytes = self.spans[name]
-        data = tensor.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if start < 0 or start + data.numel() > nbytes:
             raise InputError(
                 f"internal: write of {data.numel()} bytes at {start} overruns {nbytes}", tensor=name
@@ -243,16 +265,17 @@ class ShardWriter:
             self._pwrite(data.numpy().data, offset + start)
         except OSError as e:
             raise _os_error(e, self.path) from None
-        self.written[name] += data.numel()
+        self.written[name].append((start, start + data.numel()))
 
     def finish(self) -> tuple[str, int]:
-        short = [n for n, (_, nb) in self.spans.items() if self.written[n] != nb]
-        if short:
-            raise InputError(
-                f"internal: tensor written {self.written[short[0]]} of {self.spans[short[0]][1]} bytes",
-                file=str(self.path),
-                tensor=short[0],
-            )
+        for name, (_, nbytes) in self.spans.items():
+            hole = _first_hole(self.written[name], nbytes)
+            if hole is not None:
+                raise InputError(
+                    f"internal: bytes from {hole} of {nbytes} were never written",
+                    file=str(self.path),
+                    tensor=name,
+                )
         try:
             os.fsync(self.fd)
             os.close(self.fd)
@@ -268,6 +291,16 @@ class ShardWriter:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+def _first_hole(ranges: list[tuple[int, int]], nbytes: int) -> int | None:
+    """The first byte of ``[0, nbytes)`` no range covers, or None (ranges may overlap or repeat)."""
+    pos = 0
+    for start, end in sorted(ranges):
+        if start > pos:
+            return pos
+        pos = max(pos, end)
+    return pos if pos < nbytes else None
 
 
 def write_index(out: OutputDir, weight_map: dict[str, str], total_size: int) -> None:
