@@ -61,6 +61,7 @@ def gdn_decode_klast_kernel(
     EPS: tl.constexpr,
     STATE_BF16: tl.constexpr,
     OUT_BF16: tl.constexpr,
+    FULL_TILE: tl.constexpr,
 ):
     i_nh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
@@ -79,10 +80,20 @@ def gdn_decode_klast_kernel(
     has_state = (slot >= 0) & (slot < num_slots)
     slot = tl.where(has_state, slot, 0)
     # The row limit drops to 0 for a stateless sequence (a comparison, not `m_v & has_state`: Triton's
-    # interpreter turns a bool scalar & bool vector into int32).
-    m_h = (o_v < tl.where(has_state, V, 0))[:, None] & m_k[None, :]
+    # interpreter turns a bool scalar & bool vector into int32). The store mask varies along rows only,
+    # so stores stay 16-byte vectors along K.
+    m_rows = o_v < tl.where(has_state, V, 0)
     p_h = pool + (slot * HV + i_hv) * (V * K) + o_v[:, None] * K + o_k[None, :]
-    b_h = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)  # [BV, BK] = Sᵀ tile
+    if FULL_TILE:
+        # K == BK and V % BV == 0: no mask, so the loads are 16-byte vectors along K (a mask computed at
+        # run time would split them into scalar loads). A stateless sequence reads row 0 (the null slot)
+        # and starts from zeros whatever that row holds.
+        b_h = tl.load(p_h).to(tl.float32)
+        b_h = tl.where(has_state, b_h, 0.0)
+        m_h = m_rows[:, None]
+    else:
+        m_h = m_rows[:, None] & m_k[None, :]
+        b_h = tl.load(p_h, mask=m_h, other=0.0).to(tl.float32)  # [BV, BK] = Sᵀ tile
 
     neg_A = -tl.exp(tl.load(A_log + i_hv).to(tl.float32))
     b_dt = tl.load(dt_bias + i_hv).to(tl.float32)
@@ -332,6 +343,7 @@ def gdn_decode_klast(
         EPS=1e-6,
         STATE_BF16=state_pool.dtype is _BF16,
         OUT_BF16=q.dtype is _BF16,
+        FULL_TILE=bk == K and V % bv == 0,
         num_warps=warps,
     )
     return out

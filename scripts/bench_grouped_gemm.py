@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 import triton
+
 from moetool.kernels.fp8_grouped_gemm import GemmConfig, contiguous_config, m_grouped_fp8_gemm_nt_contiguous
 from moetool.kernels.fp8_grouped_gemm_ref import calc_diff, contiguous_layout
 from moetool.kernels.fp8_quant_ref import block_quant_ref
-
 from moetool.tolerances import GEMM_CALC_DIFF
 
 SHAPES = {
@@ -49,9 +49,10 @@ COMPUTE_ROWS = 512
 SWEEP_COMPUTE = [
     (128, 128, 8, 8, 4),
     (128, 128, 8, 8, 3),
-    (128, 64, 8, 4, 4),
+    (128, 128, 8, 8, 5),
+    (128, 128, 8, 4, 4),
+    (128, 128, 4, 8, 4),
     (64, 128, 8, 4, 4),
-    (64, 128, 8, 4, 3),
     (128, 128, 16, 8, 4),
 ]
 SWEEP_STREAMING = [

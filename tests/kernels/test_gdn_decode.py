@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moetool.kernels.gdn_decode import gdn_decode_klast
-from moetool.kernels.gdn_decode_ref import gdn_decode_klast_ref
 
 from moetool.errors import InputError
 from moetool.gdn import relative_error
+from moetool.kernels.gdn_decode import gdn_decode_klast
+from moetool.kernels.gdn_decode_ref import gdn_decode_klast_ref
 from moetool.tolerances import SSM_REL_ERROR_FP32
 
-# bf16 state: kernel and reference compute the same float32 values up to ~1e-7 relative, then both
-# round to bf16 (nearest even). An element can differ only where those float32 values straddle a
-# rounding boundary: by one bf16 ulp, and rarely.
-BF16_MAX_ULPS = 1
+# bf16 state: kernel and reference compute the same float32 values up to ~1e-7 of the state's scale
+# (summation order differs on a GPU), then both round to bf16 (nearest even). An element can differ
+# only where those float32 values straddle a rounding boundary, by one bf16 ulp of its magnitude;
+# elements that cancel to near zero get the float32 absolute difference on top. Counting ulps alone
+# misjudges those (on an H200 a value of 1e-6 vs -1e-6 measured 195 "ulps" apart).
+BF16_ULP = 2.0**-7  # one bf16 ulp is at most 2^-7 of the value
+BF16_ABS_OF_MAX = 1e-6
 BF16_MAX_FRACTION_DIFFERENT = 0.01
+# fla computes gates and l2norm with its own operation order; on an H200 our fp32 outputs and states
+# measured 1.1e-5 to 2.4e-5 relative error against fla's (against our reference: < 1e-6).
+FLA_REL = 1e-4
 # bf16 outputs: the same argument, one ulp is at most 2^-8 relative.
 BF16_IO_REL = 2.0**-8
 
@@ -63,8 +69,10 @@ def _check_state(got: torch.Tensor, expected: torch.Tensor) -> None:
     if got.dtype == torch.float32:
         assert relative_error(got, expected) <= SSM_REL_ERROR_FP32
     else:
+        g, e = got.float(), expected.float()
+        bound = BF16_ULP * e.abs() + BF16_ABS_OF_MAX * float(e.abs().max())
+        assert bool(((g - e).abs() <= bound).all())
         dist = _bf16_ulp_distance(got, expected)
-        assert int(dist.max()) <= BF16_MAX_ULPS
         assert float((dist > 0).float().mean()) <= BF16_MAX_FRACTION_DIFFERENT
 
 
@@ -220,11 +228,11 @@ def test_gpu_kernel_matches_fla(T, state_dtype):
     o_tri = gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool, slot_ids)
     torch.cuda.synchronize()
 
-    _check_out(o_tri.float(), o_fla.float())
+    assert relative_error(o_tri.float(), o_fla.float()) <= FLA_REL
     live = ids >= 0
     ours = pool[ids[live]].transpose(-1, -2)  # k-first view for comparison
     theirs = ht[live]  # fla keeps its final state in float32 whatever h0's dtype
     if state_dtype == torch.float32:
-        assert relative_error(ours, theirs) <= SSM_REL_ERROR_FP32
+        assert relative_error(ours, theirs) <= FLA_REL
     else:
         _check_state(ours.contiguous(), theirs.to(torch.bfloat16).contiguous())

@@ -1,0 +1,153 @@
+"""``moetool validate --device cuda`` (Triton kernels) passes and fails like the CPU path, and GPU
+quantization writes the CPU's bytes. Needs a CUDA GPU: ``pytest -m gpu tests/test_validate_gpu.py``.
+
+The clean conversions and planted defects of ``tests/test_validate.py`` run again, every conversion
+itself made with ``--device cuda``; all models are factory-made here (transformers is not needed on the
+GPU machine). The byte-equality test quantizes a DeepSeek-V3-shaped checkpoint scaled down from
+hidden 7168 / moe_intermediate 2048 / 256 experts to 1024 / 512 / 8, on the GPU and on the CPU, in both
+layouts and both scale formats (``--targets linear`` adds the attention projections, whose MLA
+dimensions leave ragged 128-blocks), and compares every output shard, the index and config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import test_validate as tv
+import torch
+
+from moetool.ssm import StateMeta, recurrent_state_name, write_state_file
+from moetool.testing.factory import experts_prefix, make_checkpoint
+
+pytestmark = pytest.mark.gpu
+
+GPU_TOKENS = 64  # more tokens than on the CPU: every expert gets a group of several rows
+
+
+@pytest.fixture(scope="session")
+def ws_cuda(tmp_path_factory: pytest.TempPathFactory) -> tv.Workspace:
+    assert torch.cuda.is_available(), "these tests need a CUDA GPU (run them on the GPU machine)"
+    return tv.Workspace(tmp_path_factory.mktemp("validate-cuda"), "cuda", hf_made=(), tokens=GPU_TOKENS)
+
+
+# -- clean conversions pass on the Triton path ------------------------------------------------------
+@pytest.mark.parametrize(("family", "conversion"), tv.clean_cases())
+def test_clean_conversion_passes_on_cuda(ws_cuda: tv.Workspace, family: str, conversion: str) -> None:
+    tv.test_clean_conversion_passes(ws_cuda, family, conversion)
+
+
+@pytest.mark.parametrize("dtype", list(tv.DTYPES))
+@pytest.mark.parametrize("pool", [False, True], ids=["dense", "pooled"])
+def test_converted_state_passes_on_cuda(ws_cuda: tv.Workspace, dtype: str, pool: bool) -> None:
+    tv.test_converted_state_passes(ws_cuda, dtype, pool)
+
+
+# -- planted defects fail on the Triton path --------------------------------------------------------
+@pytest.mark.parametrize("layout", ["deepgemm", "hf"])
+def test_flipped_expert_byte_fails_on_cuda(ws_cuda: tv.Workspace, layout: str) -> None:
+    tv.test_flipped_expert_byte_fails(ws_cuda, layout)
+
+
+@pytest.mark.parametrize("layout", ["deepgemm", "hf"])
+def test_swapped_experts_fail_on_cuda(ws_cuda: tv.Workspace, layout: str) -> None:
+    tv.test_swapped_experts_fail(ws_cuda, layout)
+
+
+@pytest.mark.parametrize("layout", ["deepgemm", "hf"])
+def test_scale_one_ulp_off_fails_on_cuda(ws_cuda: tv.Workspace, layout: str) -> None:
+    tv.test_scale_one_ulp_off_fails(ws_cuda, layout)
+
+
+def test_dropped_fused_slot_fails_on_cuda(ws_cuda: tv.Workspace) -> None:
+    tv.test_dropped_fused_slot_fails(ws_cuda)
+
+
+def test_mixed_up_shared_expert_weight_fails_on_cuda(ws_cuda: tv.Workspace) -> None:
+    tv.test_mixed_up_shared_expert_weight_fails(ws_cuda)
+
+
+def test_unrelated_checkpoints_fail_on_cuda(ws_cuda: tv.Workspace) -> None:
+    tv.test_unrelated_checkpoints_fail(ws_cuda)
+
+
+@pytest.mark.parametrize("dtype", list(tv.DTYPES))
+@pytest.mark.parametrize("pooled", [False, True], ids=["dense", "pooled"])
+def test_k_first_state_labelled_k_last_fails_on_cuda(ws_cuda: tv.Workspace, dtype: str, pooled: bool) -> None:
+    tv.test_k_first_state_labelled_k_last_fails(ws_cuda, dtype, pooled)
+
+
+def test_swapped_experts_seen_by_the_triton_gemm_alone(ws_cuda: tv.Workspace) -> None:
+    """Experts 0 and 2 swapped whole in the second MoE layer and sha256 re-recorded: the Triton grouped
+    GEMM and the MoE layer (0 and 2 sit in different routing groups) each name the layer."""
+    orig = ws_cuda.source("deepseek_v3")
+    conv = ws_cuda.copy(ws_cuda.converted("deepseek_v3", "deepgemm-ue8m0"))
+    tv.swap_whole_experts(conv, 2, "deepgemm", 0, 2)
+    tv.refresh_manifest(conv)
+    res = ws_cuda.validate(orig, conv, "--layers", "2")
+    prefix = experts_prefix(tv.config_of(conv), 2)
+    tv.assert_fails(res, prefix, groups=("tensors", "kernels", "moe"))
+
+
+def test_mislabelled_state_of_qwen3_next_size_fails_on_cuda(ws_cuda: tv.Workspace) -> None:
+    """Qwen3-Next's real head dims (K = V = 128, 32 value heads over 16 key heads), one layer."""
+    gen = torch.Generator().manual_seed(5)
+    meta = StateMeta(layout="k-first", num_key_heads=16, num_value_heads=32, head_k_dim=128, head_v_dim=128)
+    state = {recurrent_state_name(0): torch.randn(2, 32, 128, 128, generator=gen) * 0.3}
+    orig, good, bad = (ws_cuda.scratch(f"{n}.safetensors") for n in ("orig", "good", "bad"))
+    write_state_file(orig, state, meta)
+    write_state_file(bad, state, meta.replace(layout="k-last"))
+    tv.run_ok("convert-ssm", orig, good, "--to", "k-last", "--pool")
+    ok = ws_cuda.validate(orig, good)
+    assert ok.code == 0, ok.out
+    tv.assert_fails(ws_cuda.validate(orig, bad), recurrent_state_name(0), groups=("ssm",))
+
+
+# -- GPU quantization writes the CPU's bytes --------------------------------------------------------
+@pytest.fixture(scope="session")
+def dsv3_scaled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(
+        "deepseek_v3",
+        tmp_path_factory.mktemp("dsv3-scaled") / "src",
+        num_layers=3,
+        hidden_size=1024,
+        moe_intermediate_size=512,
+        num_experts=8,
+        top_k=2,
+        seed=3,
+    )
+
+
+@pytest.mark.parametrize("fmt", ["float", "ue8m0"])
+@pytest.mark.parametrize(("layout", "targets"), [("deepgemm", "experts"), ("hf", "linear")])
+def test_cuda_quantize_equals_cpu_bytes(
+    dsv3_scaled: Path, tmp_path: Path, fmt: str, layout: str, targets: str
+) -> None:
+    assert torch.cuda.is_available(), "this test needs a CUDA GPU"
+    outs = {}
+    for device in ("cpu", "cuda"):
+        outs[device] = tmp_path / device
+        tv.run_ok(
+            "quantize", dsv3_scaled, outs[device], "--device", device,
+            "--layout", layout, "--scale-fmt", fmt, "--targets", targets,
+        )  # fmt: skip
+    cpu, cuda = outs["cpu"], outs["cuda"]
+    shards = sorted(p.name for p in cpu.glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in cuda.glob("*.safetensors"))
+    for rel in [*shards, tv.INDEX, "config.json"]:
+        a, b = (cpu / rel).read_bytes(), (cuda / rel).read_bytes()
+        if a != b:
+            first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) if len(a) == len(b) else -1
+            raise AssertionError(f"{rel}: GPU bytes differ from the CPU's (first at byte {first})")
+    # the comparison covered real FP8 data, not an empty plan
+    cfg = tv.config_of(cpu)
+    name = (
+        f"{experts_prefix(cfg, 1)}.w13_weight"
+        if layout == "deepgemm"
+        else f"{experts_prefix(cfg, 1)}.7.up_proj.weight"
+    )
+    _, _, nbytes, dtype, _ = tv.tensor_at(cpu, name)
+    assert dtype == "F8_E4M3" and nbytes >= 512 * 1024
+    # and the GPU output validates on the GPU
+    res = tv.Workspace(tmp_path, "cuda", hf_made=(), tokens=GPU_TOKENS).validate(dsv3_scaled, cuda)
+    tv.assert_passes(res, [1, 2], fp8=True)
