@@ -10,6 +10,8 @@ import torch
 from moetool.errors import EnvironmentError_, InputError, UsageError
 from moetool.ssm import StateMeta, conv_state_name, meta_from_config, recurrent_state_name
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
 
 def _layer_states(cache: Any, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(recurrent [B, HV, K, V], conv [B, conv_dim, W]) of one layer, across transformers' cache APIs."""
@@ -39,22 +41,30 @@ def capture_state(
     """Run the model on one prompt and return its linear-attention states as a k-first state file's
     tensors (``[1, HV, K, V]`` per GDN layer, plus conv_state) and metadata."""
     try:
+        import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise EnvironmentError_("capture-ssm needs transformers", fix="pip install 'moetool[hf]'") from None
+    # stderr belongs to moetool: no loading bars or advice from transformers
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     model_dir = Path(model_dir)
     if token_ids is None:
         if prompt is None:
             raise UsageError("give --prompt or --token-ids")
+        if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+            raise InputError(
+                "the model has no tokenizer files", file=str(model_dir), fix="pass --token-ids 1,2,3"
+            )
         try:
             tok = AutoTokenizer.from_pretrained(model_dir)
         except (OSError, ValueError):
             raise InputError(
-                "the model has no tokenizer", file=str(model_dir), fix="pass --token-ids 1,2,3"
+                "the model's tokenizer cannot be loaded", file=str(model_dir), fix="pass --token-ids 1,2,3"
             ) from None
         token_ids = tok(prompt)["input_ids"]
     if not token_ids:
-        raise UsageError("the prompt encodes to no tokens")
+        raise UsageError("the prompt encodes to no tokens", file=str(model_dir), fix="pass --token-ids 1,2,3")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     config = model.config.to_dict()
     meta = meta_from_config(config, layout="k-first")

@@ -27,7 +27,9 @@ class StackedExperts:
     """One MoE layer in DeepGEMM's layout (the RHS of ``m_grouped_fp8_gemm_nt_contiguous``).
 
     w13: [E, 2I, H] float8_e4m3fn, K-major (``stride(0) == 2I·H``); w13_scale: [E, 2I/128, ceil(H/128)] f32
-    w2: [E, H, I] float8_e4m3fn; w2_scale: [E, ceil(H/128), I/128] f32 (or int32 SM100 words when packed)
+    w2: [E, H, I] float8_e4m3fn; w2_scale: [E, ceil(H/128), I/128] f32
+    With SM100 scales (not unpacked): int32 [E, MN, ceil(ceil(K/128)/4)], MN-major with TMA-aligned
+    strides, as DeepGEMM's SM100 kernels take them (a view of the stored buffer).
     """
 
     layer: int
@@ -54,17 +56,20 @@ def load_experts(path: str | os.PathLike[str], layer: int, *, unpack_scales: boo
                 fix=f"MoE layers: {sorted(view.stores)}; layout: {view.layout}",
             )
         names = view.arch.deepgemm_names(layer)
-        t = {k: ckpt.read(v, copy=True) for k, v in names.items()}
+        t = {k: ckpt.read(v) for k, v in names.items()}
     packed = t["w13_weight_scale_inv"].dtype == torch.int32
-    if packed and unpack_scales:
+    if packed:
         from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage, unpack_sm100_scales_ref
 
         _, n13, h = t["w13_weight"].shape
         _, n2, i = t["w2_weight"].shape
-        s13, s2 = t["w13_weight_scale_inv"], t["w2_weight_scale_inv"]
-        t["w13_weight_scale_inv"] = unpack_sm100_scales_ref(sm100_scales_from_storage(s13, n13), n13, h)
-        t["w2_weight_scale_inv"] = unpack_sm100_scales_ref(sm100_scales_from_storage(s2, n2), n2, i)
-        packed = False
+        # DeepGEMM's view of the stored [E, PK, align(MN, 4)] words: [E, MN, PK], MN-major
+        s13 = sm100_scales_from_storage(t["w13_weight_scale_inv"], n13)
+        s2 = sm100_scales_from_storage(t["w2_weight_scale_inv"], n2)
+        if unpack_scales:
+            s13, s2 = unpack_sm100_scales_ref(s13, n13, h), unpack_sm100_scales_ref(s2, n2, i)
+            packed = False
+        t["w13_weight_scale_inv"], t["w2_weight_scale_inv"] = s13, s2
     return StackedExperts(
         layer,
         store.prefix,

@@ -213,12 +213,13 @@ def plan_quantize(
         n
         for n in consumed
         if n in ckpt.tensors
-        and len(ckpt.tensors[n].shape) == 2
-        and any(d % BLOCK for d in ckpt.tensors[n].shape)
+        and not n.endswith("_scale_inv")
+        and len(ckpt.tensors[n].shape) in (2, 3)
+        and any(d % BLOCK for d in ckpt.tensors[n].shape[-2:])
     )
     if odd:
         notes.append(
-            f"{len(odd)} quantized tensors have a dimension not divisible by 128 (e.g. {odd[0]}): their "
+            f"{len(odd)} quantized weights have a dimension not divisible by 128 (e.g. {odd[0]}): their "
             "scale grids are ceil grids, which some loaders (transformers' CPU dequantizer) mis-read"
         )
     return Plan(

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from moetool.errors import EnvironmentError_, InputError, UsageError
 from moetool.gdn import LAYOUTS, STATE_DTYPES, Layout
+from moetool.io.safetensors_format import MAX_HEADER_BYTES
 
 FORMAT = "moetool-ssm-state"
 FORMAT_VERSION = 1
@@ -176,7 +177,8 @@ def _int_field(md: Mapping[str, str], key: str, file: str) -> int | None:
     try:
         return int(md[key])
     except ValueError:
-        raise InputError(f"header metadata {key}={md[key]!r} is not an integer", file=file) from None
+        value = md[key] if len(md[key]) <= 40 else md[key][:40] + "..."
+        raise InputError(f"header metadata {key}={value!r} is not an integer", file=file) from None
 
 
 def _label_hint(shape: tuple[int, ...], meta: StateMeta) -> str:
@@ -339,16 +341,22 @@ def _meta_from_header(
         pooled = pooled_md == "true"
     else:
         raise InputError(f"header metadata pooled={pooled_md!r} is not true or false", file=file)
-    return StateMeta(
-        layout=layout,  # type: ignore[arg-type]
-        pooled=pooled,
-        num_key_heads=_int_field(md, "num_key_heads", file) if has_meta else None,
-        num_value_heads=(_int_field(md, "num_value_heads", file) if has_meta else None) or hv,
-        head_k_dim=(_int_field(md, "head_k_dim", file) if has_meta else None) or k_dim,
-        head_v_dim=(_int_field(md, "head_v_dim", file) if has_meta else None) or v_dim,
-        model_type=md.get("model_type", "unknown") if has_meta else "unknown",
-        version=version,
-    )
+    try:
+        return StateMeta(
+            layout=layout,  # type: ignore[arg-type]
+            pooled=pooled,
+            num_key_heads=_int_field(md, "num_key_heads", file) if has_meta else None,
+            num_value_heads=(_int_field(md, "num_value_heads", file) if has_meta else None) or hv,
+            head_k_dim=(_int_field(md, "head_k_dim", file) if has_meta else None) or k_dim,
+            head_v_dim=(_int_field(md, "head_v_dim", file) if has_meta else None) or v_dim,
+            model_type=md.get("model_type", "unknown") if has_meta else "unknown",
+            version=version,
+        )
+    except InputError as err:
+        if err.file:
+            raise
+        # StateMeta's own checks do not know the file; the header they reject is this one
+        raise InputError(f"header metadata: {err.message}", file=file, fix=err.fix) from None
 
 
 def read_state_file(
@@ -376,10 +384,29 @@ def read_state_file(
 
 
 def read_state_header(path: str | os.PathLike[str]) -> dict[str, object]:
-    """The raw safetensors JSON header (tensor entries and ``__metadata__``), without loading tensors."""
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(size))
+    """The raw safetensors JSON header (tensor entries and ``__metadata__``), without loading tensors.
+
+    Bounded like every header moetool reads: a length past the file or over safetensors' 100 MB limit,
+    bytes that are not a JSON object, or nesting deep enough to exhaust the parser is an ``InputError``
+    naming the file.
+    """
+    file = str(path)
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            size = int.from_bytes(head, "little")
+            if len(head) < 8 or size > MAX_HEADER_BYTES or 8 + size > os.fstat(f.fileno()).st_size:
+                raise InputError("is not a safetensors file (bad header length)", file=file)
+            raw = f.read(size)
+    except OSError as err:
+        raise InputError(f"cannot be read ({err.strerror})", file=file) from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise InputError("has a header that is not valid JSON", file=file) from None
+    if not isinstance(header, dict):
+        raise InputError("has a header that is not a JSON object", file=file)
+    return header
 
 
 def _fsync_dir(folder: str) -> None:

@@ -28,7 +28,7 @@ from moetool import tolerances as tol
 from moetool.errors import InputError, UsageError
 from moetool.io.checkpoint import MANIFEST_NAME, Checkpoint
 from moetool.io.writer import sha256_file
-from moetool.model import FP8_DTYPES, CheckpointView, analyze
+from moetool.model import FP8_DTYPES, CheckpointView, analyze, scale_name
 from moetool.pipeline import Quantizer, pick_device, read_source
 from moetool.plan import Src
 
@@ -194,23 +194,29 @@ def _expected_sources(
     return (Src(sh.gate, rows=rows), Src(sh.up, rows=rows)), Src(sh.down, cols=rows)
 
 
-def _stored(conv: CheckpointView, layer: int, e: int) -> tuple[list[tuple[str, Src]], str]:
-    """Converted expert ``e``'s regions: (display name, Src) for gate, up, down."""
+def region_name(src: Src, *, scale: bool = False) -> str:
+    """How a report names a converted region: the tensor (its ``weight_scale_inv`` with ``scale``),
+    with the expert index and row range of a stacked tensor."""
+    name = scale_name(src.name) if scale else src.name
+    if src.expert is None:
+        return name
+    rows = f", rows {src.rows[0]}:{src.rows[1]}" if src.rows else ""
+    if scale and src.rows:
+        rows = f", scale rows {src.rows[0] // 128}:{-(-src.rows[1] // 128)}"
+    return f"{name}[{src.expert}{rows}]"
+
+
+def _stored(conv: CheckpointView, layer: int, e: int) -> list[Src]:
+    """Converted expert ``e``'s regions: gate, up, down."""
     store = conv.stores[layer]
-    inter = conv.info.moe_intermediate_size
-    gu, d = store.gate_up(e, inter), store.down(e)
-    if store.kind == "per_expert":
-        names = [s.name for s in (*gu, d)]
-    else:
-        names = [f"{gu[0].name}[{e}] gate rows", f"{gu[1].name}[{e}] up rows", f"{d.name}[{e}]"]
-    return list(zip(names, (*gu, d))), store.kind
+    gu, d = store.gate_up(e, conv.info.moe_intermediate_size), store.down(e)
+    return [*gu, d]
 
 
 class Validator:
-    def __init__(self, original: Checkpoint, converted: Checkpoint, opts: ValidateOptions) -> None:
-        self.o_ck, self.c_ck, self.opts = original, converted, opts
-        self.orig = analyze(original)
-        self.conv = analyze(converted)
+    def __init__(self, orig: CheckpointView, conv: CheckpointView, opts: ValidateOptions) -> None:
+        self.o_ck, self.c_ck, self.opts = orig.ckpt, conv.ckpt, opts
+        self.orig, self.conv = orig, conv
         self.device = pick_device(opts.device)
         self.quantizer = Quantizer(self.device)
         self.rng = random.Random(opts.seed)
@@ -218,14 +224,14 @@ class Validator:
             raise UsageError(
                 f"the checkpoints are of different families ({self.orig.arch.family} vs "
                 f"{self.conv.arch.family})",
-                file=str(converted.root),
+                file=str(self.c_ck.root),
                 fix="give the original it came from",
             )
         q = self.conv.quantization or {}
         self.ue8m0 = q.get("scale_fmt") == "ue8m0"
         self.report = Report(
-            str(original.root),
-            str(converted.root),
+            str(self.o_ck.root),
+            str(self.c_ck.root),
             str(self.device),
             "torch" if self.device.type == "cpu" else opts.backend,
         )
@@ -370,8 +376,9 @@ class Validator:
             return self.quantizer.quant(t, ue8m0=self.ue8m0, name=src.describe())
         return self.quantizer.from_fp8(t, s, ue8m0=self.ue8m0, name=src.describe())
 
-    def _compare_region(self, display: str, conv_src: Src, orig_src: Src, errs: list[float]) -> str | None:
+    def _compare_region(self, conv_src: Src, orig_src: Src, errs: list[float]) -> str | None:
         """None when the converted region is what the recipe makes of the original region, else why."""
+        display = region_name(conv_src)
         got_q, got_s = read_source(self.c_ck, conv_src)
         if got_s is None:  # not quantized: bytes must equal the source's
             want, _ = read_source(self.o_ck, orig_src)
@@ -386,7 +393,7 @@ class Validator:
         pos = _first_diff(got_s.float(), want_s.float())
         if pos is not None:
             return (
-                f"{display} scale_inv differs from the recipe at block {list(pos)} "
+                f"{region_name(conv_src, scale=True)} differs from the recipe at block {list(pos)} "
                 f"({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
             )
         w, _ = read_source(self.o_ck, orig_src)
@@ -405,12 +412,12 @@ class Validator:
             experts = self.experts(layer)
             for e in experts:
                 o_gu, o_d = _expected_sources(self.orig, self.conv, layer, e)
-                regions, _ = _stored(self.conv, layer, e)
+                regions = _stored(self.conv, layer, e)
                 if packed:
                     bad = self._compare_sm100(layer, e, o_gu, o_d)
                 else:
-                    for (display, csrc), osrc in zip(regions, (*o_gu, o_d)):
-                        bad = self._compare_region(display, csrc, osrc, errs)
+                    for csrc, osrc in zip(regions, (*o_gu, o_d)):
+                        bad = self._compare_region(csrc, osrc, errs)
                         if bad:
                             break
                 if bad:
@@ -426,7 +433,7 @@ class Validator:
             if name in skip or name.endswith("_scale_inv") or name not in self.o_ck.tensors:
                 continue
             count += 1
-            bad = self._compare_region(name, Src(name), Src(name), [])
+            bad = self._compare_region(Src(name), Src(name), [])
             if bad:
                 break
         self.add(
@@ -653,7 +660,29 @@ class Validator:
 
 def validate_checkpoints(original: str | Path, converted: str | Path, opts: ValidateOptions) -> Report:
     with Checkpoint(original) as o, Checkpoint(converted) as c:
-        return Validator(o, c, opts).run()
+        orig = analyze(o)  # an unreadable original is a usage problem (exit 2), not a finding
+        try:
+            conv = analyze(c)
+        except InputError as e:
+            # the converted checkpoint contradicts itself (e.g. a fused slot dropped but still in
+            # config.json): that is what validate exists to find, so it is a failed check (exit 1)
+            dev = pick_device(opts.device)
+            report = Report(
+                str(o.root), str(c.root), str(dev), "torch" if dev.type == "cpu" else opts.backend
+            )
+            report.checks.append(
+                Check(
+                    "structure",
+                    "converted checkpoint",
+                    "consistent with its config",
+                    "inconsistent",
+                    "consistent",
+                    False,
+                    e.line(),
+                )
+            )
+            return report
+        return Validator(orig, conv, opts).run()
 
 
 # -- 5. SSM state files -----------------------------------------------------------------------

@@ -27,9 +27,15 @@ def capture_ssm(
       moetool capture-ssm Qwen/Qwen3-Next-80B-A3B-Instruct state.safetensors --prompt "Hello" --device cuda
       moetool capture-ssm ./tiny-qwen3-next state.safetensors --token-ids 1,2,3,4
     """
+    from pathlib import Path
+
     from moetool.capture import capture_state
+    from moetool.errors import UsageError
     from moetool.hub import resolve
     from moetool.ssm import write_state_file
+
+    if Path(dst).exists() and not overwrite:  # before loading a model that may take minutes
+        raise UsageError("exists already", file=dst, fix="pass --overwrite or choose another OUT")
 
     ids = None
     if token_ids:

@@ -26,6 +26,8 @@ class Output:
     def result(self, data: Any, text: str | Callable[[], str]) -> None:
         if os.environ.get("RANK", "0") != "0":
             return  # under torchrun, rank 0 reports for the run
+        if self.verbosity == 0 and not self.as_json:
+            return  # -q: the exit code says it
         if self.as_json:
             click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         else:
@@ -51,7 +53,7 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Adds --json, -q and -v; the command receives ``out: Output``."""
 
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
-    @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr; no progress bar.")
+    @click.option("-q", "--quiet", is_flag=True, help="Print only errors (the exit code tells the result).")
     @click.option("-v", "--verbose", count=True, help="More detail on stderr (repeatable).")
     @functools.wraps(fn)
     def wrapper(*args: Any, as_json: bool, quiet: bool, verbose: int, **kwargs: Any) -> Any:

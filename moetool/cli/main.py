@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: one clear line and an exit code for every failure (0 ok, 1 mismatch, 2 error)."""
     try:
         rv = cli.main(args=argv, prog_name="moetool", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("moetool: aborted", err=True)
-        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        # click turns Ctrl-C into Abort; a writing command has kept OUT.partial for --resume
+        click.echo("moetool: interrupted; an OUT.partial left behind continues with --resume", err=True)
+        sys.exit(130)
     except click.exceptions.ClickException as e:
         e.show()
         sys.exit(2)
@@ -68,9 +69,6 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"moetool: error: {e.line()}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("moetool: interrupted; OUT.partial is kept for --resume", err=True)
-        sys.exit(130)
     except Exception as e:  # a bug: still one line unless debugging
         if ENV.debug:
             traceback.print_exc()

@@ -23,19 +23,47 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "moetool.json"
 MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_JSON_DEPTH = 64  # real config.json files nest 3 or 4 levels
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def read_json(path: Path, *, what: str = "JSON") -> Any:
-    """Read a small JSON file with a size bound; defects are an ``InputError`` naming the file."""
+    """Read a small JSON file with a size and nesting bound; defects are an ``InputError`` naming the file.
+
+    The nesting bound keeps hostile files from reaching code that recurses over the parsed value
+    (``copy.deepcopy``, ``json.dumps``) close to the interpreter's recursion limit.
+    """
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise InputError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MB", file=str(path))
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{what} not found", file=str(path)) from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror}", file=str(path)) from None
+    # ValueError covers JSONDecodeError and integers longer than Python's digit limit
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(f"{what} is not valid JSON ({type(e).__name__})", file=str(path)) from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise InputError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels", file=str(path))
+    return value
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), computed without recursion."""
+    depth = 0
+    stack = [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+        else:
+            depth = max(depth, d)
+            continue
+        depth = max(depth, d + 1)
+    return depth
 
 
 def allowed_roots(root: Path) -> list[Path]:
@@ -47,18 +75,26 @@ def allowed_roots(root: Path) -> list[Path]:
     return roots
 
 
+def _short(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, so a hostile name cannot flood the one-line error."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _inside(root: Path, rel: str, *, file: str) -> Path:
     """``root / rel`` if it stays inside ``root`` (no absolute paths, ``..`` or links out of it)."""
-    if not rel or os.path.isabs(rel) or "\\" in rel or ".." in Path(rel).parts:
+    if not rel or "\0" in rel or os.path.isabs(rel) or "\\" in rel or ".." in Path(rel).parts:
         raise InputError(
-            f"path {rel!r} is not a plain relative file name inside the checkpoint",
+            f"path {_short(rel)!r} is not a plain relative file name inside the checkpoint",
             file=file,
             fix="refusing to follow it; the index is hostile or corrupt",
         )
-    p = (root / rel).resolve()
+    try:
+        p = (root / rel).resolve()
+    except OSError as e:
+        raise InputError(f"path {_short(rel)!r} cannot be opened: {e.strerror}", file=file) from None
     if not any(p.is_relative_to(r) for r in allowed_roots(root)):
         raise InputError(
-            f"path {rel!r} points outside the checkpoint",
+            f"path {_short(rel)!r} points outside the checkpoint",
             file=file,
             fix="refusing to follow it; the index is hostile or corrupt",
         )
@@ -126,13 +162,20 @@ class Checkpoint:
             files = sorted(set(wm.values()))
             for rel in files:
                 p = _inside(self.root, rel, file=str(index_path))
-                if not p.is_file():
+                try:
+                    present = p.is_file()
+                except OSError:  # a name too long for the filesystem, a loop of links
+                    present = False
+                if not present:
                     raise InputError(
-                        f"index names shard {rel}, which is missing",
+                        f"index names shard {_short(rel)}, which is missing",
                         file=str(index_path),
                         fix="download the missing shard",
                     )
-            return files, dict(index.get("metadata") or {})
+            metadata = index.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise InputError("index metadata is not a JSON object", file=str(index_path))
+            return files, dict(metadata)
         files = sorted(p.name for p in self.root.glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for p in self.root.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -159,8 +202,9 @@ class Checkpoint:
             self._fds[file] = fd
         return fd
 
-    def read(self, name: str, rows: tuple[int, int] | None = None, *, expert: int | None = None,
-             pin: bool = False) -> torch.Tensor:
+    def read(
+        self, name: str, rows: tuple[int, int] | None = None, *, expert: int | None = None, pin: bool = False
+    ) -> torch.Tensor:
         """Tensor ``name`` — or ``name[expert]`` of a stacked tensor, and/or rows ``[r0, r1)`` of the
         first remaining dimension — in a new CPU buffer it owns (page-locked with ``pin=True``, for
         asynchronous copies to a GPU). Only those bytes are read."""
@@ -169,7 +213,9 @@ class Checkpoint:
         offset, nbytes = info.offset, info.nbytes
         if expert is not None:
             if not shape or not 0 <= expert < shape[0]:
-                raise InputError(f"no expert {expert} in a tensor of shape {shape}", file=info.file, tensor=name)
+                raise InputError(
+                    f"no expert {expert} in a tensor of shape {shape}", file=info.file, tensor=name
+                )
             nbytes //= shape[0]
             offset += expert * nbytes
             shape = shape[1:]
