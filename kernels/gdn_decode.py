@@ -57,14 +57,18 @@ def gdn_decode_klast_kernel(
     V: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    NV: tl.constexpr,
     SOFTPLUS_THRESHOLD: tl.constexpr,
     EPS: tl.constexpr,
     STATE_BF16: tl.constexpr,
     OUT_BF16: tl.constexpr,
     FULL_TILE: tl.constexpr,
 ):
-    i_nh = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1)
+    # One flat grid with the V tile varying fastest: programs launched together stream one head's
+    # contiguous state rows (and B·HV is not bound by the 65535 limit of a second grid dimension).
+    pid = tl.program_id(0).to(tl.int64)
+    i_v = pid % NV
+    i_nh = pid // NV
     i_n = i_nh // HV
     i_hv = i_nh % HV
     i_h = i_hv // (HV // H)
@@ -319,7 +323,7 @@ def gdn_decode_klast(
         bv, nv = block_v, triton.cdiv(V, block_v)
     if num_warps is not None:
         warps = num_warps
-    gdn_decode_klast_kernel[(B * HV, nv)](
+    gdn_decode_klast_kernel[(nv * B * HV,)](
         q,
         k,
         v,
@@ -339,6 +343,7 @@ def gdn_decode_klast(
         V=V,
         BK=bk,
         BV=bv,
+        NV=nv,
         SOFTPLUS_THRESHOLD=_SOFTPLUS_THRESHOLD,
         EPS=1e-6,
         STATE_BF16=state_pool.dtype is _BF16,
