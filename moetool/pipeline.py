@@ -27,6 +27,7 @@ from moetool.model import scale_name
 from moetool.plan import Job, Plan, Shard, Src
 
 PROGRESS_NAME = ".moetool-progress.json"
+SHARD_WORKERS_PER_GPU = 4
 QUEUE_DEPTH = 2
 FP8 = torch.float8_e4m3fn
 
@@ -276,11 +277,12 @@ def _convert_shards(
                 files[shard.file] = done[shard.file] = {"sha256": digest, "size": size}
                 out.write_json(progress_name, done)
 
-    if len(devices) == 1:
+    workers = min(len(devices), len(todo))  # worker i takes shards i, i + len(devices), ...
+    if workers == 1:
         worker(0)
-    else:
-        with ThreadPoolExecutor(max_workers=len(devices)) as pool:
-            for fut in [pool.submit(worker, i) for i in range(len(devices))]:
+    elif workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for fut in [pool.submit(worker, i) for i in range(workers)]:
                 fut.result()
     return files, reused
 
@@ -313,7 +315,10 @@ def execute(
         devs = [torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())]
     else:
         devs = [pick_device(device)]
-    out: OutputDir | None = None
+    if all(d.type == "cuda" for d in devs):
+        # A GPU quantizes a shard far faster than one thread reads, writes, syncs and hashes it: give
+        # each device several shard workers so that I/O and hashing of different shards overlap.
+        devs = [d for d in devs for _ in range(SHARD_WORKERS_PER_GPU)]
     setup_error = None
     if dist.rank == 0:
         try:

@@ -146,7 +146,7 @@ class Backend:
             h = self.grouped(flat_x, flat_ids, w13_q, w13_s)
             act = F.silu(h[:, :inter]) * h[:, inter:]
             y = self.grouped(act, flat_ids, w2_q, w2_s).reshape(t, k, -1)
-            return (y * wts.to(y.device, torch.float32)[..., None]).sum(1).cpu()
+            return (y * wts.to(y.device, torch.float32)[..., None]).sum(1).to(x.device)
 
         return fn
 
@@ -370,8 +370,8 @@ class Validator:
         )
 
     # 2. tensors --------------------------------------------------------------------------------
-    def _expected_quant(self, src: Src) -> tuple[torch.Tensor, torch.Tensor]:
-        t, s = read_source(self.o_ck, src)
+    def _expected_quant(self, src: Src, read: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        t, s = read if read is not None else read_source(self.o_ck, src)
         if s is None:
             return self.quantizer.quant(t, ue8m0=self.ue8m0, name=src.describe())
         return self.quantizer.from_fp8(t, s, ue8m0=self.ue8m0, name=src.describe())
@@ -384,7 +384,8 @@ class Validator:
             want, _ = read_source(self.o_ck, orig_src)
             pos = _first_diff(got_q, want)
             return None if pos is None else f"{display} differs from {orig_src.describe()} at {list(pos)}"
-        want_q, want_s = self._expected_quant(orig_src)
+        orig = read_source(self.o_ck, orig_src)
+        want_q, want_s = self._expected_quant(orig_src, orig)
         pos = _first_diff(got_q, want_q)
         if pos is not None:
             return (
@@ -396,12 +397,14 @@ class Validator:
                 f"{region_name(conv_src, scale=True)} differs from the recipe at block {list(pos)} "
                 f"({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
             )
-        w, _ = read_source(self.o_ck, orig_src)
-        if w.dtype not in (torch.float8_e4m3fn,):
+        w = orig[0]
+        if w.dtype != torch.float8_e4m3fn:  # quantization error, for the report (float32, on the device)
             from moetool.kernels.fp8_quant_ref import dequant_ref
 
-            d = dequant_ref(got_q, got_s).double()
-            errs.append(float((d - w.double()).norm() / w.double().norm().clamp_min(1e-30)))
+            dev = self.device
+            wf = w.to(dev).float()
+            d = dequant_ref(got_q.to(dev), got_s.to(dev))
+            errs.append(float((d - wf).norm() / wf.norm().clamp_min(1e-30)))
         return None
 
     def check_tensors(self) -> None:
@@ -499,12 +502,15 @@ class Validator:
         return torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
 
     def _original_float(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Original experts (or fused-slot slices) as float32 w13 [n, 2I, H], w2 [n, H, I]."""
+        """Original experts (or fused-slot slices) as float32 w13 [n, 2I, H], w2 [n, H, I], on the device."""
         from moetool.kernels.fp8_quant_ref import dequant_ref
+
+        dev = self.device
 
         def f(src: Src) -> torch.Tensor:
             t, s = read_source(self.o_ck, src)
-            return dequant_ref(t, s) if s is not None else t.float()
+            t = t.to(dev)
+            return dequant_ref(t, s.to(dev)) if s is not None else t.float()
 
         w13, w2 = [], []
         for e in experts:
@@ -537,7 +543,11 @@ class Validator:
             for tag, wq, ws, wf in (("w13", q13, s13, w13), ("w2", q2, s2, w2)):
                 x = torch.randn(t, wf.shape[2], generator=gen)
                 got = be.grouped(x, ids, wq, ws).cpu()
-                ref = torch.einsum("tk,tnk->tn", x, wf[ids])
+                ref = torch.zeros(t, wf.shape[1])
+                xd = x.to(wf.device)
+                for e in ids.unique().tolist():  # float32 GEMM per expert on the original weights
+                    rows = ids == e
+                    ref[rows] = (xd[rows.to(wf.device)] @ wf[e].T).cpu()
                 diff = calc_diff(got, ref)
                 if diff > worst[0] or not worst[1]:
                     worst = (diff, tag)
@@ -557,6 +567,7 @@ class Validator:
         from moetool.moe import FusedSlots, MoeLayerWeights
 
         arch = view.arch
+        dev = self.device
         bias_name = arch.router_bias(layer)
         gate_name = arch.shared_gate_weight(layer)
         shared = None
@@ -568,18 +579,22 @@ class Validator:
                 if s is not None:
                     from moetool.kernels.fp8_quant_ref import dequant_ref
 
-                    return dequant_ref(t, s)
-                return t.float()
+                    return dequant_ref(t.to(dev), s.to(dev))
+                return t.to(dev).float()
 
             shared = (f(sh.gate), f(sh.up), f(sh.down))
+
+        def read(name: str | None) -> torch.Tensor | None:
+            return ck.read(name).to(dev).float() if name and name in ck else None
+
         return MoeLayerWeights(
-            router_weight=ck.read(arch.router_weight(layer)).float(),
-            score_bias=ck.read(bias_name).float() if bias_name and bias_name in ck else None,
-            w13=w13,
-            w2=w2,
+            router_weight=read(arch.router_weight(layer)),
+            score_bias=read(bias_name),
+            w13=w13.to(dev),
+            w2=w2.to(dev),
             shared_w13=torch.cat([shared[0], shared[1]]) if shared else None,
             shared_w2=shared[2] if shared else None,
-            shared_gate=ck.read(gate_name).float() if gate_name and gate_name in ck else None,
+            shared_gate=read(gate_name),
             fused=FusedSlots.from_config(view.config),
         )
 
@@ -594,7 +609,7 @@ class Validator:
             if not store.fp8 and not self.conv.fused:
                 continue
             t = max(self.opts.tokens, 1)
-            x = torch.randn(t, self.orig.info.hidden_size, generator=gen)
+            x = torch.randn(t, self.orig.info.hidden_size, generator=gen).to(self.device)
             # original layer, float32 on the original's own weights
             ow13, ow2 = self._original_float(layer, list(range(n_all_routed)))
             ow = self._layer_weights(self.orig, self.o_ck, layer, ow13, ow2)
@@ -621,8 +636,8 @@ class Validator:
                 cw = self._layer_weights(self.conv, self.c_ck, layer, cw13, cw2)
                 got, got_ids = moe_forward(x, cw, self.conv.info.routing, self.conv.arch.slot_weight)
                 label = "float32 experts"
-            same_ids = torch.equal(torch.sort(got_ids, 1).values, torch.sort(ref_ids, 1).values)
-            diff = calc_diff(got, ref)
+            same_ids = torch.equal(torch.sort(got_ids.cpu(), 1).values, torch.sort(ref_ids.cpu(), 1).values)
+            diff = calc_diff(got.cpu(), ref.cpu())
             ok = same_ids and diff < tol.MOE_CALC_DIFF
             why = (
                 ""

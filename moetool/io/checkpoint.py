@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,7 @@ class Checkpoint:
                     tensor=extra[0],
                 )
         self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()
 
     def _find_shards(self) -> tuple[list[str], dict[str, Any]]:
         index_path = self.root / INDEX_NAME
@@ -196,11 +198,12 @@ class Checkpoint:
             raise InputError("tensor not found in the checkpoint", file=str(self.root), tensor=name) from None
 
     def _fd(self, file: str) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = os.open(file, os.O_RDONLY)
-            self._fds[file] = fd
-        return fd
+        with self._fd_lock:  # shard workers share the reader; positioned reads need no other lock
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = os.open(file, os.O_RDONLY)
+                self._fds[file] = fd
+            return fd
 
     def read(
         self, name: str, rows: tuple[int, int] | None = None, *, expert: int | None = None, pin: bool = False
