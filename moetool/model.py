@@ -135,7 +135,11 @@ def analyze(ckpt: Checkpoint) -> CheckpointView:
         arch = dataclasses.replace(arch, tensors={**arch.tensors, "moe": alt})
     info = arch.model(ckpt.config, file=cfg_file)
     fused = ckpt.config.get("moetool_fused_shared_experts")
-    extra_slots = int(fused["num_slots"]) * int(fused["replicas"]) if isinstance(fused, dict) else 0
+    from moetool.moe import FusedSlots
+
+    slots = FusedSlots.from_config(ckpt.config)
+    extra_slots = slots.num_slots * slots.replicas if slots else 0
+    _check_layer_range(ckpt, info.num_layers, cfg_file)
     t = ckpt.tensors
     stores: dict[int, ExpertStore] = {}
     shared: dict[int, SharedExpert] = {}
@@ -253,6 +257,25 @@ def analyze(ckpt: Checkpoint) -> CheckpointView:
         manifest,
         layout,
     )
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _check_layer_range(ckpt: Checkpoint, num_layers: int, cfg_file: str) -> None:
+    """Weights of a layer the config does not have would be copied unconverted: refuse them. DeepSeek's
+    multi-token-prediction layers (``num_nextn_predict_layers``) follow the last layer and are allowed."""
+    mtp = ckpt.config.get("num_nextn_predict_layers", 0)
+    limit = num_layers + (mtp if isinstance(mtp, int) and not isinstance(mtp, bool) and 0 <= mtp <= 16 else 0)
+    for name in ckpt.tensors:
+        m = _LAYER.match(name)
+        if m and int(m.group(1)) >= limit:
+            raise InputError(
+                f"weights hold layer {m.group(1)} but config.json has {num_layers} layers",
+                file=cfg_file,
+                tensor=name,
+                fix="use the config.json that came with the weights",
+            )
 
 
 def _holds_block(ckpt: Checkpoint, pattern: str) -> bool:

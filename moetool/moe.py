@@ -274,6 +274,21 @@ class FusedSlots:
                 f"(missing {missing}, unknown {unknown})",
                 file="config.json",
             )
+        for k in ("first_slot", "num_slots", "replicas"):
+            v = entry[k]
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int)
+                or not 0 <= v <= 1_000_000
+                or (k != "first_slot" and v < 1)
+            ):
+                raise InputError(
+                    f"{FUSED_KEY}.{k} must be a positive integer, got {v!r:.40}", file="config.json"
+                )
+        if entry["slot_weight"] not in SLOT_WEIGHTS:
+            raise InputError(
+                f"{FUSED_KEY}.slot_weight must be one of {', '.join(SLOT_WEIGHTS)}", file="config.json"
+            )
         return cls(**{k: entry[k] for k in keys})
 
 

@@ -234,6 +234,18 @@ class _Dist:
         return box[0]
 
 
+PLAN_KEY = "__plan__"
+
+
+def plan_fingerprint(plan: Plan) -> str:
+    """sha256 of everything that decides the output bytes (shards, tensors, jobs, config, metadata):
+    ``--resume`` reuses shards only under the same fingerprint."""
+    import hashlib
+
+    text = repr((plan.shards, sorted(plan.shard_metadata.items()), json.dumps(plan.config, sort_keys=True)))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _convert_shards(
     plan: Plan,
     ckpt: Checkpoint,
@@ -247,11 +259,19 @@ def _convert_shards(
     record and which were reused from an earlier run (``--resume``)."""
     needs_quant = any(j.op == "quant" for s in shards for j in s.jobs)
     done = _load_progress(out, progress_name) if out.resumed else {}
+    fingerprint = plan_fingerprint(plan)
+    if done and done.get(PLAN_KEY) != fingerprint:
+        raise UsageError(
+            "OUT.partial was written from another input or with other options",
+            file=str(out.partial),
+            fix="pass --overwrite to start again (or resume with the same command)",
+        )
+    done[PLAN_KEY] = fingerprint
     files: dict[str, dict[str, Any]] = {}
     reused: list[str] = []
     todo: list[Shard] = []
     for shard in shards:
-        rec = done.get(shard.file)
+        rec = done.get(shard.file) if isinstance(done.get(shard.file), dict) else None
         path = out.path(shard.file)
         if (
             rec

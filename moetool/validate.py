@@ -220,13 +220,7 @@ class Validator:
         self.device = pick_device(opts.device)
         self.quantizer = Quantizer(self.device)
         self.rng = random.Random(opts.seed)
-        if self.orig.arch.family != self.conv.arch.family:
-            raise UsageError(
-                f"the checkpoints are of different families ({self.orig.arch.family} vs "
-                f"{self.conv.arch.family})",
-                file=str(self.c_ck.root),
-                fix="give the original it came from",
-            )
+        self._layer_cache: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         q = self.conv.quantization or {}
         self.ue8m0 = q.get("scale_fmt") == "ue8m0"
         self.report = Report(
@@ -376,7 +370,7 @@ class Validator:
             return self.quantizer.quant(t, ue8m0=self.ue8m0, name=src.describe())
         return self.quantizer.from_fp8(t, s, ue8m0=self.ue8m0, name=src.describe())
 
-    def _compare_region(self, conv_src: Src, orig_src: Src, errs: list[float]) -> str | None:
+    def _compare_region(self, conv_src: Src, orig_src: Src, errs: list[float] | None) -> str | None:
         """None when the converted region is what the recipe makes of the original region, else why."""
         display = region_name(conv_src)
         got_q, got_s = read_source(self.c_ck, conv_src)
@@ -398,7 +392,7 @@ class Validator:
                 f"({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
             )
         w = orig[0]
-        if w.dtype != torch.float8_e4m3fn:  # quantization error, for the report (float32, on the device)
+        if errs is not None and w.dtype != torch.float8_e4m3fn:  # quantization error for the report
             from moetool.kernels.fp8_quant_ref import dequant_ref
 
             dev = self.device
@@ -420,13 +414,15 @@ class Validator:
                     bad = self._compare_sm100(layer, e, o_gu, o_d)
                 else:
                     for csrc, osrc in zip(regions, (*o_gu, o_d)):
-                        bad = self._compare_region(csrc, osrc, errs)
+                        bad = self._compare_region(csrc, osrc, errs if e == experts[0] else None)
                         if bad:
                             break
                 if bad:
                     break
             metric = f"{len(experts)} experts byte-equal"
-            value = "mismatch" if bad else (f"rel err {max(errs):.2e}" if errs else "equal")
+            value = (
+                "mismatch" if bad else (f"rel err {max(errs):.2e} (expert {experts[0]})" if errs else "equal")
+            )
             self.add("tensors", f"layer {layer}", metric, value, "bytes equal", bad is None, bad or "")
         # everything that is not a routed expert: copied or quantized in place
         bad = None
@@ -501,8 +497,14 @@ class Validator:
             s2.append(d[1])
         return torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
 
-    def _original_float(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Original experts (or fused-slot slices) as float32 w13 [n, 2I, H], w2 [n, H, I], on the device."""
+    def _original_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original weights behind every stored expert of ``layer`` (routed experts, then fused-slot
+        slices of the shared expert): w13 [n, 2I, H], w2 [n, H, I] on the device, in the original's float
+        dtype (bf16 stays bf16, exact; FP8 is dequantized in float32). Read once per layer, shared by the
+        kernel and MoE checks."""
+        if self._layer_cache is not None and self._layer_cache[0] == layer:
+            return self._layer_cache[1]
+        self._layer_cache = None  # free the previous layer before reading the next
         from moetool.kernels.fp8_quant_ref import dequant_ref
 
         dev = self.device
@@ -510,58 +512,60 @@ class Validator:
         def f(src: Src) -> torch.Tensor:
             t, s = read_source(self.o_ck, src)
             t = t.to(dev)
-            return dequant_ref(t, s.to(dev)) if s is not None else t.float()
+            return dequant_ref(t, s.to(dev)) if s is not None else t
 
         w13, w2 = [], []
-        for e in experts:
+        for e in range(self.conv.stores[layer].num_experts):
             gu, d = _expected_sources(self.orig, self.conv, layer, e)
             w13.append(torch.cat([f(s) for s in gu]))
             w2.append(f(d))
-        return torch.stack(w13), torch.stack(w2)
+        weights = (torch.stack(w13), torch.stack(w2))
+        self._layer_cache = (layer, weights)
+        return weights
 
     def _backend(self) -> Backend:
         if not hasattr(self, "_be"):
             self._be = Backend(self.device, self.opts.backend)
         return self._be
 
-    def check_kernels(self) -> None:
+    def check_kernels(self, layer: int) -> None:
         be = self._backend()
-        gen = torch.Generator().manual_seed(self.opts.seed)
-        for layer in self.layers():
-            if not self.conv.stores[layer].fp8:
-                continue
-            experts = self.experts(layer)
-            q13, s13, q2, s2 = self._stacked_fp8(layer, experts)
-            w13, w2 = self._original_float(layer, experts)
-            n = len(experts)
-            t = max(self.opts.tokens, 1)
-            # irregular group sizes, one expert left empty when there are several
-            ids = torch.randint(0, n, (t,), generator=gen)
-            if n > 1:
-                ids[ids == n - 1] = 0
-            worst = (0.0, "")
-            for tag, wq, ws, wf in (("w13", q13, s13, w13), ("w2", q2, s2, w2)):
-                x = torch.randn(t, wf.shape[2], generator=gen)
-                got = be.grouped(x, ids, wq, ws).cpu()
-                ref = torch.zeros(t, wf.shape[1])
-                xd = x.to(wf.device)
-                for e in ids.unique().tolist():  # float32 GEMM per expert on the original weights
-                    rows = ids == e
-                    ref[rows] = (xd[rows.to(wf.device)] @ wf[e].T).cpu()
-                diff = calc_diff(got, ref)
-                if diff > worst[0] or not worst[1]:
-                    worst = (diff, tag)
-            ok = worst[0] < tol.GEMM_CALC_DIFF
-            prefix = self.conv.stores[layer].prefix
-            self.add(
-                "kernels",
-                f"layer {layer}",
-                f"calc_diff ({be.name} grouped GEMM, {n} experts, {t} tokens)",
-                f"{worst[0]:.2e}",
-                f"< {tol.GEMM_CALC_DIFF:g}",
-                ok,
-                "" if ok else f"{prefix} {worst[1]}: FP8 GEMM disagrees with the original weights",
-            )
+        gen = torch.Generator().manual_seed(self.opts.seed * 100_003 + layer)
+        if not self.conv.stores[layer].fp8:
+            return
+        experts = self.experts(layer)
+        q13, s13, q2, s2 = self._stacked_fp8(layer, experts)
+        all13, all2 = self._original_layer(layer)
+        w13, w2 = all13[experts], all2[experts]
+        n = len(experts)
+        t = max(self.opts.tokens, 1)
+        # irregular group sizes, one expert left empty when there are several
+        ids = torch.randint(0, n, (t,), generator=gen)
+        if n > 1:
+            ids[ids == n - 1] = 0
+        worst = (0.0, "")
+        for tag, wq, ws, wf in (("w13", q13, s13, w13), ("w2", q2, s2, w2)):
+            x = torch.randn(t, wf.shape[2], generator=gen)
+            got = be.grouped(x, ids, wq, ws).cpu()
+            ref = torch.zeros(t, wf.shape[1])
+            xd = x.to(wf.device)
+            for e in ids.unique().tolist():  # float32 GEMM per expert on the original weights
+                rows = ids == e
+                ref[rows] = (xd[rows.to(wf.device)] @ wf[e].float().T).cpu()
+            diff = calc_diff(got, ref)
+            if diff > worst[0] or not worst[1]:
+                worst = (diff, tag)
+        ok = worst[0] < tol.GEMM_CALC_DIFF
+        prefix = self.conv.stores[layer].prefix
+        self.add(
+            "kernels",
+            f"layer {layer}",
+            f"calc_diff ({be.name} grouped GEMM, {n} experts, {t} tokens)",
+            f"{worst[0]:.2e}",
+            f"< {tol.GEMM_CALC_DIFF:g}",
+            ok,
+            "" if ok else f"{prefix} {worst[1]}: FP8 GEMM disagrees with the original weights",
+        )
 
     def _layer_weights(self, view: CheckpointView, ck: Checkpoint, layer: int, w13, w2):
         from moetool.moe import FusedSlots, MoeLayerWeights
@@ -598,65 +602,65 @@ class Validator:
             fused=FusedSlots.from_config(view.config),
         )
 
-    def check_moe(self) -> None:
+    def check_moe(self, layer: int) -> None:
         from moetool.moe import moe_forward
 
         be = self._backend()
-        gen = torch.Generator().manual_seed(self.opts.seed + 1)
+        gen = torch.Generator().manual_seed(self.opts.seed * 100_003 + layer + 1)
         n_all_routed = self.orig.info.num_experts
-        for layer in self.layers():
-            store = self.conv.stores[layer]
-            if not store.fp8 and not self.conv.fused:
-                continue
-            t = max(self.opts.tokens, 1)
-            x = torch.randn(t, self.orig.info.hidden_size, generator=gen).to(self.device)
-            # original layer, float32 on the original's own weights
-            ow13, ow2 = self._original_float(layer, list(range(n_all_routed)))
-            ow = self._layer_weights(self.orig, self.o_ck, layer, ow13, ow2)
-            ref, ref_ids = moe_forward(x, ow, self.orig.info.routing, self.orig.arch.slot_weight)
-            all_experts = list(range(store.num_experts))
-            if store.fp8:
-                q13, s13, q2, s2 = self._stacked_fp8(layer, all_experts)
-                fn = be.experts_fn(q13, s13, q2, s2)
-                inter = self.conv.info.moe_intermediate_size
-                # the kernel path reads the FP8 tensors; the float slots only carry the expert count
-                cw = self._layer_weights(
-                    self.conv,
-                    self.c_ck,
-                    layer,
-                    torch.empty(store.num_experts, 2 * inter, 0),
-                    torch.empty(store.num_experts, 0, inter),
-                )
-                got, got_ids = moe_forward(
-                    x, cw, self.conv.info.routing, self.conv.arch.slot_weight, experts_fn=fn
-                )
-                label = f"{be.name} FP8 experts"
-            else:
-                cw13, cw2 = self._stacked_float(layer, all_experts)
-                cw = self._layer_weights(self.conv, self.c_ck, layer, cw13, cw2)
-                got, got_ids = moe_forward(x, cw, self.conv.info.routing, self.conv.arch.slot_weight)
-                label = "float32 experts"
-            same_ids = torch.equal(torch.sort(got_ids.cpu(), 1).values, torch.sort(ref_ids.cpu(), 1).values)
-            diff = calc_diff(got.cpu(), ref.cpu())
-            ok = same_ids and diff < tol.MOE_CALC_DIFF
-            why = (
-                ""
-                if ok
-                else (
-                    f"{store.prefix}: top-k ids differ from the original's routing"
-                    if not same_ids
-                    else f"{store.prefix}: layer output disagrees with the original layer"
-                )
+        store = self.conv.stores[layer]
+        if not store.fp8 and not self.conv.fused:
+            return
+        t = max(self.opts.tokens, 1)
+        x = torch.randn(t, self.orig.info.hidden_size, generator=gen).to(self.device)
+        # original layer, float32 on the original's own weights
+        all13, all2 = self._original_layer(layer)
+        ow13, ow2 = all13[:n_all_routed], all2[:n_all_routed]
+        ow = self._layer_weights(self.orig, self.o_ck, layer, ow13, ow2)
+        ref, ref_ids = moe_forward(x, ow, self.orig.info.routing, self.orig.arch.slot_weight)
+        all_experts = list(range(store.num_experts))
+        if store.fp8:
+            q13, s13, q2, s2 = self._stacked_fp8(layer, all_experts)
+            fn = be.experts_fn(q13, s13, q2, s2)
+            inter = self.conv.info.moe_intermediate_size
+            # the kernel path reads the FP8 tensors; the float slots only carry the expert count
+            cw = self._layer_weights(
+                self.conv,
+                self.c_ck,
+                layer,
+                torch.empty(store.num_experts, 2 * inter, 0),
+                torch.empty(store.num_experts, 0, inter),
             )
-            self.add(
-                "moe",
-                f"layer {layer}",
-                f"calc_diff ({label}, {t} tokens), top-k ids",
-                f"{diff:.2e}, ids {'equal' if same_ids else 'DIFFER'}",
-                f"< {tol.MOE_CALC_DIFF:g}, equal",
-                ok,
-                why,
+            got, got_ids = moe_forward(
+                x, cw, self.conv.info.routing, self.conv.arch.slot_weight, experts_fn=fn
             )
+            label = f"{be.name} FP8 experts"
+        else:
+            cw13, cw2 = self._stacked_float(layer, all_experts)
+            cw = self._layer_weights(self.conv, self.c_ck, layer, cw13, cw2)
+            got, got_ids = moe_forward(x, cw, self.conv.info.routing, self.conv.arch.slot_weight)
+            label = "float32 experts"
+        same_ids = torch.equal(torch.sort(got_ids.cpu(), 1).values, torch.sort(ref_ids.cpu(), 1).values)
+        diff = calc_diff(got.cpu(), ref.cpu())
+        ok = same_ids and diff < tol.MOE_CALC_DIFF
+        why = (
+            ""
+            if ok
+            else (
+                f"{store.prefix}: top-k ids differ from the original's routing"
+                if not same_ids
+                else f"{store.prefix}: layer output disagrees with the original layer"
+            )
+        )
+        self.add(
+            "moe",
+            f"layer {layer}",
+            f"calc_diff ({label}, {t} tokens), top-k ids",
+            f"{diff:.2e}, ids {'equal' if same_ids else 'DIFFER'}",
+            f"< {tol.MOE_CALC_DIFF:g}, equal",
+            ok,
+            why,
+        )
 
     def _stacked_float(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         store = self.conv.stores[layer]
@@ -669,7 +673,13 @@ class Validator:
 
     def run(self) -> Report:
         for name in self.opts.checks:
-            getattr(self, f"check_{name}")()
+            if name not in ("kernels", "moe"):
+                getattr(self, f"check_{name}")()
+        # layer by layer, so both checks share one read of the layer's original weights
+        for layer in self.layers():
+            for name in ("kernels", "moe"):
+                if name in self.opts.checks:
+                    getattr(self, f"check_{name}")(layer)
         return self.report
 
 
@@ -678,6 +688,12 @@ def validate_checkpoints(original: str | Path, converted: str | Path, opts: Vali
         orig = analyze(o)  # an unreadable original is a usage problem (exit 2), not a finding
         try:
             conv = analyze(c)
+            if conv.arch.family != orig.arch.family:
+                raise InputError(
+                    f"it is a {conv.arch.family} checkpoint, the original a {orig.arch.family} one",
+                    file=str(c.root),
+                    fix="give the original it was converted from",
+                )
         except InputError as e:
             # the converted checkpoint contradicts itself (e.g. a fused slot dropped but still in
             # config.json): that is what validate exists to find, so it is a failed check (exit 1)

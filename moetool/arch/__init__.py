@@ -7,6 +7,7 @@ the shared expert's weight; ``ArchSpec.model(config)`` resolves those against on
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from functools import cache
@@ -20,6 +21,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+MAX_LAYERS = 100_000
+MAX_EXPERTS = 1_000_000
+MAX_DIM = 10_000_000
 LAYER_RULES = ("first_k_dense", "sparse_step", "all")
 SCORINGS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -219,28 +223,48 @@ class ArchSpec:
                     return config[k]
             return default
 
+        def as_int(key: Any, value: Any, lo: int = 0, hi: int = MAX_DIM) -> int:
+            name = key if isinstance(key, str) else "/".join(key or ["a config value"])
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+                raise InputError(
+                    f"{name} must be an integer, got {value!r:.60}",
+                    file=file,
+                    fix="use the config.json that came with the checkpoint",
+                )
+            if not lo <= int(value) <= hi:
+                raise InputError(f"{name}={int(value)} is outside [{lo}, {hi}]", file=file)
+            return int(value)
+
+        def as_float(key: Any, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InputError(f"{key} must be a finite number, got {value!r:.60}", file=file)
+            return float(value)
+
         ck = self.config_keys
-        num_layers = int(need(ck["num_layers"]))
-        hidden = int(need(ck["hidden_size"]))
-        num_experts = int(need(ck["num_experts"]))
-        moe_i = int(need(ck["moe_intermediate_size"]))
-        top_k = int(need(ck["top_k"]))
+        num_layers = as_int(ck["num_layers"], need(ck["num_layers"]), 1, MAX_LAYERS)
+        hidden = as_int(ck["hidden_size"], need(ck["hidden_size"]), 1)
+        num_experts = as_int(ck["num_experts"], need(ck["num_experts"]), 0, MAX_EXPERTS)
+        moe_i = as_int(ck["moe_intermediate_size"], need(ck["moe_intermediate_size"]), 1)
+        top_k = as_int(ck["top_k"], need(ck["top_k"]), 1, max(num_experts, 1))
         shared_i = 0
         if self.has_shared:
             if "shared_count" in ck:
-                shared_i = int(opt(ck["shared_count"], 0) or 0) * moe_i
+                shared_i = as_int(ck["shared_count"], opt(ck["shared_count"], 0) or 0, 0, MAX_EXPERTS) * moe_i
             elif "shared_intermediate_size" in ck:
-                shared_i = int(opt(ck["shared_intermediate_size"], 0) or 0)
+                shared_i = as_int(ck["shared_intermediate_size"], opt(ck["shared_intermediate_size"], 0) or 0)
 
         ls = self.layers
         rule = ls["rule"]
         if rule == "first_k_dense":
-            k = int(opt(ls.get("first_k_dense_key"), 0))
-            freq = int(opt(ls.get("freq_key"), 1) or 1)
+            k = as_int(ls.get("first_k_dense_key"), opt(ls.get("first_k_dense_key"), 0))
+            freq = as_int(ls.get("freq_key"), opt(ls.get("freq_key"), 1) or 1, 1)
             moe_layers = tuple(i for i in range(num_layers) if i >= k and i % freq == 0)
         elif rule == "sparse_step":
-            step = int(opt(ls.get("sparse_step_key"), 1) or 1)
-            only = set(opt(ls.get("mlp_only_key"), []) or [])
+            step = as_int(ls.get("sparse_step_key"), opt(ls.get("sparse_step_key"), 1) or 1, 1)
+            only_list = opt(ls.get("mlp_only_key"), []) or []
+            if not isinstance(only_list, list):
+                raise InputError(f"{ls.get('mlp_only_key')} must be a list of layer numbers", file=file)
+            only = {as_int(ls.get("mlp_only_key"), x, 0, MAX_LAYERS) for x in only_list}
             moe_layers = tuple(
                 i for i in range(num_layers) if i not in only and num_experts > 0 and (i + 1) % step == 0
             )
@@ -263,11 +287,14 @@ class ArchSpec:
             topk_method=topk_method,
             top_k=top_k,
             num_experts=num_experts,
-            n_group=int(opt(rs.get("n_group_key"), 1) or 1),
-            topk_group=int(opt(rs.get("topk_group_key"), 1) or 1),
+            n_group=as_int(rs.get("n_group_key"), opt(rs.get("n_group_key"), 1) or 1, 1, MAX_EXPERTS),
+            topk_group=as_int(
+                rs.get("topk_group_key"), opt(rs.get("topk_group_key"), 1) or 1, 1, MAX_EXPERTS
+            ),
             norm_topk_prob=bool(opt(rs.get("norm_topk_prob_key"), rs["norm_topk_prob"])),
-            routed_scaling_factor=float(
-                opt(rs.get("routed_scaling_factor_key"), rs["routed_scaling_factor"])
+            routed_scaling_factor=as_float(
+                rs.get("routed_scaling_factor_key"),
+                opt(rs.get("routed_scaling_factor_key"), rs["routed_scaling_factor"]),
             ),
             has_score_bias=bool(self.tensors["router_bias"]),
         )
@@ -276,18 +303,22 @@ class ArchSpec:
         if self.gdn_spec:
             g = self.gdn_spec
             types = config.get(g["layer_types_key"])
+            if types is not None and not isinstance(types, list):
+                raise InputError(f"{g['layer_types_key']} must be a list", file=file)
             if types:
                 layers = tuple(i for i, t in enumerate(types) if t == "linear_attention")
             else:
-                interval = int(opt(g["full_attention_interval_key"], 4))
+                interval = as_int(
+                    g["full_attention_interval_key"], opt(g["full_attention_interval_key"], 4), 1
+                )
                 layers = tuple(i for i in range(num_layers) if (i + 1) % interval != 0)
             gdn = GdnInfo(
                 layers=layers,
-                num_key_heads=int(need(g["num_key_heads"])),
-                num_value_heads=int(need(g["num_value_heads"])),
-                head_k_dim=int(need(g["head_k_dim"])),
-                head_v_dim=int(need(g["head_v_dim"])),
-                conv_kernel=int(opt(g["conv_kernel"], 4)),
+                num_key_heads=as_int(g["num_key_heads"], need(g["num_key_heads"]), 1),
+                num_value_heads=as_int(g["num_value_heads"], need(g["num_value_heads"]), 1),
+                head_k_dim=as_int(g["head_k_dim"], need(g["head_k_dim"]), 1),
+                head_v_dim=as_int(g["head_v_dim"], need(g["head_v_dim"]), 1),
+                conv_kernel=as_int(g["conv_kernel"], opt(g["conv_kernel"], 4), 1),
             )
         return ModelInfo(
             family=self.family,
