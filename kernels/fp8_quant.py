@@ -164,7 +164,7 @@ def _out(
 
 
 def _launch_block_quant(
-    w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, *, ue8m0: bool, exact_cvt: bool, num_warps: int = 8
+    w: torch.Tensor, q: torch.Tensor, s: torch.Tensor, *, ue8m0: bool, exact_cvt: bool, num_warps: int = 4
 ) -> None:
     """Launch ``block_quant_kernel`` on contiguous ``w [E, N, K]``, ``q`` (uint8 view) and ``s``."""
     e, n, k = w.shape
@@ -194,7 +194,7 @@ def block_quant(
     out_q: torch.Tensor | None = None,
     out_s: torch.Tensor | None = None,
     _exact_cvt: bool | None = None,
-    _num_warps: int = 8,
+    _num_warps: int = 4,  # 0.98-1.00x copy bandwidth on an H200, against 0.87-0.89x at 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """128 × 128 block FP8 of ``w``, byte-identical to ``block_quant_ref(w, ue8m0=ue8m0)``.
 
