@@ -18,9 +18,9 @@ IEEE (TF32 off, torch's default): TF32 would round the dequantized operands to 1
 from __future__ import annotations
 
 import torch
-from moetool.kernels.fp8_quant_ref import dequant_ref
 
 from moetool.errors import InputError
+from moetool.kernels.fp8_quant_ref import dequant_ref
 
 SCALE_BLOCK = 128  # DeepGEMM's scale granularity: 1×128 for activations, 128×128 for weights
 _ACT_BLOCK = (1, SCALE_BLOCK)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CPU speed and peak memory of `moetool quantize` against its anchors, measured in the same run on the
-# same checkpoint (BENCHMARKS.md):
+# same checkpoint, against the project's performance bars:
 #   (a) llm-compressor `model_free_ptq(scheme="FP8_BLOCK")`: ours >= 3x faster, peak RSS below it;
 #   (b) `cp -r` of the checkpoint: ours <= 2.5x its time;
 #   (c) peak RSS <= largest tensor x 4 + 1 GB.
@@ -13,7 +13,7 @@
 # shards, llm-compressor and cp do not: a "+ sync" row times cp with the same durability. Figures are
 # medians; ratios are medians of ratios of runs in the same round.
 #
-# llm-compressor lives in its own virtual environment (LLMC_PYTHON, created under WORK when absent) so it
+# llm-compressor lives in its own virtual environment (--llmc-python, made under WORK when absent) so it
 # cannot disturb the project's packages. It quantizes the same tensors as `--targets experts` (routed and
 # shared experts, 128x128 blocks); its scales are stored as BF16 `weight_scale`, ours as F32
 # `weight_scale_inv`, and it writes shards per input shard, ours per --max-shard-size.
@@ -53,7 +53,7 @@ if [ -z "$src" ]; then
   src="$work/dsv3"
   if [ ! -f "$src/config.json" ]; then
     echo "making $src (about a minute)" >&2
-    python "$repo/scripts/make_synthetic.py" --family deepseek_v3 --layers 2 --experts 8 \
+    python "$repo/scripts/make_synthetic.py" --family deepseek_v3 --layers 2 --experts 8 --vocab 8704 \
       --max-shard-size 1GB --out "$src" --overwrite -q >/dev/null
   fi
 fi
@@ -235,7 +235,7 @@ for line in open(results):
     if int(rnd) == 0:
         continue
     wall.setdefault(name, {})[int(rnd)] = float(secs)
-    rss.setdefault(name, []).append(int(kib) * 1024 / 1e9)
+    rss.setdefault(name, []).append(int(kib) * 1024 / 1e6)
 
 
 def med_ratio(a: str, b: str) -> float:
@@ -245,12 +245,12 @@ def med_ratio(a: str, b: str) -> float:
 gb = nbytes / 1e9
 print(f"checkpoint {src}: {gb:.2f} GB BF16, {count} tensors, largest {largest[0]} "
       f"{largest[1] / 1e6:.0f} MB; input cached; {runs} timed rounds, medians")
-print(f"{'command':<52} {'wall s':>7} {'GB/s in':>8} {'peak RSS GB':>12}")
+print(f"{'command':<52} {'wall s':>7} {'GB/s in':>8} {'peak RSS MB':>12}")
 for name, label in labels.items():
     w = statistics.median(wall[name].values())
-    print(f"{label:<52} {w:>7.2f} {gb / w:>8.3f} {statistics.median(rss[name]):>12.2f}")
+    print(f"{label:<52} {w:>7.2f} {gb / w:>8.3f} {statistics.median(rss[name]):>12.0f}")
 
-limit = 4 * largest[1] / 1e9 + 1.0
+limit = 4 * largest[1] / 1e6 + 1000.0  # MB
 print()
 print(f"{'bar':<60} {'figure':>9} {'need':>8}  verdict")
 for ours in ("moetool_deepgemm", "moetool_hf"):
@@ -260,11 +260,11 @@ for ours in ("moetool_deepgemm", "moetool_hf"):
     to_cp, to_cp_sync = med_ratio(ours, "cp"), med_ratio(ours, "cp_sync")
     rows = (
         (f"(a) {layout}: llm-compressor time / ours", f"{speedup:.2f}x", ">= 3x", speedup >= 3),
-        (f"(a) {layout}: peak RSS ours vs llm-compressor (GB)", f"{rss_ours:.2f}", f"< {rss_llmc:.2f}",
+        (f"(a) {layout}: peak RSS ours vs llm-compressor (MB)", f"{rss_ours:.0f}", f"< {rss_llmc:.0f}",
          rss_ours < rss_llmc),
         (f"(b) {layout}: ours / cp -r", f"{to_cp:.2f}x", "<= 2.5x", to_cp <= 2.5),
         (f"    {layout}: ours / (cp -r && sync), same durability", f"{to_cp_sync:.2f}x", "(info)", None),
-        (f"(c) {layout}: peak RSS (GB) vs largest x 4 + 1 GB", f"{rss_ours:.2f}", f"<= {limit:.2f}",
+        (f"(c) {layout}: peak RSS (MB) vs largest x 4 + 1 GB", f"{rss_ours:.0f}", f"<= {limit:.0f}",
          rss_ours <= limit),
     )
     for bar, figure, need, ok in rows:

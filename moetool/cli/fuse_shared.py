@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from moetool.cli.common import Output, common_options
-from moetool.cli.quantize import report_plan, report_run, shared_write_options
+from moetool.cli.writing import parse_shard_size, run_plan, shared_write_options
 
 
 @click.command("fuse-shared")
@@ -47,32 +45,17 @@ def fuse_shared(
       moetool fuse-shared ./Qwen1.5-MoE-A2.7B ./qwen15-fused --dry-run
     """
     from moetool.fuse import FuseOptions, plan_fuse
-    from moetool.hub import resolve
-    from moetool.io import Checkpoint
-    from moetool.model import analyze
-    from moetool.pipeline import execute
-    from moetool.plan import parse_size
 
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
-    source = resolve(model)
-    with Checkpoint(source.path) as ckpt:
-        plan = plan_fuse(analyze(ckpt), FuseOptions(replicas=replicas, max_shard_size=shard_bytes))
-        if dry_run:
-            report_plan(out, plan)
-            return
-        result = execute(
-            plan,
-            ckpt,
-            source,
-            out_dir,
-            device=device,
-            devices=devices.split(",") if devices else None,
-            overwrite=overwrite,
-            resume=resume,
-            argv=sys.argv[1:],
-            progress_factory=lambda n: out.progress(n, "fuse-shared"),
-        )
-    report_run(out, plan, result)
+    opts = FuseOptions(replicas=replicas, max_shard_size=parse_shard_size(max_shard_size))
+    run_plan(
+        out,
+        model,
+        out_dir,
+        lambda view: plan_fuse(view, opts),
+        "fuse-shared",
+        dry_run=dry_run,
+        device=device,
+        devices=devices,
+        overwrite=overwrite,
+        resume=resume,
+    )

@@ -41,13 +41,7 @@ def _register() -> None:
     import importlib
 
     for module, attr in COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue  # command not part of this build
-            raise
-        cli.add_command(getattr(mod, attr))
+        cli.add_command(getattr(importlib.import_module(module), attr))
 
 
 _register()

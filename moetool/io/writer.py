@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from moetool.errors import EnvironmentError_, InputError, UsageError
 from moetool.io.safetensors_format import DTYPE_NAMES, build_header, read_header
 
 LOCK_NAME = ".moetool.lock"
+FLUSH_EVERY = 256 << 20
+_FLUSHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moetool-flush")
 HASH_CHUNK = 16 << 20
 
 
@@ -238,6 +241,8 @@ class ShardWriter:
         self.entries = {n: (d, tuple(s)) for n, d, s in entries}
         self.size = len(self.prefix) + sum(n for _, n in self.spans.values())
         self.written: dict[str, list[tuple[int, int]]] = {n: [] for n in self.spans}
+        self._unsynced = 0
+        self._flush: Future | None = None
         try:
             self.fd = os.open(self.tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
             self._pwrite(self.prefix, 0)
@@ -250,6 +255,11 @@ class ShardWriter:
         while view.nbytes:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
+            self._unsynced += n
+        if self._unsynced >= FLUSH_EVERY and (self._flush is None or self._flush.done()):
+            # start putting written bytes on disk now, so finish() only waits for the tail
+            self._unsynced = 0
+            self._flush = _FLUSHER.submit(os.fdatasync, self.fd)
 
     def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
         dtype, _ = self.entries[name]
@@ -277,6 +287,8 @@ class ShardWriter:
                     tensor=name,
                 )
         try:
+            if self._flush is not None:
+                self._flush.result()
             os.fsync(self.fd)
             os.close(self.fd)
             header = read_header(self.tmp)
@@ -289,6 +301,9 @@ class ShardWriter:
         return digest, self.size
 
     def close(self) -> None:
+        if self._flush is not None:  # never let a flush run on a closed (and reused) descriptor
+            with contextlib.suppress(OSError):
+                self._flush.result()
         with contextlib.suppress(OSError):
             os.close(self.fd)
 

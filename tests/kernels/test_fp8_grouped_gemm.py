@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
+from moetool.errors import InputError
 from moetool.kernels.fp8_grouped_gemm import (
     _COMPUTE,
     _STREAMING,
@@ -25,8 +27,6 @@ from moetool.kernels.fp8_grouped_gemm_ref import (
     masked_grouped_gemm_ref,
 )
 from moetool.kernels.fp8_quant_ref import block_quant_ref, dequant_ref
-
-from moetool.errors import InputError
 from moetool.tolerances import GEMM_CALC_DIFF
 
 # Tolerances, each with its reason. Against the float32 product of the unquantized inputs: DeepGEMM's

@@ -1,0 +1,117 @@
+"""What every command that writes a checkpoint shares: its options, running a plan, reporting."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import click
+
+from moetool.cli.common import Output, human_bytes, table
+
+
+def shared_write_options(fn):
+    """--overwrite, --resume, --max-shard-size, --device: every command that writes a checkpoint."""
+    fn = click.option(
+        "--devices",
+        default=None,
+        help="Comma-separated devices, one worker each over disjoint shards (e.g. cuda:0,cuda:1).",
+    )(fn)
+    fn = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(fn)
+    fn = click.option(
+        "--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB)."
+    )(fn)
+    fn = click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.partial/.")(fn)
+    fn = click.option(
+        "--overwrite", is_flag=True, help="Replace an existing OUT (only once the new one is complete)."
+    )(fn)
+    fn = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(fn)
+    return fn
+
+
+def report_run(out: Output, plan, result) -> None:
+    data = {
+        "out": str(result.out),
+        "files": result.files,
+        "reused_shards": result.reused,
+        "bytes_written": result.bytes_written,
+        "layout": plan.layout,
+        "notes": list(plan.notes),
+    }
+
+    def text() -> str:
+        rows = [
+            ["out", str(result.out)],
+            ["layout", plan.layout],
+            ["shards", f"{len(plan.shards)} ({len(result.reused)} reused)"],
+            ["written", human_bytes(result.bytes_written)],
+        ]
+        rows += [["note", n] for n in plan.notes]
+        return table(rows)
+
+    out.result(data, text)
+
+
+def report_plan(out: Output, plan) -> None:
+    d = plan.describe()
+
+    def text() -> str:
+        rows = [[s["file"], human_bytes(s["bytes"]), str(s["tensors"]), str(s["jobs"])] for s in d["shards"]]
+        body = table(rows, ["shard", "bytes", "tensors", "jobs"])
+        extra = [
+            f"layout {d['layout']}; output {human_bytes(d['output_bytes'])}; jobs {d['jobs_by_transform']}",
+            f"copied files: {', '.join(d['copied_files']) or 'none'}",
+        ]
+        extra += [f"note: {n}" for n in d["notes"]]
+        return body + "\n" + "\n".join(extra)
+
+    out.result(d, text)
+
+
+def parse_shard_size(text: str) -> int:
+    from moetool.plan import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-shard-size") from None
+
+
+def run_plan(
+    out: Output,
+    model: str,
+    out_dir: str,
+    make_plan: Callable,
+    label: str,
+    *,
+    dry_run: bool,
+    device: str,
+    devices: str | None,
+    overwrite: bool,
+    resume: bool,
+) -> None:
+    """Resolve MODEL, plan from its headers, then print the plan (``--dry-run``) or execute it."""
+    from moetool.hub import resolve
+    from moetool.io import Checkpoint
+    from moetool.model import analyze
+    from moetool.pipeline import execute
+
+    source = resolve(model)
+    with Checkpoint(source.path) as ckpt:
+        plan = make_plan(analyze(ckpt))
+        if dry_run:
+            report_plan(out, plan)
+            return
+        result = execute(
+            plan,
+            ckpt,
+            source,
+            out_dir,
+            device=device,
+            devices=devices.split(",") if devices else None,
+            overwrite=overwrite,
+            resume=resume,
+            argv=sys.argv[1:],
+            progress_factory=lambda n: out.progress(n, label),
+        )
+    report_run(out, plan, result)
