@@ -28,7 +28,8 @@ class MoetoolError(Exception):
         text = f"{where}: {self.message}" if where else self.message
         if self.fix:
             text = f"{text} ({self.fix})"
-        return text
+        # one line whatever a hostile file put into a name
+        return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class InputError(MoetoolError):

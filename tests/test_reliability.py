@@ -903,6 +903,7 @@ def test_validate_manifest_listing_a_tensor_not_stored(base: Path, converted: Pa
 # -- faults in real processes -----------------------------------------------------------------------
 KILL_SHARD = "300KB"
 KILL_POINTS = ("early", "first_shard", "near_end")
+NEAR_END_LEFT = 4
 
 
 def recorded_shards(partial: Path) -> int:
@@ -988,7 +989,7 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Faults:
     code, plan, err = run_cli(*quantize_argv(kill_src, root / "plan"), "--dry-run", "--json")
     assert code == 0, err
     n_shards = len(json.loads(plan)["shards"])
-    assert n_shards >= 6, f"{n_shards} shards: too few to kill between them"
+    assert n_shards >= 8, f"{n_shards} shards: too few to kill between them"
 
     runs: dict[str, Run] = {}
 
@@ -1002,8 +1003,9 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Faults:
         partial = partial_of(out)
         if point == "early":
             return lambda: (partial / LOCK_NAME).exists()
-        # near the end: every shard but the last two (the last is tiny; finishing after it takes ms)
-        least = 1 if point == "first_shard" else n_shards - 2
+        # near the end: every shard but the last NEAR_END_LEFT (a margin the supervising loop can catch
+        # before a fast run commits)
+        least = 1 if point == "first_shard" else n_shards - NEAR_END_LEFT
         return lambda: recorded_shards(partial) >= least
 
     for point in KILL_POINTS:
@@ -1110,7 +1112,8 @@ def test_sigkill_then_resume_gives_the_clean_bytes(faults: Faults, kill_clean: P
     if point == "first_shard":
         assert len(reused) >= 1, "--resume rewrote the recorded shard"
     if point == "near_end":
-        assert len(reused) >= n - 2, f"--resume reused {len(reused)} of the {n - 2} recorded shards"
+        want = n - NEAR_END_LEFT
+        assert len(reused) >= want, f"--resume reused {len(reused)} of the {want} recorded shards"
     assert run.out.is_dir() and not partial_of(run.out).exists()
     assert_same_checkpoint(run.out, kill_clean)
     assert tree_digest(run.src) == run.src_digest
