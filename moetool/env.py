@@ -3,7 +3,6 @@
 | variable         | meaning                                                        | default |
 | ---------------- | -------------------------------------------------------------- | ------- |
 | MOETOOL_DEBUG    | ``1``: show the full traceback of an error instead of one line  | off     |
-| MOETOOL_THREADS  | torch intra-op threads for CPU work (0 = torch's default)       | 0       |
 | MOETOOL_HUB_ALLOW| extra file patterns to download from the Hub, comma-separated   | none    |
 
 The Hub itself honours its own variables (``HF_HUB_OFFLINE``, ``HF_HOME``, ``HF_HUB_CACHE``).
@@ -18,14 +17,12 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Env:
     debug: bool
-    threads: int
     hub_allow: tuple[str, ...]
 
 
 def _read() -> Env:
     return Env(
         debug=os.environ.get("MOETOOL_DEBUG", "") not in ("", "0", "false"),
-        threads=int(os.environ.get("MOETOOL_THREADS", "0") or 0),
         hub_allow=tuple(p for p in os.environ.get("MOETOOL_HUB_ALLOW", "").split(",") if p),
     )
 

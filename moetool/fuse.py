@@ -155,11 +155,10 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
         units.append(_copy(name, view))  # shared_expert_gate.weight stays (SPEC §4)
     units.sort(key=lambda u: natural_key(u.tensors[0].name))
     cfg = fused_config(copy.deepcopy(view.config), n_routed, m, reps, arch.slot_weight or "one")
-    layout = "deepgemm" if view.layout == "deepgemm" else view.layout
     return Plan(
         command="fuse-shared",
         options={"replicas": reps, "max_shard_size": opts.max_shard_size},
-        layout=layout,
+        layout=view.layout,
         shards=pack_shards(units, opts.max_shard_size),
         config=cfg,
         copy_files=tuple(ckpt.other_files()),

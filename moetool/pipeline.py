@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from moetool import __version__
-from moetool.errors import InputError, MoetoolError, UsageError
+from moetool.errors import EnvironmentError_, InputError, MoetoolError, UsageError
 from moetool.hub import Source
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
-from moetool.io.writer import OutputDir, ShardWriter, sha256_file, write_index
+from moetool.io.writer import OutputDir, ShardWriter, os_error, sha256_file, write_index
 from moetool.model import scale_name
 from moetool.plan import Job, Plan, Shard, Src
 
@@ -50,8 +50,6 @@ def pick_device(device: str) -> torch.device:
     except RuntimeError:
         raise UsageError(f"unknown device {device!r}", fix="use auto, cpu or cuda[:N]") from None
     if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
-        from moetool.errors import EnvironmentError_
-
         raise EnvironmentError_(
             f"{device} requested but no such CUDA device is available", fix="use --device cpu or auto"
         )
@@ -440,7 +438,5 @@ def execute(
         if isinstance(e, MoetoolError):
             raise
         if isinstance(e, OSError):
-            from moetool.io.writer import _os_error
-
-            raise _os_error(e, out.partial) from e
+            raise os_error(e, out.partial) from e
         raise

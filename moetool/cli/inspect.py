@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from moetool.cli.common import Output, common_options
+from moetool.cli.common import Output, common_options, human_bytes, table
 
 
 @click.command("inspect")
@@ -21,7 +23,7 @@ def inspect(model: str, out: Output) -> None:
       moetool inspect Qwen/Qwen3-30B-A3B --json | jq .quantize_would
     """
     from moetool.hub import resolve
-    from moetool.inspection import inspect_checkpoint, render
+    from moetool.inspection import inspect_checkpoint
     from moetool.io import Checkpoint
     from moetool.model import analyze
 
@@ -29,3 +31,58 @@ def inspect(model: str, out: Output) -> None:
     with Checkpoint(source.path) as ckpt:
         report = inspect_checkpoint(analyze(ckpt))
     out.result(report, lambda: render(report))
+
+
+def render(r: dict[str, Any]) -> str:
+    rows = [
+        ["family", f"{r['family']} (model_type {r['model_type']})"],
+        [
+            "layers",
+            f"{r['layers']}: {len(r['moe_layers'])} MoE, {len(r['dense_layers'])} dense"
+            + (f", {len(r['gdn_layers'])} GDN" if r["gdn_layers"] else ""),
+        ],
+        [
+            "experts",
+            f"{r['routed_experts']} routed, top-{r['top_k']}, intermediate {r['moe_intermediate_size']}",
+        ],
+        ["routing", ", ".join(f"{k}={v}" for k, v in r["routing"].items())],
+        [
+            "shared experts",
+            (
+                f"intermediate {r['shared_expert_intermediate_size']} -> {r['fused_slots_if_fused']} "
+                f"fused slot(s), weight {r['shared_expert_weight']}"
+            )
+            if r["shared_expert_intermediate_size"]
+            else "none",
+        ],
+        ["fused", str(r["fused_shared_experts"]) if r["fused_shared_experts"] else "no"],
+        ["layout", f"{r['layout']} ({', '.join(r['expert_storage']) or 'no experts'})"],
+        [
+            "quantization",
+            (
+                f"fp8 {r['quantization']['scale_fmt']} scales, {r['quantization']['fp8_tensors']} FP8 tensors"
+                if r["quantization"]["config"] or r["quantization"]["fp8_tensors"]
+                else "none"
+            ),
+        ],
+        ["size", f"{human_bytes(r['total_bytes'])} in {r['tensors']} tensors, {r['shards']} shard(s)"],
+        ["by dtype", ", ".join(f"{k} {human_bytes(v)}" for k, v in r["bytes_by_dtype"].items())],
+        ["by kind", ", ".join(f"{k} {human_bytes(v)}" for k, v in r["bytes_by_kind"].items())],
+    ]
+    if r["ssm"]:
+        rows.append(["ssm state", ", ".join(f"{k}={v}" for k, v in r["ssm"].items())])
+    n = r["not_divisible_by_128"]
+    rows.append(["not /128", f"{len(n)} weight(s)" + (f", e.g. {n[0]}" if n else "")])
+    for layout, w in r["quantize_would"].items():
+        if "error" in w:
+            rows.append([f"quantize {layout}", f"refused: {w['error']}"])
+        else:
+            rows.append(
+                [
+                    f"quantize {layout}",
+                    f"{w['quantized_tensors']} tensors ({human_bytes(w['quantized_bytes'])})"
+                    f" -> output {human_bytes(w['output_bytes'])}",
+                ]
+            )
+            rows += [["", f"note: {note}"] for note in w["notes"]]
+    return table(rows)

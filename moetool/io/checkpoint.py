@@ -21,7 +21,6 @@ from moetool.errors import InputError
 from moetool.io.safetensors_format import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "moetool.json"
 MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 64  # real config.json files nest 3 or 4 levels

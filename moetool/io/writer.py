@@ -47,7 +47,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _os_error(e: OSError, path: Path) -> EnvironmentError_:
+def os_error(e: OSError, path: Path) -> EnvironmentError_:
     if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return EnvironmentError_(
             "no space left while writing",
@@ -113,7 +113,7 @@ class OutputDir:
             self.partial.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.partial / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
-            raise _os_error(e, self.partial) from None
+            raise os_error(e, self.partial) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -137,7 +137,7 @@ class OutputDir:
                     p.unlink()
         except OSError as e:
             self._unlock()
-            raise _os_error(e, self.partial) from None
+            raise os_error(e, self.partial) from None
 
     @classmethod
     def join(cls, out: str | os.PathLike[str], *, resumed: bool) -> OutputDir:
@@ -174,7 +174,7 @@ class OutputDir:
                 os.fsync(f.fileno())
             os.replace(tmp, dst)
         except OSError as e:
-            raise _os_error(e, dst) from None
+            raise os_error(e, dst) from None
 
     def copy_file(self, src: Path, rel: str) -> None:
         dst = self.path(rel)
@@ -184,7 +184,7 @@ class OutputDir:
             shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
         except OSError as e:
-            raise _os_error(e, dst) from None
+            raise os_error(e, dst) from None
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -248,7 +248,7 @@ class ShardWriter:
             self._pwrite(self.prefix, 0)
             os.ftruncate(self.fd, self.size)
         except OSError as e:
-            raise _os_error(e, self.path) from None
+            raise os_error(e, self.path) from None
 
     def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -274,7 +274,7 @@ class ShardWriter:
         try:
             self._pwrite(data.numpy().data, offset + start)
         except OSError as e:
-            raise _os_error(e, self.path) from None
+            raise os_error(e, self.path) from None
         self.written[name].append((start, start + data.numel()))
 
     def finish(self) -> tuple[str, int]:
@@ -297,7 +297,7 @@ class ShardWriter:
             digest = sha256_file(self.tmp)
             os.replace(self.tmp, self.path)
         except OSError as e:
-            raise _os_error(e, self.path) from None
+            raise os_error(e, self.path) from None
         return digest, self.size
 
     def close(self) -> None:
