@@ -4,7 +4,8 @@ Qwen3-Next dimensions (H=16, HV=32, K=V=128), one token per call, bf16 activatio
 states, B in {1, 8, 64, 256, 512}. Correctness first (our kernel against fla's K-first kernel on the
 same inputs, states transposed; and against the torch reference), then for each B and state dtype:
 
-- ours: ``gdn_decode_klast`` on a pool ``[B+1, HV, V, K]`` in place, slots in shuffled order;
+- ours: ``gdn_decode_klast`` on a pool ``[B+1, HV, V, K]`` in place, slots in shuffled order
+  as in an engine's pool (``--sorted-slots``: row b+1 for sequence b, the memory order of fla's h0);
 - fla K-first (default layout) and fla ``state_v_first=True`` (K-last), gates fused in both
   (``use_gate_in_kernel``, ``use_beta_sigmoid_in_kernel``, ``use_qk_l2norm_in_kernel``), returning the
   final state as their API does;
@@ -36,7 +37,18 @@ import torch
 H, HV, K, V = 16, 32, 128, 128
 DEVICE = "cuda"
 BARS = {"vs_klast": 1.0, "vs_kfirst": 1.3, "copy_frac": 0.85, "b1": 2.0}
-SWEEP = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8)]
+# (block_v, tiles per program, num_warps, stages)
+SORTED_SLOTS = False  # --sorted-slots: sequence b uses pool row b + 1, fla's h0 order
+SWEEP = [
+    (8, 1, 1, 1),
+    (16, 1, 1, 1),
+    (32, 1, 4, 1),
+    (8, 2, 1, 2),
+    (8, 8, 1, 3),
+    (16, 2, 1, 2),
+    (16, 8, 2, 3),
+    (32, 4, 4, 3),
+]
 
 
 def log(msg: str) -> None:
@@ -65,6 +77,8 @@ def make_inputs(B: int, T: int, state_dtype: torch.dtype, seed: int):
     pool = (0.1 * torch.randn(B + 1, HV, V, K, **dev)).to(state_dtype)
     pool[0] = 0
     perm = torch.randperm(B, device=DEVICE, generator=gen) + 1
+    if SORTED_SLOTS:
+        perm = torch.arange(1, B + 1, device=DEVICE)
     slot_ids = perm.to(torch.int32)
     return q, k, v, a, b, A_log, dt_bias, pool, slot_ids
 
@@ -186,18 +200,26 @@ def main() -> int:
     )
     parser.add_argument("--batches", default="1,8,64,256,512")
     parser.add_argument("--tokens", type=int, default=1, help="tokens per call (T)")
-    parser.add_argument("--sweep", action="store_true", help="also time other (block_v, num_warps) tiles")
+    parser.add_argument("--sweep", action="store_true", help="also time other launch configurations")
     parser.add_argument(
         "--timeout", type=float, default=170.0, help="abort with a traceback after this many s"
     )
+    parser.add_argument(
+        "--sorted-slots",
+        action="store_true",
+        help="sequence b uses pool row b+1 (the memory order of fla's contiguous h0) instead of a random "
+        "permutation of the rows (what an engine's pool looks like)",
+    )
     args = parser.parse_args()
+    global SORTED_SLOTS
+    SORTED_SLOTS = args.sorted_slots
     faulthandler.dump_traceback_later(args.timeout, exit=True)
 
     if not torch.cuda.is_available():
         log("no CUDA device: this benchmark runs on a GPU machine")
         return 2
     try:
-        from moetool.kernels.gdn_decode import gdn_decode_klast, launch_config
+        from moetool.kernels.gdn_decode import LaunchConfig, gdn_decode_klast, launch_config
     except ImportError as err:
         log(f"cannot import moetool.kernels ({err}): install the project first, pip install --no-deps -e .")
         return 2
@@ -231,17 +253,16 @@ def main() -> int:
             res = {"B": B, "state": "f32" if elt == 4 else "bf16", "bytes": 2 * state_bytes}
             res["ours_loop"] = time_loop(ours, n)
             res["ours_bench"] = time_bench(ours)
-            bk, bv, _, warps = launch_config(B * HV, K, V)
-            res["cfg"] = f"{bv}x{bk}/{warps}w"
+            bk, cfg = launch_config(B * HV, K, V, state_dtype == torch.bfloat16)
+            res["cfg"] = f"{cfg.block_v}x{bk}x{cfg.tiles}/{cfg.num_warps}w"
             if B == 1:
                 host[(res["state"], "ours")] = host_time(ours)
             if args.sweep:
                 best = None
-                for bv_, w_ in SWEEP:
+                for sweep_cfg in (LaunchConfig(*c) for c in SWEEP):
 
                     def tile(
-                        bv_=bv_,
-                        w_=w_,
+                        cfg_=sweep_cfg,
                         it=it_ours,
                         q=q,
                         k=k,
@@ -253,13 +274,14 @@ def main() -> int:
                         slot_ids=slot_ids,
                     ):
                         return gdn_decode_klast(
-                            q, k, v, a, b, A_log, dt_bias, next(it), slot_ids, block_v=bv_, num_warps=w_
+                            q, k, v, a, b, A_log, dt_bias, next(it), slot_ids, config=cfg_
                         )
 
                     t = time_bench(tile)
-                    log(f"  sweep B={B} {res['state']} BV={bv_} warps={w_}: {t * 1e6:.1f} us")
+                    log(f"  sweep B={B} {res['state']} {sweep_cfg}: {t * 1e6:.1f} us")
                     if best is None or t < best[0]:
-                        best = (t, f"{bv_}x{bk}/{w_}w")
+                        c = sweep_cfg
+                        best = (t, f"{c.block_v}x{bk}x{c.tiles}/{c.num_warps}w/{c.stages}s")
                 res["best_tile"] = f"{best[1]} {best[0] * 1e6:.1f}us"
 
             if fla is not None:
@@ -294,7 +316,8 @@ def main() -> int:
         log(f"host time per call at B=1 ({state} state): {who} {t * 1e6:.1f} us")
 
     failures = []
-    print(f"\nGDN decode, T={T}, H={H} HV={HV} K={K} V={V}, bf16 activations; card: {card}")
+    order = "sorted" if SORTED_SLOTS else "permuted"
+    print(f"\nGDN decode, T={T}, H={H} HV={HV} K={K} V={V}, bf16 activations, {order} slots; card: {card}")
     print(
         f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; times in us (loop = back-to-back calls, bench = do_bench median)"
     )

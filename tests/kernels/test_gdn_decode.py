@@ -8,7 +8,7 @@ import torch
 
 from moetool.errors import InputError
 from moetool.gdn import relative_error
-from moetool.kernels.gdn_decode import gdn_decode_klast
+from moetool.kernels.gdn_decode import LaunchConfig, gdn_decode_klast, launch_config
 from moetool.kernels.gdn_decode_ref import gdn_decode_klast_ref
 from moetool.tolerances import SSM_REL_ERROR_FP32
 
@@ -113,6 +113,42 @@ def test_kernel_matches_reference(K, V, T, state_dtype, io_dtype):
     untouched = [0, 1, 3, 4, 6]
     assert torch.equal(pool_tri[untouched].view(torch.uint8), before[untouched].view(torch.uint8))
     assert not torch.equal(pool_tri[5], before[5])  # the live rows did move
+
+
+@pytest.mark.parametrize(("T", "state_dtype"), [(1, torch.bfloat16), (2, torch.float32), (1, torch.float32)])
+def test_programs_walking_several_tiles_match_reference(T, state_dtype):
+    # The large-batch bf16 configuration (several tiles per program, pipelined) on tiny shapes: 8 V tiles
+    # of 4 rows in groups of 2 and 4, a stateless sequence among them.
+    B, H, HV, K, V, num_slots = 3, 1, 2, 16, 32, 6
+    q, k, v, a, b, A_log, dt_bias, pool = _make(
+        B, T, H, HV, K, V, num_slots, torch.bfloat16, state_dtype, "cpu", 500 + T
+    )
+    slot_ids = torch.tensor([4, -1, 1], dtype=torch.int32)
+    pool_ref = pool.clone()
+    o_ref = gdn_decode_klast_ref(q, k, v, a, b, A_log, dt_bias, pool_ref, slot_ids)
+    for tiles in (2, 4):
+        pool_tri = pool.clone()
+        cfg = LaunchConfig(block_v=4, tiles=tiles, num_warps=1, stages=2)
+        o_tri = gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool_tri, slot_ids, config=cfg)
+        _check_out(o_tri, o_ref)
+        _check_state(pool_tri[[4, 1]], pool_ref[[4, 1]])
+        untouched = [0, 2, 3, 5]
+        assert torch.equal(pool_tri[untouched].view(torch.uint8), pool[untouched].view(torch.uint8))
+    with pytest.raises(InputError, match="tiles per program"):
+        gdn_decode_klast(
+            q, k, v, a, b, A_log, dt_bias, pool.clone(), slot_ids, config=LaunchConfig(4, 3, 1, 2)
+        )
+
+
+def test_launch_config_tiles_divide_the_v_tiles():
+    for bh in (1, 64, 2048, 16384):
+        for K, V in ((128, 128), (64, 96), (128, 8), (32, 40)):
+            for bf16 in (False, True):
+                bk, cfg = launch_config(bh, K, V, bf16)
+                assert bk >= K and bk & (bk - 1) == 0
+                assert -(-V // cfg.block_v) % cfg.tiles == 0
+    assert launch_config(64 * 32, 128, 128, True)[1].tiles > 1  # large-batch bf16 streams tiles
+    assert launch_config(64 * 32, 128, 128, False)[1].tiles == 1
 
 
 def test_out_of_range_slot_touches_nothing_and_starts_from_zero():
