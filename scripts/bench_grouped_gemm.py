@@ -47,6 +47,10 @@ STREAMING_ROWS = 64
 COMPUTE_ROWS = 512
 
 SWEEP_COMPUTE = [
+    (64, 128, 32, 4, 4, True),
+    (64, 128, 8, 4, 4, True),
+    (64, 128, 32, 4, 3, True),
+    (128, 128, 8, 8, 4, True),
     (128, 128, 8, 8, 4),
     (128, 128, 8, 8, 3),
     (128, 128, 8, 8, 5),
@@ -198,7 +202,9 @@ def _run_case(
     anchor_ok = anchor_out is not None
     del anchor_out
     cfg = contiguous_config(a_q, b_q, expected_m=rows)
-    cfg_text = f"{cfg.block_m}x{cfg.block_n} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
+    cfg_text = f"{cfg.block_m}x{cfg.block_n} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}" + (
+        " tma" if cfg.tma else ""
+    )
     if problems:
         print(f"  FAIL {shape} G={g} rows={rows}: " + "; ".join(problems), flush=True)
         return Row(shape, g, rows, float("nan"), float("nan"), 0, 0, 0, "correctness", 0, False, cfg_text)

@@ -14,8 +14,10 @@ import torch
 from moetool.errors import InputError
 from moetool.kernels.fp8_grouped_gemm import (
     _COMPUTE,
+    _COMPUTE_TMA,
     _STREAMING,
     GemmConfig,
+    contiguous_config,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
     select_config,
@@ -235,6 +237,45 @@ def test_masked_matches_reference_and_fp32(seed, config):
             assert calc_diff(ref32[e, :c], exact) < CALC_DIFF_BAR
 
 
+_TMA = GemmConfig(64, 128, 4, 4, 2, tma=True)
+
+
+def test_tma_operand_path_contiguous(seed):
+    # Operand tiles through TMA descriptors: tiles past the last row and past N read zeros or the
+    # neighbouring expert's rows, which must never reach the output.
+    p = _make_problem([67, 1, 0, 3], 96, 256)
+    d = _run_contiguous(p, config=_TMA)
+    _check_contiguous(p, d, ACCUM_EPS_CPU)
+    assert torch.equal(
+        d.view(torch.int16), _run_contiguous(p, config=GemmConfig(64, 128, 4, 4, 2)).view(torch.int16)
+    )
+
+
+def test_tma_operand_path_masked(seed):
+    g, m_max, n, k = 3, 70, 160, 256
+    masked_m = torch.tensor([67, 0, 3], dtype=torch.int32)
+    a_q, a_s = block_quant_ref(torch.randn(g * m_max, k), block=(1, 128))
+    a_q, a_s = a_q.view(g, m_max, k), a_s.view(g, m_max, -1)
+    b_q, b_s = block_quant_ref(torch.randn(g, n, k) * 0.05)
+    pad = torch.arange(m_max)[None, :] >= masked_m[:, None]
+    _poison_padding(a_q, a_s, pad)
+    outs = []
+    for config in (_TMA, GemmConfig(64, 128, 4, 4, 2)):
+        out = torch.full((g, m_max, n), _NAN, dtype=torch.bfloat16)
+        outs.append(m_grouped_fp8_gemm_nt_masked(a_q, a_s, b_q, b_s, masked_m, out=out, config=config))
+    assert not bool(torch.isnan(outs[0]).any())
+    assert bool((outs[0][pad] == 0).all())
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    ref32 = masked_grouped_gemm_ref(a_q, a_s, b_q, b_s, masked_m, out_dtype=torch.float32)
+    assert calc_diff(outs[0][~pad], ref32[~pad]) < SAME_INPUTS_BAR
+
+
+def test_tma_needs_k_multiple_of_16(seed):
+    p = _make_problem([3, 5], 64, 130, adversarial=False, pad_tile=False)
+    with pytest.raises(InputError, match="TMA"):
+        _run_contiguous(p, config=_TMA)
+
+
 def test_swapped_experts_fail(seed):
     # The check must be able to fail: the right bytes under the wrong expert index are far off.
     p = _make_problem([5, 0, 7, 4], 96, 256, adversarial=False, pad_tile=False)
@@ -339,11 +380,13 @@ def test_launcher_rejects_bad_inputs(seed):
 
 
 def test_config_table():
-    for cfg in (_STREAMING, _COMPUTE, select_config(1, 1536, 2048, 8, 132)):
+    for cfg in (_STREAMING, _COMPUTE, _COMPUTE_TMA, select_config(1, 1536, 2048, 8, 132)):
         cfg.check()
         assert 128 % cfg.block_m == 0 and 128 % cfg.block_n == 0
     assert select_config(64, 4096, 7168, 256, 132).block_m == 64
     assert select_config(512, 4096, 7168, 256, 132).block_m == 128
+    assert select_config(512, 4096, 7168, 256, 132, tma=True).tma
+    assert not select_config(64, 4096, 7168, 256, 132, tma=True).tma  # streaming keeps the pointer path
     # Few experts times a narrow N: narrower tiles so every SM gets work.
     assert select_config(1, 1536, 2048, 8, 132).block_n < select_config(1, 1536, 2048, 256, 132).block_n
 
@@ -376,6 +419,20 @@ def test_gpu_contiguous(seed, ieee_fp32, shape, rows):
     d = _run_contiguous(p, expected_m=rows)
     torch.cuda.synchronize()
     _check_contiguous(p, d, ACCUM_EPS_GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(_GPU_SHAPES), ids=list(_GPU_SHAPES))
+def test_gpu_tma_and_pointer_paths_agree(seed, ieee_fp32, shape):
+    n, k = _GPU_SHAPES[shape]
+    p = _make_problem([640, 0, 129, 512], n, k, device="cuda")
+    assert contiguous_config(p.a_q, p.b_q, expected_m=512).tma  # Hopper picks the TMA-fed tiles
+    d_tma = _run_contiguous(p, expected_m=512)
+    d_ptr = _run_contiguous(p, config=_COMPUTE)
+    torch.cuda.synchronize()
+    _check_contiguous(p, d_tma, ACCUM_EPS_GPU)
+    _check_contiguous(p, d_ptr, ACCUM_EPS_GPU)
+    assert calc_diff(d_tma, d_ptr) < SAME_INPUTS_BAR
 
 
 @pytest.mark.gpu
