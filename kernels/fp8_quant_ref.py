@@ -173,14 +173,20 @@ def _quant_rows(
 
 
 def block_quant_ref(
-    w: torch.Tensor, *, ue8m0: bool = False, block: tuple[int, int] = (BLOCK, BLOCK), name: str | None = None
+    w: torch.Tensor,
+    *,
+    ue8m0: bool = False,
+    block: tuple[int, int] = (BLOCK, BLOCK),
+    name: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``w`` to block FP8 by the recipe of SPEC §3, byte for byte.
 
     ``w``: ``[N, K]`` or ``[E, N, K]`` (experts quantized independently), any float dtype, any device,
     any N and K. ``block=(bn, bk)``: ``(128, 128)`` for weights, ``(1, 128)`` for DeepGEMM's per-token
     activation recipe. Returns ``q`` float8_e4m3fn of ``w``'s shape (contiguous) and ``s`` float32
-    ``[..., ceil(N/bn), ceil(K/bk)]`` (contiguous), power-of-two when ``ue8m0``.
+    ``[..., ceil(N/bn), ceil(K/bk)]`` (contiguous), power-of-two when ``ue8m0``. ``out``: a contiguous
+    float8_e4m3fn tensor of ``w``'s shape on ``w``'s device to fill and return as ``q`` (a reused buffer).
 
     Raises :class:`InputError` naming ``name``, the expert and the block when ``w`` holds NaN or inf.
     """
@@ -191,7 +197,21 @@ def block_quant_ref(
     bn, bk = block
     n, k = w.shape[-2:]
     lead = tuple(w.shape[:-2])
-    q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    if out is None:
+        q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+    elif (
+        out.dtype != torch.float8_e4m3fn
+        or out.shape != w.shape
+        or out.device != w.device
+        or not out.is_contiguous()
+    ):
+        raise InputError(
+            f"out must be contiguous float8_e4m3fn {list(w.shape)} on {w.device}, "
+            f"got {out.dtype} {list(out.shape)} on {out.device}",
+            tensor=name,
+        )
+    else:
+        q = out
     s = torch.empty((*lead, cdiv(n, bn), cdiv(k, bk)), dtype=torch.float32, device=w.device)
     if w.numel() == 0:
         return q, s

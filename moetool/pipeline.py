@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import queue
 import threading
@@ -95,11 +96,15 @@ class Quantizer:
 
             self._triton = block_quant
 
-    def quant(self, w: torch.Tensor, *, ue8m0: bool, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def quant(
+        self, w: torch.Tensor, *, ue8m0: bool, name: str, pool: _BufferPool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q, s)`` of ``w`` on the CPU; on the CPU ``q`` comes from ``pool`` when one is given."""
         if self._triton is not None:
             q, s = self._triton(w.to(self.device, non_blocking=True), ue8m0=ue8m0, name=name)
             return q.cpu(), s.cpu()
-        return self._ref(w, ue8m0=ue8m0, name=name)
+        out = pool.take(w.shape, torch.float8_e4m3fn) if pool is not None else None
+        return self._ref(w, ue8m0=ue8m0, name=name, out=out)
 
     def from_fp8(
         self, q: torch.Tensor, s: torch.Tensor, *, ue8m0: bool, name: str
@@ -113,31 +118,161 @@ class Quantizer:
 
 def run_job(ckpt: Checkpoint, job: Job, quantizer: Quantizer | None) -> list[torch.Tensor]:
     """The tensors a job writes, in the order of ``job.writes``."""
+    return [p[0] if len(p) == 1 else torch.cat(p) for p in job_pieces(ckpt, job, quantizer)]
+
+
+class _BufferPool:
+    """CPU buffers passed from the workers that fill them to the thread that writes them, and back:
+    each expert's ``q`` reuses memory instead of paying page faults and zeroing for a fresh one."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._lent: set[int] = set()
+        self._lock = threading.Lock()
+
+    def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous ``dtype`` tensor of ``shape`` (contents undefined)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            free = self._free.get(nbytes)
+            buf = free.pop() if free else torch.empty(nbytes, dtype=torch.uint8)
+            self._lent.add(buf.data_ptr())
+        return buf.view(dtype).view(shape)
+
+    def give(self, t: torch.Tensor) -> None:
+        """Take back ``t`` if it came from ``take`` (anything else is left alone); it must be unused."""
+        with self._lock:
+            if t.data_ptr() in self._lent and t.is_contiguous():
+                self._lent.discard(t.data_ptr())
+                self._free.setdefault(t.numel() * t.element_size(), []).append(
+                    t.reshape(-1).view(torch.uint8)
+                )
+
+
+def job_pieces(
+    ckpt: Checkpoint,
+    job: Job,
+    quantizer: Quantizer | None,
+    sources: _SourceFiles | None = None,
+    pool: _BufferPool | None = None,
+) -> list[list[torch.Tensor]]:
+    """Per entry of ``job.writes``, the tensors whose bytes, back to back, are that write: a job that
+    concatenates sources along rows (gate and up into ``w13``) hands over its parts uncopied. With
+    ``sources`` a CPU quantizer reads float sources into this thread's reused buffer; with ``pool`` it
+    quantizes into buffers of the pool (hand them back with ``pool.give`` once written)."""
     if job.op == "copy":
         (src,) = job.sources
         t, s = read_source(ckpt, src)
         # an FP8 region travels with its scale blocks when the job writes both
-        return [t, s] if len(job.writes) == 2 and s is not None else [t]
+        return [[t], [s]] if len(job.writes) == 2 and s is not None else [[t]]
     if job.op == "quant":
         assert quantizer is not None
         qs, ss = [], []
+        reuse = sources is not None and quantizer.device.type == "cpu"
         for src in job.sources:
-            # page-locked reads let the copy to the GPU run asynchronously
-            t, s = read_source(ckpt, src, pin=quantizer.device.type == "cuda")
+            t = _read_reused(ckpt, src, sources) if reuse else None
+            if t is not None:
+                s = None
+            else:
+                # page-locked reads let the copy to the GPU run asynchronously
+                t, s = read_source(ckpt, src, pin=quantizer.device.type == "cuda")
             if s is None:
-                q, s = quantizer.quant(t, ue8m0=job.ue8m0, name=src.describe())
+                q, s = quantizer.quant(t, ue8m0=job.ue8m0, name=src.describe(), pool=pool)
             else:
                 q, s = quantizer.from_fp8(t, s, ue8m0=job.ue8m0, name=src.describe())
             qs.append(q)
             ss.append(s)
-        q = qs[0] if len(qs) == 1 else torch.cat(qs)
-        s = ss[0] if len(ss) == 1 else torch.cat(ss)
         if job.scale_layout == "sm100":
             from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
 
-            s = sm100_scales_to_storage(pack_sm100_scales_ref(s, q.shape[0]))
-        return [q, s]
+            s = ss[0] if len(ss) == 1 else torch.cat(ss)
+            rows = sum(q.shape[0] for q in qs)
+            ss = [sm100_scales_to_storage(pack_sm100_scales_ref(s, rows))]
+        return [qs, ss]
     raise InputError(f"internal: unknown job op {job.op!r}")
+
+
+@dataclass(frozen=True)
+class _Region:
+    """Bytes of one source tensor that lie back to back in its file, holding a ``shape`` tensor."""
+
+    name: str
+    dtype: str  # safetensors dtype name
+    file: str
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+
+
+# Largest source read into a worker's reused buffer (a routed expert's matrix); larger ones, rarer, get a
+# buffer of their own, so that what workers keep stays small whatever the core count.
+SCRATCH_MAX = 64 << 20
+_scratch = threading.local()
+
+
+def _read_reused(ckpt: Checkpoint, src: Src, sources: _SourceFiles) -> torch.Tensor | None:
+    """A float source region read into this thread's reused buffer (valid until its next call), or None
+    where that does not apply (FP8 with scales, a column slice, over ``SCRATCH_MAX``). Reusing the buffer
+    spares the page faults and zeroing of a fresh allocation per expert."""
+    if src.cols:
+        return None
+    r = _file_region(ckpt, src.name, src.expert, src.rows)
+    if r.dtype == "F8_E4M3" or r.nbytes > SCRATCH_MAX or r.nbytes == 0:
+        return None
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < r.nbytes:
+        buf = _scratch.buf = torch.empty(r.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy()).cast("B")[: r.nbytes]
+    fd = sources.fd(r.file)
+    done = 0
+    while done < r.nbytes:
+        n = os.preadv(fd, [view[done:]], r.offset + done)
+        if n <= 0:
+            raise InputError(
+                f"file ended after {done} of {r.nbytes} bytes",
+                file=r.file,
+                tensor=src.name,
+                fix="the shard is truncated; re-download it",
+            )
+        done += n
+    return buf[: r.nbytes].view(ckpt.info(src.name).torch_dtype).reshape(r.shape)
+
+
+def _file_region(ckpt: Checkpoint, name: str, expert: int | None, rows: tuple[int, int] | None) -> _Region:
+    """Where ``name`` (or ``name[expert]``, and/or its rows ``[r0, r1)``) lies in its file; the same
+    selection ``Checkpoint.read`` makes."""
+    info = ckpt.info(name)
+    shape = list(info.shape)
+    offset, nbytes = info.offset, info.nbytes
+    if expert is not None:
+        if not shape or not 0 <= expert < shape[0]:
+            raise InputError(f"no expert {expert} in a tensor of shape {shape}", file=info.file, tensor=name)
+        nbytes //= shape[0]
+        offset += expert * nbytes
+        shape = shape[1:]
+    if rows is not None:
+        row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+        offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        shape[0] = rows[1] - rows[0]
+    return _Region(name, info.dtype, info.file, offset, nbytes, tuple(shape))
+
+
+def copy_regions(ckpt: Checkpoint, job: Job) -> list[_Region] | None:
+    """For a copy job whose source bytes lie back to back in the file (no column slice), one region per
+    entry of ``job.writes``; None when the job must go through memory."""
+    if job.op != "copy" or len(job.sources) != 1 or job.sources[0].cols:
+        return None
+    src = job.sources[0]
+    regions = [_file_region(ckpt, src.name, src.expert, src.rows)]
+    if len(job.writes) == 2:
+        if regions[0].dtype != "F8_E4M3":
+            return None
+        sname = scale_name(src.name)
+        if sname not in ckpt:
+            raise InputError("FP8 tensor without its weight_scale_inv", file=str(ckpt.root), tensor=src.name)
+        srows = (src.rows[0] // 128, -(-src.rows[1] // 128)) if src.rows else None
+        regions.append(_file_region(ckpt, sname, src.expert, srows))
+    return regions if len(regions) == len(job.writes) else None
 
 
 # -- execution --------------------------------------------------------------------------------
@@ -185,6 +320,27 @@ def single_threaded_ops() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class _SourceFiles:
+    """Read-only descriptors of the source shards a shard writer copies from, opened on first use."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, file: str) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
 def write_shard(
     ckpt: Checkpoint,
     shard: Shard,
@@ -193,21 +349,46 @@ def write_shard(
     metadata: dict[str, str],
     progress: Callable[[int], None] | None = None,
 ) -> tuple[str, int]:
+    """Write one output shard. Unchanged tensors go file to file (``copy_file_range``) on the worker
+    threads; computed ones are written by this thread in job order while the next are computed."""
     entries = [(t.name, t.dtype, t.shape) for t in shard.tensors]
-    writer = ShardWriter(out.path(shard.file), entries, metadata)
+    writer = ShardWriter(out.path(shard.file), entries, metadata, fsync=out.fsync)
+    sources = _SourceFiles()
+    pool = _BufferPool() if quantizer is not None and quantizer.device.type == "cpu" else None
+
+    def produce(job: Job) -> list[list[torch.Tensor]] | int:
+        regions = copy_regions(ckpt, job)
+        if regions is None:
+            return job_pieces(ckpt, job, quantizer, sources, pool)
+        for w, r in zip(job.writes, regions):
+            writer.copy_from(w.tensor, r.dtype, sources.fd(r.file), r.offset, r.nbytes, w.start, src=r.file)
+        return sum(r.nbytes for r in regions)
+
     try:
-        producers = cpu_producers() if quantizer is not None and quantizer.device.type == "cpu" else 1
-        for job, results in _pipelined(list(shard.jobs), lambda j: run_job(ckpt, j, quantizer), producers):
+        producers = cpu_producers() if quantizer is None or quantizer.device.type == "cpu" else 1
+        for job, results in _pipelined(list(shard.jobs), produce, producers):
+            if isinstance(results, int):
+                if progress:
+                    progress(results)
+                continue
             if len(results) != len(job.writes):
                 raise InputError(f"internal: job made {len(results)} tensors for {len(job.writes)} writes")
-            for w, t in zip(job.writes, results):
-                writer.write(w.tensor, t, w.start)
-                if progress:
-                    progress(t.numel() * t.element_size())
+            for w, pieces in zip(job.writes, results):
+                start = w.start
+                for t in pieces:
+                    writer.write(w.tensor, t, start)
+                    nbytes = t.numel() * t.element_size()
+                    start += nbytes
+                    if progress:
+                        progress(nbytes)
+                    if pool is not None:
+                        pool.give(t)
         return writer.finish()
     except BaseException:
         writer.close()
         raise
+    finally:
+        sources.close()
 
 
 def _load_progress(out: OutputDir, name: str) -> dict[str, dict[str, Any]]:
@@ -335,10 +516,14 @@ def execute(
     devices: list[str] | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    fsync: bool = False,
     argv: list[str] | None = None,
     progress_factory: Callable[[int], Any] | None = None,
 ) -> RunResult:
     """Run ``plan`` into ``out_path`` under the output protocol (SPEC §2).
+
+    ``fsync`` (``--fsync``) puts every file on disk before the renames that publish it; without it the
+    output is complete and checked when OUT appears, and reaches the disk when the kernel writes it back.
 
     ``devices`` (``--devices cuda:0,cuda:1``) runs one worker per device over disjoint shards. Under
     torchrun each rank converts shards ``i`` with ``i % WORLD_SIZE == RANK`` into the shared
@@ -360,7 +545,7 @@ def execute(
     setup_error = None
     if dist.rank == 0:
         try:
-            out = OutputDir(out_path, source=ckpt.root, overwrite=overwrite, resume=resume)
+            out = OutputDir(out_path, source=ckpt.root, overwrite=overwrite, resume=resume, fsync=fsync)
         except MoetoolError as e:
             setup_error = e
     if dist.active:
@@ -368,7 +553,7 @@ def execute(
         if line is not None:
             raise setup_error or MoetoolError(f"rank 0: {line}")
         if dist.rank != 0:
-            out = OutputDir.join(out_path, resumed=resume)
+            out = OutputDir.join(out_path, resumed=resume, fsync=fsync)
     elif setup_error:
         raise setup_error
     assert out is not None

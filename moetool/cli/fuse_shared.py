@@ -28,6 +28,7 @@ def fuse_shared(
     dry_run: bool,
     overwrite: bool,
     resume: bool,
+    fsync: bool,
     max_shard_size: str,
     device: str,
     devices: str | None,
@@ -58,4 +59,5 @@ def fuse_shared(
         devices=devices,
         overwrite=overwrite,
         resume=resume,
+        fsync=fsync,
     )

@@ -52,6 +52,7 @@ def quantize(
     dry_run: bool,
     overwrite: bool,
     resume: bool,
+    fsync: bool,
     max_shard_size: str,
     device: str,
     devices: str | None,
@@ -86,4 +87,5 @@ def quantize(
         devices=devices,
         overwrite=overwrite,
         resume=resume,
+        fsync=fsync,
     )

@@ -11,7 +11,7 @@ from moetool.cli.common import Output, human_bytes, table
 
 
 def shared_write_options(fn):
-    """--overwrite, --resume, --max-shard-size, --device: every command that writes a checkpoint."""
+    """--overwrite, --resume, --fsync, --max-shard-size, --device: every command that writes a checkpoint."""
     fn = click.option(
         "--devices",
         default=None,
@@ -20,6 +20,13 @@ def shared_write_options(fn):
     fn = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(fn)
     fn = click.option(
         "--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 5GB, 500MB)."
+    )(fn)
+    fn = click.option(
+        "--fsync",
+        is_flag=True,
+        help="Put every output file on disk (fsync) before OUT appears, so that OUT survives a power loss "
+        "or a system crash; slower. Without it OUT is complete and checked, and reaches the disk when the "
+        "system writes it back (as after cp).",
     )(fn)
     fn = click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.partial/.")(fn)
     fn = click.option(
@@ -89,6 +96,7 @@ def run_plan(
     devices: str | None,
     overwrite: bool,
     resume: bool,
+    fsync: bool = False,
 ) -> None:
     """Resolve MODEL, plan from its headers, then print the plan (``--dry-run``) or execute it."""
     from moetool.hub import resolve
@@ -111,6 +119,7 @@ def run_plan(
             devices=devices.split(",") if devices else None,
             overwrite=overwrite,
             resume=resume,
+            fsync=fsync,
             argv=sys.argv[1:],
             progress_factory=lambda n: out.progress(n, label),
         )

@@ -4,11 +4,17 @@
 lies inside the input, holds a lock so two runs cannot race for one OUT, and renames to OUT only in
 ``commit``. ``ShardWriter`` lays out one safetensors file from a precomputed header and fills tensor
 byte ranges in any order (a stacked ``[E, N, K]`` tensor is written expert by expert, never assembled
-in memory), then syncs, re-reads and checks it before giving it its final name.
+in memory), re-reads it (the sha256 is taken from bytes read back from the file, fed while the rest is
+still being written) and checks it before giving it its final name.
+
+Durability is opt-in (``fsync=True``, the CLI's ``--fsync``): without it nothing is flushed to disk
+before the renames, as with ``cp`` and rsync; with it every shard is ``fdatasync``'ed in the background
+as it grows and fsynced before its rename, and the folders are fsynced around the final rename.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -16,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,14 +35,23 @@ from moetool.io.safetensors_format import DTYPE_NAMES, build_header, read_header
 LOCK_NAME = ".moetool.lock"
 FLUSH_EVERY = 256 << 20
 _FLUSHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moetool-flush")
-HASH_CHUNK = 16 << 20
+# Read back and hash in pieces that stay in the core's L2 cache between the read and the hash.
+HASH_CHUNK = 1 << 20
+COPY_CHUNK = 8 << 20
+# copy_file_range errors that mean "not between these two files": copy through memory instead.
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ETXTBSY, errno.EBADF}
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a file's bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
+    buf = memoryview(bytearray(HASH_CHUNK))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while n := os.readv(fd, [buf]):
+            h.update(buf[:n])
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -69,8 +85,10 @@ class OutputDir:
         source: str | os.PathLike[str] | None,
         overwrite: bool = False,
         resume: bool = False,
+        fsync: bool = False,
     ) -> None:
         self.out = Path(out).absolute()
+        self.fsync = fsync
         self.partial = self.out.with_name(self.out.name + ".partial")
         src = Path(source).resolve() if source is not None else None
         real_out = self.out.resolve()
@@ -140,11 +158,12 @@ class OutputDir:
             raise os_error(e, self.partial) from None
 
     @classmethod
-    def join(cls, out: str | os.PathLike[str], *, resumed: bool) -> OutputDir:
+    def join(cls, out: str | os.PathLike[str], *, resumed: bool, fsync: bool = False) -> OutputDir:
         """Another rank's handle on the ``OUT.partial`` rank 0 created (no checks, no lock: rank 0
         owns the directory's life)."""
         self = cls.__new__(cls)
         self.out = Path(out).absolute()
+        self.fsync = fsync
         self.partial = self.out.with_name(self.out.name + ".partial")
         if not self.partial.is_dir():
             raise UsageError(
@@ -170,8 +189,9 @@ class OutputDir:
             dst.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, dst)
         except OSError as e:
             raise os_error(e, dst) from None
@@ -182,6 +202,12 @@ class OutputDir:
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(dst.name + ".tmp")
             shutil.copyfile(src, tmp)
+            if self.fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(tmp, dst)
         except OSError as e:
             raise os_error(e, dst) from None
@@ -192,20 +218,23 @@ class OutputDir:
             self._lock_fd = None
 
     def commit(self) -> Path:
-        """Sync and rename ``OUT.partial`` to OUT (replacing an old OUT only now, under --overwrite)."""
+        """Rename ``OUT.partial`` to OUT (replacing an old OUT only now, under --overwrite); with
+        ``fsync`` the folder is synced before and its parent after the rename."""
         with contextlib.suppress(FileNotFoundError):
             (self.partial / LOCK_NAME).unlink()
         for p in self.partial.iterdir():
             if p.name.endswith(".tmp"):
                 p.unlink()
-        _fsync_dir(self.partial)
+        if self.fsync:
+            _fsync_dir(self.partial)
         self._unlock()
         old = None
         if self.out.exists():
             old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
             os.rename(self.out, old)
         os.rename(self.partial, self.out)
-        _fsync_dir(self.out.parent)
+        if self.fsync:
+            _fsync_dir(self.out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out
@@ -220,13 +249,117 @@ class OutputDir:
         self._unlock()
 
 
+class _ReadBack:
+    """sha256 of a file that is still being written, taken from bytes read back from the file.
+
+    Writers report each byte range once it is written (``done``); a thread reads back and hashes the
+    file's complete prefix as it grows, so that when the last range arrives only the tail is left. A
+    range rewritten after the thread has read it makes the thread start again from byte 0, so the
+    digest is always that of the file's final bytes.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path, self.size = path, size
+        self._cond = threading.Condition()
+        self._starts: list[int] = []  # disjoint, merged written ranges [start, end), sorted
+        self._ends: list[int] = []
+        self._claimed = 0  # the thread has read, or is reading, bytes [0, _claimed)
+        self._restart = False
+        self._closed = False
+        self._digest: str | None = None
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="moetool-readback", daemon=True)
+        self._thread.start()
+
+    def done(self, start: int, end: int) -> None:
+        """Bytes ``[start, end)`` of the file hold their final contents."""
+        if end <= start:
+            return
+        with self._cond:
+            if start < self._claimed:
+                self._restart, self._digest = True, None
+            i = bisect.bisect_left(self._ends, start)  # first range that ends at or after start
+            j = bisect.bisect_right(self._starts, end)  # ranges [i, j) touch [start, end)
+            if i < j:
+                start, end = min(start, self._starts[i]), max(end, self._ends[j - 1])
+            self._starts[i:j] = [start]
+            self._ends[i:j] = [end]
+            self._cond.notify()
+
+    def _ready(self) -> int:
+        """End of the complete prefix (caller holds the lock)."""
+        return self._ends[0] if self._starts and self._starts[0] == 0 else 0
+
+    def _run(self) -> None:
+        buf = memoryview(bytearray(HASH_CHUNK))
+        h = hashlib.sha256()
+        pos = 0
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+            return
+        with contextlib.suppress(OSError):
+            # What is read back was just written and is in the page cache; read-ahead would only fill
+            # the holes of the file not written yet with zero pages.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._restart and self._ready() <= pos:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    if self._restart:
+                        self._restart = False
+                        h, pos = hashlib.sha256(), 0
+                    end = min(self._ready(), pos + HASH_CHUNK)
+                    self._claimed = max(self._claimed, end)
+                n = os.preadv(fd, [buf[: end - pos]], pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"file ended at byte {pos} of {self.size} on re-reading")
+                h.update(buf[:n])
+                pos += n
+                if pos == self.size:
+                    with self._cond:
+                        if not self._restart:
+                            self._digest = h.hexdigest()
+                            self._cond.notify_all()
+        except OSError as e:
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            os.close(fd)
+
+    def digest(self) -> str:
+        """The file's sha256, once every byte has been reported done (blocks until read back)."""
+        with self._cond:
+            while self._digest is None and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            return self._digest
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+
 class ShardWriter:
     """One safetensors file laid out from ``entries`` up front; tensors filled by byte range in any order.
 
     ``write(name, tensor, start=0)`` copies ``tensor``'s bytes to the tensor's data at byte ``start``
-    (for a C-contiguous stacked tensor, expert e's rows [r0, r1) start at ``(e * N + r0) * K * itemsize``).
-    ``finish()`` syncs, re-reads the header, checks every byte range was written, and renames
-    ``<name>.tmp`` to ``<name>``; it returns the file's sha256 and size.
+    (for a C-contiguous stacked tensor, expert e's rows [r0, r1) start at ``(e * N + r0) * K * itemsize``);
+    ``copy_from`` does the same for bytes of another file, without passing them through memory. Both
+    may be called from several threads. ``finish()`` checks every byte range was written, re-reads the
+    header, takes the sha256 of the bytes read back (mostly done while the file was still being
+    written) and renames ``<name>.tmp`` to ``<name>``; it returns the file's sha256 and size. With
+    ``fsync`` the file is also on disk before the rename.
     """
 
     def __init__(
@@ -234,6 +367,8 @@ class ShardWriter:
         path: str | os.PathLike[str],
         entries: list[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
+        *,
+        fsync: bool = False,
     ) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
@@ -241,41 +376,107 @@ class ShardWriter:
         self.entries = {n: (d, tuple(s)) for n, d, s in entries}
         self.size = len(self.prefix) + sum(n for _, n in self.spans.values())
         self.written: dict[str, list[tuple[int, int]]] = {n: [] for n in self.spans}
+        self.fsync = fsync
+        self._lock = threading.Lock()
         self._unsynced = 0
         self._flush: Future | None = None
+        self._readback: _ReadBack | None = None
+        self.fd = -1
         try:
             self.fd = os.open(self.tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
-            self._pwrite(self.prefix, 0)
             os.ftruncate(self.fd, self.size)
+            self._pwrite(self.prefix, 0)
         except OSError as e:
+            self._close_fd()
             raise os_error(e, self.path) from None
+        self._readback = _ReadBack(self.tmp, self.size)
+        self._readback.done(0, len(self.prefix))
 
     def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
         view = memoryview(data).cast("B")
         while view.nbytes:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
+            self._wrote(n)
+
+    def _wrote(self, n: int) -> None:
+        if not self.fsync:
+            return
+        with self._lock:
             self._unsynced += n
-        if self._unsynced >= FLUSH_EVERY and (self._flush is None or self._flush.done()):
-            # start putting written bytes on disk now, so finish() only waits for the tail
-            self._unsynced = 0
-            self._flush = _FLUSHER.submit(os.fdatasync, self.fd)
+            if self._unsynced >= FLUSH_EVERY and (self._flush is None or self._flush.done()):
+                # start putting written bytes on disk now, so finish() only waits for the tail
+                self._unsynced = 0
+                self._flush = _FLUSHER.submit(os.fdatasync, self.fd)
+
+    def _check(self, name: str, dtype: str, start: int, nbytes: int) -> int:
+        """The file offset of ``nbytes`` of tensor ``name`` at ``start``, after checking dtype and bounds."""
+        want, _ = self.entries[name]
+        if dtype != want:
+            raise InputError(f"internal: writing {dtype} into a {want} tensor", tensor=name)
+        offset, total = self.spans[name]
+        if start < 0 or start + nbytes > total:
+            raise InputError(f"internal: write of {nbytes} bytes at {start} overruns {total}", tensor=name)
+        return offset + start
+
+    def _record(self, name: str, start: int, nbytes: int) -> None:
+        with self._lock:
+            self.written[name].append((start, start + nbytes))
+        if self._readback is not None:
+            offset = self.spans[name][0] + start
+            self._readback.done(offset, offset + nbytes)
 
     def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
-        dtype, _ = self.entries[name]
-        if DTYPE_NAMES.get(tensor.dtype) != dtype:
-            raise InputError(f"internal: writing {tensor.dtype} into a {dtype} tensor", tensor=name)
-        offset, nbytes = self.spans[name]
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if start < 0 or start + data.numel() > nbytes:
-            raise InputError(
-                f"internal: write of {data.numel()} bytes at {start} overruns {nbytes}", tensor=name
-            )
+        offset = self._check(name, DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), start, data.numel())
         try:
-            self._pwrite(data.numpy().data, offset + start)
+            self._pwrite(data.numpy().data, offset)
         except OSError as e:
             raise os_error(e, self.path) from None
-        self.written[name].append((start, start + data.numel()))
+        self._record(name, start, data.numel())
+
+    def copy_from(
+        self, name: str, dtype: str, src_fd: int, src_offset: int, nbytes: int, start: int = 0, *, src: str
+    ) -> None:
+        """Copy ``nbytes`` at ``src_offset`` of the open file ``src_fd`` (named ``src`` in errors) into
+        tensor ``name`` (safetensors ``dtype``) at byte ``start``. In the kernel (copy_file_range) where
+        the filesystems allow it, else through a bounded buffer."""
+        offset = self._check(name, dtype, start, nbytes)
+        done = 0
+        try:
+            while done < nbytes:
+                try:
+                    n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, offset + done)
+                except OSError as e:
+                    if e.errno not in _NO_COPY_RANGE:
+                        raise
+                    n = self._copy_through_memory(src_fd, src_offset + done, offset + done, nbytes - done)
+                if n <= 0:
+                    raise InputError(
+                        f"file ended after {done} of {nbytes} bytes",
+                        file=src,
+                        tensor=name,
+                        fix="the shard is truncated; re-download it",
+                    )
+                self._wrote(n)
+                done += n
+        except OSError as e:
+            raise os_error(e, self.path) from None
+        self._record(name, start, nbytes)
+
+    def _copy_through_memory(self, src_fd: int, src_offset: int, offset: int, nbytes: int) -> int:
+        """Copy up to ``nbytes`` with pread/pwrite; returns how many were copied (0 at the source's end)."""
+        buf = memoryview(bytearray(min(nbytes, COPY_CHUNK)))
+        done = 0
+        while done < nbytes:
+            n = os.preadv(src_fd, [buf[: min(len(buf), nbytes - done)]], src_offset + done)
+            if n <= 0:
+                break
+            view = buf[:n]
+            while view.nbytes:
+                w = os.pwrite(self.fd, view, offset + done)
+                view, done = view[w:], done + w
+        return done
 
     def finish(self) -> tuple[str, int]:
         for name, (_, nbytes) in self.spans.items():
@@ -286,26 +487,37 @@ class ShardWriter:
                     file=str(self.path),
                     tensor=name,
                 )
+        assert self._readback is not None
         try:
-            if self._flush is not None:
-                self._flush.result()
-            os.fsync(self.fd)
-            os.close(self.fd)
+            if self.fsync:
+                if self._flush is not None:
+                    self._flush.result()
+                os.fsync(self.fd)
+            digest = self._readback.digest()
+            self._readback.close()
+            self._close_fd()
             header = read_header(self.tmp)
             if {k: (v.dtype, v.shape) for k, v in header.tensors.items()} != self.entries:
                 raise InputError("re-read header differs from what was written", file=str(self.path))
-            digest = sha256_file(self.tmp)
             os.replace(self.tmp, self.path)
         except OSError as e:
             raise os_error(e, self.path) from None
         return digest, self.size
 
     def close(self) -> None:
+        if self._readback is not None:
+            self._readback.close()
         if self._flush is not None:  # never let a flush run on a closed (and reused) descriptor
             with contextlib.suppress(OSError):
                 self._flush.result()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        # once only: a descriptor number closed twice may by then belong to another thread's file
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _first_hole(ranges: list[tuple[int, int]], nbytes: int) -> int | None:
