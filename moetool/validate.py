@@ -11,12 +11,21 @@ name what is wrong (SPEC §6). Every check returns plain ``Check`` records; the 
               kernel, against the original layer in float32: same top-k ids, calc_diff bounded.
 5. ssm        T decode steps from the converted state (Triton K-last, pool-indexed) against the
               k-first reference from the original state.
+
+Checks 1-4 run in one pass (``Validator``): each MoE layer's experts of both checkpoints are read once,
+by several threads, while the previous layer is checked, and serve the tensors, kernels and MoE checks
+alike; the sha256 of the converted files is computed on other threads meanwhile. The report keeps the
+order above whatever order the work ran in, and adds seconds per stage and bytes read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +34,20 @@ import torch
 import torch.nn.functional as F
 
 from moetool import tolerances as tol
-from moetool.errors import InputError, UsageError
+from moetool.errors import InputError, MoetoolError, UsageError
+from moetool.io import prefetch
 from moetool.io.checkpoint import MANIFEST_NAME, Checkpoint
-from moetool.io.writer import sha256_file
+from moetool.io.prefetch import Batch, FileHashes, Prefetcher, ReadPlan, reader_threads
 from moetool.model import FP8_DTYPES, CheckpointView, analyze, scale_name
-from moetool.pipeline import Quantizer, pick_device, read_source
+from moetool.pipeline import pick_device
 from moetool.plan import Src
 
 ADDED_CONFIG_KEYS = ("quantization_config", "moetool_fused_shared_experts")
+#: ``Report.timings``, seconds. The checks overlap, so the parts do not add up to ``total``:
+#: structure is the wall time of the sha256 hashing (running beside everything else) plus the rest of
+#: the structure check; tensors, kernels, moe, ssm the time spent computing each check; transfer the
+#: copies of each step to the device; read_wait the time the checks waited for a step to be read.
+TIMING_KEYS = ("structure", "tensors", "kernels", "moe", "ssm", "transfer", "read_wait", "total")
 
 
 @dataclass
@@ -53,6 +68,8 @@ class Report:
     device: str
     backend: str
     checks: list[Check] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # TIMING_KEYS, seconds
+    io: dict[str, int] = field(default_factory=dict)  # bytes in and read from each checkpoint
 
     @property
     def passed(self) -> bool:
@@ -69,6 +86,8 @@ class Report:
             "backend": self.backend,
             "passed": self.passed,
             "checks": [asdict(c) for c in self.checks],
+            "timings": dict(self.timings),
+            "io": dict(self.io),
         }
 
 
@@ -213,14 +232,141 @@ def _stored(conv: CheckpointView, layer: int, e: int) -> list[Src]:
     return [*gu, d]
 
 
+# -- one pass: what each step reads ---------------------------------------------------------------
+class _Stack:
+    """Experts stacked in a batch: ``{p}w13`` ``[n, R, H]`` (row ranges ``parts`` hold the gate/up
+    sources of ``w13[k]``, in order), ``{p}w2`` ``[n, H, I]``, and for FP8 their scales ``{p}s13`` (rows
+    ``sparts`` per source) and ``{p}s2``; ``whole_scales``: ``s13[k]``/``s2[k]`` are an expert's whole
+    scale tensors (SM100 int32 layout), not split by source. Expert ``experts[k]`` is at index k."""
+
+    def __init__(
+        self,
+        prefix: str,
+        experts: list[int],
+        parts: list[tuple[int, int]],
+        sparts: list[tuple[int, int]] | None,
+        fp8: bool,
+        whole_scales: bool,
+    ) -> None:
+        self.prefix, self.experts, self.parts, self.sparts = prefix, experts, parts, sparts
+        self.fp8, self.whole_scales = fp8, whole_scales
+        self.pos = {e: k for k, e in enumerate(experts)}
+
+    def region(self, b: Batch, e: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Source ``j`` of expert ``e`` (gate/up sources, then down) with its scale blocks, as
+        ``read_source`` returns it."""
+        k, p = self.pos[e], self.prefix
+        if j < len(self.parts):
+            r0, r1 = self.parts[j]
+            t = b[p + "w13"][k, r0:r1]
+            if not self.fp8:
+                return t, None
+            if self.sparts is None:
+                raise InputError("internal: whole-expert scales have no per-source rows", tensor=p)
+            s0, s1 = self.sparts[j]
+            return t, b[p + "s13"][k, s0:s1]
+        return b[p + "w2"][k], b[p + "s2"][k] if self.fp8 else None
+
+    def select(self, t: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """Rows of stacked ``t`` for ``experts``, in that order (``t`` itself when that is all of them)."""
+        if experts == self.experts:
+            return t
+        idx = torch.tensor([self.pos[e] for e in experts], device=t.device)
+        if t.element_size() == 1:  # gathered as bytes: index kernels need not cover FP8 on every device
+            return t.view(torch.uint8)[idx].view(t.dtype)
+        return t[idx]
+
+
+@dataclass
+class _LayerStep:
+    """One MoE layer's work: the stored experts read (all of them when the MoE check runs), the
+    experts each check takes (None: the check does not run here), and the other tensors compared
+    from this batch because the MoE check reads them anyway (router, unfused shared expert)."""
+
+    layer: int
+    experts: list[int]
+    tensors: list[int] | None
+    kernels: list[int] | None
+    moe: bool
+    others: list[str] = field(default_factory=list)
+    orig: _Stack | None = None
+    conv: _Stack | None = None
+
+
+@dataclass
+class _OthersStep:
+    """Non-expert tensors compared byte for byte (or against the recipe when quantized in place)."""
+
+    names: list[str]
+
+
+def _slice(b: Batch, side: str, src: Src, root: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``src`` cut from the whole tensor read into field ``{side}:{name}`` (and its scale blocks), exactly
+    as ``read_source`` reads it from the checkpoint at ``root``."""
+    t = b[f"{side}:{src.name}"]
+    s = None
+    if t.dtype == torch.float8_e4m3fn:
+        s = b.get(f"{side}:{scale_name(src.name)}")
+        if s is None:
+            raise InputError("FP8 tensor without its weight_scale_inv", file=str(root), tensor=src.name)
+    if src.expert is not None:
+        t = t[src.expert]
+        s = None if s is None else s[src.expert]
+    if src.rows:
+        r0, r1 = src.rows
+        t = t[r0:r1]
+        s = None if s is None else s[r0 // 128 : -(-r1 // 128)]
+    if src.cols:
+        c0, c1 = src.cols
+        t = t[:, c0:c1]
+        s = None if s is None else s[:, c0 // 128 : -(-c1 // 128)]
+    return t, s
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` as a flat view of the widest integer type that divides them (a comparison of
+    int64 words runs several times faster than one of bytes)."""
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = dtype.itemsize
+        if flat.numel() % size == 0 and flat.storage_offset() % size == 0:
+            return flat.view(dtype)
+    return flat
+
+
+EQUAL_CHUNK = 1 << 24  # words compared per thread call on the CPU
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor, pool: ThreadPoolExecutor | None) -> bool:
+    """Whether two tensors of one shape hold the same bytes; large CPU tensors are compared in pieces on
+    ``pool`` (torch releases the GIL)."""
+    if a.dtype != b.dtype:
+        return False
+    x, y = _wide(a), _wide(b)
+    if x.dtype != y.dtype:  # differently aligned: compare element by element
+        x, y = _bits(a).reshape(-1), _bits(b).reshape(-1)
+    if pool is None or x.device.type != "cpu" or x.numel() <= EQUAL_CHUNK:
+        return torch.equal(x, y)
+    parts = [(x[i : i + EQUAL_CHUNK], y[i : i + EQUAL_CHUNK]) for i in range(0, x.numel(), EQUAL_CHUNK)]
+    return all(pool.map(lambda p: torch.equal(*p), parts))
+
+
 class Validator:
+    """Runs the checks of SPEC §6 in one pass over both checkpoints.
+
+    Every MoE layer is one read step: the original's experts (and shared expert), the converted
+    experts, and the router tensors, read once, into one buffer, by several threads, while the
+    previous layer is checked on the device; the tensors, kernels and MoE checks all take their
+    weights from that step. The remaining non-expert tensors follow in steps of at most a layer's
+    size. The sha256 of every converted file is computed on other threads meanwhile. Checks are
+    reported in a fixed order whatever the order they ran in.
+    """
+
     def __init__(self, orig: CheckpointView, conv: CheckpointView, opts: ValidateOptions) -> None:
         self.o_ck, self.c_ck, self.opts = orig.ckpt, conv.ckpt, opts
         self.orig, self.conv = orig, conv
         self.device = pick_device(opts.device)
-        self.quantizer = Quantizer(self.device)
         self.rng = random.Random(opts.seed)
-        self._layer_cache: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         q = self.conv.quantization or {}
         self.ue8m0 = q.get("scale_fmt") == "ue8m0"
         self.report = Report(
@@ -229,9 +375,12 @@ class Validator:
             str(self.device),
             "torch" if self.device.type == "cpu" else opts.backend,
         )
-
-    def add(self, *args: Any, **kw: Any) -> None:
-        self.report.checks.append(Check(*args, **kw))
+        self.timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
+        self._pool: ThreadPoolExecutor | None = None
+        self._results: dict[str, dict[int, Check]] = {"tensors": {}, "kernels": {}, "moe": {}}
+        self._other_results: dict[str, str | Exception | None] = {}
+        self._others: list[str] | None = None
+        self._orig_cache: tuple[_LayerStep, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def layers(self) -> list[int]:
         layers = sorted(self.conv.stores)
@@ -250,13 +399,311 @@ class Validator:
         pick = sorted(self.rng.sample(range(routed), min(self.opts.experts, routed)))
         return pick + list(range(routed, n))  # fused slots are always checked
 
-    # 1. structure ------------------------------------------------------------------------------
-    def check_structure(self) -> None:
+    @contextlib.contextmanager
+    def _timed(self, key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] += time.perf_counter() - t0
+
+    # -- running ------------------------------------------------------------------------------
+    def run(self) -> Report:
+        t0 = time.perf_counter()
+        checks = self.opts.checks
+        layers = self.layers()
+        hashes = self._start_hashes() if "structure" in checks and self.conv.manifest is not None else None
+        try:
+            steps = self._steps(layers)
+            plans = [self._plan(step) for step in steps]
+            plans += [self._plan(s) for s in self._others_steps(plans)]
+            if plans:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=reader_threads(), thread_name_prefix="moetool-compare"
+                )
+                with Prefetcher(plans, threads=reader_threads()) as pf:
+                    for batch in pf:
+                        if isinstance(batch.label, _LayerStep):
+                            self._run_layer(batch)
+                        else:
+                            self._run_others(batch)
+                    self.timings["read_wait"] = pf.wait_s
+                    self.report.io = self._io(pf)
+            structure = self._check_structure(hashes) if "structure" in checks else []
+        finally:
+            if hashes is not None:
+                hashes.close()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+        self.report.checks = structure + self._assemble(layers)
+        self.timings["total"] = time.perf_counter() - t0
+        self.report.timings = {k: round(v, 3) for k, v in self.timings.items()}
+        return self.report
+
+    def _assemble(self, layers: list[int]) -> list[Check]:
+        """The layer checks in the report's order: tensors per layer, other tensors, then kernels and
+        MoE layer by layer. Other tensors count in name order up to the first mismatch, and an error met
+        comparing one is raised only if no earlier tensor mismatched, whatever order they were read in."""
+        out: list[Check] = []
+        if "tensors" in self.opts.checks:
+            out += [self._results["tensors"][layer] for layer in layers]
+            bad, count = None, 0
+            for name in self._others_names():
+                count += 1
+                result = self._other_results[name]
+                if isinstance(result, Exception):
+                    raise result
+                if result:
+                    bad = result
+                    break
+            out.append(
+                Check(
+                    "tensors",
+                    "other tensors",
+                    f"{count} tensors",
+                    "mismatch" if bad else "equal",
+                    "bytes equal",
+                    bad is None,
+                    bad or "",
+                )
+            )
+        for layer in layers:
+            for name in ("kernels", "moe"):
+                check = self._results[name].get(layer)
+                if check is not None:
+                    out.append(check)
+        return out
+
+    def _io(self, pf: Prefetcher) -> dict[str, int]:
+        """Bytes of tensor data in each checkpoint and bytes the checks read from it (the sha256 of the
+        converted files reads them once more, apart), and the bytes of the read buffers."""
+        out: dict[str, int] = {}
+        for side, ck in (("original", self.o_ck), ("converted", self.c_ck)):
+            out[f"{side}_bytes"] = sum(t.nbytes for t in ck.tensors.values())
+            out[f"{side}_read"] = sum(pf.bytes_read.get(f, 0) for f in {t.file for t in ck.tensors.values()})
+        out["buffer_bytes"] = pf.buffer_bytes
+        return out
+
+    # -- planning -----------------------------------------------------------------------------
+    def _steps(self, layers: list[int]) -> list[_LayerStep]:
+        """One step per layer with work. Expert samples are drawn in a fixed order (every layer's tensors
+        sample, then each layer's kernels sample), so a seed always picks the same experts."""
+        checks = self.opts.checks
+        t_exp = {layer: self.experts(layer) for layer in layers} if "tensors" in checks else {}
+        k_exp = {}
+        if "kernels" in checks:
+            k_exp = {layer: self.experts(layer) for layer in layers if self.conv.stores[layer].fp8}
+        steps = []
+        for layer in layers:
+            store = self.conv.stores[layer]
+            moe = "moe" in checks and (store.fp8 or bool(self.conv.fused))
+            t, k = t_exp.get(layer), k_exp.get(layer)
+            if moe:
+                experts = list(range(store.num_experts))
+            else:
+                experts = sorted(set(t or []) | set(k or []))
+            if t is None and k is None and not moe:
+                continue
+            steps.append(_LayerStep(layer, experts, t, k, moe))
+        return steps
+
+    def _others_names(self) -> list[str]:
+        """Converted tensors outside the routed experts that the original also has, in name order: copied
+        (bytes equal) or quantized in place (the recipe), an unfused shared expert included."""
+        if self._others is None:
+            routed = {n for s in self.conv.stores.values() for n in s.names}
+            self._others = [
+                name
+                for name in sorted(self.c_ck.tensors)
+                if name not in routed and not name.endswith("_scale_inv") and name in self.o_ck.tensors
+            ]
+        return self._others
+
+    def _plan_whole(self, plan: ReadPlan, side: str, name: str) -> None:
+        """Field ``{side}:{name}``: the whole tensor, and its ``weight_scale_inv`` when it is FP8."""
+        ck = self.o_ck if side == "o" else self.c_ck
+        key = f"{side}:{name}"
+        if key in plan.fields:
+            return
+        plan.tensor(key, ck, name)
+        sname = scale_name(name)
+        if ck.info(name).dtype == "F8_E4M3" and sname in ck and f"{side}:{sname}" not in plan.fields:
+            plan.tensor(f"{side}:{sname}", ck, sname)
+
+    def _plan_stack(
+        self, plan: ReadPlan, prefix: str, ck: Checkpoint, items: list[tuple[int, tuple[Src, ...], Src]]
+    ) -> _Stack:
+        """Read each expert's gate/up sources straight into ``{prefix}w13[k]`` and its down source into
+        ``{prefix}w2[k]`` (scales alike), so the stacks the kernels take need no copy."""
+
+        def region(src: Src, scale: bool = False) -> tuple[str, tuple[int, int] | None, list[int]]:
+            if src.cols:
+                raise InputError("internal: a stacked expert source cannot slice columns", tensor=src.name)
+            name, rows = src.name, src.rows
+            if scale:
+                name = scale_name(src.name)
+                if name not in ck:
+                    raise InputError(
+                        "FP8 tensor without its weight_scale_inv", file=str(ck.root), tensor=src.name
+                    )
+                rows = (rows[0] // 128, -(-rows[1] // 128)) if rows else None
+            info, _, _, shape = ck.region(name, rows, expert=src.expert)
+            return info.dtype, rows, shape
+
+        n = len(items)
+        _, gu0, d0 = items[0]
+        info0 = ck.info(gu0[0].name)
+        fp8 = info0.dtype == "F8_E4M3"
+        parts, shapes, r = [], [], 0
+        for src in gu0:
+            _, _, shape = region(src)
+            parts.append((r, r + shape[0]))
+            shapes.append(shape)
+            r += shape[0]
+        inner = shapes[0][1:]
+        row = math.prod(inner)
+        _, _, d_shape = region(d0)
+        plan.field(prefix + "w13", info0.torch_dtype, (n, r, *inner))
+        plan.field(prefix + "w2", info0.torch_dtype, (n, *d_shape))
+        sparts: list[tuple[int, int]] | None = None
+        whole = False
+        if fp8:
+            s_dtype, _, _ = region(gu0[0], scale=True)
+            s_torch = ck.info(scale_name(gu0[0].name)).torch_dtype
+            whole = s_dtype == "I32"  # SM100 scales: one packed block per expert, not per source
+            if whole:
+                w_scale = Src(gu0[0].name, expert=gu0[0].expert)
+                _, _, s13_shape = region(w_scale, scale=True)
+                s13_shape = [n, *s13_shape]
+            else:
+                sparts, sr = [], 0
+                for src in gu0:
+                    _, _, shape = region(src, scale=True)
+                    sparts.append((sr, sr + shape[0]))
+                    sr += shape[0]
+                s13_shape = [n, sr, *shape[1:]]
+            _, _, s2_shape = region(d0, scale=True)
+            plan.field(prefix + "s13", s_torch, s13_shape)
+            plan.field(prefix + "s2", ck.info(scale_name(d0.name)).torch_dtype, (n, *s2_shape))
+        for k, (_, gu, d) in enumerate(items):
+            if len(gu) != len(parts):
+                raise InputError("experts of one layer differ in their sources", tensor=gu[0].name)
+            for src, (r0, r1) in zip(gu, parts):
+                if region(src)[2] != [r1 - r0, *inner]:
+                    raise InputError("experts of one layer differ in shape", tensor=src.name)
+                plan.read(prefix + "w13", ck, src.name, src.rows, expert=src.expert, at=(k * r + r0) * row)
+            if region(d)[2] != d_shape:
+                raise InputError("experts of one layer differ in shape", tensor=d.name)
+            plan.read(prefix + "w2", ck, d.name, d.rows, expert=d.expert, at=k * math.prod(d_shape))
+            if not fp8:
+                continue
+            if whole:
+                f = plan.fields[prefix + "s13"]
+                per = math.prod(f.shape[1:])
+                plan.read(prefix + "s13", ck, scale_name(gu[0].name), expert=gu[0].expert, at=k * per)
+            else:
+                f = plan.fields[prefix + "s13"]
+                per, srow = math.prod(f.shape[1:]), math.prod(f.shape[2:])
+                for src, (s0, _) in zip(gu, sparts or []):
+                    _, rows, _ = region(src, scale=True)
+                    at = k * per + s0 * srow
+                    plan.read(prefix + "s13", ck, scale_name(src.name), rows, expert=src.expert, at=at)
+            _, rows, _ = region(d, scale=True)
+            at = k * math.prod(plan.fields[prefix + "s2"].shape[1:])
+            plan.read(prefix + "s2", ck, scale_name(d.name), rows, expert=d.expert, at=at)
+        return _Stack(prefix, [e for e, _, _ in items], parts, sparts, fp8, whole)
+
+    def _plan(self, step: _LayerStep | _OthersStep) -> ReadPlan:
+        plan = ReadPlan(step)
+        if isinstance(step, _OthersStep):
+            for name in step.names:
+                self._plan_whole(plan, "o", name)
+                self._plan_whole(plan, "c", name)
+            return plan
+        o, c, layer = self.orig, self.conv, step.layer
+        n_routed = o.info.num_experts
+        sources = {e: _expected_sources(o, c, layer, e) for e in step.experts}
+        routed = [e for e in step.experts if e < n_routed]
+        if routed:
+            step.orig = self._plan_stack(plan, "o|", self.o_ck, [(e, *sources[e]) for e in routed])
+        sh = o.shared.get(layer)
+        if sh is not None and (step.moe or len(routed) < len(step.experts)):
+            for name in (sh.gate, sh.up, sh.down):  # the fused slots are slices of it
+                self._plan_whole(plan, "o", name)
+        items = []
+        for e in step.experts:
+            gate, up, down = _stored(c, layer, e)
+            items.append((e, (gate, up), down))
+        step.conv = self._plan_stack(plan, "c|", self.c_ck, items)
+        if step.moe:
+            for side, view in (("o", o), ("c", c)):
+                ck = view.ckpt
+                for name in (
+                    view.arch.router_weight(layer),
+                    view.arch.router_bias(layer),
+                    view.arch.shared_gate_weight(layer),
+                ):
+                    if name and name in ck:
+                        self._plan_whole(plan, side, name)
+                csh = view.shared.get(layer)
+                if csh is not None:
+                    for name in (csh.gate, csh.up, csh.down):
+                        self._plan_whole(plan, side, name)
+        if step.tensors is not None:
+            step.others = [
+                n for n in self._others_names() if f"o:{n}" in plan.fields and f"c:{n}" in plan.fields
+            ]
+        return plan
+
+    def _others_steps(self, plans: list[ReadPlan]) -> list[_OthersStep]:
+        """The other tensors not read with a layer, in name order, in steps of at most the largest layer
+        step (at least one tensor each), so that they never widen the buffers much."""
+        if "tensors" not in self.opts.checks:
+            return []
+        done = {n for p in plans for n in p.label.others}
+        budget = max((p.nbytes for p in plans), default=1 << 30)
+        steps: list[_OthersStep] = []
+        size = 0
+        for name in self._others_names():
+            if name in done:
+                continue
+            need = sum(
+                ck.tensors[n].nbytes + prefetch.ALIGN
+                for ck in (self.o_ck, self.c_ck)
+                for n in (name, scale_name(name))
+                if n in ck.tensors
+            )
+            if not steps or size + need > budget:
+                steps.append(_OthersStep([]))
+                size = 0
+            steps[-1].names.append(name)
+            size += need
+        return steps
+
+    # -- 1. structure ---------------------------------------------------------------------------
+    def _start_hashes(self) -> FileHashes:
+        """Hash every file moetool.json records whose size is right, on threads, while the other checks
+        run; ``self._recorded`` keeps (name, path, record, size right) for the structure check."""
+        self._hash_t0 = time.perf_counter()
+        files = (self.conv.manifest or {}).get("files") or {}
+        self._recorded = []
+        for rel, rec in sorted(files.items()):
+            p = self.c_ck.root / rel
+            self._recorded.append((rel, p, rec, p.is_file() and p.stat().st_size == rec.get("size")))
+        return FileHashes([p for _, p, _, size_ok in self._recorded if size_ok])
+
+    def _check_structure(self, hashes: FileHashes | None) -> list[Check]:
+        out: list[Check] = []
+        t_start = time.perf_counter()
+
+        def add(*args: Any) -> None:
+            out.append(Check("structure", *args))
+
         o, c = self.orig, self.conv
         manifest = c.manifest
         if manifest is None:
-            self.add(
-                "structure",
+            add(
                 "manifest",
                 "moetool.json",
                 "missing",
@@ -266,16 +713,20 @@ class Validator:
             )
         else:
             bad = []
-            for rel, rec in sorted((manifest.get("files") or {}).items()):
-                p = self.c_ck.root / rel
-                if (
-                    not p.is_file()
-                    or p.stat().st_size != rec.get("size")
-                    or sha256_file(p) != rec.get("sha256")
-                ):
+            waited = 0.0
+            for rel, p, rec, size_ok in self._recorded if hashes is not None else []:
+                if not size_ok:
                     bad.append(rel)
-            self.add(
-                "structure",
+                    continue
+                t_wait = time.perf_counter()
+                digest = hashes.result(p)
+                waited += time.perf_counter() - t_wait
+                if digest != rec.get("sha256"):
+                    bad.append(rel)
+            if hashes is not None:
+                self.timings["structure"] += hashes.done_at - self._hash_t0
+            t_start += waited
+            add(
                 "files",
                 "sha256 as recorded",
                 f"{len(bad)} differ",
@@ -287,8 +738,7 @@ class Validator:
             extra = sorted(set(self.c_ck.tensors) - listed)
             missing = sorted(listed - set(self.c_ck.tensors))
             ok = not extra and not missing
-            self.add(
-                "structure",
+            add(
                 "manifest tensors",
                 "listed == stored",
                 f"{len(extra)} extra, {len(missing)} missing",
@@ -353,39 +803,93 @@ class Validator:
         has_fp8 = any(t.dtype in FP8_DTYPES for t in self.c_ck.tensors.values())
         if has_fp8 != bool(c.quantization):
             problems.append("FP8 tensors and quantization_config disagree")
-        self.add(
-            "structure",
-            "tensors & config",
-            "problems",
-            len(problems),
-            "0",
-            not problems,
-            problems[0] if problems else "",
-        )
+        add("tensors & config", "problems", len(problems), "0", not problems, problems[0] if problems else "")
+        self.timings["structure"] += time.perf_counter() - t_start
+        return out
 
-    # 2. tensors --------------------------------------------------------------------------------
-    def _expected_quant(self, src: Src, read: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        t, s = read if read is not None else read_source(self.o_ck, src)
+    # -- per step -------------------------------------------------------------------------------
+    def _run_layer(self, batch: Batch) -> None:
+        step: _LayerStep = batch.label
+        with self._timed("transfer"):
+            b = batch.to(self.device)
+            if b is not batch:
+                batch.release()  # the host buffer is free for the step after next
+        layer = step.layer
+        if step.tensors is not None:
+            with self._timed("tensors"):
+                self._results["tensors"][layer] = self._tensors_layer(step, b)
+                for name in step.others:
+                    self._other_results[name] = self._other(name, b)
+        if step.kernels is not None:
+            with self._timed("kernels"):
+                self._results["kernels"][layer] = self._check_kernels(step, b)
+        if step.moe:
+            with self._timed("moe"):
+                self._results["moe"][layer] = self._check_moe(step, b)
+        self._orig_cache = None  # the layer's weights go with its step
+
+    def _run_others(self, batch: Batch) -> None:
+        with self._timed("tensors"):
+            for name in batch.label.names:
+                self._other_results[name] = self._other(name, batch)
+
+    # -- 2. tensors -----------------------------------------------------------------------------
+    def _quant(self, w: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block FP8 of ``w`` on the device (Triton on CUDA, the torch reference on the CPU: same bytes)."""
+        w = w.to(self.device)
+        if self.device.type == "cuda":
+            from moetool.kernels.fp8_quant import block_quant
+
+            return block_quant(w.contiguous(), ue8m0=self.ue8m0, name=name)
+        from moetool.kernels.fp8_quant_ref import block_quant_ref
+
+        return block_quant_ref(w, ue8m0=self.ue8m0, name=name)
+
+    def _expected_quant(
+        self, src: Src, orig: tuple[torch.Tensor, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the recipe makes of an original region: block FP8 of a float region; an FP8 region's own
+        bytes when its scales already satisfy the scale format, else its float32 dequantization requantized."""
+        from moetool.kernels.fp8_quant_ref import ceil_to_ue8m0, dequant_ref
+
+        t, s = orig
         if s is None:
-            return self.quantizer.quant(t, ue8m0=self.ue8m0, name=src.describe())
-        return self.quantizer.from_fp8(t, s, ue8m0=self.ue8m0, name=src.describe())
+            return self._quant(t, src.describe())
+        t, s = t.to(self.device), s.to(self.device).float()
+        if not self.ue8m0 or torch.equal(ceil_to_ue8m0(s), s):
+            return t, s
+        return self._quant(dequant_ref(t, s), src.describe())
 
-    def _compare_region(self, conv_src: Src, orig_src: Src, errs: list[float] | None) -> str | None:
+    def _first_diff(self, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...] | None:
+        if a.shape != b.shape:
+            return ()
+        if _same_bytes(a, b, self._pool):
+            return None
+        return _first_diff(a, b)
+
+    def _compare(
+        self,
+        conv_src: Src,
+        orig_src: Src,
+        got: tuple[torch.Tensor, torch.Tensor | None],
+        orig: tuple[torch.Tensor, torch.Tensor | None],
+        errs: list[float] | None,
+    ) -> str | None:
         """None when the converted region is what the recipe makes of the original region, else why."""
         display = region_name(conv_src)
-        got_q, got_s = read_source(self.c_ck, conv_src)
+        got_q, got_s = got
         if got_s is None:  # not quantized: bytes must equal the source's
-            want, _ = read_source(self.o_ck, orig_src)
-            pos = _first_diff(got_q, want)
+            want = orig[0].to(got_q.device)
+            pos = self._first_diff(got_q, want)
             return None if pos is None else f"{display} differs from {orig_src.describe()} at {list(pos)}"
-        orig = read_source(self.o_ck, orig_src)
         want_q, want_s = self._expected_quant(orig_src, orig)
-        pos = _first_diff(got_q, want_q)
+        got_q, got_s = got_q.to(want_q.device), got_s.to(want_q.device)
+        pos = self._first_diff(got_q, want_q)
         if pos is not None:
             return (
                 f"{display} FP8 bytes differ from the recipe applied to {orig_src.describe()} at {list(pos)}"
             )
-        pos = _first_diff(got_s.float(), want_s.float())
+        pos = self._first_diff(got_s.float(), want_s.float())
         if pos is not None:
             return (
                 f"{region_name(conv_src, scale=True)} differs from the recipe at block {list(pos)} "
@@ -395,148 +899,159 @@ class Validator:
         if errs is not None and w.dtype != torch.float8_e4m3fn:  # quantization error for the report
             from moetool.kernels.fp8_quant_ref import dequant_ref
 
-            dev = self.device
-            wf = w.to(dev).float()
-            d = dequant_ref(got_q.to(dev), got_s.to(dev))
+            wf = w.to(self.device).float()
+            d = dequant_ref(got_q, got_s)
             errs.append(float((d - wf).norm() / wf.norm().clamp_min(1e-30)))
         return None
 
-    def check_tensors(self) -> None:
-        packed = any(self.c_ck.tensors[n].dtype == "I32" for s in self.conv.stores.values() for n in s.names)
-        for layer in self.layers():
-            bad: str | None = None
-            errs: list[float] = []
-            experts = self.experts(layer)
-            for e in experts:
-                o_gu, o_d = _expected_sources(self.orig, self.conv, layer, e)
-                regions = _stored(self.conv, layer, e)
-                if packed:
-                    bad = self._compare_sm100(layer, e, o_gu, o_d)
-                else:
-                    for csrc, osrc in zip(regions, (*o_gu, o_d)):
-                        bad = self._compare_region(csrc, osrc, errs if e == experts[0] else None)
-                        if bad:
-                            break
-                if bad:
-                    break
-            metric = f"{len(experts)} experts byte-equal"
-            value = (
-                "mismatch" if bad else (f"rel err {max(errs):.2e} (expert {experts[0]})" if errs else "equal")
-            )
-            self.add("tensors", f"layer {layer}", metric, value, "bytes equal", bad is None, bad or "")
-        # everything that is not a routed expert: copied or quantized in place
-        bad = None
-        count = 0
-        skip = self.conv.expert_names()
-        for name in sorted(self.c_ck.tensors):
-            if name in skip or name.endswith("_scale_inv") or name not in self.o_ck.tensors:
-                continue
-            count += 1
-            bad = self._compare_region(Src(name), Src(name), [])
+    def _orig_region(
+        self, step: _LayerStep, b: Batch, e: int, j: int
+    ) -> tuple[Src, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Original source ``j`` (gate, up, down) of converted expert ``e`` and its data."""
+        gu, d = _expected_sources(self.orig, self.conv, step.layer, e)
+        src = (*gu, d)[j]
+        if step.orig is not None and e in step.orig.pos:
+            return src, step.orig.region(b, e, j)
+        return src, _slice(b, "o", src, self.o_ck.root)
+
+    def _tensors_layer(self, step: _LayerStep, b: Batch) -> Check:
+        assert step.tensors is not None and step.conv is not None
+        layer, experts = step.layer, step.tensors
+        bad: str | None = None
+        errs: list[float] = []
+        for e in experts:
+            if step.conv.whole_scales:
+                bad = self._compare_sm100(step, b, e)
+            else:
+                for j, csrc in enumerate(_stored(self.conv, layer, e)):
+                    osrc, orig = self._orig_region(step, b, e, j)
+                    got = step.conv.region(b, e, j)
+                    bad = self._compare(csrc, osrc, got, orig, errs if e == experts[0] else None)
+                    if bad:
+                        break
             if bad:
                 break
-        self.add(
-            "tensors",
-            "other tensors",
-            f"{count} tensors",
-            "mismatch" if bad else "equal",
-            "bytes equal",
-            bad is None,
-            bad or "",
-        )
+        metric = f"{len(experts)} experts byte-equal"
+        value = "mismatch" if bad else (f"rel err {max(errs):.2e} (expert {experts[0]})" if errs else "equal")
+        return Check("tensors", f"layer {layer}", metric, value, "bytes equal", bad is None, bad or "")
 
-    def _compare_sm100(self, layer: int, e: int, o_gu: tuple[Src, ...], o_d: Src) -> str | None:
+    def _compare_sm100(self, step: _LayerStep, b: Batch, e: int) -> str | None:
         from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
 
-        names = self.conv.arch.deepgemm_names(layer)
-        for tag, srcs in (("w13", o_gu), ("w2", (o_d,))):
-            parts = [self._expected_quant(s) for s in srcs]
-            want_q = torch.cat([p[0] for p in parts])
+        assert step.conv is not None
+        names = self.conv.arch.deepgemm_names(step.layer)
+        k = step.conv.pos[e]
+        for tag, parts in (("w13", (0, 1)), ("w2", (2,))):
+            expected = []
+            for j in parts:
+                src, orig = self._orig_region(step, b, e, j)
+                expected.append(self._expected_quant(src, orig))
+            want_q = torch.cat([p[0] for p in expected])
             want_s = sm100_scales_to_storage(
-                pack_sm100_scales_ref(torch.cat([p[1] for p in parts]), want_q.shape[0])
+                pack_sm100_scales_ref(torch.cat([p[1] for p in expected]), want_q.shape[0])
             )
-            got_q = self.c_ck.read(names[f"{tag}_weight"])[e]
-            got_s = self.c_ck.read(names[f"{tag}_weight_scale_inv"])[e]
-            pos = _first_diff(got_q, want_q)
+            got_q = b[f"c|{tag}"][k]
+            got_s = b[f"c|{'s13' if tag == 'w13' else 's2'}"][k]
+            pos = self._first_diff(got_q, want_q)
             if pos is not None:
                 return f"{names[tag + '_weight']}[{e}] FP8 bytes differ from the recipe at {list(pos)}"
-            pos = _first_diff(got_s, want_s.reshape(got_s.shape))
+            pos = self._first_diff(got_s, want_s.reshape(got_s.shape))
             if pos is not None:
                 return f"{names[tag + '_weight_scale_inv']}[{e}] packed scales differ at {list(pos)}"
         return None
 
-    # 3. / 4. kernels and MoE layers -------------------------------------------------------------
-    def _stacked_fp8(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, ...]:
-        """Converted experts as stacked (w13_q, w13_s, w2_q, w2_s), in the order of ``experts``."""
-        store = self.conv.stores[layer]
-        if not store.fp8:
-            raise InputError("experts are not FP8", tensor=store.prefix)
-        if store.kind == "deepgemm":
-            names = self.conv.arch.deepgemm_names(layer)
-            idx = torch.tensor(experts)
-            out = [
-                self.c_ck.read(names[k])[idx]
-                for k in ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv")
-            ]
-            if out[1].dtype == torch.int32:
-                from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage, unpack_sm100_scales_ref
+    def _other(self, name: str, b: Batch) -> str | Exception | None:
+        """A non-expert tensor against its original (the error, if one stops the comparison, is kept to
+        be raised only where the report reaches this tensor)."""
+        try:
+            src = Src(name)
+            got, orig = _slice(b, "c", src, self.c_ck.root), _slice(b, "o", src, self.o_ck.root)
+            return self._compare(src, src, got, orig, None)
+        except MoetoolError as e:
+            return e
 
-                n13, h = out[0].shape[1:]
-                n2, i = out[2].shape[1:]
-                out[1] = unpack_sm100_scales_ref(sm100_scales_from_storage(out[1], n13), n13, h)
-                out[3] = unpack_sm100_scales_ref(sm100_scales_from_storage(out[3], n2), n2, i)
-            return tuple(out)
-        inter = self.conv.info.moe_intermediate_size
-        q13, s13, q2, s2 = [], [], [], []
-        for e in experts:
-            g, u = (read_source(self.c_ck, s) for s in store.gate_up(e, inter))
-            d = read_source(self.c_ck, store.down(e))
-            q13.append(torch.cat([g[0], u[0]]))
-            s13.append(torch.cat([g[1], u[1]]))
-            q2.append(d[0])
-            s2.append(d[1])
-        return torch.stack(q13), torch.stack(s13), torch.stack(q2), torch.stack(s2)
+    # -- 3. / 4. kernels and MoE layers -------------------------------------------------------------
+    def _conv_fp8(self, step: _LayerStep, b: Batch, experts: list[int]) -> tuple[torch.Tensor, ...]:
+        """Converted experts as stacked (w13_q, w13_s, w2_q, w2_s) in the order of ``experts``, SM100
+        scales unpacked to float32 blocks."""
+        st = step.conv
+        assert st is not None
+        if not st.fp8:
+            raise InputError("experts are not FP8", tensor=self.conv.stores[step.layer].prefix)
+        out = [st.select(b[f"c|{k}"], experts) for k in ("w13", "s13", "w2", "s2")]
+        if st.whole_scales:
+            from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage, unpack_sm100_scales_ref
 
-    def _original_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The original weights behind every stored expert of ``layer`` (routed experts, then fused-slot
-        slices of the shared expert): w13 [n, 2I, H], w2 [n, H, I] on the device, in the original's float
-        dtype (bf16 stays bf16, exact; FP8 is dequantized in float32). Read once per layer, shared by the
-        kernel and MoE checks."""
-        if self._layer_cache is not None and self._layer_cache[0] == layer:
-            return self._layer_cache[1]
-        self._layer_cache = None  # free the previous layer before reading the next
+            n13, h = out[0].shape[1:]
+            n2, i = out[2].shape[1:]
+            out[1] = unpack_sm100_scales_ref(sm100_scales_from_storage(out[1], n13), n13, h)
+            out[3] = unpack_sm100_scales_ref(sm100_scales_from_storage(out[3], n2), n2, i)
+        return tuple(out)
+
+    def _orig_all(self, step: _LayerStep, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original weights behind every expert of the step, in ``step.experts`` order: w13
+        [n, 2I, H], w2 [n, H, I] in the original's float dtype (bf16 stays bf16, exact; FP8 is
+        dequantized in float32). Routed experts are the read stacks themselves (no copy for bf16); fused
+        slots are cut from the shared expert. Built once per layer for the kernels and MoE checks."""
+        if self._orig_cache is not None and self._orig_cache[0] is step:
+            return self._orig_cache[1]
         from moetool.kernels.fp8_quant_ref import dequant_ref
 
-        dev = self.device
+        def f(data: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+            t, s = data
+            return dequant_ref(t, s) if s is not None else t
 
-        def f(src: Src) -> torch.Tensor:
-            t, s = read_source(self.o_ck, src)
-            t = t.to(dev)
-            return dequant_ref(t, s.to(dev)) if s is not None else t
-
-        w13, w2 = [], []
-        for e in range(self.conv.stores[layer].num_experts):
-            gu, d = _expected_sources(self.orig, self.conv, layer, e)
-            w13.append(torch.cat([f(s) for s in gu]))
-            w2.append(f(d))
-        weights = (torch.stack(w13), torch.stack(w2))
-        self._layer_cache = (layer, weights)
+        st = step.orig
+        parts13, parts2 = [], []
+        if st is not None:
+            w13, w2 = b["o|w13"], b["o|w2"]
+            if st.fp8:
+                s13, s2 = b["o|s13"], b["o|s2"]
+                assert st.sparts is not None
+                w13 = torch.cat(
+                    [f((w13[:, r0:r1], s13[:, s0:s1])) for (r0, r1), (s0, s1) in zip(st.parts, st.sparts)],
+                    dim=1,
+                )
+                w2 = f((w2, s2))
+            parts13.append(w13)
+            parts2.append(w2)
+        slots = [e for e in step.experts if st is None or e not in st.pos]  # after the routed experts
+        if slots:
+            parts13.append(
+                torch.stack(
+                    [torch.cat([f(self._orig_region(step, b, e, j)[1]) for j in (0, 1)]) for e in slots]
+                )
+            )
+            parts2.append(torch.stack([f(self._orig_region(step, b, e, 2)[1]) for e in slots]))
+        weights = (parts13[0], parts2[0]) if len(parts13) == 1 else (torch.cat(parts13), torch.cat(parts2))
+        self._orig_cache = (step, weights)
         return weights
+
+    def _orig_weights(
+        self, step: _LayerStep, b: Batch, experts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_orig_all`` for ``experts`` (a view when they lead the step's experts)."""
+        w13, w2 = self._orig_all(step, b)
+        where = {e: i for i, e in enumerate(step.experts)}
+        pos = [where[e] for e in experts]
+        if pos == list(range(len(pos))):
+            return w13[: len(pos)], w2[: len(pos)]
+        idx = torch.tensor(pos, device=w13.device)
+        return w13[idx], w2[idx]
 
     def _backend(self) -> Backend:
         if not hasattr(self, "_be"):
             self._be = Backend(self.device, self.opts.backend)
         return self._be
 
-    def check_kernels(self, layer: int) -> None:
+    def _check_kernels(self, step: _LayerStep, b: Batch) -> Check:
         be = self._backend()
+        layer = step.layer
         gen = torch.Generator().manual_seed(self.opts.seed * 100_003 + layer)
-        if not self.conv.stores[layer].fp8:
-            return
-        experts = self.experts(layer)
-        q13, s13, q2, s2 = self._stacked_fp8(layer, experts)
-        all13, all2 = self._original_layer(layer)
-        w13, w2 = all13[experts], all2[experts]
+        experts = step.kernels
+        assert experts is not None
+        q13, s13, q2, s2 = self._conv_fp8(step, b, experts)
+        w13, w2 = self._orig_weights(step, b, experts)
         n = len(experts)
         t = max(self.opts.tokens, 1)
         # irregular group sizes, one expert left empty when there are several
@@ -557,7 +1072,7 @@ class Validator:
                 worst = (diff, tag)
         ok = worst[0] < tol.GEMM_CALC_DIFF
         prefix = self.conv.stores[layer].prefix
-        self.add(
+        return Check(
             "kernels",
             f"layer {layer}",
             f"calc_diff ({be.name} grouped GEMM, {n} experts, {t} tokens)",
@@ -567,66 +1082,62 @@ class Validator:
             "" if ok else f"{prefix} {worst[1]}: FP8 GEMM disagrees with the original weights",
         )
 
-    def _layer_weights(self, view: CheckpointView, ck: Checkpoint, layer: int, w13, w2):
+    def _layer_weights(self, view: CheckpointView, side: str, b: Batch, layer: int, w13, w2):
+        from moetool.kernels.fp8_quant_ref import dequant_ref
         from moetool.moe import FusedSlots, MoeLayerWeights
 
         arch = view.arch
         dev = self.device
-        bias_name = arch.router_bias(layer)
-        gate_name = arch.shared_gate_weight(layer)
         shared = None
         sh = view.shared.get(layer)
         if sh is not None:
 
             def f(name: str) -> torch.Tensor:
-                t, s = read_source(ck, Src(name))
+                t, s = _slice(b, side, Src(name), view.ckpt.root)
                 if s is not None:
-                    from moetool.kernels.fp8_quant_ref import dequant_ref
-
                     return dequant_ref(t.to(dev), s.to(dev))
                 return t.to(dev).float()
 
             shared = (f(sh.gate), f(sh.up), f(sh.down))
 
         def read(name: str | None) -> torch.Tensor | None:
-            return ck.read(name).to(dev).float() if name and name in ck else None
+            return b[f"{side}:{name}"].to(dev).float() if name and name in view.ckpt else None
 
         return MoeLayerWeights(
             router_weight=read(arch.router_weight(layer)),
-            score_bias=read(bias_name),
+            score_bias=read(arch.router_bias(layer)),
             w13=w13.to(dev),
             w2=w2.to(dev),
             shared_w13=torch.cat([shared[0], shared[1]]) if shared else None,
             shared_w2=shared[2] if shared else None,
-            shared_gate=read(gate_name),
+            shared_gate=read(arch.shared_gate_weight(layer)),
             fused=FusedSlots.from_config(view.config),
         )
 
-    def check_moe(self, layer: int) -> None:
+    def _check_moe(self, step: _LayerStep, b: Batch) -> Check:
         from moetool.moe import moe_forward
 
         be = self._backend()
+        layer = step.layer
         gen = torch.Generator().manual_seed(self.opts.seed * 100_003 + layer + 1)
         n_all_routed = self.orig.info.num_experts
         store = self.conv.stores[layer]
-        if not store.fp8 and not self.conv.fused:
-            return
         t = max(self.opts.tokens, 1)
         x = torch.randn(t, self.orig.info.hidden_size, generator=gen).to(self.device)
         # original layer, float32 on the original's own weights
-        all13, all2 = self._original_layer(layer)
-        ow13, ow2 = all13[:n_all_routed], all2[:n_all_routed]
-        ow = self._layer_weights(self.orig, self.o_ck, layer, ow13, ow2)
+        ow13, ow2 = self._orig_weights(step, b, [e for e in step.experts if e < n_all_routed])
+        ow = self._layer_weights(self.orig, "o", b, layer, ow13, ow2)
         ref, ref_ids = moe_forward(x, ow, self.orig.info.routing, self.orig.arch.slot_weight)
         all_experts = list(range(store.num_experts))
         if store.fp8:
-            q13, s13, q2, s2 = self._stacked_fp8(layer, all_experts)
+            q13, s13, q2, s2 = self._conv_fp8(step, b, all_experts)
             fn = be.experts_fn(q13, s13, q2, s2)
             inter = self.conv.info.moe_intermediate_size
             # the kernel path reads the FP8 tensors; the float slots only carry the expert count
             cw = self._layer_weights(
                 self.conv,
-                self.c_ck,
+                "c",
+                b,
                 layer,
                 torch.empty(store.num_experts, 2 * inter, 0),
                 torch.empty(store.num_experts, 0, inter),
@@ -636,8 +1147,10 @@ class Validator:
             )
             label = f"{be.name} FP8 experts"
         else:
-            cw13, cw2 = self._stacked_float(layer, all_experts)
-            cw = self._layer_weights(self.conv, self.c_ck, layer, cw13, cw2)
+            assert step.conv is not None
+            cw13 = step.conv.select(b["c|w13"], all_experts).float()
+            cw2 = step.conv.select(b["c|w2"], all_experts).float()
+            cw = self._layer_weights(self.conv, "c", b, layer, cw13, cw2)
             got, got_ids = moe_forward(x, cw, self.conv.info.routing, self.conv.arch.slot_weight)
             label = "float32 experts"
         same_ids = torch.equal(torch.sort(got_ids.cpu(), 1).values, torch.sort(ref_ids.cpu(), 1).values)
@@ -652,7 +1165,7 @@ class Validator:
                 else f"{store.prefix}: layer output disagrees with the original layer"
             )
         )
-        self.add(
+        return Check(
             "moe",
             f"layer {layer}",
             f"calc_diff ({label}, {t} tokens), top-k ids",
@@ -662,28 +1175,9 @@ class Validator:
             why,
         )
 
-    def _stacked_float(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        store = self.conv.stores[layer]
-        inter = self.conv.info.moe_intermediate_size
-        w13, w2 = [], []
-        for e in experts:
-            w13.append(torch.cat([read_source(self.c_ck, s)[0].float() for s in store.gate_up(e, inter)]))
-            w2.append(read_source(self.c_ck, store.down(e))[0].float())
-        return torch.stack(w13), torch.stack(w2)
-
-    def run(self) -> Report:
-        for name in self.opts.checks:
-            if name not in ("kernels", "moe"):
-                getattr(self, f"check_{name}")()
-        # layer by layer, so both checks share one read of the layer's original weights
-        for layer in self.layers():
-            for name in ("kernels", "moe"):
-                if name in self.opts.checks:
-                    getattr(self, f"check_{name}")(layer)
-        return self.report
-
 
 def validate_checkpoints(original: str | Path, converted: str | Path, opts: ValidateOptions) -> Report:
+    t0 = time.perf_counter()
     with Checkpoint(original) as o, Checkpoint(converted) as c:
         orig = analyze(o)  # an unreadable original is a usage problem (exit 2), not a finding
         try:
@@ -712,6 +1206,7 @@ def validate_checkpoints(original: str | Path, converted: str | Path, opts: Vali
                     e.line(),
                 )
             )
+            report.timings = {"total": round(time.perf_counter() - t0, 3)}
             return report
         return Validator(orig, conv, opts).run()
 
@@ -725,8 +1220,10 @@ def validate_states(original: str | Path, converted: str | Path, opts: ValidateO
     from moetool.ssm import read_state_file, recurrent_state_name, slot_ids_name, state_layers
     from moetool.transforms.ssm_layout import convert_layout, from_pool
 
+    t0 = time.perf_counter()
     device = pick_device(opts.device)
     report = Report(str(original), str(converted), str(device), "torch" if device.type == "cpu" else "triton")
+    report.timings = {"ssm": 0.0, "total": 0.0}
     o_t, o_meta = read_state_file(original)
     c_t, c_meta = read_state_file(converted)
     o_t, o_meta = convert_layout(*from_pool(o_t, o_meta), "k-first")
@@ -750,7 +1247,9 @@ def validate_states(original: str | Path, converted: str | Path, opts: ValidateO
         )
     )
     if o_layers != c_layers or not same:
+        report.timings["total"] = round(time.perf_counter() - t0, 3)
         return report
+    t_ssm = time.perf_counter()
     if device.type == "cpu":
         from moetool.kernels.gdn_decode_ref import gdn_decode_klast_ref as kernel
     else:
@@ -819,4 +1318,8 @@ def validate_states(original: str | Path, converted: str | Path, opts: ValidateO
                 f"(labelled {c_meta.layout}; a mislabelled layout does this)",
             )
         )
+    report.timings = {
+        "ssm": round(time.perf_counter() - t_ssm, 3),
+        "total": round(time.perf_counter() - t0, 3),
+    }
     return report

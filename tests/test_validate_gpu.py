@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import test_validate as tv
+import test_validate_io as tio
 import torch
 
 from moetool.ssm import StateMeta, recurrent_state_name, write_state_file
@@ -103,6 +104,29 @@ def test_mislabelled_state_of_qwen3_next_size_fails_on_cuda(ws_cuda: tv.Workspac
     tv.assert_fails(ws_cuda.validate(orig, bad), recurrent_state_name(0), groups=("ssm",))
 
 
+# -- one pass on the GPU: each byte read once, time per stage, shared experts, read errors ---------
+@pytest.mark.parametrize(("conversion", "sample"), [("deepgemm-ue8m0", None), ("hf-float+fuse-r2", "2")])
+def test_validate_reads_each_tensor_byte_once_on_cuda(
+    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, conversion: str, sample: str | None
+) -> None:
+    tio.test_validate_reads_each_tensor_byte_once(ws_cuda, monkeypatch, conversion, sample)
+
+
+def test_report_has_seconds_per_stage_on_cuda(ws_cuda: tv.Workspace) -> None:
+    tio.test_report_has_seconds_per_stage(ws_cuda)
+
+
+@pytest.mark.parametrize("layout", ["deepgemm", "hf"])
+def test_flipped_byte_in_unfused_shared_expert_fails_on_cuda(ws_cuda: tv.Workspace, layout: str) -> None:
+    tio.test_flipped_byte_in_unfused_shared_expert_fails(ws_cuda, layout)
+
+
+def test_failing_read_is_one_line_naming_the_file_on_cuda(
+    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tio.test_failing_read_is_one_line_naming_the_file(ws_cuda, monkeypatch)
+
+
 # -- GPU quantization writes the CPU's bytes --------------------------------------------------------
 @pytest.fixture(scope="session")
 def dsv3_scaled(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -151,3 +175,7 @@ def test_cuda_quantize_equals_cpu_bytes(
     # and the GPU output validates on the GPU
     res = tv.Workspace(tmp_path, "cuda", hf_made=(), tokens=GPU_TOKENS).validate(dsv3_scaled, cuda)
     tv.assert_passes(res, [1, 2], fp8=True)
+
+
+def test_non_finite_original_stops_with_one_line_on_cuda(ws_cuda: tv.Workspace) -> None:
+    tio.test_non_finite_original_stops_with_one_line(ws_cuda)

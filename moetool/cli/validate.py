@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moetool.cli.common import Output, common_options, table
+from moetool.cli.common import Output, common_options, human_bytes, table
 
 
 def _layers(text: str | None) -> tuple[int, ...] | None:
@@ -35,6 +35,23 @@ def render(report) -> str:
         f"checks on {report.device} ({report.backend})"
     )
     return "\n".join(lines)
+
+
+def timing_line(report) -> str:
+    """Where the time went (``--report`` JSON ``timings``/``io``), for ``-v`` on stderr."""
+    t = report.timings
+    parts = [
+        f"{k} {t[k]:.2f}" for k in ("structure", "tensors", "kernels", "moe", "ssm", "transfer") if t.get(k)
+    ]
+    line = f"timings (s, overlapping): {', '.join(parts)}; waited for reads {t.get('read_wait', 0):.2f}"
+    line += f"; total {t.get('total', 0):.2f}"
+    io = report.io
+    if io:
+        line += "; read " + ", ".join(
+            f"{side} {human_bytes(io[f'{side}_read'])} of {human_bytes(io[f'{side}_bytes'])}"
+            for side in ("original", "converted")
+        )
+    return line
 
 
 @click.command("validate")
@@ -80,7 +97,7 @@ def render(report) -> str:
     "report_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also write the full report as JSON to this file.",
+    help="Also write the full report as JSON to this file (checks, seconds per stage, bytes read).",
 )
 @common_options
 def validate(
@@ -128,5 +145,7 @@ def validate(
         report = validate_checkpoints(resolve(original).path, resolve(converted).path, opts)
     if report_path:
         Path(report_path).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    if out.verbosity >= 2:
+        out.log(timing_line(report), level=2)
     out.result(report.to_dict(), lambda: render(report))
     return 0 if report.passed else 1

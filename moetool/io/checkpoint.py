@@ -2,7 +2,9 @@
 
 Tensors are read with positioned reads into fresh buffers (never memory maps): the file is opened
 read-only, so nothing can write back to it, and the process holds only what it is working on, so peak
-memory is bounded by the tensors in flight rather than by the size of the checkpoint.
+memory is bounded by the tensors in flight rather than by the size of the checkpoint. ``region`` and
+``pread_into`` let a caller place the bytes in buffers of its own instead (``moetool.io.prefetch``
+reuses a few buffers, read by several threads at once).
 """
 
 from __future__ import annotations
@@ -204,12 +206,12 @@ class Checkpoint:
                 self._fds[file] = fd
             return fd
 
-    def read(
-        self, name: str, rows: tuple[int, int] | None = None, *, expert: int | None = None, pin: bool = False
-    ) -> torch.Tensor:
-        """Tensor ``name`` — or ``name[expert]`` of a stacked tensor, and/or rows ``[r0, r1)`` of the
-        first remaining dimension — in a new CPU buffer it owns (page-locked with ``pin=True``, for
-        asynchronous copies to a GPU). Only those bytes are read."""
+    def region(
+        self, name: str, rows: tuple[int, int] | None = None, *, expert: int | None = None
+    ) -> tuple[TensorInfo, int, int, list[int]]:
+        """Where ``name`` — or ``name[expert]`` of a stacked tensor, and/or rows ``[r0, r1)`` of the first
+        remaining dimension — lies: ``(info, offset, nbytes, shape)``, with ``offset`` the absolute byte
+        offset in ``info.file`` of a contiguous run of ``nbytes`` bytes holding a ``shape`` tensor."""
         info = self.info(name)
         shape = list(info.shape)
         offset, nbytes = info.offset, info.nbytes
@@ -226,21 +228,36 @@ class Checkpoint:
             row_bytes = nbytes // shape[0] if shape and shape[0] else 0
             offset, nbytes = offset + r0 * row_bytes, (r1 - r0) * row_bytes
             shape[0] = r1 - r0
+        return info, offset, nbytes, shape
+
+    def pread_into(self, file: str, offset: int, view: memoryview, *, tensor: str | None = None) -> None:
+        """Fill ``view`` (a writable byte buffer) with the bytes of shard ``file`` from ``offset`` on. Safe
+        to call from several threads at once (positioned reads, no shared file position). A file that
+        ends early is an ``InputError`` naming it and ``tensor``; other ``OSError`` propagate."""
+        nbytes = len(view)
+        fd = self._fd(file)
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise InputError(
+                    f"file ended after {done} of {nbytes} bytes",
+                    file=file,
+                    tensor=tensor,
+                    fix="the shard is truncated; re-download it",
+                )
+            done += n
+
+    def read(
+        self, name: str, rows: tuple[int, int] | None = None, *, expert: int | None = None, pin: bool = False
+    ) -> torch.Tensor:
+        """Tensor ``name`` — or ``name[expert]`` of a stacked tensor, and/or rows ``[r0, r1)`` of the
+        first remaining dimension — in a new CPU buffer it owns (page-locked with ``pin=True``, for
+        asynchronous copies to a GPU). Only those bytes are read."""
+        info, offset, nbytes, shape = self.region(name, rows, expert=expert)
         buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         if nbytes:
-            view = memoryview(buf.numpy()).cast("B")
-            fd = self._fd(info.file)
-            done = 0
-            while done < nbytes:
-                n = os.preadv(fd, [view[done:]], offset + done)
-                if n <= 0:
-                    raise InputError(
-                        f"file ended after {done} of {nbytes} bytes",
-                        file=info.file,
-                        tensor=name,
-                        fix="the shard is truncated; re-download it",
-                    )
-                done += n
+            self.pread_into(info.file, offset, memoryview(buf.numpy()).cast("B"), tensor=name)
         return buf.view(info.torch_dtype).reshape(shape)
 
     def close(self) -> None:

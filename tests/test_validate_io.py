@@ -1,0 +1,459 @@
+"""How ``validate`` reads: one pass, in parallel, prefetched, bounded.
+
+The prefetcher (``moetool.io.prefetch``) reads every byte of its plans once and exactly, in pieces
+smaller than a tensor, into at most ``slots`` reused buffers, at most ``slots - 1`` batches ahead of
+the caller; a failing read or plan surfaces at its batch as an ``InputError`` naming the file and the
+tensor, and leaves no thread behind. ``sha256_of`` and ``FileHashes`` agree with hashlib.
+
+The validator reads each tensor byte of both checkpoints exactly once (all checks on, sampled experts
+or not, every layout), keeps at most two steps of a layer's size in its buffers whatever the number of
+layers, reports seconds per stage and bytes read, compares an unfused shared expert byte for byte, and
+turns a failing read into exit 2 with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import test_validate as tv
+import torch
+from safetensors.torch import save_file
+
+from moetool.errors import InputError
+from moetool.io import prefetch
+from moetool.io.checkpoint import Checkpoint
+from moetool.io.prefetch import FileHashes, Prefetcher, ReadPlan, sha256_of
+from moetool.testing.factory import experts_prefix, make_checkpoint
+from moetool.validate import TIMING_KEYS, ValidateOptions, validate_checkpoints
+
+THREAD_PREFIXES = ("moetool-pread", "moetool-prefetch", "moetool-sha256", "moetool-compare")
+
+
+def _our_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(THREAD_PREFIXES)]
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    """Two shards of irregular tensors: every dtype validate meets, an empty one, one byte, one larger
+    than several read pieces, odd row counts; seeded random bytes (NaN and inf bit patterns included)."""
+    gen = torch.Generator().manual_seed(11)
+
+    def rand(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = torch.Size(shape).numel() * dtype.itemsize
+        return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).view(dtype).reshape(shape)
+
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / "config.json").write_text("{}")
+    save_file(
+        {
+            "a.bf16": rand((67, 131), torch.bfloat16),
+            "b.stack": rand((5, 37, 29), torch.bfloat16),
+            "c.one_byte": rand((1,), torch.uint8),
+            "d.empty": rand((0, 7), torch.float32),
+        },
+        root / "model-00001-of-00002.safetensors",
+    )
+    save_file(
+        {
+            "e.fp8": rand((300, 129), torch.float8_e4m3fn),
+            "f.scale": rand((3, 2), torch.float32),
+            "g.big": rand((97, 1031), torch.float32),
+            "h.i32": rand((4, 2, 9), torch.int32),
+        },
+        root / "model-00002-of-00002.safetensors",
+    )
+    return root
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+class ReadLog:
+    """Wraps ``Checkpoint.pread_into``: records (file, offset, length) of every read, optionally failing."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: dict[str, OSError] | None = None) -> None:
+        self.reads: list[tuple[str, int, int]] = []
+        self.lock = threading.Lock()
+        real = Checkpoint.pread_into
+
+        def pread_into(ck: Checkpoint, file: str, offset: int, view: memoryview, *, tensor=None) -> None:
+            if fail and tensor in fail:
+                raise fail[tensor]
+            with self.lock:
+                self.reads.append((file, offset, len(view)))
+            real(ck, file, offset, view, tensor=tensor)
+
+        monkeypatch.setattr(Checkpoint, "pread_into", pread_into)
+
+    def per_file(self) -> dict[str, list[tuple[int, int]]]:
+        out: dict[str, list[tuple[int, int]]] = {}
+        for file, off, n in self.reads:
+            out.setdefault(file, []).append((off, off + n))
+        return {f: sorted(v) for f, v in out.items()}
+
+
+def assert_each_byte_once(log: ReadLog, ck: Checkpoint) -> None:
+    """The reads of ``ck``'s files never overlap and cover exactly the bytes of its tensors."""
+    want: dict[str, list[tuple[int, int]]] = {}
+    for info in ck.tensors.values():
+        if info.nbytes:
+            want.setdefault(info.file, []).append((info.offset, info.offset + info.nbytes))
+    got = {f: v for f, v in log.per_file().items() if f in {i.file for i in ck.tensors.values()}}
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for file, ranges in want.items():
+        reads = got[file]
+        for (_, e0), (s1, _) in itertools.pairwise(reads):
+            assert s1 >= e0, f"{file}: a byte read twice at {s1}"
+        merged: list[list[int]] = []
+        for s, e in sorted(reads):
+            if merged and merged[-1][1] == s:
+                merged[-1][1] = e
+            else:
+                merged.append([s, e])
+        expected: list[list[int]] = []
+        for s, e in sorted(ranges):
+            if expected and expected[-1][1] == s:
+                expected[-1][1] = e
+            else:
+                expected.append([s, e])
+        assert merged == expected, f"{file}: read {merged}, tensors lie at {expected}"
+
+
+# -- the prefetcher -------------------------------------------------------------------------------
+def _plans(ck: Checkpoint, seed: int) -> list[ReadPlan]:
+    """Every tensor once, shuffled into plans of 1..3 tensors."""
+    names = ck.names()
+    random.Random(seed).shuffle(names)
+    plans, i = [], 0
+    while i < len(names):
+        k = random.Random(seed + i).randint(1, 3)
+        plan = ReadPlan(len(plans))
+        for name in names[i : i + k]:
+            plan.tensor(name, ck, name)
+        plans.append(plan)
+        i += k
+    return plans
+
+
+@pytest.mark.parametrize(("threads", "slots", "chunk"), [(1, 1, 1 << 20), (3, 2, 4099), (4, 3, 64)])
+def test_prefetcher_reads_every_byte_once_and_exactly(
+    shards: Path, monkeypatch: pytest.MonkeyPatch, threads: int, slots: int, chunk: int
+) -> None:
+    with Checkpoint(shards) as ck:
+        want = {name: _bytes(ck.read(name)) for name in ck.names()}
+        log = ReadLog(monkeypatch)
+        plans = _plans(ck, seed=threads)
+        seen = []
+        with Prefetcher(plans, threads=threads, slots=slots, chunk=chunk) as pf:
+            for batch in pf:
+                seen.append(batch.label)
+                for name in batch.plan.fields:
+                    t = batch[name]
+                    assert t.dtype == ck.info(name).torch_dtype and tuple(t.shape) == tuple(
+                        ck.info(name).shape
+                    )
+                    assert _bytes(t) == want[name], name
+            assert pf.bytes_read == {
+                f: sum(i.nbytes for i in ck.tensors.values() if i.file == f)
+                for f in {i.file for i in ck.tensors.values() if i.nbytes}
+            }
+        assert seen == list(range(len(plans)))
+        assert_each_byte_once(log, ck)
+        assert max(n for _, _, n in log.reads) <= chunk
+        big = ck.info("g.big")
+        pieces = [r for r in log.reads if r[0] == big.file and big.offset <= r[1] < big.offset + big.nbytes]
+        assert len(pieces) == -(-big.nbytes // chunk)  # a large tensor is read in pieces, by several threads
+    assert not _our_threads()
+
+
+def test_plan_regions_land_where_asked(shards: Path) -> None:
+    """Rows of an expert of a stacked tensor and rows of a matrix, placed at element offsets of one
+    field, hold what ``Checkpoint.read`` returns for the same regions; fields stay page-aligned."""
+    with Checkpoint(shards) as ck:
+        plan = ReadPlan()
+        plan.field("stack", torch.bfloat16, (3, 11, 29))
+        plan.read("stack", ck, "b.stack", expert=4, rows=(2, 13))
+        plan.read("stack", ck, "b.stack", expert=0, rows=(26, 37), at=11 * 29)
+        plan.read("stack", ck, "b.stack", expert=2, rows=(0, 11), at=2 * 11 * 29)
+        plan.tensor("rows", ck, "e.fp8", rows=(129, 257))
+        assert all(f.offset % prefetch.ALIGN == 0 for f in plan.fields.values())
+        with Prefetcher([plan], threads=2, chunk=100) as pf:
+            batch = next(iter(pf))
+            got = batch["stack"]
+            assert _bytes(got[0]) == _bytes(ck.read("b.stack", (2, 13), expert=4))
+            assert _bytes(got[1]) == _bytes(ck.read("b.stack", (26, 37), expert=0))
+            assert _bytes(got[2]) == _bytes(ck.read("b.stack", (0, 11), expert=2))
+            assert _bytes(batch["rows"]) == _bytes(ck.read("e.fp8", (129, 257)))
+
+
+def test_plan_refuses_what_does_not_fit(shards: Path) -> None:
+    with Checkpoint(shards) as ck:
+        plan = ReadPlan()
+        plan.field("x", torch.float32, (2, 1031))
+        with pytest.raises(ValueError, match="holds"):
+            plan.read("x", ck, "a.bf16")  # bf16 bytes into a float32 field
+        with pytest.raises(ValueError, match="overruns"):
+            plan.read("x", ck, "g.big", rows=(0, 2), at=1)
+        with pytest.raises(ValueError, match="already"):
+            plan.field("x", torch.float32, (1,))
+        assert not plan.pieces
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_prefetcher_runs_ahead_but_never_more_than_its_buffers(shards: Path, slots: int) -> None:
+    """A slow caller: plan k is read only once the batch ``slots`` places before it was given back,
+    at most ``slots`` batches are held at once, the buffers hold at most ``slots`` of the largest plan,
+    and with more than one buffer some batch is ready before it is asked for."""
+    with Checkpoint(shards) as ck:
+        n = 9
+        asked = 0
+        loaded_at: dict[int, int] = {}
+        plans = []
+        for k in range(n):
+            plan = ReadPlan(k)
+            for j, name in enumerate(ck.names()[k % 3 :: 3]):  # plans of different sizes
+                plan.tensor(f"{j}", ck, name)
+            plan.then(lambda b, k=k: loaded_at.setdefault(k, asked))
+            plans.append(plan)
+        with Prefetcher(plans, threads=2, slots=slots, chunk=512) as pf:
+            it = iter(pf)
+            for k in range(n):
+                asked += 1  # asking for batch k gives batch k - 1 back
+                batch = next(it)
+                assert batch.label == k
+                time.sleep(0.03)
+            with pytest.raises(StopIteration):
+                next(it)
+            assert pf.peak_in_use <= slots
+            assert pf.buffer_bytes <= slots * max(p.nbytes for p in plans)
+        for k in range(slots, n):  # plan k needs the buffer of batch k - slots, given back when
+            assert loaded_at[k] >= k - slots + 2, (k, loaded_at)  # batch k - slots + 1 is asked for
+        if slots > 1:
+            assert any(loaded_at[k] <= k for k in range(1, n)), loaded_at
+
+
+def test_released_batch_cannot_be_read(shards: Path) -> None:
+    with Checkpoint(shards) as ck:
+        plan = ReadPlan()
+        plan.tensor("t", ck, "a.bf16")
+        with Prefetcher([plan, ReadPlan()], threads=1) as pf:
+            it = iter(pf)
+            first = next(it)
+            assert "t" in first and first.get("absent") is None
+            first.release()
+            first.release()  # idempotent
+            with pytest.raises(RuntimeError, match="released"):
+                first["t"]
+            assert next(it).plan.nbytes == 0
+
+
+def test_truncated_shard_is_named_at_its_batch(shards: Path) -> None:
+    """The shard shrinks after its header was read: batches before the cut arrive, the one reading
+    past the end raises an ``InputError`` naming the file and the tensor."""
+    with Checkpoint(shards) as ck:
+        last = max(ck.tensors.values(), key=lambda i: i.offset)
+        early = [n for n, i in ck.tensors.items() if i.file != last.file and i.nbytes]
+        with open(last.file, "r+b") as f:
+            f.truncate(last.offset + last.nbytes // 2)
+        plans = [ReadPlan(0), ReadPlan(1)]
+        for name in early:
+            plans[0].tensor(name, ck, name)
+        plans[1].tensor(last.name, ck, last.name)
+        with Prefetcher(plans, threads=3, chunk=256) as pf:
+            it = iter(pf)
+            assert next(it).label == 0
+            with pytest.raises(InputError) as e:
+                next(it)
+        line = e.value.line()
+        assert last.file in line and last.name in line and "ended" in line, line
+    assert not _our_threads()
+
+
+def test_read_error_names_file_and_tensor(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Checkpoint(shards) as ck:
+        ReadLog(monkeypatch, fail={"g.big": OSError(errno.EIO, "Input/output error")})
+        plan = ReadPlan()
+        for name in ck.names():
+            plan.tensor(name, ck, name)
+        with Prefetcher([plan], threads=4, chunk=1000) as pf, pytest.raises(InputError) as e:
+            next(iter(pf))
+        line = e.value.line()
+        assert "Input/output error" in line and ck.info("g.big").file in line and "g.big" in line, line
+    assert not _our_threads()
+
+
+def test_error_building_a_plan_surfaces_at_its_batch(shards: Path) -> None:
+    with Checkpoint(shards) as ck:
+
+        def plans():
+            plan = ReadPlan("first")
+            plan.tensor("a", ck, "a.bf16")
+            yield plan
+            ck.info("no.such.tensor")
+            yield ReadPlan("never")
+
+        with Prefetcher(plans(), threads=2) as pf:
+            it = iter(pf)
+            assert next(it).label == "first"
+            with pytest.raises(InputError, match=r"no\.such\.tensor"):
+                next(it)
+    assert not _our_threads()
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, prefetch.HASH_CHUNK - 1, prefetch.HASH_CHUNK, 2 * prefetch.HASH_CHUNK + 5]
+)
+def test_sha256_of_matches_hashlib(tmp_path: Path, size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert sha256_of(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_file_hashes_in_parallel(tmp_path: Path) -> None:
+    files = {}
+    for i, size in enumerate([3, prefetch.HASH_CHUNK + 17, 0, 100_003]):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(random.Random(i).randbytes(size))
+        files[p] = hashlib.sha256(p.read_bytes()).hexdigest()
+    t0 = time.perf_counter()
+    with FileHashes(files) as hashes:
+        assert {p: hashes.result(p) for p in files} == files
+        assert hashes.done_at >= t0
+    assert not _our_threads()
+
+
+# -- the validator ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> tv.Workspace:
+    return tv.Workspace(tmp_path_factory.mktemp("validate-io"), "cpu")
+
+
+@pytest.mark.parametrize(
+    ("conversion", "sample"),
+    [
+        ("deepgemm-float", None),
+        ("hf-ue8m0", None),
+        ("deepgemm-ue8m0+fuse-r2", None),
+        ("hf-float+fuse-r2", "2"),
+        ("bf16+fuse-r1", None),
+        ("deepgemm-float", "1"),
+    ],
+)
+def test_validate_reads_each_tensor_byte_once(
+    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, conversion: str, sample: str | None
+) -> None:
+    """All checks on (sampled experts or not: the MoE check takes every expert): both checkpoints'
+    tensor bytes are read exactly once, and the report's io figures say so."""
+    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", conversion)
+    log = ReadLog(monkeypatch)
+    opts = ValidateOptions(device=ws.device, tokens=ws.tokens, experts=int(sample) if sample else None)
+    report = validate_checkpoints(orig, conv, opts)
+    assert report.passed, [c for c in report.checks if not c.passed]
+    with Checkpoint(orig) as o, Checkpoint(conv) as c:
+        assert_each_byte_once(log, o)
+        assert_each_byte_once(log, c)
+        assert report.io["original_read"] == report.io["original_bytes"] == o.total_bytes
+        assert report.io["converted_read"] == report.io["converted_bytes"] == c.total_bytes
+
+
+def test_validate_buffers_hold_two_layers_whatever_the_depth(tmp_path: Path) -> None:
+    """Six MoE layers: the read buffers hold at most two steps of one layer's size (the experts, shared
+    expert and router of both checkpoints, page-aligned), far less than the checkpoints."""
+    orig = make_checkpoint(
+        "deepseek_v3", tmp_path / "src", num_layers=7, hidden_size=256, moe_intermediate_size=128,
+        num_experts=6, top_k=2, vocab_size=300, seed=5,
+    )  # fmt: skip
+    conv = tmp_path / "q"
+    tv.run_ok("quantize", orig, conv, "--device", "cpu")
+    report = validate_checkpoints(orig, conv, ValidateOptions(device="cpu", tokens=4))
+    assert report.passed
+    with Checkpoint(orig) as o, Checkpoint(conv) as c:
+        per_layer = []
+        for layer in range(1, 7):
+            block = f"model.layers.{layer}.mlp."
+            names = [(ck, n) for ck in (o, c) for n in ck.tensors if n.startswith(block)]
+            per_layer.append(sum(ck.tensors[n].nbytes + prefetch.ALIGN for ck, n in names))
+        total = o.total_bytes + c.total_bytes
+    assert 0 < report.io["buffer_bytes"] <= 2 * max(per_layer)
+    assert report.io["buffer_bytes"] < total / 2
+
+
+def test_report_has_seconds_per_stage(ws: tv.Workspace) -> None:
+    orig = ws.source("deepseek_v3")
+    res = ws.validate(orig, ws.converted("deepseek_v3", "deepgemm-ue8m0"), "-v")
+    assert res.code == 0, res.out
+    t = res.report["timings"]
+    assert set(t) == set(TIMING_KEYS), t
+    assert all(isinstance(v, float) and v >= 0 for v in t.values()), t
+    assert t["tensors"] > 0 and t["kernels"] > 0 and t["moe"] > 0 and t["structure"] > 0
+    # one copy of each layer's step to the GPU; none on the CPU, where the checks use the read buffers
+    assert (t["transfer"] > 0) == ws.device.startswith("cuda"), t
+    # the checks run one after another on the calling thread; hashing runs beside them
+    assert t["tensors"] + t["kernels"] + t["moe"] + t["transfer"] + t["read_wait"] <= t["total"] + 0.01
+    assert t["structure"] <= t["total"] + 0.01
+    assert "timings (s, overlapping): structure" in res.err and "read original" in res.err, res.err
+    state_orig, state_conv = ws.scratch("o.safetensors"), ws.scratch("c.safetensors")
+    tv.write_state_file(state_orig, tv.k_first_state(torch.float32), tv.ssm_meta("k-first"))
+    tv.run_ok("convert-ssm", state_orig, state_conv, "--to", "k-last")
+    res = ws.validate(state_orig, state_conv)
+    assert res.code == 0 and res.report["timings"]["ssm"] > 0
+    assert res.report["timings"]["total"] >= res.report["timings"]["ssm"]
+
+
+@pytest.mark.parametrize("layout", ["deepgemm", "hf"])
+def test_flipped_byte_in_unfused_shared_expert_fails(ws: tv.Workspace, layout: str) -> None:
+    """The shared expert is quantized in place (not fused): its FP8 bytes are compared with the recipe
+    like every other tensor, so a flipped byte fails the tensors check by name even with the sha256
+    re-recorded."""
+    orig = ws.source("deepseek_v3")
+    conv = ws.copy(ws.converted("deepseek_v3", f"{layout}-float"))
+    name = "model.layers.2.mlp.shared_experts.down_proj.weight"
+    tv.flip_fp8_byte(conv, name, (77, 3))
+    tv.refresh_manifest(conv)
+    res = ws.validate(orig, conv)
+    assert tv.passed(res, "structure")
+    tv.assert_fails(res, name, groups=("tensors",))
+    other = next(c for c in tv.checks(res, "tensors") if c["scope"] == "other tensors")
+    assert "FP8 bytes differ" in other["detail"] and "[77, 3]" in other["detail"], other
+
+
+def test_failing_read_is_one_line_naming_the_file(ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk error while reading the converted experts: exit 2, one line naming the shard and the
+    tensor, no report, no thread left reading or hashing."""
+    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", "deepgemm-float")
+    victim = f"{experts_prefix(tv.config_of(conv), 2)}.w2_weight"
+    ReadLog(monkeypatch, fail={victim: OSError(errno.EIO, "Input/output error")})
+    res = ws.validate(orig, conv)
+    assert res.code == 2, (res.code, res.out, res.err)
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.err, res.err
+    assert str(conv / tv.SHARD) in lines[0] and victim in lines[0] and "Input/output error" in lines[0]
+    assert not _our_threads()
+
+
+def test_non_finite_original_stops_with_one_line(ws: tv.Workspace) -> None:
+    """A NaN in an original expert (the conversion made before it appeared): the recipe cannot be
+    applied, so validate stops with one line naming the tensor (exit 2), in the middle of its pass,
+    and leaves no thread reading or hashing."""
+    conv = ws.converted("deepseek_v3", "hf-float")
+    orig = ws.copy(ws.source("deepseek_v3"))
+    name = f"{experts_prefix(tv.config_of(orig), 2)}.3.up_proj.weight"
+    shard, off, _, dtype, shape = tv.tensor_at(orig, name)
+    assert dtype == "BF16"
+    tv.write_bytes(shard, off + tv.element_offset(shape, (5, 131), 2), b"\xc0\x7f")  # bf16 NaN
+    res = ws.validate(orig, conv)
+    assert res.code == 2, (res.code, res.out, res.err)
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and "NaN" in lines[0], res.err
+    assert not _our_threads()
