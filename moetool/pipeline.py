@@ -170,7 +170,7 @@ def job_pieces(
         qs, ss = [], []
         reuse = sources is not None and quantizer.device.type == "cpu"
         for src in job.sources:
-            t = _read_reused(ckpt, src, sources) if reuse else None
+            t = _read_reused(ckpt, src) if reuse else None
             if t is not None:
                 s = None
             else:
@@ -210,7 +210,7 @@ SCRATCH_MAX = 64 << 20
 _scratch = threading.local()
 
 
-def _read_reused(ckpt: Checkpoint, src: Src, sources: _SourceFiles) -> torch.Tensor | None:
+def _read_reused(ckpt: Checkpoint, src: Src) -> torch.Tensor | None:
     """A float source region read into this thread's reused buffer (valid until its next call), or None
     where that does not apply (FP8 with scales, a column slice, over ``SCRATCH_MAX``). Reusing the buffer
     spares the page faults and zeroing of a fresh allocation per expert."""
@@ -223,37 +223,14 @@ def _read_reused(ckpt: Checkpoint, src: Src, sources: _SourceFiles) -> torch.Ten
     if buf is None or buf.numel() < r.nbytes:
         buf = _scratch.buf = torch.empty(r.nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy()).cast("B")[: r.nbytes]
-    fd = sources.fd(r.file)
-    done = 0
-    while done < r.nbytes:
-        n = os.preadv(fd, [view[done:]], r.offset + done)
-        if n <= 0:
-            raise InputError(
-                f"file ended after {done} of {r.nbytes} bytes",
-                file=r.file,
-                tensor=src.name,
-                fix="the shard is truncated; re-download it",
-            )
-        done += n
+    ckpt.pread_into(r.file, r.offset, view, tensor=src.name)
     return buf[: r.nbytes].view(ckpt.info(src.name).torch_dtype).reshape(r.shape)
 
 
 def _file_region(ckpt: Checkpoint, name: str, expert: int | None, rows: tuple[int, int] | None) -> _Region:
     """Where ``name`` (or ``name[expert]``, and/or its rows ``[r0, r1)``) lies in its file; the same
     selection ``Checkpoint.read`` makes."""
-    info = ckpt.info(name)
-    shape = list(info.shape)
-    offset, nbytes = info.offset, info.nbytes
-    if expert is not None:
-        if not shape or not 0 <= expert < shape[0]:
-            raise InputError(f"no expert {expert} in a tensor of shape {shape}", file=info.file, tensor=name)
-        nbytes //= shape[0]
-        offset += expert * nbytes
-        shape = shape[1:]
-    if rows is not None:
-        row_bytes = nbytes // shape[0] if shape and shape[0] else 0
-        offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
-        shape[0] = rows[1] - rows[0]
+    info, offset, nbytes, shape = ckpt.region(name, rows, expert=expert)
     return _Region(name, info.dtype, info.file, offset, nbytes, tuple(shape))
 
 
