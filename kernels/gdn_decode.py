@@ -59,6 +59,14 @@ def _gdn_token(b_h, p_q, p_k, p_v, p_a, p_b, neg_A, b_dt, scale, m_k, m_v, SOFTP
 
 
 @triton.jit
+def _store_out(p_o, b_o, m_v, OUT_BF16: tl.constexpr):
+    if OUT_BF16:
+        tl.store(p_o, _to_bf16_rtne(b_o), mask=m_v)
+    else:
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
 def gdn_decode_klast_kernel(
     q,  # [B, T, H, K]
     k,  # [B, T, H, K]
@@ -139,10 +147,7 @@ def gdn_decode_klast_kernel(
             b_h, b_o = _gdn_token(
                 b_h, p_q0, p_k0, p_v, p_a0, p_b0, neg_A, b_dt, scale, m_k, m_v, SOFTPLUS_THRESHOLD, EPS
             )
-            if OUT_BF16:
-                tl.store(p_o, _to_bf16_rtne(b_o), mask=m_v)
-            else:
-                tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+            _store_out(p_o, b_o, m_v, OUT_BF16)
         else:
             p_q = p_q0
             p_k = p_k0
@@ -152,10 +157,7 @@ def gdn_decode_klast_kernel(
                 b_h, b_o = _gdn_token(
                     b_h, p_q, p_k, p_v, p_a, p_b, neg_A, b_dt, scale, m_k, m_v, SOFTPLUS_THRESHOLD, EPS
                 )
-                if OUT_BF16:
-                    tl.store(p_o, _to_bf16_rtne(b_o), mask=m_v)
-                else:
-                    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
+                _store_out(p_o, b_o, m_v, OUT_BF16)
                 p_q += H * K
                 p_k += H * K
                 p_v += HV * V
