@@ -13,9 +13,14 @@ name what is wrong (SPEC §6). Every check returns plain ``Check`` records; the 
               k-first reference from the original state.
 
 Checks 1-4 run in one pass (``Validator``): each MoE layer's experts of both checkpoints are read once,
-by several threads, while the previous layer is checked, and serve the tensors, kernels and MoE checks
+by several threads, while the previous read is checked, and serve the tensors, kernels and MoE checks
 alike; the sha256 of the converted files is computed on other threads meanwhile. The report keeps the
 order above whatever order the work ran in, and adds seconds per stage and bytes read.
+
+Host memory: a layer larger than ``ValidateOptions.read_budget`` is read in chunks of whole experts, and
+each chunk is copied into the layer's tensors on the device as it arrives, so the read buffers hold two
+chunks whatever the number of experts per layer. On ``--device cpu`` the layer's tensors are host memory
+(the torch references need the whole layer), so there the host holds one layer plus two chunks.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from moetool import tolerances as tol
 from moetool.errors import InputError, MoetoolError, UsageError
 from moetool.io import prefetch
 from moetool.io.checkpoint import MANIFEST_NAME, Checkpoint
-from moetool.io.prefetch import Batch, FileHashes, Prefetcher, ReadPlan, reader_threads
+from moetool.io.prefetch import Batch, Field, FileHashes, Prefetcher, ReadPlan, reader_threads
 from moetool.model import FP8_DTYPES, CheckpointView, analyze, scale_name
 from moetool.pipeline import pick_device
 from moetool.plan import Src
@@ -46,7 +51,8 @@ ADDED_CONFIG_KEYS = ("quantization_config", "moetool_fused_shared_experts")
 #: ``Report.timings``, seconds. The checks overlap, so the parts do not add up to ``total``:
 #: structure is the wall time of the sha256 hashing (running beside everything else) plus the rest of
 #: the structure check; tensors, kernels, moe, ssm the time spent computing each check; transfer the
-#: copies of each step to the device; read_wait the time the checks waited for a step to be read.
+#: copies of each step (or chunk of a layer) to the device, or into the layer's tensors on the CPU;
+#: read_wait the time the checks waited for a step to be read.
 TIMING_KEYS = ("structure", "tensors", "kernels", "moe", "ssm", "transfer", "read_wait", "total")
 
 
@@ -101,6 +107,21 @@ class ValidateOptions:
     seed: int = 0
     checks: tuple[str, ...] = ("structure", "tensors", "kernels", "moe")
     ssm_steps: int = 4
+    #: most bytes of one read step; a layer above it is read in chunks of whole experts (a tensor larger
+    #: than the budget gets a step of its own). None: ``default_read_budget``.
+    read_budget: int | None = None
+
+
+MIN_READ_BUDGET = 1 << 30
+
+
+def default_read_budget(largest: int) -> int:
+    """Bytes per read step for a checkpoint pair whose largest tensor read whole (anything but the
+    stacked experts, which are read expert by expert) has ``largest`` bytes: twice that, so a tensor
+    and its original fit one step, and at least 1 GiB, so a step's reads still spread over every reader
+    thread in 32 MiB pieces. Two buffers of it bound the host memory like quantize's 4 x largest tensor
+    (+ 1 GB), whatever the number of experts per layer."""
+    return max(MIN_READ_BUDGET, 2 * largest)
 
 
 # -- backends ---------------------------------------------------------------------------------
@@ -252,7 +273,7 @@ class _Stack:
         self.fp8, self.whole_scales = fp8, whole_scales
         self.pos = {e: k for k, e in enumerate(experts)}
 
-    def region(self, b: Batch, e: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def region(self, b: Tensors, e: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Source ``j`` of expert ``e`` (gate/up sources, then down) with its scale blocks, as
         ``read_source`` returns it."""
         k, p = self.pos[e], self.prefix
@@ -291,6 +312,43 @@ class _LayerStep:
     others: list[str] = field(default_factory=list)
     orig: _Stack | None = None
     conv: _Stack | None = None
+    layout: dict[str, Field] = field(default_factory=dict)  # the whole layer's fields
+    bad: str | None = None  # the tensors check's first mismatch, found chunk by chunk
+    errs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Chunk:
+    """Part ``index`` of ``count`` of a layer step read in several: whole tensors (``experts`` empty) or
+    the experts ``step.experts[start:start + len(experts)]``, which are at index ``start`` on in the
+    step's converted stack and, for the routed ones, in its original stack too (routed experts come
+    first)."""
+
+    step: _LayerStep
+    index: int
+    count: int
+    start: int = 0
+    experts: list[int] = field(default_factory=list)
+
+
+class _LayerTensors:
+    """A layer step's fields as tensors of their own (``step.layout``), filled chunk by chunk; read by
+    the checks like a :class:`Batch`."""
+
+    def __init__(self, layout: dict[str, Field], device: torch.device) -> None:
+        self.tensors = {k: torch.empty(f.shape, dtype=f.dtype, device=device) for k, f in layout.items()}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self.tensors.get(key)
+
+
+Tensors = Batch | _LayerTensors
 
 
 @dataclass
@@ -300,7 +358,7 @@ class _OthersStep:
     names: list[str]
 
 
-def _slice(b: Batch, side: str, src: Src, root: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _slice(b: Tensors, side: str, src: Src, root: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``src`` cut from the whole tensor read into field ``{side}:{name}`` (and its scale blocks), exactly
     as ``read_source`` reads it from the checkpoint at ``root``."""
     t = b[f"{side}:{src.name}"]
@@ -356,10 +414,13 @@ class Validator:
 
     Every MoE layer is one read step: the original's experts (and shared expert), the converted
     experts, and the router tensors, read once, into one buffer, by several threads, while the
-    previous layer is checked on the device; the tensors, kernels and MoE checks all take their
-    weights from that step. The remaining non-expert tensors follow in steps of at most a layer's
-    size. The sha256 of every converted file is computed on other threads meanwhile. Checks are
-    reported in a fixed order whatever the order they ran in.
+    previous step is checked on the device; the tensors, kernels and MoE checks all take their
+    weights from that step. A layer larger than the read budget is read in chunks instead (its whole
+    tensors, then runs of experts), each copied into the layer's tensors on the device as it arrives
+    and byte-checked there; the kernels and MoE checks run once the last chunk is in. The remaining
+    non-expert tensors follow in steps of at most the largest step. The sha256 of every converted
+    file is computed on other threads meanwhile. Checks are reported in a fixed order whatever the
+    order they ran in.
     """
 
     def __init__(self, orig: CheckpointView, conv: CheckpointView, opts: ValidateOptions) -> None:
@@ -381,6 +442,18 @@ class Validator:
         self._other_results: dict[str, str | Exception | None] = {}
         self._others: list[str] | None = None
         self._orig_cache: tuple[_LayerStep, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._layer: _LayerTensors | None = None  # the layer being filled chunk by chunk
+        self.read_budget = (
+            max(1, opts.read_budget) if opts.read_budget is not None else default_read_budget(self._largest())
+        )
+
+    def _largest(self) -> int:
+        """Bytes of the largest tensor read whole (stacked experts are read expert by expert)."""
+        stacked = {n for v in (self.orig, self.conv) for s in v.stores.values() for n in s.names}
+        return max(
+            (t.nbytes for ck in (self.o_ck, self.c_ck) for n, t in ck.tensors.items() if n not in stacked),
+            default=0,
+        )
 
     def layers(self) -> list[int]:
         layers = sorted(self.conv.stores)
@@ -415,8 +488,8 @@ class Validator:
         hashes = self._start_hashes() if "structure" in checks and self.conv.manifest is not None else None
         try:
             steps = self._steps(layers)
-            plans = [self._plan(step) for step in steps]
-            plans += [self._plan(s) for s in self._others_steps(plans)]
+            plans = [p for step in steps for p in self._layer_plans(step)]
+            plans += [self._plan(s) for s in self._others_steps(steps, plans)]
             if plans:
                 self._pool = ThreadPoolExecutor(
                     max_workers=reader_threads(), thread_name_prefix="moetool-compare"
@@ -425,6 +498,8 @@ class Validator:
                     for batch in pf:
                         if isinstance(batch.label, _LayerStep):
                             self._run_layer(batch)
+                        elif isinstance(batch.label, _Chunk):
+                            self._run_chunk(batch)
                         else:
                             self._run_others(batch)
                     self.timings["read_wait"] = pf.wait_s
@@ -614,6 +689,67 @@ class Validator:
             plan.read(prefix + "s2", ck, scale_name(d.name), rows, expert=d.expert, at=at)
         return _Stack(prefix, [e for e, _, _ in items], parts, sparts, fp8, whole)
 
+    def _items(
+        self, step: _LayerStep
+    ) -> tuple[list[tuple[int, tuple[Src, ...], Src]], list[tuple[int, tuple[Src, ...], Src]]]:
+        """The (expert, gate/up sources, down source) of the step's routed original experts and of its
+        converted experts, in ``step.experts`` order."""
+        o, c, layer = self.orig, self.conv, step.layer
+        routed = [e for e in step.experts if e < o.info.num_experts]
+        o_items = [(e, *_expected_sources(o, c, layer, e)) for e in routed]
+        c_items: list[tuple[int, tuple[Src, ...], Src]] = []
+        for e in step.experts:
+            gate, up, down = _stored(c, layer, e)
+            c_items.append((e, (gate, up), down))
+        return o_items, c_items
+
+    def _layer_plans(self, step: _LayerStep) -> list[ReadPlan]:
+        """The step as one plan when it fits the read budget, else as chunks of at most the budget:
+        its whole tensors, then runs of experts (an expert's tensors never split; anything larger
+        than the budget alone in its chunk). Chunks are labelled ``_Chunk`` in reading order."""
+        full = self._plan(step)
+        step.layout = dict(full.fields)
+        budget = self.read_budget
+        if full.nbytes <= budget:
+            return [full]
+        groups: list[tuple[list[str], list[int]]] = []  # (whole-tensor keys, expert positions)
+        size = 0
+        for key, f in full.fields.items():
+            if key[1] == "|":
+                continue
+            need = f.nbytes + prefetch.ALIGN
+            if not groups or size + need > budget:
+                groups.append(([], []))
+                size = 0
+            groups[-1][0].append(key)
+            size += need
+        n_orig = len(step.orig.experts) if step.orig is not None else 0
+        per = {k: f.nbytes // max(f.shape[0], 1) for k, f in full.fields.items() if k[1] == "|"}
+        base = len(per) * prefetch.ALIGN
+        first_experts = len(groups)
+        for i in range(len(step.experts)):
+            need = sum(n for k, n in per.items() if k[0] == "c" or i < n_orig)
+            if len(groups) == first_experts or size + need > budget:
+                groups.append(([], []))
+                size = base
+            groups[-1][1].append(i)
+            size += need
+        o_items, c_items = self._items(step)
+        plans = []
+        for index, (keys, positions) in enumerate(groups):
+            start = positions[0] if positions else 0
+            chunk = _Chunk(step, index, len(groups), start, [step.experts[i] for i in positions])
+            plan = ReadPlan(chunk)
+            for key in keys:
+                plan.tensor(key, self.o_ck if key[0] == "o" else self.c_ck, key[2:])
+            if positions:
+                end = positions[-1] + 1
+                if start < n_orig:
+                    self._plan_stack(plan, "o|", self.o_ck, o_items[start : min(end, n_orig)])
+                self._plan_stack(plan, "c|", self.c_ck, c_items[start:end])
+            plans.append(plan)
+        return plans
+
     def _plan(self, step: _LayerStep | _OthersStep) -> ReadPlan:
         plan = ReadPlan(step)
         if isinstance(step, _OthersStep):
@@ -622,20 +758,14 @@ class Validator:
                 self._plan_whole(plan, "c", name)
             return plan
         o, c, layer = self.orig, self.conv, step.layer
-        n_routed = o.info.num_experts
-        sources = {e: _expected_sources(o, c, layer, e) for e in step.experts}
-        routed = [e for e in step.experts if e < n_routed]
-        if routed:
-            step.orig = self._plan_stack(plan, "o|", self.o_ck, [(e, *sources[e]) for e in routed])
+        o_items, c_items = self._items(step)
+        if o_items:
+            step.orig = self._plan_stack(plan, "o|", self.o_ck, o_items)
         sh = o.shared.get(layer)
-        if sh is not None and (step.moe or len(routed) < len(step.experts)):
+        if sh is not None and (step.moe or len(o_items) < len(step.experts)):
             for name in (sh.gate, sh.up, sh.down):  # the fused slots are slices of it
                 self._plan_whole(plan, "o", name)
-        items = []
-        for e in step.experts:
-            gate, up, down = _stored(c, layer, e)
-            items.append((e, (gate, up), down))
-        step.conv = self._plan_stack(plan, "c|", self.c_ck, items)
+        step.conv = self._plan_stack(plan, "c|", self.c_ck, c_items)
         if step.moe:
             for side, view in (("o", o), ("c", c)):
                 ck = view.ckpt
@@ -656,13 +786,13 @@ class Validator:
             ]
         return plan
 
-    def _others_steps(self, plans: list[ReadPlan]) -> list[_OthersStep]:
+    def _others_steps(self, steps: list[_LayerStep], plans: list[ReadPlan]) -> list[_OthersStep]:
         """The other tensors not read with a layer, in name order, in steps of at most the largest layer
-        step (at least one tensor each), so that they never widen the buffers much."""
+        step or chunk (at least one tensor each), so that they never widen the buffers much."""
         if "tensors" not in self.opts.checks:
             return []
-        done = {n for p in plans for n in p.label.others}
-        budget = max((p.nbytes for p in plans), default=1 << 30)
+        done = {n for s in steps for n in s.others}
+        budget = min(max((p.nbytes for p in plans), default=self.read_budget), self.read_budget)
         steps: list[_OthersStep] = []
         size = 0
         for name in self._others_names():
@@ -814,10 +944,46 @@ class Validator:
             b = batch.to(self.device)
             if b is not batch:
                 batch.release()  # the host buffer is free for the step after next
+        if step.tensors is not None:
+            with self._timed("tensors"):
+                self._tensors_part(step, b, step.tensors)
+        self._finish_layer(step, b)
+
+    def _run_chunk(self, batch: Batch) -> None:
+        """Copy a chunk of a layer into the layer's tensors (allocated on the device at its first chunk),
+        give its read buffer back once the copy is done, byte-check its experts there, and run the
+        layer's other checks after its last chunk."""
+        chunk: _Chunk = batch.label
+        step = chunk.step
+        if chunk.index == 0 or self._layer is None:
+            self._layer = None  # a previous layer's tensors go before the next are allocated
+            self._layer = _LayerTensors(step.layout, self.device)
+        layer = self._layer
+        with self._timed("transfer"):
+            for key, f in batch.plan.fields.items():
+                dst = layer[key]
+                if key[1] == "|":
+                    dst = dst[chunk.start : chunk.start + f.shape[0]]
+                dst.copy_(batch[key], non_blocking=True)
+            if self.device.type == "cuda":  # the copies read the buffer until they are done
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(self.device))
+                done.synchronize()
+            batch.release()  # the reader can refill it while this chunk is checked
+        if step.tensors is not None and chunk.experts:
+            wanted = set(step.tensors)
+            with self._timed("tensors"):
+                self._tensors_part(step, layer, [e for e in chunk.experts if e in wanted])
+        if chunk.index == chunk.count - 1:
+            self._finish_layer(step, layer)
+            self._layer = None
+
+    def _finish_layer(self, step: _LayerStep, b: Tensors) -> None:
+        """The checks that take the whole layer, once it is all in ``b``."""
         layer = step.layer
         if step.tensors is not None:
             with self._timed("tensors"):
-                self._results["tensors"][layer] = self._tensors_layer(step, b)
+                self._results["tensors"][layer] = self._tensors_result(step)
                 for name in step.others:
                     self._other_results[name] = self._other(name, b)
         if step.kernels is not None:
@@ -905,7 +1071,7 @@ class Validator:
         return None
 
     def _orig_region(
-        self, step: _LayerStep, b: Batch, e: int, j: int
+        self, step: _LayerStep, b: Tensors, e: int, j: int
     ) -> tuple[Src, tuple[torch.Tensor, torch.Tensor | None]]:
         """Original source ``j`` (gate, up, down) of converted expert ``e`` and its data."""
         gu, d = _expected_sources(self.orig, self.conv, step.layer, e)
@@ -914,28 +1080,36 @@ class Validator:
             return src, step.orig.region(b, e, j)
         return src, _slice(b, "o", src, self.o_ck.root)
 
-    def _tensors_layer(self, step: _LayerStep, b: Batch) -> Check:
+    def _tensors_part(self, step: _LayerStep, b: Tensors, experts: list[int]) -> None:
+        """Compare ``experts`` (the next of ``step.tensors``, in order) with the recipe, up to the first
+        mismatch of the layer (kept in ``step.bad``); the error statistics come from the first expert."""
         assert step.tensors is not None and step.conv is not None
-        layer, experts = step.layer, step.tensors
-        bad: str | None = None
-        errs: list[float] = []
+        if step.bad:
+            return
+        first = step.tensors[0]
         for e in experts:
+            bad: str | None = None
             if step.conv.whole_scales:
                 bad = self._compare_sm100(step, b, e)
             else:
-                for j, csrc in enumerate(_stored(self.conv, layer, e)):
+                for j, csrc in enumerate(_stored(self.conv, step.layer, e)):
                     osrc, orig = self._orig_region(step, b, e, j)
                     got = step.conv.region(b, e, j)
-                    bad = self._compare(csrc, osrc, got, orig, errs if e == experts[0] else None)
+                    bad = self._compare(csrc, osrc, got, orig, step.errs if e == first else None)
                     if bad:
                         break
             if bad:
-                break
+                step.bad = bad
+                return
+
+    def _tensors_result(self, step: _LayerStep) -> Check:
+        assert step.tensors is not None
+        layer, experts, bad, errs = step.layer, step.tensors, step.bad, step.errs
         metric = f"{len(experts)} experts byte-equal"
         value = "mismatch" if bad else (f"rel err {max(errs):.2e} (expert {experts[0]})" if errs else "equal")
         return Check("tensors", f"layer {layer}", metric, value, "bytes equal", bad is None, bad or "")
 
-    def _compare_sm100(self, step: _LayerStep, b: Batch, e: int) -> str | None:
+    def _compare_sm100(self, step: _LayerStep, b: Tensors, e: int) -> str | None:
         from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
 
         assert step.conv is not None
@@ -960,7 +1134,7 @@ class Validator:
                 return f"{names[tag + '_weight_scale_inv']}[{e}] packed scales differ at {list(pos)}"
         return None
 
-    def _other(self, name: str, b: Batch) -> str | Exception | None:
+    def _other(self, name: str, b: Tensors) -> str | Exception | None:
         """A non-expert tensor against its original (the error, if one stops the comparison, is kept to
         be raised only where the report reaches this tensor)."""
         try:
@@ -971,7 +1145,7 @@ class Validator:
             return e
 
     # -- 3. / 4. kernels and MoE layers -------------------------------------------------------------
-    def _conv_fp8(self, step: _LayerStep, b: Batch, experts: list[int]) -> tuple[torch.Tensor, ...]:
+    def _conv_fp8(self, step: _LayerStep, b: Tensors, experts: list[int]) -> tuple[torch.Tensor, ...]:
         """Converted experts as stacked (w13_q, w13_s, w2_q, w2_s) in the order of ``experts``, SM100
         scales unpacked to float32 blocks."""
         st = step.conv
@@ -988,7 +1162,7 @@ class Validator:
             out[3] = unpack_sm100_scales_ref(sm100_scales_from_storage(out[3], n2), n2, i)
         return tuple(out)
 
-    def _orig_all(self, step: _LayerStep, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _orig_all(self, step: _LayerStep, b: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """The original weights behind every expert of the step, in ``step.experts`` order: w13
         [n, 2I, H], w2 [n, H, I] in the original's float dtype (bf16 stays bf16, exact; FP8 is
         dequantized in float32). Routed experts are the read stacks themselves (no copy for bf16); fused
@@ -1028,7 +1202,7 @@ class Validator:
         return weights
 
     def _orig_weights(
-        self, step: _LayerStep, b: Batch, experts: list[int]
+        self, step: _LayerStep, b: Tensors, experts: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``_orig_all`` for ``experts`` (a view when they lead the step's experts)."""
         w13, w2 = self._orig_all(step, b)
@@ -1044,7 +1218,7 @@ class Validator:
             self._be = Backend(self.device, self.opts.backend)
         return self._be
 
-    def _check_kernels(self, step: _LayerStep, b: Batch) -> Check:
+    def _check_kernels(self, step: _LayerStep, b: Tensors) -> Check:
         be = self._backend()
         layer = step.layer
         gen = torch.Generator().manual_seed(self.opts.seed * 100_003 + layer)
@@ -1082,7 +1256,7 @@ class Validator:
             "" if ok else f"{prefix} {worst[1]}: FP8 GEMM disagrees with the original weights",
         )
 
-    def _layer_weights(self, view: CheckpointView, side: str, b: Batch, layer: int, w13, w2):
+    def _layer_weights(self, view: CheckpointView, side: str, b: Tensors, layer: int, w13, w2):
         from moetool.kernels.fp8_quant_ref import dequant_ref
         from moetool.moe import FusedSlots, MoeLayerWeights
 
@@ -1114,7 +1288,7 @@ class Validator:
             fused=FusedSlots.from_config(view.config),
         )
 
-    def _check_moe(self, step: _LayerStep, b: Batch) -> Check:
+    def _check_moe(self, step: _LayerStep, b: Tensors) -> Check:
         from moetool.moe import moe_forward
 
         be = self._backend()

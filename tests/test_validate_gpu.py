@@ -179,3 +179,29 @@ def test_cuda_quantize_equals_cpu_bytes(
 
 def test_non_finite_original_stops_with_one_line_on_cuda(ws_cuda: tv.Workspace) -> None:
     tio.test_non_finite_original_stops_with_one_line(ws_cuda)
+
+
+@pytest.mark.parametrize("conversion", ["deepgemm-ue8m0+fuse-r2", "hf-float"])
+def test_layer_in_chunks_on_cuda_reports_what_the_whole_layer_does(
+    ws_cuda: tv.Workspace, conversion: str
+) -> None:
+    """A read budget of one expert: each layer reaches the GPU chunk by chunk into tensors allocated
+    once per layer, and the report (tensors, Triton kernels, MoE layers) is the one-read-per-layer
+    report, on a clean conversion and with experts 1 and 2 exchanged across a chunk boundary."""
+    orig = ws_cuda.source("deepseek_v3")
+    clean = ws_cuda.converted("deepseek_v3", conversion)
+    swapped = ws_cuda.copy(clean)
+    layout = "deepgemm" if conversion.startswith("deepgemm") else "hf"
+    culprit = tv.swap_whole_experts(swapped, 1, layout, 1, 2)
+    tv.refresh_manifest(swapped)
+    for conv, clean_run in ((clean, True), (swapped, False)):
+        budget = tio.expert_bytes(conv) + tio.expert_bytes(conv) // 2
+        chunked, whole, oversized = tio.reports_chunked_and_whole(ws_cuda, orig, conv, budget)
+        assert chunked["device"].startswith("cuda") and chunked["backend"] == "triton"
+        tio.assert_same_report(chunked, whole)
+        assert chunked["io"]["buffer_bytes"] <= 2 * max(budget, oversized), (chunked["io"], budget)
+        assert chunked["io"]["buffer_bytes"] < whole["io"]["buffer_bytes"]  # it was read in chunks
+        assert chunked["timings"]["transfer"] > 0
+        assert chunked["passed"] == clean_run
+    tensors = next(c for c in chunked["checks"] if c["group"] == "tensors" and c["scope"] == "layer 1")
+    assert not tensors["passed"] and culprit in tensors["detail"], tensors

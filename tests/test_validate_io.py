@@ -7,7 +7,7 @@ tensor, and leaves no thread behind. ``sha256_of`` and ``FileHashes`` agree with
 
 The validator reads each tensor byte of both checkpoints exactly once (all checks on, sampled experts
 or not, every layout), keeps at most two steps of a layer's size in its buffers whatever the number of
-layers, reports seconds per stage and bytes read, compares an unfused shared expert byte for byte, and
+layers (two read budgets when a layer is read in chunks of experts, with the same report), reports seconds per stage and bytes read, compares an unfused shared expert byte for byte, and
 turns a failing read into exit 2 with one line naming the file.
 """
 
@@ -457,3 +457,98 @@ def test_non_finite_original_stops_with_one_line(ws: tv.Workspace) -> None:
     lines = res.err.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and "NaN" in lines[0], res.err
     assert not _our_threads()
+
+
+# -- a layer read in chunks ---------------------------------------------------------------------------
+UNLIMITED = 1 << 60
+
+
+def expert_bytes(conv: Path) -> int:
+    """Bytes of one expert in both checkpoints of the test models (bf16 original, FP8 converted), with
+    the page alignment of the fields a chunk lays out."""
+    per = 3 * tv.HIDDEN * tv.INTER
+    return 2 * per + per + 8 * prefetch.ALIGN
+
+
+def reports_chunked_and_whole(
+    ws: tv.Workspace, orig: Path, conv: Path, budget: int, experts: int | None = None
+) -> tuple[dict, dict, int]:
+    """Validate with ``budget`` bytes per read step and with no limit; returns both reports (as dicts)
+    and the bytes of the largest step read whole without a limit that a budget cannot cut (a tensor
+    and its original, with their scales)."""
+    reports = []
+    for b in (budget, UNLIMITED):
+        opts = ValidateOptions(device=ws.device, tokens=ws.tokens, experts=experts, read_budget=b)
+        reports.append(validate_checkpoints(orig, conv, opts).to_dict())
+    with Checkpoint(orig) as o, Checkpoint(conv) as c:
+        o_names = {n for n in o.tensors if ".experts." not in n}
+        c_names = {n for n in c.tensors if ".experts." not in n}
+        oversized = max(
+            o.tensors[n].nbytes + c.tensors[n].nbytes + 4 * prefetch.ALIGN
+            + sum(ck.tensors[n + "_scale_inv"].nbytes for ck in (o, c) if n + "_scale_inv" in ck.tensors)
+            for n in o_names & c_names
+        )  # fmt: skip
+    return reports[0], reports[1], oversized
+
+
+def assert_same_report(chunked: dict, whole: dict) -> None:
+    """The same checks, values and verdict; each byte read once either way."""
+    assert chunked["checks"] == whole["checks"]
+    assert chunked["passed"] == whole["passed"]
+    for io in (chunked["io"], whole["io"]):
+        assert io["original_read"] == io["original_bytes"] and io["converted_read"] == io["converted_bytes"]
+
+
+@pytest.mark.parametrize(
+    ("conversion", "sample", "per_chunk"),
+    [
+        ("deepgemm-float", None, 2),
+        ("hf-ue8m0", None, 1),
+        ("deepgemm-ue8m0+fuse-r2", None, 2),
+        ("hf-float+fuse-r2", "2", 1),
+        ("bf16+fuse-r1", None, 1),
+    ],
+)
+def test_layer_in_chunks_reports_what_the_whole_layer_does(
+    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, conversion: str, sample: str | None, per_chunk: int
+) -> None:
+    """A read budget of one or two experts splits every layer into several chunks: the same report as
+    one read per layer, every byte read once, and the read buffers bounded by two budgets (or two of
+    the one step a budget cannot cut) instead of two layers."""
+    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", conversion)
+    budget = expert_bytes(conv) * per_chunk + expert_bytes(conv) // 2
+    log = ReadLog(monkeypatch)
+    opts = ValidateOptions(device=ws.device, tokens=ws.tokens, experts=int(sample) if sample else None)
+    chunked = validate_checkpoints(orig, conv, ValidateOptions(**{**opts.__dict__, "read_budget": budget}))
+    with Checkpoint(orig) as o, Checkpoint(conv) as c:
+        assert_each_byte_once(log, o)
+        assert_each_byte_once(log, c)
+    chunked_d, whole, oversized = reports_chunked_and_whole(ws, orig, conv, budget, opts.experts)
+    assert chunked.passed and chunked_d["checks"] == chunked.to_dict()["checks"]
+    assert_same_report(chunked_d, whole)
+    assert chunked.io["buffer_bytes"] <= 2 * max(budget, oversized), (chunked.io, budget, oversized)
+    assert chunked.io["buffer_bytes"] < whole["io"]["buffer_bytes"]
+
+
+@pytest.mark.parametrize("layout", ["deepgemm", "hf"])
+def test_defects_across_chunks_report_what_the_whole_layer_does(ws: tv.Workspace, layout: str) -> None:
+    """Chunks of two experts: a flipped byte in expert 2 (the second chunk) and experts 1 and 2
+    exchanged across the chunk boundary fail the same way as with one read per layer."""
+    flipped = ws.copy(ws.converted("deepseek_v3", f"{layout}-float"))
+    name = tv.down_proj_name(tv.config_of(flipped), 2, layout, e=2)
+    tv.flip_fp8_byte(flipped, name, (2, 100, 50) if layout == "deepgemm" else (100, 50))
+    swapped = ws.copy(ws.converted("deepseek_v3", f"{layout}-float"))
+    culprit = tv.swap_whole_experts(swapped, 1, layout, 1, 2)
+    tv.refresh_manifest(swapped)
+    orig = ws.source("deepseek_v3")
+    for conv, bad, layer in ((flipped, name, 2), (swapped, culprit, 1)):
+        budget = 2 * expert_bytes(conv) + expert_bytes(conv) // 2
+        chunked, whole, _ = reports_chunked_and_whole(ws, orig, conv, budget)
+        assert_same_report(chunked, whole)
+        tensors = next(
+            c for c in chunked["checks"] if c["group"] == "tensors" and c["scope"] == f"layer {layer}"
+        )
+        assert not tensors["passed"] and bad in tensors["detail"], tensors
+        assert chunked["io"]["buffer_bytes"] < whole["io"]["buffer_bytes"]  # it was read in chunks
+    # the first expert of the swap is named, in either layout
+    assert "w13_weight[1," in tensors["detail"] or "experts.1.gate_proj" in tensors["detail"], tensors
