@@ -37,9 +37,10 @@ import torch
 H, HV, K, V = 16, 32, 128, 128
 DEVICE = "cuda"
 BARS = {"vs_klast": 1.0, "vs_kfirst": 1.3, "copy_frac": 0.85, "b1": 2.0}
-# (block_v, tiles per program, num_warps, stages)
+# (block_v, tiles per program, num_warps, stages[, keep_in_l2])
 SORTED_SLOTS = False  # --sorted-slots: sequence b uses pool row b + 1, fla's h0 order
 SWEEP = [
+    (8, 1, 1, 1, True),
     (8, 1, 1, 1),
     (16, 1, 1, 1),
     (32, 1, 4, 1),
