@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -449,39 +450,24 @@ def _case_header_longer_than_file(root: Path) -> list[str]:
     return ["model.safetensors"]
 
 
-def _case_offsets_past_end(root: Path) -> list[str]:
-    header, data = _valid_pair()
-    header["beta.weight"] = {"dtype": "F32", "shape": [4], "data_offsets": [32, 48]}
-    _raw_safetensors(root / "model.safetensors", header, data)
-    return ["model.safetensors", "beta.weight"]
+def _bad_beta(entry: dict[str, object], *expected: str) -> Callable[[Path], list[str]]:
+    """A case whose second tensor, ``beta.weight``, has header entry ``entry``; the error must name the
+    shard, beta and ``expected``."""
+
+    def case(root: Path) -> list[str]:
+        header, data = _valid_pair()
+        header["beta.weight"] = entry
+        _raw_safetensors(root / "model.safetensors", header, data)
+        return ["model.safetensors", "beta.weight", *expected]
+
+    return case
 
 
-def _case_overlap(root: Path) -> list[str]:
-    header, data = _valid_pair()
-    header["beta.weight"] = {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}
-    _raw_safetensors(root / "model.safetensors", header, data)
-    return ["model.safetensors", "alpha.weight", "beta.weight"]
-
-
-def _case_span_shape_mismatch(root: Path) -> list[str]:
-    header, data = _valid_pair()
-    header["beta.weight"] = {"dtype": "F32", "shape": [3], "data_offsets": [16, 32]}
-    _raw_safetensors(root / "model.safetensors", header, data)
-    return ["model.safetensors", "beta.weight"]
-
-
-def _case_unsupported_dtype(root: Path) -> list[str]:
-    header, data = _valid_pair()
-    header["beta.weight"] = {"dtype": "C64", "shape": [2], "data_offsets": [16, 32]}
-    _raw_safetensors(root / "model.safetensors", header, data)
-    return ["model.safetensors", "beta.weight", "C64"]
-
-
-def _case_negative_dim(root: Path) -> list[str]:
-    header, data = _valid_pair()
-    header["beta.weight"] = {"dtype": "F32", "shape": [-4], "data_offsets": [16, 32]}
-    _raw_safetensors(root / "model.safetensors", header, data)
-    return ["model.safetensors", "beta.weight"]
+_case_offsets_past_end = _bad_beta({"dtype": "F32", "shape": [4], "data_offsets": [32, 48]})
+_case_overlap = _bad_beta({"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}, "alpha.weight")
+_case_span_shape_mismatch = _bad_beta({"dtype": "F32", "shape": [3], "data_offsets": [16, 32]})
+_case_unsupported_dtype = _bad_beta({"dtype": "C64", "shape": [2], "data_offsets": [16, 32]}, "C64")
+_case_negative_dim = _bad_beta({"dtype": "F32", "shape": [-4], "data_offsets": [16, 32]})
 
 
 def _two_shards(root: Path) -> dict[str, str]:
