@@ -127,13 +127,10 @@ mutations = st.lists(
 )
 
 
-@settings(max_examples=150, **COMMON)
-@given(entries=entries, mutations=mutations)
-def test_header_parser_on_mutated_valid_files(
-    scratch: Path, entries: list[tuple[str, str, tuple[int, ...]]], mutations: list[tuple[str, int, int]]
-) -> None:
-    prefix, spans = build_header(entries, {"format": "pt"})
-    raw = bytearray(prefix + bytes(sum(n for _, n in spans.values())))
+def _mutated(data: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
+    """``data`` after each ``(op, where, value)``: flip a byte, truncate, rewrite the 8-byte header
+    length, insert a byte (positions taken modulo the current length)."""
+    raw = bytearray(data)
     for op, where, value in mutations:
         if op == "flip" and raw:
             raw[where % len(raw)] ^= value
@@ -143,8 +140,18 @@ def test_header_parser_on_mutated_valid_files(
             raw[:8] = struct.pack("<Q", value)
         elif op == "insert":
             raw.insert(where % (len(raw) + 1), value)
+    return bytes(raw)
+
+
+@settings(max_examples=150, **COMMON)
+@given(entries=entries, mutations=mutations)
+def test_header_parser_on_mutated_valid_files(
+    scratch: Path, entries: list[tuple[str, str, tuple[int, ...]]], mutations: list[tuple[str, int, int]]
+) -> None:
+    prefix, spans = build_header(entries, {"format": "pt"})
+    raw = _mutated(prefix + bytes(sum(n for _, n in spans.values())), mutations)
     path = scratch / "mutated.safetensors"
-    path.write_bytes(bytes(raw))
+    path.write_bytes(raw)
     check_accepted(path)
 
 
@@ -325,18 +332,9 @@ def check_state_file(path: Path) -> None:
 def test_state_reader_on_mutated_files(
     scratch: Path, state_bytes: bytes, mutations: list[tuple[str, int, int]]
 ) -> None:
-    raw = bytearray(state_bytes)
-    for op, where, value in mutations:
-        if op == "flip":
-            raw[where % len(raw)] ^= value
-        elif op == "truncate":
-            del raw[where % (len(raw) + 1) :]
-        elif op == "length":
-            raw[:8] = struct.pack("<Q", value)
-        elif op == "insert":
-            raw.insert(where % (len(raw) + 1), value)
+    raw = _mutated(state_bytes, mutations)
     path = scratch / "state-mutated.safetensors"
-    path.write_bytes(bytes(raw))
+    path.write_bytes(raw)
     check_state_file(path)
 
 
