@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_asserts import assert_bytes, read_dir
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from moetool.cli.main import cli, main
 from moetool.io import Checkpoint
@@ -45,21 +45,6 @@ GATED = ("qwen2_moe", "qwen3_next")
 # moe_forward, fused against unfused, relative to max |reference| (float32): the shared expert's down
 # projection is summed slot by slot and added among the routed terms instead of in one product.
 FUSED_TOL = 1e-5
-
-
-def read_dir(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def assert_bytes(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {list(got.shape)} != {list(want.shape)}"
-    assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), (
-        f"{what}: bytes differ"
-    )
 
 
 def tree_digest(root: Path) -> dict[str, bytes]:

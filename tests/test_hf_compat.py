@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_asserts import read_dir
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -47,13 +48,6 @@ CASES = [
     # block size from the scale grid, so ceil grids are out of its reach)
     ("qwen2_moe", ("--targets", "linear", "--scale-fmt", "ue8m0")),
 ]
-
-
-def read_dir(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_asserts import assert_bytes, read_dir
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from moetool.cli.main import cli
 from moetool.errors import InputError
@@ -31,21 +31,6 @@ DENSE_LAYER = 0
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def read_dir(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def assert_bytes(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {list(got.shape)} != {list(want.shape)}"
-    assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), (
-        f"{what}: bytes differ"
-    )
 
 
 @pytest.fixture(scope="session")

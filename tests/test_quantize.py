@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_asserts import assert_bytes, read_dir
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -94,26 +95,6 @@ def expected_from(src: dict[str, torch.Tensor], name: str, ue8m0: bool) -> tuple
 
 
 # -- checkpoint helpers -----------------------------------------------------------------------------
-def read_dir(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder by name (all shards)."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        part = load_file(f)
-        assert not set(part) & set(out), f"tensor in two shards: {set(part) & set(out)}"
-        out.update(part)
-    return out
-
-
-def assert_bytes(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert tuple(got.shape) == tuple(want.shape), f"{what}: shape {list(got.shape)} != {list(want.shape)}"
-    a = got.contiguous().view(torch.uint8)
-    b = want.contiguous().view(torch.uint8)
-    if not torch.equal(a, b):
-        bad = int((a != b).sum())
-        raise AssertionError(f"{what}: {bad} of {a.numel()} bytes differ")
-
-
 def tree_digest(root: Path) -> str:
     """sha256 over every file's relative path and bytes."""
     h = hashlib.sha256()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_asserts import assert_bytes as shared_assert_bytes
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -104,10 +105,8 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def assert_bytes(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    assert got.dtype == want.dtype, f"{what}: {got.dtype} != {want.dtype}"
-    assert tuple(got.shape) == tuple(want.shape), f"{what}: {list(got.shape)} != {list(want.shape)}"
-    assert got.is_contiguous()
-    assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), what
+    assert got.is_contiguous(), f"{what}: not contiguous"
+    shared_assert_bytes(got, want, what)
 
 
 def assert_same_file_content(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
