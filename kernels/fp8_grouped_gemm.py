@@ -25,8 +25,9 @@ Launch configurations come from a small table keyed on rows per expert and N (K 
 length; ``select_config``):
 at ≤ 64 rows per expert the GEMM streams weights (each weight byte is used for at most 2·64 FLOPs, far
 under Hopper's ≈590 FLOP/byte balance), so tiles are 64 rows tall, all-padding tiles are skipped, and
-enough pipeline stages are in flight to saturate HBM; above that it is compute-bound and uses 128×128
-tiles on two warpgroups with a grouped (L2-friendly) tile order.
+enough pipeline stages are in flight to saturate HBM; above that it is compute-bound and uses 64×128
+TMA-fed tiles, three programs per SM (128×128 tiles on two warpgroups where TMA is unavailable), with a
+grouped (L2-friendly) tile order. Activation scales are read MN-major there (``mn_major_scales``).
 """
 
 from __future__ import annotations
@@ -220,11 +221,12 @@ _STREAMING_NARROW = GemmConfig(block_m=64, block_n=64, group_m=1, num_warps=4, n
 # Compute-bound tiles: 128×128 on two warpgroups (64 accumulator + 64 partial-sum registers per thread),
 # 4 stages × 32 KiB of operands, GROUP_M=8 for weight reuse in L2.
 _COMPUTE = GemmConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=4)
-# The same regime where TMA is available: 64×128 tiles on one warpgroup fed by the copy engine, two
-# programs per SM (4 stages × 24 KiB each), so one program's per-block rescale overlaps the other's MMAs;
-# GROUP_M=32 keeps an expert's weight tiles in L2 across its row tiles. On an H200 this ran 2-12% faster
-# than _COMPUTE on every DeepSeek-V3 expert shape at 512-4096 rows per expert.
-_COMPUTE_TMA = GemmConfig(block_m=64, block_n=128, group_m=32, num_warps=4, num_stages=4, tma=True)
+# The same regime where TMA is available: 64×128 tiles on one warpgroup fed by the copy engine, three
+# programs per SM (3 stages × 24 KiB of operands and 160-164 registers per thread each), so one program's
+# per-block rescale overlaps the others' MMAs; GROUP_M=32 keeps an expert's weight tiles in L2 across its
+# row tiles. On an H200 this ran 2-12% faster than _COMPUTE on every DeepSeek-V3 expert shape at 512-4096
+# rows per expert, and 3 stages (three programs per SM) beat 4 (two) by 0-12%, most on w2 (K = 2048).
+_COMPUTE_TMA = GemmConfig(block_m=64, block_n=128, group_m=32, num_warps=4, num_stages=3, tma=True)
 
 
 def _interpreting() -> bool:
@@ -349,6 +351,20 @@ def masked_config(a_q: torch.Tensor, b_q: torch.Tensor, expected_m: int | None =
     return _device_config(rows, n, k, m_tiles, a_q, b_q)
 
 
+def mn_major_scales(a_s: torch.Tensor) -> torch.Tensor:
+    """``a_s`` (``[..., M, ceil(K/128)]``) with the M dimension contiguous, as DeepGEMM and cuBLAS take
+    activation scales; a no-op when it already is.
+
+    Each K step of a tile reads one scale per row: MN-major that is one contiguous run of BLOCK_M floats,
+    row-major it is BLOCK_M scattered words (one 32-byte sector each). On an H200 the compute regime ran
+    4-8% faster on DeepSeek-V3's w13 (K = 7168) with MN-major scales, so row-major ones are transposed here
+    (one small copy, ``M·K/128`` floats). Producers that can, write them MN-major to begin with
+    (``token_quant(..., mn_major=True)``)."""
+    if a_s.shape[-2] <= 1 or a_s.stride(-2) == 1:
+        return a_s
+    return a_s.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def _launch(
     grid: tuple[int, int],
     cfg: GemmConfig,
@@ -369,6 +385,7 @@ def _launch(
                 f"GemmConfig {cfg}: TMA needs contiguous 16-byte aligned operands with K % 16 == 0",
                 tensor="a_q/b_q",
             )
+        a_s = mn_major_scales(a_s)
         a_desc = TensorDescriptor.from_tensor(a_q.view(-1, k), [cfg.block_m, BLOCK_K])
         b_desc = TensorDescriptor.from_tensor(b_q.view(g * n, k), [cfg.block_n, BLOCK_K])
     # The contiguous layout has no group dimension on A/D: stride 0 makes program_id(1) == 0 harmless.

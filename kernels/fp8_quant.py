@@ -116,6 +116,8 @@ def token_quant_kernel(
     M,
     K,
     num_bk,
+    stride_sm,
+    stride_sk,
     UE8M0: tl.constexpr,
     EXACT_CVT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -123,7 +125,8 @@ def token_quant_kernel(
 ):
     """One program per (BLOCK_M rows, column block), one scale per row and column block.
 
-    x: [M, K] bf16/fp16/fp32 contiguous; q: [M, K] uint8 (e4m3 bits); s: [M, num_bk] f32.
+    x: [M, K] bf16/fp16/fp32 contiguous; q: [M, K] uint8 (e4m3 bits); s: [M, num_bk] f32 with strides
+    (stride_sm, stride_sk): row-major or MN-major.
     """
     pid = tl.program_id(0)
     pk = pid % num_bk
@@ -137,7 +140,7 @@ def token_quant_kernel(
 
     amax = tl.max(_abs_bits(x), 1).to(tl.float32, bitcast=True)
     s = _scale_from_amax(amax, UE8M0)
-    tl.store(s_ptr + rows.to(tl.int64) * num_bk + pk, s, mask=row_ok)
+    tl.store(s_ptr + rows.to(tl.int64) * stride_sm + pk * stride_sk, s, mask=row_ok)
 
     inv = tl.math.div_rn(1.0, s)
     y = tl.minimum(tl.maximum(x * inv[:, None], -_FP8_MAX), _FP8_MAX)
@@ -228,6 +231,7 @@ def token_quant(
     x: torch.Tensor,
     *,
     ue8m0: bool = False,
+    mn_major: bool = False,
     _exact_cvt: bool | None = None,
     _block_m: int = 32,
     _num_warps: int = 4,
@@ -235,8 +239,10 @@ def token_quant(
     """Per-token 1 × 128 FP8 of activations, byte-identical to ``block_quant_ref(x, block=(1, 128))``.
 
     ``x``: ``[M, K]`` bfloat16/float16/float32, contiguous. Returns ``q`` float8_e4m3fn ``[M, K]`` and ``s``
-    float32 ``[M, ceil(K/128)]`` (row-major; DeepGEMM's SM90 kernels want it MN-major and TMA-aligned,
-    which is a transpose the caller does). Raises :class:`moetool.errors.InputError` on NaN or inf.
+    float32 ``[M, ceil(K/128)]``: row-major, or with ``mn_major`` a transposed view of a contiguous
+    ``[ceil(K/128), M]`` buffer (``s.stride() == (1, M)``), the layout DeepGEMM's SM90 kernels, cuBLAS and
+    ``m_grouped_fp8_gemm_nt_*`` read fastest. Same values either way. Raises
+    :class:`moetool.errors.InputError` on NaN or inf.
     """
     _check_device(x)
     assert x.dtype in _INPUT_DTYPES, f"token_quant takes {_INPUT_DTYPES}, got {x.dtype}"
@@ -246,7 +252,10 @@ def token_quant(
     m, k = x.shape
     num_bk = cdiv(k, BLOCK)
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((m, num_bk), dtype=torch.float32, device=x.device)
+    if mn_major:
+        s = torch.empty((num_bk, m), dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty((m, num_bk), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return q, s
     exact = (not x.is_cuda) if _exact_cvt is None else _exact_cvt
@@ -259,6 +268,8 @@ def token_quant(
             m,
             k,
             num_bk,
+            s.stride(0),
+            s.stride(1),
             UE8M0=ue8m0,
             EXACT_CVT=exact,
             BLOCK_M=_block_m,

@@ -26,6 +26,7 @@ chunks whatever the number of experts per layer. On ``--device cpu`` the layer's
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -141,7 +142,8 @@ class Backend:
             return
         from moetool.kernels.fp8_quant import token_quant
 
-        self.act_quant = token_quant
+        # MN-major scales: what DeepGEMM takes and what the Triton GEMM reads fastest (no transpose there).
+        self.act_quant = functools.partial(token_quant, mn_major=True)
         if name == "deepgemm":
             try:
                 import deep_gemm  # type: ignore[import-not-found]

@@ -146,6 +146,9 @@ def _run_case(
     x_q, x_s = block_quant_ref(x, block=(1, 128))
     a_q, m_indices, row_of_token = contiguous_layout(x_q, ids, g)
     a_s, _, _ = contiguous_layout(x_s, ids, g)
+    # Activation scales MN-major, as DeepGEMM takes them (and as the anchor gets them below):
+    # token_quant(..., mn_major=True) writes them so in validate.
+    a_s = a_s.t().contiguous().t()
     del x_q, x_s
     seg = -(-rows // 128) * 128  # every expert has `rows` tokens, padded to a 128-row segment
 

@@ -20,6 +20,7 @@ from moetool.kernels.fp8_grouped_gemm import (
     contiguous_config,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
+    mn_major_scales,
     select_config,
 )
 from moetool.kernels.fp8_grouped_gemm_ref import (
@@ -187,6 +188,16 @@ def test_contiguous_streaming_config_and_mn_major_scales(seed):
     assert p.a_s.stride(0) == 1
     d_mn = _run_contiguous(p, expected_m=3)
     assert torch.equal(d_mn.view(torch.int16), d.view(torch.int16))
+
+
+def test_mn_major_scales():
+    s = torch.randn(3, 70, 5)
+    for x in (s, s[0], s[:, :64]):
+        y = mn_major_scales(x)
+        assert y.stride(-2) == 1 and torch.equal(y, x)
+        assert mn_major_scales(y) is y  # already MN-major: no copy
+    one_row = torch.randn(1, 5)
+    assert mn_major_scales(one_row) is one_row
 
 
 def test_all_padding_and_empty(seed):
@@ -433,6 +444,29 @@ def test_gpu_tma_and_pointer_paths_agree(seed, ieee_fp32, shape):
     _check_contiguous(p, d_tma, ACCUM_EPS_GPU)
     _check_contiguous(p, d_ptr, ACCUM_EPS_GPU)
     assert calc_diff(d_tma, d_ptr) < SAME_INPUTS_BAR
+
+
+@pytest.mark.gpu
+def test_gpu_tma_scale_layouts_agree(seed):
+    # The TMA path reads activation scales MN-major and transposes row-major ones first: both layouts,
+    # contiguous and masked, give the same bytes.
+    n, k = _GPU_SHAPES["dsv3-w13"]
+    p = _make_problem([640, 0, 129, 512], n, k, device="cuda")
+    assert p.a_s.stride(-1) == 1 and contiguous_config(p.a_q, p.b_q, expected_m=512).tma
+    d_row = _run_contiguous(p, expected_m=512)
+    p.a_s = p.a_s.t().contiguous().t()
+    d_mn = _run_contiguous(p, expected_m=512)
+    assert torch.equal(d_row.view(torch.int16), d_mn.view(torch.int16))
+    g, m_max = 3, 256
+    a_q, a_s = block_quant_ref(torch.randn(g * m_max, k, device="cuda"), block=(1, 128))
+    a_q, a_s = a_q.view(g, m_max, k), a_s.view(g, m_max, -1)
+    b_q, b_s = block_quant_ref(torch.randn(g, n, k, device="cuda") * 0.05)
+    masked_m = torch.tensor([200, 0, 256], dtype=torch.int32, device="cuda")
+    outs = [
+        m_grouped_fp8_gemm_nt_masked(a_q, s, b_q, b_s, masked_m, expected_m=200)
+        for s in (a_s, a_s.transpose(1, 2).contiguous().transpose(1, 2))
+    ]
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
 
 
 @pytest.mark.gpu

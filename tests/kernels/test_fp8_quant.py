@@ -246,12 +246,16 @@ def test_triton_adversarial_into_poisoned_outputs(ue8m0: bool, seed: int) -> Non
     assert_same_bytes(q, s, *block_quant_ref(w, ue8m0=ue8m0))
 
 
+@pytest.mark.parametrize("mn_major", [False, True])
 @pytest.mark.parametrize("ue8m0", [False, True])
-def test_triton_token_quant(ue8m0: bool, seed: int) -> None:
+def test_triton_token_quant(ue8m0: bool, mn_major: bool, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for shape, dtype in [((3, 130), torch.bfloat16), ((67, 256), torch.float32)]:
         x = weights(shape, dtype, gen)
-        assert_same_bytes(*token_quant(x, ue8m0=ue8m0), *block_quant_ref(x, ue8m0=ue8m0, block=(1, 128)))
+        q, s = token_quant(x, ue8m0=ue8m0, mn_major=mn_major)
+        # MN-major: the same [M, K/128] values over a transposed buffer (DeepGEMM's activation-scale layout)
+        assert s.stride() == ((1, shape[0]) if mn_major else (s.shape[1], 1))
+        assert_same_bytes(q, s.contiguous(), *block_quant_ref(x, ue8m0=ue8m0, block=(1, 128)))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in the interpreter
