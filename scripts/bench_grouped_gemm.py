@@ -30,7 +30,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from moetool.kernels.fp8_grouped_gemm import GemmConfig, contiguous_config, m_grouped_fp8_gemm_nt_contiguous
+from moetool.kernels.fp8_grouped_gemm import (
+    GemmConfig,
+    contiguous_config,
+    m_grouped_fp8_gemm_nt_contiguous,
+    mn_major_scales,
+)
 from moetool.kernels.fp8_grouped_gemm_ref import calc_diff, contiguous_layout
 from moetool.kernels.fp8_quant_ref import block_quant_ref
 from moetool.tolerances import GEMM_CALC_DIFF
@@ -148,7 +153,7 @@ def _run_case(
     a_s, _, _ = contiguous_layout(x_s, ids, g)
     # Activation scales MN-major, as DeepGEMM takes them (and as the anchor gets them below):
     # token_quant(..., mn_major=True) writes them so in validate.
-    a_s = a_s.t().contiguous().t()
+    a_s = mn_major_scales(a_s)
     del x_q, x_s
     seg = -(-rows // 128) * 128  # every expert has `rows` tokens, padded to a 128-row segment
 
