@@ -29,6 +29,16 @@ MAX_JSON_DEPTH = 64  # real config.json files nest 3 or 4 levels
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
+def truncated_shard(file: str | Path, tensor: str | None, done: int, nbytes: int) -> InputError:
+    """The error for a shard that ends before a tensor's bytes do."""
+    return InputError(
+        f"file ended after {done} of {nbytes} bytes",
+        file=str(file),
+        tensor=tensor,
+        fix="the shard is truncated; re-download it",
+    )
+
+
 def read_json(path: Path, *, what: str = "JSON") -> Any:
     """Read a small JSON file with a size and nesting bound; defects are an ``InputError`` naming the file.
 
@@ -240,12 +250,7 @@ class Checkpoint:
         while done < nbytes:
             n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
-                raise InputError(
-                    f"file ended after {done} of {nbytes} bytes",
-                    file=file,
-                    tensor=tensor,
-                    fix="the shard is truncated; re-download it",
-                )
+                raise truncated_shard(file, tensor, done, nbytes)
             done += n
 
     def read(

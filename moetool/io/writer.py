@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from moetool.errors import EnvironmentError_, InputError, UsageError
+from moetool.io.checkpoint import truncated_shard
 from moetool.io.safetensors_format import DTYPE_NAMES, build_header, read_header
 
 LOCK_NAME = ".moetool.lock"
@@ -452,12 +453,7 @@ class ShardWriter:
                         raise
                     n = self._copy_through_memory(src_fd, src_offset + done, offset + done, nbytes - done)
                 if n <= 0:
-                    raise InputError(
-                        f"file ended after {done} of {nbytes} bytes",
-                        file=src,
-                        tensor=name,
-                        fix="the shard is truncated; re-download it",
-                    )
+                    raise truncated_shard(src, name, done, nbytes)
                 self._wrote(n)
                 done += n
         except OSError as e:
