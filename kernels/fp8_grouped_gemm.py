@@ -194,7 +194,8 @@ class GemmConfig:
     stays inside one expert's 128-aligned segment and one weight-scale block column); ``group_m`` M tiles
     share their weight tiles through L2; ``num_warps``/``num_stages`` as in Triton; ``tma`` loads the
     operand tiles through TMA tensor descriptors (Hopper's copy engine; contiguous operands, K a multiple
-    of 16, 16-byte aligned)."""
+    of 16, 16-byte aligned); ``mn_major`` makes row-major activation scales MN-major before the launch
+    (``mn_major_scales``: one small transposing copy, worth it where the GEMM is compute-bound)."""
 
     block_m: int
     block_n: int
@@ -202,6 +203,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     tma: bool = False
+    mn_major: bool = False
 
     def check(self) -> None:
         for name, v in (("block_m", self.block_m), ("block_n", self.block_n)):
@@ -216,6 +218,11 @@ _STREAMING_ROWS = 64
 # Weight-streaming tiles: 64 rows fill one warpgroup's MMA (m64); 4 stages of (64 + 128)×128 bytes =
 # 96 KiB let two programs share an SM, keeping 8 weight tiles (128 KiB) in flight per SM.
 _STREAMING = GemmConfig(block_m=64, block_n=128, group_m=1, num_warps=4, num_stages=4)
+# The same tiles fed by TMA where it is available. On an H100, DeepSeek-V3 experts at 8 × 64 rows: w2 52.9
+# µs and w13 93-94 µs with either activation-scale layout, against 53.4 / 97.2 µs (row-major scales) and
+# 56.5 / 99.7 µs (MN-major) with the pointer loads above. So scales are read as given here: making
+# row-major ones MN-major would add a copy to a 50 µs call and gain nothing.
+_STREAMING_TMA = GemmConfig(block_m=64, block_n=128, group_m=1, num_warps=4, num_stages=4, tma=True)
 # Twice the programs for small grids; 5 stages of 16 KiB keep as many weight bytes in flight per program.
 _STREAMING_NARROW = GemmConfig(block_m=64, block_n=64, group_m=1, num_warps=4, num_stages=5)
 # Compute-bound tiles: 128×128 on two warpgroups (64 accumulator + 64 partial-sum registers per thread),
@@ -226,7 +233,9 @@ _COMPUTE = GemmConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stag
 # per-block rescale overlaps the others' MMAs; GROUP_M=32 keeps an expert's weight tiles in L2 across its
 # row tiles. On an H200 this ran 2-12% faster than _COMPUTE on every DeepSeek-V3 expert shape at 512-4096
 # rows per expert, and 3 stages (three programs per SM) beat 4 (two) by 0-12%, most on w2 (K = 2048).
-_COMPUTE_TMA = GemmConfig(block_m=64, block_n=128, group_m=32, num_warps=4, num_stages=3, tma=True)
+_COMPUTE_TMA = GemmConfig(
+    block_m=64, block_n=128, group_m=32, num_warps=4, num_stages=3, tma=True, mn_major=True
+)
 
 
 def _interpreting() -> bool:
@@ -246,16 +255,16 @@ def select_config(
     ``k``, ``m_tiles`` expected 64-row tiles holding real rows (over all experts), ``sm_count`` SMs and
     whether the operands can go through TMA (``tma``).
 
-    Streaming regime (≤ 64 rows): 64×128 tiles; 64×64 when 128-wide tiles would leave SMs without a
-    program (few experts times a narrow N). Narrower tiles are not the default because every N tile
-    re-reads the expert's activation rows from L2: at 64×64 that is as many bytes as the weights.
-    Compute regime: 64×128 TMA-fed tiles where TMA is available, else 128×128; grouped order.
+    Streaming regime (≤ 64 rows): 64×128 tiles (TMA-fed where available); 64×64 when 128-wide tiles would
+    leave SMs without a program (few experts times a narrow N). Narrower tiles are not the default
+    because every N tile re-reads the expert's activation rows from L2: at 64×64 that is as many bytes as
+    the weights. Compute regime: 64×128 TMA-fed tiles where TMA is available, else 128×128; grouped order.
     """
     del k  # K only sets the loop length; both regimes pipeline it the same way
     if rows_per_expert <= _STREAMING_ROWS:
         if m_tiles * triton.cdiv(n, _STREAMING.block_n) < sm_count:
             return _STREAMING_NARROW
-        return _STREAMING
+        return _STREAMING_TMA if tma else _STREAMING
     return _COMPUTE_TMA if tma else _COMPUTE
 
 
@@ -357,9 +366,9 @@ def mn_major_scales(a_s: torch.Tensor) -> torch.Tensor:
 
     Each K step of a tile reads one scale per row: MN-major that is one contiguous run of BLOCK_M floats,
     row-major it is BLOCK_M scattered words (one 32-byte sector each). On an H200 the compute regime ran
-    4-8% faster on DeepSeek-V3's w13 (K = 7168) with MN-major scales, so row-major ones are transposed here
-    (one small copy, ``M·K/128`` floats). Producers that can, write them MN-major to begin with
-    (``token_quant(..., mn_major=True)``)."""
+    4-8% faster on DeepSeek-V3's w13 (K = 7168) with MN-major scales, so configurations with ``mn_major``
+    (the compute regime's) transpose row-major ones first (one small copy, ``M·K/128`` floats).
+    Producers that can, write them MN-major to begin with (``token_quant(..., mn_major=True)``)."""
     if a_s.shape[-2] <= 1 or a_s.stride(-2) == 1:
         return a_s
     return a_s.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -379,13 +388,14 @@ def _launch(
 ) -> None:
     g, n, k = b_q.shape
     a_desc = b_desc = None
+    if cfg.mn_major:
+        a_s = mn_major_scales(a_s)
     if cfg.tma:
         if not _tma_layout_ok(a_q, b_q):
             raise InputError(
                 f"GemmConfig {cfg}: TMA needs contiguous 16-byte aligned operands with K % 16 == 0",
                 tensor="a_q/b_q",
             )
-        a_s = mn_major_scales(a_s)
         a_desc = TensorDescriptor.from_tensor(a_q.view(-1, k), [cfg.block_m, BLOCK_K])
         b_desc = TensorDescriptor.from_tensor(b_q.view(g * n, k), [cfg.block_n, BLOCK_K])
     # The contiguous layout has no group dimension on A/D: stride 0 makes program_id(1) == 0 harmless.

@@ -20,6 +20,7 @@ from moetool.kernels.fp8_grouped_gemm import (
     contiguous_config,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
+    masked_config,
     mn_major_scales,
     select_config,
 )
@@ -397,7 +398,10 @@ def test_config_table():
     assert select_config(64, 4096, 7168, 256, 132).block_m == 64
     assert select_config(512, 4096, 7168, 256, 132).block_m == 128
     assert select_config(512, 4096, 7168, 256, 132, tma=True).tma
-    assert not select_config(64, 4096, 7168, 256, 132, tma=True).tma  # streaming keeps the pointer path
+    assert select_config(512, 4096, 7168, 256, 132, tma=True).mn_major  # compute-bound: scales MN-major
+    streaming = select_config(64, 4096, 7168, 256, 132, tma=True)
+    assert streaming.tma and not streaming.mn_major  # streaming reads the caller's scales as given
+    assert not select_config(64, 4096, 7168, 256, 132).tma
     # Few experts times a narrow N: narrower tiles so every SM gets work.
     assert select_config(1, 1536, 2048, 8, 132).block_n < select_config(1, 1536, 2048, 256, 132).block_n
 
@@ -447,9 +451,43 @@ def test_gpu_tma_and_pointer_paths_agree(seed, ieee_fp32, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["dsv3-w13", "dsv3-w2"])
+def test_gpu_streaming_tma_and_pointer_paths_agree(seed, ieee_fp32, shape):
+    # At <= 64 rows per expert Hopper feeds the 64x128 streaming tiles through TMA: the same tiles and MMAs
+    # as the pointer path, so the same bytes, with row-major or MN-major activation scales, contiguous and
+    # masked.
+    n, k = _GPU_SHAPES[shape]
+    p = _make_problem([64, 0, 37, 64, 1, 64, 64, 64], n, k, device="cuda")
+    cfg = contiguous_config(p.a_q, p.b_q, expected_m=64)
+    assert cfg.tma and cfg.block_m == 64 and cfg.block_n == 128
+    d_tma = _run_contiguous(p, expected_m=64)
+    d_ptr = _run_contiguous(p, config=_STREAMING)
+    p.a_s = p.a_s.t().contiguous().t()
+    d_mn = _run_contiguous(p, expected_m=64)
+    torch.cuda.synchronize()
+    _check_contiguous(p, d_tma, ACCUM_EPS_GPU)
+    assert torch.equal(d_tma.view(torch.int16), d_ptr.view(torch.int16))
+    assert torch.equal(d_tma.view(torch.int16), d_mn.view(torch.int16))
+    g, m_max = 8, 64
+    a_q, a_s = block_quant_ref(torch.randn(g * m_max, k, device="cuda"), block=(1, 128))
+    a_q, a_s = a_q.view(g, m_max, k), a_s.view(g, m_max, -1)
+    b_q, b_s = block_quant_ref(torch.randn(g, n, k, device="cuda") * 0.05)
+    masked_m = torch.tensor([64, 0, 3, 64, 17, 64, 64, 1], dtype=torch.int32, device="cuda")
+    assert masked_config(a_q, b_q, expected_m=64).tma
+    outs = [
+        m_grouped_fp8_gemm_nt_masked(a_q, a_s, b_q, b_s, masked_m, expected_m=64),
+        m_grouped_fp8_gemm_nt_masked(a_q, a_s, b_q, b_s, masked_m, config=_STREAMING),
+    ]
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    ref32 = masked_grouped_gemm_ref(a_q, a_s, b_q, b_s, masked_m, out_dtype=torch.float32)
+    live = torch.arange(m_max, device="cuda")[None, :] < masked_m[:, None]
+    assert calc_diff(outs[0][live], ref32[live]) < SAME_INPUTS_BAR
+
+
+@pytest.mark.gpu
 def test_gpu_tma_scale_layouts_agree(seed):
-    # The TMA path reads activation scales MN-major and transposes row-major ones first: both layouts,
-    # contiguous and masked, give the same bytes.
+    # The compute-regime TMA path reads activation scales MN-major and transposes row-major ones first:
+    # both layouts, contiguous and masked, give the same bytes.
     n, k = _GPU_SHAPES["dsv3-w13"]
     p = _make_problem([640, 0, 129, 512], n, k, device="cuda")
     assert p.a_s.stride(-1) == 1 and contiguous_config(p.a_q, p.b_q, expected_m=512).tma
