@@ -202,9 +202,13 @@ class LaunchConfig:
 # an SM). A bfloat16 tile of 8 rows holds half the bytes, so at large batch each program walks 8 tiles with
 # the next tiles' loads in flight (3 stages): 87-89% of copy against 84-86% for one tile per program.
 _ONE_TILE = LaunchConfig(block_v=8, tiles=1, num_warps=1, stages=1)
-# float32: the same tile, its lines kept in L2 between load and in-place store (`evict_last`): 96-97% of
-# copy at B = 256/512 against 94-95% without; on bf16 tiles the hint measured nothing consistent.
+# float32 at large batch: the same tile, its lines kept in L2 between load and in-place store
+# (`evict_last`): 96-97% of copy at B = 256/512 against 94-95% without (H200; on an H100 367 against
+# 373 µs at B = 256). Below that the hint costs: on an H100 at B = 64 / 128, 95.3 / 185.5 µs with it against
+# 91.3 / 182.5 µs without, so smaller batches use the plain tile. On bf16 tiles it measured nothing
+# consistent.
 _F32_TILE = LaunchConfig(block_v=8, tiles=1, num_warps=1, stages=1, keep_in_l2=True)
+_F32_KEEP_HEADS = 8192  # B·HV from which float32 state uses _F32_TILE (B ≥ 256 at HV = 32)
 _BF16_STREAM = LaunchConfig(block_v=8, tiles=8, num_warps=1, stages=3)
 _BF16_STREAM_HEADS = 2048  # B·HV from which bf16 state uses _BF16_STREAM (B ≥ 64 at HV = 32)
 
@@ -216,7 +220,7 @@ def launch_config(bh: int, k: int, v: int, state_bf16: bool) -> tuple[int, Launc
     if state_bf16:
         cfg = _BF16_STREAM if bh >= _BF16_STREAM_HEADS else _ONE_TILE
     else:
-        cfg = _F32_TILE
+        cfg = _F32_TILE if bh >= _F32_KEEP_HEADS else _ONE_TILE
     bv = max(1, min(triton.next_power_of_2(v), cfg.block_v))
     tiles = max(1, min(cfg.tiles, triton.cdiv(v, bv)))
     while triton.cdiv(v, bv) % tiles:

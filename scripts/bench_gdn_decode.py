@@ -255,7 +255,9 @@ def main() -> int:
             res["ours_loop"] = time_loop(ours, n)
             res["ours_bench"] = time_bench(ours)
             bk, cfg = launch_config(B * HV, K, V, state_dtype == torch.bfloat16)
-            res["cfg"] = f"{cfg.block_v}x{bk}x{cfg.tiles}/{cfg.num_warps}w"
+            res["cfg"] = f"{cfg.block_v}x{bk}x{cfg.tiles}/{cfg.num_warps}w" + (
+                "/L2" if cfg.keep_in_l2 else ""
+            )
             if B == 1:
                 host[(res["state"], "ours")] = host_time(ours)
             if args.sweep:

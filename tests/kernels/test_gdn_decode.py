@@ -149,6 +149,10 @@ def test_launch_config_tiles_divide_the_v_tiles():
                 assert -(-V // cfg.block_v) % cfg.tiles == 0
     assert launch_config(64 * 32, 128, 128, True)[1].tiles > 1  # large-batch bf16 streams tiles
     assert launch_config(64 * 32, 128, 128, False)[1].tiles == 1
+    # float32 keeps its tiles in L2 between load and store only at large batch (B >= 256 at HV = 32)
+    assert launch_config(256 * 32, 128, 128, False)[1].keep_in_l2
+    assert not launch_config(128 * 32, 128, 128, False)[1].keep_in_l2
+    assert not launch_config(256 * 32, 128, 128, True)[1].keep_in_l2
 
 
 def test_out_of_range_slot_touches_nothing_and_starts_from_zero():
@@ -232,6 +236,25 @@ def test_gpu_kernel_matches_reference(T, state_dtype, io_dtype):
     mask = torch.ones(pool.shape[0], dtype=torch.bool)
     mask[live] = False
     assert torch.equal(pool_tri.cpu()[mask].view(torch.uint8), before.cpu()[mask].view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2])
+def test_gpu_l2_hint_changes_no_byte(T):
+    # The large-batch float32 configuration asks L2 to keep each tile's lines until the in-place store:
+    # a cache hint, so outputs and pool are the same bytes as without it.
+    B = 67
+    q, k, v, a, b, A_log, dt_bias, pool, slot_ids = _gpu_case(B, T, torch.bfloat16, torch.float32, 7 + T)
+    results = []
+    for keep in (True, False):
+        pool_tri = pool.clone()
+        cfg = LaunchConfig(block_v=8, tiles=1, num_warps=1, stages=1, keep_in_l2=keep)
+        o = gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool_tri, slot_ids, config=cfg)
+        results.append((o, pool_tri))
+    torch.cuda.synchronize()
+    assert torch.equal(results[0][0].view(torch.int16), results[1][0].view(torch.int16))
+    assert torch.equal(results[0][1].view(torch.int32), results[1][1].view(torch.int32))
+    assert not torch.equal(results[0][1], pool)  # the live rows did move
 
 
 @pytest.mark.gpu
