@@ -205,11 +205,31 @@ def experts_reference(
         raise InputError(
             f"experts: expert ids must lie in [0, {num}), got [{int(ids.min())}, {int(ids.max())}]"
         )
-    for e in torch.unique(ids).tolist():
-        token_idx, col = torch.where(ids == e)
-        h = expert_mlp(x[token_idx], w13[e, :inter], w13[e, inter:], w2[e])
-        out.index_add_(0, token_idx, h * weights[token_idx, col, None].to(torch.float32))
+    experts_reference_into(out, x, ids, weights, w13, w2)
     return out
+
+
+def experts_reference_into(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    first: int = 0,
+) -> None:
+    """Add to ``out [T, H]`` (float32) the contributions of experts ``first .. first + len(w13) - 1``, whose
+    weights are ``w13``/``w2`` (``w13[i]`` is expert ``first + i``), in ascending expert id; ids outside
+    that range are left out. Called on consecutive ranges in ascending order it performs, operation for
+    operation, what ``experts_reference`` does on the whole stack, so a layer read in parts gives the same
+    bits."""
+    inter = w13.shape[1] // 2
+    inside = (ids >= first) & (ids < first + w13.shape[0])
+    for e in torch.unique(ids[inside]).tolist():
+        token_idx, col = torch.where(ids == e)
+        k = e - first
+        h = expert_mlp(x[token_idx], w13[k, :inter], w13[k, inter:], w2[k])
+        out.index_add_(0, token_idx, h * weights[token_idx, col, None].to(torch.float32))
 
 
 @dataclass(frozen=True)

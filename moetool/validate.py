@@ -17,15 +17,18 @@ by several threads, while the previous read is checked, and serve the tensors, k
 alike; the sha256 of the converted files is computed on other threads meanwhile. The report keeps the
 order above whatever order the work ran in, and adds seconds per stage and bytes read.
 
-Host memory: a layer larger than ``ValidateOptions.read_budget`` is read in chunks of whole experts, and
-each chunk is copied into the layer's tensors on the device as it arrives, so the read buffers hold two
-chunks whatever the number of experts per layer. On ``--device cpu`` the layer's tensors are host memory
-(the torch references need the whole layer), so there the host holds one layer plus two chunks.
+Host memory: a layer larger than ``ValidateOptions.read_budget`` is read in chunks of whole experts, so
+the read buffers hold two chunks whatever the number of experts per layer. On a GPU each chunk is copied
+into the layer's tensors on the device as it arrives. On ``--device cpu`` each chunk is checked where it
+was read and its buffer given back: the byte comparison, the kernels check and the MoE check take its
+experts in turn (the same operations in the same order as on the whole layer, so the report is the
+same), and the host holds the layer's other tensors (router, shared expert) besides the two buffers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import random
@@ -34,7 +37,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,9 @@ from moetool.io.prefetch import Batch, Field, FileHashes, Prefetcher, ReadPlan, 
 from moetool.model import FP8_DTYPES, CheckpointView, analyze, scale_name
 from moetool.pipeline import pick_device
 from moetool.plan import Src
+
+if TYPE_CHECKING:
+    from moetool.moe import MoeLayerWeights
 
 ADDED_CONFIG_KEYS = ("quantization_config", "moetool_fused_shared_experts")
 #: ``Report.timings``, seconds. The checks overlap, so the parts do not add up to ``total``:
@@ -177,20 +183,19 @@ class Backend:
         d = self.gemm(a_q, a_s, w_q.to(dev), w_s.to(dev), m_idx)
         return d.float()[rows]
 
-    def experts_fn(self, w13_q, w13_s, w2_q, w2_s) -> Callable:
-        """An ``ExpertsFn`` for ``moe_forward`` on stacked FP8 experts (w13 [E, 2I, H], w2 [E, H, I])."""
+    def expert_rows(self, x, ids, w13_q, w13_s, w2_q, w2_s) -> torch.Tensor:
+        """``y[r] = expert_{ids[r]}(x[r])`` through the FP8 path for rows x [P, H] float, ids [P] into the
+        stacked experts (w13 [E, 2I, H], w2 [E, H, I]); returns [P, H] float32. Each row's result depends
+        only on the row and its expert, not on which other rows share the call."""
         inter = w13_q.shape[1] // 2
+        h = self.grouped(x, ids, w13_q, w13_s)
+        act = F.silu(h[:, :inter]) * h[:, inter:]
+        return self.grouped(act, ids, w2_q, w2_s)
 
-        def fn(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
-            t, k = ids.shape
-            flat_x = x.float().repeat_interleave(k, dim=0)
-            flat_ids = ids.reshape(-1)
-            h = self.grouped(flat_x, flat_ids, w13_q, w13_s)
-            act = F.silu(h[:, :inter]) * h[:, inter:]
-            y = self.grouped(act, flat_ids, w2_q, w2_s).reshape(t, k, -1)
-            return (y * wts.to(y.device, torch.float32)[..., None]).sum(1).to(x.device)
 
-        return fn
+def weighted_sum(y: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+    """``out[t] = Σ_c wts[t, c] · y[t, c]`` for expert outputs y [T, k, H]: float32 [T, H]."""
+    return (y * wts.to(y.device, torch.float32)[..., None]).sum(1)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -324,13 +329,57 @@ class _Chunk:
     """Part ``index`` of ``count`` of a layer step read in several: whole tensors (``experts`` empty) or
     the experts ``step.experts[start:start + len(experts)]``, which are at index ``start`` on in the
     step's converted stack and, for the routed ones, in its original stack too (routed experts come
-    first)."""
+    first). ``orig``/``conv``: the same experts as stacked in this chunk's own batch."""
 
     step: _LayerStep
     index: int
     count: int
     start: int = 0
     experts: list[int] = field(default_factory=list)
+    orig: _Stack | None = None
+    conv: _Stack | None = None
+
+
+@dataclass
+class _KernelsRun:
+    """The kernels check of one layer, filled expert by expert: tokens ``ids`` (into ``experts``) with
+    activations ``x`` per weight (``w13``/``w2``), the FP8 GEMM's rows ``got`` and the float32 GEMM's
+    rows ``ref``."""
+
+    experts: list[int]
+    ids: torch.Tensor
+    x: dict[str, torch.Tensor]
+    got: dict[str, torch.Tensor]
+    ref: dict[str, torch.Tensor]
+
+
+@dataclass
+class _MoeRun:
+    """The MoE check of one layer, filled expert by expert: tokens ``x``, each layer's weights but its
+    routed experts (``ow``, ``cw``), the expert ids and weights their routing gives the tokens, the
+    original layer's expert sum ``ref`` and the converted one's ``got`` (one row per token and expert
+    column when ``fp8``, weighed at the end; else the sum)."""
+
+    x: torch.Tensor
+    ow: MoeLayerWeights
+    cw: MoeLayerWeights
+    o_ids: torch.Tensor
+    o_wts: torch.Tensor
+    c_ids: torch.Tensor
+    c_wts: torch.Tensor
+    ref: torch.Tensor
+    got: torch.Tensor
+    fp8: bool
+
+
+@dataclass
+class _Streamed:
+    """A layer checked chunk by chunk: its whole tensors (router, shared expert, other tensors of the
+    step) kept as they arrive, and the kernels and MoE checks in progress."""
+
+    whole: _LayerTensors
+    kernels: _KernelsRun | None = None
+    moe: _MoeRun | None = None
 
 
 class _LayerTensors:
@@ -350,7 +399,25 @@ class _LayerTensors:
         return self.tensors.get(key)
 
 
-Tensors = Batch | _LayerTensors
+class _Overlay:
+    """A chunk's batch (its experts) over the whole tensors of the layer kept so far; read by the checks
+    like a :class:`Batch`."""
+
+    def __init__(self, batch: Batch, whole: _LayerTensors) -> None:
+        self.batch, self.whole = batch, whole
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.batch or key in self.whole
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.batch[key] if key in self.batch else self.whole[key]
+
+    def get(self, key: str) -> torch.Tensor | None:
+        found = self.batch.get(key)
+        return found if found is not None else self.whole.get(key)
+
+
+Tensors = Batch | _LayerTensors | _Overlay
 
 
 @dataclass
@@ -419,10 +486,11 @@ class Validator:
     previous step is checked on the device; the tensors, kernels and MoE checks all take their
     weights from that step. A layer larger than the read budget is read in chunks instead (its whole
     tensors, then runs of experts), each copied into the layer's tensors on the device as it arrives
-    and byte-checked there; the kernels and MoE checks run once the last chunk is in. The remaining
-    non-expert tensors follow in steps of at most the largest step. The sha256 of every converted
-    file is computed on other threads meanwhile. Checks are reported in a fixed order whatever the
-    order they ran in.
+    and byte-checked there; the kernels and MoE checks run once the last chunk is in. On the CPU the
+    chunks are checked in their read buffers instead, every check taking their experts in turn. The
+    remaining non-expert tensors follow in steps of at most the largest step. The sha256 of every
+    converted file is computed on other threads meanwhile. Checks are reported in a fixed order
+    whatever the order they ran in.
     """
 
     def __init__(self, orig: CheckpointView, conv: CheckpointView, opts: ValidateOptions) -> None:
@@ -445,6 +513,7 @@ class Validator:
         self._others: list[str] | None = None
         self._orig_cache: tuple[_LayerStep, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._layer: _LayerTensors | None = None  # the layer being filled chunk by chunk
+        self._streamed: _Streamed | None = None  # the layer being checked chunk by chunk (CPU)
         self.read_budget = (
             max(1, opts.read_budget) if opts.read_budget is not None else default_read_budget(self._largest())
         )
@@ -747,8 +816,8 @@ class Validator:
             if positions:
                 end = positions[-1] + 1
                 if start < n_orig:
-                    self._plan_stack(plan, "o|", self.o_ck, o_items[start : min(end, n_orig)])
-                self._plan_stack(plan, "c|", self.c_ck, c_items[start:end])
+                    chunk.orig = self._plan_stack(plan, "o|", self.o_ck, o_items[start : min(end, n_orig)])
+                chunk.conv = self._plan_stack(plan, "c|", self.c_ck, c_items[start:end])
             plans.append(plan)
         return plans
 
@@ -954,7 +1023,11 @@ class Validator:
     def _run_chunk(self, batch: Batch) -> None:
         """Copy a chunk of a layer into the layer's tensors (allocated on the device at its first chunk),
         give its read buffer back once the copy is done, byte-check its experts there, and run the
-        layer's other checks after its last chunk."""
+        layer's other checks after its last chunk. On the CPU the chunk is checked where it lies
+        instead (``_run_chunk_here``), so the host never holds the whole layer."""
+        if self.device.type == "cpu":
+            self._run_chunk_here(batch)
+            return
         chunk: _Chunk = batch.label
         step = chunk.step
         if chunk.index == 0 or self._layer is None:
@@ -980,8 +1053,48 @@ class Validator:
             self._finish_layer(step, layer)
             self._layer = None
 
-    def _finish_layer(self, step: _LayerStep, b: Tensors) -> None:
-        """The checks that take the whole layer, once it is all in ``b``."""
+    def _run_chunk_here(self, batch: Batch) -> None:
+        """Check a chunk of a layer in its read buffer: keep its whole tensors, byte-check its experts,
+        add them to the kernels and MoE checks, and give the buffer back; the layer's results follow its
+        last chunk. The checks take the same operations in the same order as on the whole layer, so the
+        report is the same, and the host holds the whole tensors and two read buffers, not the layer."""
+        chunk: _Chunk = batch.label
+        step = chunk.step
+        if chunk.index == 0 or self._streamed is None:
+            whole = {k: f for k, f in step.layout.items() if k[1] != "|"}
+            self._streamed = _Streamed(_LayerTensors(whole, self.device))
+        st = self._streamed
+        with self._timed("transfer"):
+            for key in batch.plan.fields:
+                if key[1] != "|":
+                    st.whole[key].copy_(batch[key])
+        if chunk.experts:
+            view = _Overlay(batch, st.whole)
+            part = dataclasses.replace(step, experts=chunk.experts, orig=chunk.orig, conv=chunk.conv)
+            if step.tensors is not None:
+                wanted = set(step.tensors)
+                with self._timed("tensors"):
+                    self._tensors_part(part, view, [e for e in chunk.experts if e in wanted])
+                step.bad = part.bad
+            if step.kernels is not None:
+                with self._timed("kernels"):
+                    if st.kernels is None:
+                        st.kernels = self._kernels_start(step)
+                    self._kernels_part(st.kernels, part, view, chunk.experts)
+            if step.moe:
+                with self._timed("moe"):
+                    if st.moe is None:
+                        st.moe = self._moe_start(step, view)
+                    self._moe_part(st.moe, part, view, chunk.experts)
+            self._orig_cache = None  # views of this buffer
+        batch.release()
+        if chunk.index == chunk.count - 1:
+            self._finish_layer(step, st.whole, st)
+            self._streamed = None
+
+    def _finish_layer(self, step: _LayerStep, b: Tensors, st: _Streamed | None = None) -> None:
+        """The checks that take the whole layer, once it is all in ``b`` (or, with ``st``, once its
+        chunks have all been added to the checks in progress)."""
         layer = step.layer
         if step.tensors is not None:
             with self._timed("tensors"):
@@ -990,10 +1103,18 @@ class Validator:
                     self._other_results[name] = self._other(name, b)
         if step.kernels is not None:
             with self._timed("kernels"):
-                self._results["kernels"][layer] = self._check_kernels(step, b)
+                run = st.kernels if st is not None else None
+                if run is None:
+                    run = self._kernels_start(step)
+                    self._kernels_part(run, step, b, step.experts)
+                self._results["kernels"][layer] = self._kernels_result(run, step)
         if step.moe:
             with self._timed("moe"):
-                self._results["moe"][layer] = self._check_moe(step, b)
+                moe = st.moe if st is not None else None
+                if moe is None:
+                    moe = self._moe_start(step, b)
+                    self._moe_part(moe, step, b, step.experts)
+                self._results["moe"][layer] = self._moe_result(moe, step)
         self._orig_cache = None  # the layer's weights go with its step
 
     def _run_others(self, batch: Batch) -> None:
@@ -1220,38 +1341,60 @@ class Validator:
             self._be = Backend(self.device, self.opts.backend)
         return self._be
 
-    def _check_kernels(self, step: _LayerStep, b: Tensors) -> Check:
-        be = self._backend()
-        layer = step.layer
-        gen = torch.Generator().manual_seed(self.opts.seed * 100_003 + layer)
+    def _kernels_start(self, step: _LayerStep) -> _KernelsRun:
+        """The kernels check's random tokens for the layer: ids into ``step.kernels`` (irregular group
+        sizes, one expert left empty when there are several) and activations for w13 and w2."""
+        gen = torch.Generator().manual_seed(self.opts.seed * 100_003 + step.layer)
         experts = step.kernels
         assert experts is not None
-        q13, s13, q2, s2 = self._conv_fp8(step, b, experts)
-        w13, w2 = self._orig_weights(step, b, experts)
-        n = len(experts)
-        t = max(self.opts.tokens, 1)
-        # irregular group sizes, one expert left empty when there are several
+        n, t = len(experts), max(self.opts.tokens, 1)
         ids = torch.randint(0, n, (t,), generator=gen)
         if n > 1:
             ids[ids == n - 1] = 0
-        worst = (0.0, "")
+        _, rows13, hidden = step.layout["c|w13"].shape
+        _, rows2, inter = step.layout["c|w2"].shape
+        x = {"w13": torch.randn(t, hidden, generator=gen), "w2": torch.randn(t, inter, generator=gen)}
+        got = {"w13": torch.zeros(t, rows13), "w2": torch.zeros(t, rows2)}
+        return _KernelsRun(experts, ids, x, got, {k: torch.zeros_like(v) for k, v in got.items()})
+
+    def _kernels_part(self, run: _KernelsRun, step: _LayerStep, b: Tensors, present: list[int]) -> None:
+        """The kernels check's rows whose expert is among ``present`` (held by ``step``/``b``): the FP8
+        grouped GEMM and the float32 GEMM on the original weights. A row's result depends only on the row
+        and its expert, so the check gives the same bits run at once or part by part."""
+        inside = set(present)
+        here = [e for e in run.experts if e in inside]
+        if not here:
+            return
+        q13, s13, q2, s2 = self._conv_fp8(step, b, here)
+        w13, w2 = self._orig_weights(step, b, here)
+        where = {e: i for i, e in enumerate(run.experts)}
+        local = torch.full((len(run.experts),), -1, dtype=torch.int64)
+        for i, e in enumerate(here):
+            local[where[e]] = i
+        lid = local[run.ids]
+        rows = torch.nonzero(lid >= 0).squeeze(1)
+        be = self._backend()
         for tag, wq, ws, wf in (("w13", q13, s13, w13), ("w2", q2, s2, w2)):
-            x = torch.randn(t, wf.shape[2], generator=gen)
-            got = be.grouped(x, ids, wq, ws).cpu()
-            ref = torch.zeros(t, wf.shape[1])
+            x = run.x[tag]
+            run.got[tag][rows] = be.grouped(x[rows], lid[rows], wq, ws).cpu()
             xd = x.to(wf.device)
-            for e in ids.unique().tolist():  # float32 GEMM per expert on the original weights
-                rows = ids == e
-                ref[rows] = (xd[rows.to(wf.device)] @ wf[e].float().T).cpu()
-            diff = calc_diff(got, ref)
+            for i in lid[rows].unique().tolist():  # float32 GEMM per expert on the original weights
+                sel = lid == i
+                run.ref[tag][sel] = (xd[sel.to(wf.device)] @ wf[i].float().T).cpu()
+
+    def _kernels_result(self, run: _KernelsRun, step: _LayerStep) -> Check:
+        worst = (0.0, "")
+        for tag in ("w13", "w2"):
+            diff = calc_diff(run.got[tag], run.ref[tag])
             if diff > worst[0] or not worst[1]:
                 worst = (diff, tag)
         ok = worst[0] < tol.GEMM_CALC_DIFF
-        prefix = self.conv.stores[layer].prefix
+        prefix = self.conv.stores[step.layer].prefix
         return Check(
             "kernels",
-            f"layer {layer}",
-            f"calc_diff ({be.name} grouped GEMM, {n} experts, {t} tokens)",
+            f"layer {step.layer}",
+            f"calc_diff ({self._backend().name} grouped GEMM, {len(run.experts)} experts, "
+            f"{run.ids.numel()} tokens)",
             f"{worst[0]:.2e}",
             f"< {tol.GEMM_CALC_DIFF:g}",
             ok,
@@ -1290,45 +1433,97 @@ class Validator:
             fused=FusedSlots.from_config(view.config),
         )
 
-    def _check_moe(self, step: _LayerStep, b: Tensors) -> Check:
+    def _moe_start(self, step: _LayerStep, b: Tensors) -> _MoeRun:
+        """The MoE check's tokens and both layers' weights but the routed experts (router, shared
+        expert or fused-slot metadata), and the expert ids and weights each layer's routing gives them
+        (``moe_forward`` run once with an experts function that only records what it is asked)."""
         from moetool.moe import moe_forward
 
-        be = self._backend()
         layer = step.layer
         gen = torch.Generator().manual_seed(self.opts.seed * 100_003 + layer + 1)
-        n_all_routed = self.orig.info.num_experts
         store = self.conv.stores[layer]
         t = max(self.opts.tokens, 1)
         x = torch.randn(t, self.orig.info.hidden_size, generator=gen).to(self.device)
-        # original layer, float32 on the original's own weights
-        ow13, ow2 = self._orig_weights(step, b, [e for e in step.experts if e < n_all_routed])
-        ow = self._layer_weights(self.orig, "o", b, layer, ow13, ow2)
-        ref, ref_ids = moe_forward(x, ow, self.orig.info.routing, self.orig.arch.slot_weight)
-        all_experts = list(range(store.num_experts))
-        if store.fp8:
-            q13, s13, q2, s2 = self._conv_fp8(step, b, all_experts)
-            fn = be.experts_fn(q13, s13, q2, s2)
-            inter = self.conv.info.moe_intermediate_size
-            # the kernel path reads the FP8 tensors; the float slots only carry the expert count
-            cw = self._layer_weights(
-                self.conv,
-                "c",
-                b,
-                layer,
-                torch.empty(store.num_experts, 2 * inter, 0),
-                torch.empty(store.num_experts, 0, inter),
-            )
-            got, got_ids = moe_forward(
-                x, cw, self.conv.info.routing, self.conv.arch.slot_weight, experts_fn=fn
-            )
-            label = f"{be.name} FP8 experts"
+        inter = self.conv.info.moe_intermediate_size
+        n_routed = self.orig.info.num_experts
+        # The routed experts come in parts, through ``_moe_part``: the layers carry empty stand-ins.
+        ow = self._layer_weights(
+            self.orig, "o", b, layer, torch.empty(n_routed, 2 * inter, 0), torch.empty(n_routed, 0, inter)
+        )
+        cw = self._layer_weights(
+            self.conv,
+            "c",
+            b,
+            layer,
+            torch.empty(store.num_experts, 2 * inter, 0),
+            torch.empty(store.num_experts, 0, inter),
+        )
+        asked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def record(side: str) -> Callable:
+            def fn(xx: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+                asked[side] = (ids, wts)
+                return torch.zeros(xx.shape[0], xx.shape[1], device=xx.device)
+
+            return fn
+
+        for side, view, w in (("o", self.orig, ow), ("c", self.conv, cw)):
+            unshared = dataclasses.replace(w, shared_w13=None, shared_w2=None)
+            moe_forward(x, unshared, view.info.routing, view.arch.slot_weight, experts_fn=record(side))
+        c_ids, c_wts = asked["c"]
+        if store.fp8:  # one row per (token, expert column), weighed and summed at the end
+            got = torch.zeros(c_ids.numel(), x.shape[1], device=self.device)
         else:
-            assert step.conv is not None
-            cw13 = step.conv.select(b["c|w13"], all_experts).float()
-            cw2 = step.conv.select(b["c|w2"], all_experts).float()
-            cw = self._layer_weights(self.conv, "c", b, layer, cw13, cw2)
-            got, got_ids = moe_forward(x, cw, self.conv.info.routing, self.conv.arch.slot_weight)
-            label = "float32 experts"
+            got = torch.zeros(t, x.shape[1], device=self.device)
+        return _MoeRun(x, ow, cw, *asked["o"], c_ids, c_wts, torch.zeros_like(x), got, store.fp8)
+
+    def _moe_part(self, run: _MoeRun, step: _LayerStep, b: Tensors, present: list[int]) -> None:
+        """Add the experts ``present`` (consecutive ids, held by ``step``/``b``) to both layers' sums:
+        the original's through the float32 reference, the converted one's through the FP8 kernels (or
+        float32 when it is not FP8). Parts in ascending order give the bits of one part."""
+        from moetool.moe import experts_reference_into
+
+        if not present:
+            return
+        first = present[0]
+        if present != list(range(first, first + len(present))):
+            raise InputError("internal: the MoE check takes consecutive experts", tensor=str(present[:4]))
+        dev = self.device
+        routed = [e for e in present if e < self.orig.info.num_experts]
+        if routed:
+            ow13, ow2 = self._orig_weights(step, b, routed)
+            experts_reference_into(run.ref, run.x, run.o_ids, run.o_wts, ow13.to(dev), ow2.to(dev), first)
+        assert step.conv is not None
+        if run.fp8:
+            q13, s13, q2, s2 = self._conv_fp8(step, b, present)
+            flat_ids = run.c_ids.reshape(-1)
+            rows = torch.nonzero((flat_ids >= first) & (flat_ids < first + len(present))).squeeze(1)
+            if rows.numel():
+                k = run.c_ids.shape[1]
+                x_rows = run.x.float()[rows // k]
+                run.got[rows] = self._backend().expert_rows(x_rows, flat_ids[rows] - first, q13, s13, q2, s2)
+        else:
+            cw13 = step.conv.select(b["c|w13"], present).float().to(dev)
+            cw2 = step.conv.select(b["c|w2"], present).float().to(dev)
+            experts_reference_into(run.got, run.x, run.c_ids, run.c_wts, cw13, cw2, first)
+
+    def _moe_result(self, run: _MoeRun, step: _LayerStep) -> Check:
+        from moetool.moe import moe_forward
+
+        layer = step.layer
+        store = self.conv.stores[layer]
+        ref, ref_ids = moe_forward(
+            run.x, run.ow, self.orig.info.routing, self.orig.arch.slot_weight, experts_fn=lambda *_: run.ref
+        )
+        if run.fp8:
+            t, k = run.c_ids.shape
+            summed = weighted_sum(run.got.reshape(t, k, -1), run.c_wts).to(run.x.device)
+            label = f"{self._backend().name} FP8 experts"
+        else:
+            summed, label = run.got, "float32 experts"
+        got, got_ids = moe_forward(
+            run.x, run.cw, self.conv.info.routing, self.conv.arch.slot_weight, experts_fn=lambda *_: summed
+        )
         same_ids = torch.equal(torch.sort(got_ids.cpu(), 1).values, torch.sort(ref_ids.cpu(), 1).values)
         diff = calc_diff(got.cpu(), ref.cpu())
         ok = same_ids and diff < tol.MOE_CALC_DIFF
@@ -1344,7 +1539,7 @@ class Validator:
         return Check(
             "moe",
             f"layer {layer}",
-            f"calc_diff ({label}, {t} tokens), top-k ids",
+            f"calc_diff ({label}, {run.x.shape[0]} tokens), top-k ids",
             f"{diff:.2e}, ids {'equal' if same_ids else 'DIFFER'}",
             f"< {tol.MOE_CALC_DIFF:g}, equal",
             ok,

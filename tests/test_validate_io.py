@@ -26,6 +26,7 @@ import test_validate as tv
 import torch
 from safetensors.torch import save_file
 
+from moetool import validate as validate_mod
 from moetool.errors import InputError
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
@@ -552,3 +553,43 @@ def test_defects_across_chunks_report_what_the_whole_layer_does(ws: tv.Workspace
         assert chunked["io"]["buffer_bytes"] < whole["io"]["buffer_bytes"]  # it was read in chunks
     # the first expert of the swap is named, in either layout
     assert "w13_weight[1," in tensors["detail"] or "experts.1.gate_proj" in tensors["detail"], tensors
+
+
+@pytest.mark.parametrize("family", sorted(tv.MODELS))
+def test_every_family_in_chunks_keeps_no_expert_stack_on_the_cpu(
+    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    """Chunks of one expert, every family (fused where it has a shared expert): the report of one read
+    per layer, and on the CPU the checks run in the read buffers: the validator allocates the layers'
+    whole tensors (router, shared expert) and never a stack of experts, so the host holds two read
+    buffers and what is not an expert, not a layer."""
+    conversion = "deepgemm-ue8m0+fuse-r2" if tv.MODELS[family].has_shared else "hf-float"
+    orig, conv = ws.source(family), ws.converted(family, conversion)
+    allocated: list[list[str]] = []
+    init = validate_mod._LayerTensors.__init__
+
+    def spy(self: validate_mod._LayerTensors, layout: dict, device: torch.device) -> None:
+        allocated.append(sorted(layout))
+        init(self, layout, device)
+
+    monkeypatch.setattr(validate_mod._LayerTensors, "__init__", spy)
+    budget = expert_bytes(conv) + expert_bytes(conv) // 2
+    chunked, whole, _ = reports_chunked_and_whole(ws, orig, conv, budget)
+    assert chunked["passed"], chunked["checks"]
+    assert {c["group"] for c in chunked["checks"]} >= {"tensors", "kernels", "moe"}
+    assert_same_report(chunked, whole)
+    assert allocated, "no layer was read in chunks"
+    assert not [k for keys in allocated for k in keys if k[1] == "|"], allocated
+
+
+def test_fp8_original_in_chunks_reports_what_the_whole_layer_does(ws: tv.Workspace) -> None:
+    """An FP8 original requantized to power-of-two scales in the DeepGEMM layout, read in chunks: its
+    experts are dequantized chunk by chunk, and the report is the one of one read per layer."""
+    orig = ws.converted("deepseek_v3", "hf-float")
+    conv = ws.scratch("requantized")
+    tv.run_ok("quantize", orig, conv, "--layout", "deepgemm", "--scale-fmt", "ue8m0", "--device", ws.device)
+    budget = 2 * expert_bytes(conv) + expert_bytes(conv) // 2
+    chunked, whole, _ = reports_chunked_and_whole(ws, orig, conv, budget)
+    assert chunked["passed"], chunked["checks"]
+    assert_same_report(chunked, whole)
+    assert chunked["io"]["buffer_bytes"] < whole["io"]["buffer_bytes"]  # it was read in chunks
