@@ -4,6 +4,7 @@ measure the process's peak resident set."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,41 @@ def test_quantize_peak_memory_is_bounded_by_the_largest_tensor(tmp_path: Path) -
     assert (tmp_path / "out" / "moetool.json").is_file()
     assert peak - baseline <= bound, f"peak {peak / MIB:.0f} MiB over a {baseline / MIB:.0f} MiB baseline"
     assert peak <= 4 * largest + 1024 * MIB  # the bar as BENCHMARKS.md states it
+
+
+def test_validate_on_the_cpu_holds_its_read_buffers_not_a_layer(tmp_path: Path) -> None:
+    """Validating on the CPU a MoE layer of 1.8 GB (original and converted) read in 256 MiB chunks: the
+    peak stays within the read buffers plus headroom, well under the buffers plus the layer."""
+    src = make_checkpoint(
+        "deepseek_v3",
+        tmp_path / "src",
+        num_layers=2,
+        hidden_size=2048,
+        moe_intermediate_size=1024,
+        num_experts=96,
+        top_k=8,
+        max_shard_bytes=1 << 30,
+        seed=6,
+    )
+    fp8 = tmp_path / "fp8"
+    subprocess.run([sys.executable, "-m", "moetool", "quantize", str(src), str(fp8), "-q"], check=True)
+    with Checkpoint(src) as o, Checkpoint(fp8) as c:
+        layer = sum(t.nbytes for ck in (o, c) for n, t in ck.tensors.items() if ".experts." in n)
+    imports = "import json, sys, torch, moetool.cli.main, moetool.moe, moetool.kernels.fp8_quant_ref; "
+    imports += "from moetool.validate import ValidateOptions, validate_checkpoints"
+    run = (
+        "r = validate_checkpoints(sys.argv[1], sys.argv[2], "
+        "ValidateOptions(device='cpu', tokens=32, read_budget=256 << 20)); "
+        "open(sys.argv[3], 'w').write(json.dumps({'passed': r.passed, 'buffers': r.io['buffer_bytes']}))"
+    )
+    baseline = _peak_rss(sys.executable, "-c", imports)
+    out = tmp_path / "result.json"
+    peak = _peak_rss(sys.executable, "-c", f"{imports}; {run}", str(src), str(fp8), str(out))
+    result = json.loads(out.read_text())
+    assert result["passed"]
+    buffers = result["buffers"]
+    assert layer > 3 * buffers, "the layer must dwarf the read buffers for the test to mean anything"
+    assert peak - baseline <= buffers + HEADROOM, (
+        f"peak {peak / MIB:.0f} MiB over a {baseline / MIB:.0f} MiB baseline; buffers {buffers / MIB:.0f} "
+        f"MiB, layer {layer / MIB:.0f} MiB"
+    )
