@@ -30,9 +30,9 @@ import faulthandler
 import itertools
 import math
 import sys
-import time
 
 import torch
+from host_timing import host_seconds
 
 H, HV, K, V = 16, 32, 128, 128
 DEVICE = "cuda"
@@ -170,19 +170,6 @@ def time_bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e-3
 
 
-def host_time(fn, n: int = 2000) -> float:
-    """Seconds of host time per call: the GPU keeps up at small B, so the loop is host-bound."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n
-
-
 def copy_bandwidth() -> float:
     nbytes = 1 << 30
     src = torch.empty(nbytes // 4, device=DEVICE, dtype=torch.float32).uniform_()
@@ -259,7 +246,7 @@ def main() -> int:
                 "/L2" if cfg.keep_in_l2 else ""
             )
             if B == 1:
-                host[(res["state"], "ours")] = host_time(ours)
+                host[(res["state"], "ours")] = host_seconds(ours)
             if args.sweep:
                 best = None
                 for sweep_cfg in (LaunchConfig(*c) for c in SWEEP):
@@ -300,7 +287,7 @@ def main() -> int:
                     res[f"{name}_loop"] = time_loop(call, n)
                     res[f"{name}_bench"] = time_bench(call)
                     if B == 1:
-                        host[(res["state"], name)] = host_time(call)
+                        host[(res["state"], name)] = host_seconds(call)
                     del h0s, it
             rows.append(res)
             log(

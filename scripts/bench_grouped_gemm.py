@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from host_timing import host_seconds
 
 from moetool.kernels.fp8_grouped_gemm import (
     GemmConfig,
@@ -125,19 +126,6 @@ def _bench_clean(fn: Callable[[], object], reps: int = 60) -> float:
     torch.cuda.synchronize()
     times = sorted(s.elapsed_time(e) for s, e in events)
     return times[len(times) // 2]
-
-
-def _host_us(fn: Callable[[], object], n: int = 200) -> float:
-    """Host time per call in µs (launches queued without waiting for the GPU)."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
 
 
 def _copy_bandwidth(rep_ms: int) -> tuple[float, float]:
@@ -282,7 +270,7 @@ def _run_case(
     if streaming:
         dobench_ratio = weight_bytes / (ours_ms * 1e-3) / 1e9 / copy_gbs
         ours_ms = timer(ours)
-        note = f" (do_bench: {dobench_ratio:.2f} of its copy BW; host {_host_us(ours):.0f} µs per call)"
+        note = f" (do_bench: {dobench_ratio:.2f} of its copy BW; host {host_seconds(ours, 200) * 1e6:.0f} µs per call)"
     anchor_ms = timer(anchor) if anchor_ok else float("nan")
     flops = 2.0 * g * rows * n * k
     tflops = flops / (ours_ms * 1e-3) / 1e12

@@ -33,18 +33,23 @@ def _peak_rss(*cmd: str) -> int:
     return int(r.stdout.split()[-1]) * 1024  # Linux reports KiB
 
 
-def test_quantize_peak_memory_is_bounded_by_the_largest_tensor(tmp_path: Path) -> None:
-    src = make_checkpoint(
+def _large_checkpoint(path: Path, num_layers: int, seed: int) -> Path:
+    """DeepSeek-V3-style, 96 experts of 2048x1024 per MoE layer (1.2 GB of BF16 experts per layer)."""
+    return make_checkpoint(
         "deepseek_v3",
-        tmp_path / "src",
-        num_layers=3,
+        path,
+        num_layers=num_layers,
         hidden_size=2048,
         moe_intermediate_size=1024,
         num_experts=96,
         top_k=8,
         max_shard_bytes=1 << 30,
-        seed=5,
+        seed=seed,
     )
+
+
+def test_quantize_peak_memory_is_bounded_by_the_largest_tensor(tmp_path: Path) -> None:
+    src = _large_checkpoint(tmp_path / "src", num_layers=3, seed=5)
     with Checkpoint(src) as ckpt:
         total = ckpt.total_bytes
         largest = max(t.nbytes for t in ckpt.tensors.values())
@@ -65,17 +70,7 @@ def test_quantize_peak_memory_is_bounded_by_the_largest_tensor(tmp_path: Path) -
 def test_validate_on_the_cpu_holds_its_read_buffers_not_a_layer(tmp_path: Path) -> None:
     """Validating on the CPU a MoE layer of 1.8 GB (original and converted) read in 256 MiB chunks: the
     peak stays within the read buffers plus headroom, well under the buffers plus the layer."""
-    src = make_checkpoint(
-        "deepseek_v3",
-        tmp_path / "src",
-        num_layers=2,
-        hidden_size=2048,
-        moe_intermediate_size=1024,
-        num_experts=96,
-        top_k=8,
-        max_shard_bytes=1 << 30,
-        seed=6,
-    )
+    src = _large_checkpoint(tmp_path / "src", num_layers=2, seed=6)
     fp8 = tmp_path / "fp8"
     subprocess.run([sys.executable, "-m", "moetool", "quantize", str(src), str(fp8), "-q"], check=True)
     with Checkpoint(src) as o, Checkpoint(fp8) as c:
