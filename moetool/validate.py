@@ -17,12 +17,12 @@ by several threads, while the previous read is checked, and serve the tensors, k
 alike; the sha256 of the converted files is computed on other threads meanwhile. The report keeps the
 order above whatever order the work ran in, and adds seconds per stage and bytes read.
 
-Host memory: a layer larger than ``ValidateOptions.read_budget`` is read in chunks of whole experts, so
-the read buffers hold two chunks whatever the number of experts per layer. On a GPU each chunk is copied
-into the layer's tensors on the device as it arrives. On ``--device cpu`` each chunk is checked where it
-was read and its buffer given back: the byte comparison, the kernels check and the MoE check take its
-experts in turn (the same operations in the same order as on the whole layer, so the report is the
-same), and the host holds the layer's other tensors (router, shared expert) besides the two buffers.
+Memory: a layer larger than ``ValidateOptions.read_budget`` is read in chunks of whole experts, so
+the read buffers hold two chunks whatever the number of experts per layer. Each chunk is checked as it
+arrives (copied to the GPU, or where it was read on ``--device cpu``) and its buffer given back: the
+byte comparison, the kernels check and the MoE check take its experts in turn (the same operations in
+the same order as on the whole layer, so the report is the same). Host and device hold the layer's
+other tensors (router, shared expert) besides the chunks, never the layer.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ ADDED_CONFIG_KEYS = ("quantization_config", "moetool_fused_shared_experts")
 #: ``Report.timings``, seconds. The checks overlap, so the parts do not add up to ``total``:
 #: structure is the wall time of the sha256 hashing (running beside everything else) plus the rest of
 #: the structure check; tensors, kernels, moe, ssm the time spent computing each check; transfer the
-#: copies of each step (or chunk of a layer) to the device, or into the layer's tensors on the CPU;
+#: copies of each step (or chunk of a layer) to the device, and of a chunked layer's whole tensors;
 #: read_wait the time the checks waited for a step to be read.
 TIMING_KEYS = ("structure", "tensors", "kernels", "moe", "ssm", "transfer", "read_wait", "total")
 
@@ -485,9 +485,8 @@ class Validator:
     experts, and the router tensors, read once, into one buffer, by several threads, while the
     previous step is checked on the device; the tensors, kernels and MoE checks all take their
     weights from that step. A layer larger than the read budget is read in chunks instead (its whole
-    tensors, then runs of experts), each copied into the layer's tensors on the device as it arrives
-    and byte-checked there; the kernels and MoE checks run once the last chunk is in. On the CPU the
-    chunks are checked in their read buffers instead, every check taking their experts in turn. The
+    tensors, then runs of experts), each checked as it arrives, every check taking its experts in
+    turn, so neither host nor device holds the layer. The
     remaining non-expert tensors follow in steps of at most the largest step. The sha256 of every
     converted file is computed on other threads meanwhile. Checks are reported in a fixed order
     whatever the order they ran in.
@@ -512,8 +511,7 @@ class Validator:
         self._other_results: dict[str, str | Exception | None] = {}
         self._others: list[str] | None = None
         self._orig_cache: tuple[_LayerStep, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._layer: _LayerTensors | None = None  # the layer being filled chunk by chunk
-        self._streamed: _Streamed | None = None  # the layer being checked chunk by chunk (CPU)
+        self._streamed: _Streamed | None = None  # the layer being checked chunk by chunk
         self.read_budget = (
             max(1, opts.read_budget) if opts.read_budget is not None else default_read_budget(self._largest())
         )
@@ -1021,55 +1019,28 @@ class Validator:
         self._finish_layer(step, b)
 
     def _run_chunk(self, batch: Batch) -> None:
-        """Copy a chunk of a layer into the layer's tensors (allocated on the device at its first chunk),
-        give its read buffer back once the copy is done, byte-check its experts there, and run the
-        layer's other checks after its last chunk. On the CPU the chunk is checked where it lies
-        instead (``_run_chunk_here``), so the host never holds the whole layer."""
-        if self.device.type == "cpu":
-            self._run_chunk_here(batch)
-            return
-        chunk: _Chunk = batch.label
-        step = chunk.step
-        if chunk.index == 0 or self._layer is None:
-            self._layer = None  # a previous layer's tensors go before the next are allocated
-            self._layer = _LayerTensors(step.layout, self.device)
-        layer = self._layer
-        with self._timed("transfer"):
-            for key, f in batch.plan.fields.items():
-                dst = layer[key]
-                if key[1] == "|":
-                    dst = dst[chunk.start : chunk.start + f.shape[0]]
-                dst.copy_(batch[key], non_blocking=True)
-            if self.device.type == "cuda":  # the copies read the buffer until they are done
-                done = torch.cuda.Event()
-                done.record(torch.cuda.current_stream(self.device))
-                done.synchronize()
-            batch.release()  # the reader can refill it while this chunk is checked
-        if step.tensors is not None and chunk.experts:
-            wanted = set(step.tensors)
-            with self._timed("tensors"):
-                self._tensors_part(step, layer, [e for e in chunk.experts if e in wanted])
-        if chunk.index == chunk.count - 1:
-            self._finish_layer(step, layer)
-            self._layer = None
-
-    def _run_chunk_here(self, batch: Batch) -> None:
-        """Check a chunk of a layer in its read buffer: keep its whole tensors, byte-check its experts,
-        add them to the kernels and MoE checks, and give the buffer back; the layer's results follow its
-        last chunk. The checks take the same operations in the same order as on the whole layer, so the
-        report is the same, and the host holds the whole tensors and two read buffers, not the layer."""
+        """Check a chunk of a layer on the device (one transfer, its read buffer given back as soon as
+        it is done; on the CPU the read buffer itself): keep its whole tensors, byte-check its experts,
+        add them to the kernels and MoE checks; the layer's results follow its last chunk. The checks
+        take the same operations in the same order as on the whole layer, so the report is the same,
+        and neither host nor device ever holds the layer: the host two read buffers, the device one
+        chunk, besides the layer's tensors that are not experts."""
         chunk: _Chunk = batch.label
         step = chunk.step
         if chunk.index == 0 or self._streamed is None:
+            self._streamed = None  # a previous layer's tensors go before the next are allocated
             whole = {k: f for k, f in step.layout.items() if k[1] != "|"}
             self._streamed = _Streamed(_LayerTensors(whole, self.device))
         st = self._streamed
         with self._timed("transfer"):
-            for key in batch.plan.fields:
+            b = batch.to(self.device)
+            if b is not batch:
+                batch.release()  # the reader can refill it while this chunk is checked
+            for key in b.plan.fields:
                 if key[1] != "|":
-                    st.whole[key].copy_(batch[key])
+                    st.whole[key].copy_(b[key])
         if chunk.experts:
-            view = _Overlay(batch, st.whole)
+            view = _Overlay(b, st.whole)
             part = dataclasses.replace(step, experts=chunk.experts, orig=chunk.orig, conv=chunk.conv)
             if step.tensors is not None:
                 wanted = set(step.tensors)
@@ -1086,8 +1057,8 @@ class Validator:
                     if st.moe is None:
                         st.moe = self._moe_start(step, view)
                     self._moe_part(st.moe, part, view, chunk.experts)
-            self._orig_cache = None  # views of this buffer
-        batch.release()
+            self._orig_cache = None  # views of this chunk
+        b.release()
         if chunk.index == chunk.count - 1:
             self._finish_layer(step, st.whole, st)
             self._streamed = None

@@ -24,6 +24,8 @@ from moetool.testing.factory import experts_prefix, make_checkpoint
 pytestmark = pytest.mark.gpu
 
 GPU_TOKENS = 64  # more tokens than on the CPU: every expert gets a group of several rows
+MIB = 1 << 20
+HEADROOM = 256 * MIB  # the checks' working tensors beside the chunks on the device
 
 
 @pytest.fixture(scope="session")
@@ -185,9 +187,9 @@ def test_non_finite_original_stops_with_one_line_on_cuda(ws_cuda: tv.Workspace) 
 def test_layer_in_chunks_on_cuda_reports_what_the_whole_layer_does(
     ws_cuda: tv.Workspace, conversion: str
 ) -> None:
-    """A read budget of one expert: each layer reaches the GPU chunk by chunk into tensors allocated
-    once per layer, and the report (tensors, Triton kernels, MoE layers) is the one-read-per-layer
-    report, on a clean conversion and with experts 1 and 2 exchanged across a chunk boundary."""
+    """A read budget of one expert: each layer reaches the GPU chunk by chunk and is checked chunk by
+    chunk, and the report (tensors, Triton kernels, MoE layers) is the one-read-per-layer report, on a
+    clean conversion and with experts 1 and 2 exchanged across a chunk boundary."""
     orig = ws_cuda.source("deepseek_v3")
     clean = ws_cuda.converted("deepseek_v3", conversion)
     swapped = ws_cuda.copy(clean)
@@ -205,3 +207,45 @@ def test_layer_in_chunks_on_cuda_reports_what_the_whole_layer_does(
         assert chunked["passed"] == clean_run
     tensors = next(c for c in chunked["checks"] if c["group"] == "tensors" and c["scope"] == "layer 1")
     assert not tensors["passed"] and culprit in tensors["detail"], tensors
+
+
+@pytest.mark.parametrize("family", sorted(tv.MODELS))
+def test_every_family_in_chunks_keeps_no_expert_stack_on_cuda(
+    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    tio.test_every_family_in_chunks_keeps_no_expert_stack(ws_cuda, monkeypatch, family)
+
+
+def test_validate_on_cuda_holds_chunks_not_a_layer(tmp_path: Path) -> None:
+    """A MoE layer of 1.8 GB (original and converted) read in 256 MiB chunks: the device's peak
+    allocation stays within two chunks plus headroom, well under one layer, and the report is the
+    one of one read per layer."""
+    from test_memory import _large_checkpoint
+
+    from moetool.io import Checkpoint
+    from moetool.validate import ValidateOptions, validate_checkpoints
+
+    src = _large_checkpoint(tmp_path / "src", num_layers=2, seed=6)
+    fp8 = tmp_path / "fp8"
+    tv.run_ok("quantize", src, fp8, "--device", "cuda")
+    with Checkpoint(src) as o, Checkpoint(fp8) as c:
+        layer = sum(t.nbytes for ck in (o, c) for n, t in ck.tensors.items() if ".experts." in n)
+    budget = 256 << 20
+    reports = {}
+    for b in (budget, 1 << 60):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        r = validate_checkpoints(src, fp8, ValidateOptions(device="cuda", tokens=GPU_TOKENS, read_budget=b))
+        peak = torch.cuda.max_memory_allocated() - before
+        reports[b] = (r.to_dict(), peak)
+    (chunked, peak), (whole, whole_peak) = reports[budget], reports[1 << 60]
+    assert chunked["passed"], chunked["checks"]
+    tio.assert_same_report(chunked, whole)
+    chunk_bytes = chunked["io"]["buffer_bytes"]
+    assert layer > 3 * chunk_bytes, "the layer must dwarf the chunks for the test to mean anything"
+    assert whole_peak > layer  # read whole, the layer is on the device at once
+    assert peak <= chunk_bytes + HEADROOM, (
+        f"device peak {peak / MIB:.0f} MiB; two chunks {chunk_bytes / MIB:.0f} MiB, layer {layer / MIB:.0f} MiB"
+    )

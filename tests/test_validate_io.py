@@ -556,13 +556,13 @@ def test_defects_across_chunks_report_what_the_whole_layer_does(ws: tv.Workspace
 
 
 @pytest.mark.parametrize("family", sorted(tv.MODELS))
-def test_every_family_in_chunks_keeps_no_expert_stack_on_the_cpu(
+def test_every_family_in_chunks_keeps_no_expert_stack(
     ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:
     """Chunks of one expert, every family (fused where it has a shared expert): the report of one read
-    per layer, and on the CPU the checks run in the read buffers: the validator allocates the layers'
-    whole tensors (router, shared expert) and never a stack of experts, so the host holds two read
-    buffers and what is not an expert, not a layer."""
+    per layer, and the checks run chunk by chunk: the validator allocates the layers' whole tensors
+    (router, shared expert) and never a stack of experts, so host and device hold two read buffers (two
+    chunks) and what is not an expert, not a layer."""
     conversion = "deepgemm-ue8m0+fuse-r2" if tv.MODELS[family].has_shared else "hf-float"
     orig, conv = ws.source(family), ws.converted(family, conversion)
     allocated: list[list[str]] = []
