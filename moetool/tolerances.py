@@ -11,7 +11,9 @@ from __future__ import annotations
 GEMM_CALC_DIFF = 1e-3
 
 # A whole SwiGLU expert layer chains two such GEMMs and re-quantizes the activation in between, so the
-# errors add: ~2e-3 measured on Gaussian weights (H=2048, I=768). The bar leaves 2.5x headroom and still
+# errors add: ~2e-3 measured on Gaussian weights (H=2048, I=768 and H=7168, I=2048, normal or Student-t
+# weights). SPEC §6's 1e-3 cannot hold for an FP8 layer: the weights' rounding alone, with activations
+# left in float32, already gives 1.03-1.08e-3 on the same data. The bar leaves 2.5x headroom and still
 # fails by orders of magnitude on a swapped expert, a dropped fused slot or a wrong shared-expert weight
 # (each measured ~1e-1 or more).
 MOE_CALC_DIFF = 5e-3
