@@ -11,10 +11,11 @@ same inputs, states transposed; and against the torch reference), then for each 
   final state as their API does;
 
 each timed as a decode step pays it: ``loop`` = CUDA events around N back-to-back calls (host launch cost
-included whenever it exceeds the GPU time), ``bench`` = ``triton.testing.do_bench`` median (GPU time, L2
-flushed). States smaller than 4x L2 are rotated over several copies. Memory traffic counts the state
-read and written, ``B·HV·V·K·elt·2`` (fla writes its final state in float32 even from a bf16 state, so
-its bf16 runs move 1.5x these bytes). Copy bandwidth (read + write) is measured in the same run.
+included whenever it exceeds the GPU time), the median of 5 such windows, ``bench`` =
+``triton.testing.do_bench`` median (GPU time, L2 flushed). States smaller than 4x L2 are rotated over
+several copies. Memory traffic counts the state read and written, ``B·HV·V·K·elt·2`` (fla writes its
+final state in float32 even from a bf16 state, so its bf16 runs move 1.5x these bytes). Copy bandwidth
+(read + write) is measured in the same run.
 
 Bars (docs BENCHMARKS.md): ours ≥ 1.0x fla K-last and ≥ 1.3x fla K-first at every B, ≥ 85% of copy
 bandwidth at B ≥ 256, ≥ 2x fla at B = 1 (loop timings).
@@ -29,6 +30,7 @@ import argparse
 import faulthandler
 import itertools
 import math
+import statistics
 import sys
 
 import torch
@@ -150,18 +152,22 @@ def check_correctness(fla) -> bool:
     return ok
 
 
-def time_loop(fn, n: int) -> float:
-    """Seconds per call of ``n`` back-to-back calls between two CUDA events (host cost included)."""
+def time_loop(fn, n: int, windows: int = 5) -> float:
+    """Seconds per call of ``n`` back-to-back calls between two CUDA events (host cost included): the
+    median of ``windows`` such runs, so a host hiccup in one of them does not move the figure."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e-3 / n
+    per_call = []
+    for _ in range(windows):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e-3 / n)
+    return statistics.median(per_call)
 
 
 def time_bench(fn) -> float:
