@@ -11,8 +11,8 @@ same inputs, states transposed; and against the torch reference), then for each 
   final state as their API does;
 
 each timed as a decode step pays it: ``loop`` = CUDA events around N back-to-back calls (host launch cost
-included whenever it exceeds the GPU time), the median of 5 such windows, ``bench`` =
-``triton.testing.do_bench`` median (GPU time, L2 flushed). States smaller than 4x L2 are rotated over
+included whenever it exceeds the GPU time), the median of 5 such windows taken in turn with the anchors',
+``bench`` = ``triton.testing.do_bench`` median (GPU time, L2 flushed). States smaller than 4x L2 are rotated over
 several copies. Memory traffic counts the state read and written, ``B·HV·V·K·elt·2`` (fla writes its
 final state in float32 even from a bf16 state, so its bf16 runs move 1.5x these bytes). Copy bandwidth
 (read + write) is measured in the same run.
@@ -152,22 +152,26 @@ def check_correctness(fla) -> bool:
     return ok
 
 
-def time_loop(fn, n: int, windows: int = 5) -> float:
-    """Seconds per call of ``n`` back-to-back calls between two CUDA events (host cost included): the
-    median of ``windows`` such runs, so a host hiccup in one of them does not move the figure."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(windows):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
+def time_loops(fns: dict, n: int, windows: int = 5) -> dict:
+    """Seconds per call of ``n`` back-to-back calls between two CUDA events (host cost included), for each
+    of ``fns``: windows of the functions alternate (ours, anchor, anchor, ours, …) and each figure is the
+    median of its ``windows``, so a host hiccup, even one lasting a whole window, touches every side
+    alike or no figure at all."""
+    for fn in fns.values():
+        for _ in range(3):
             fn()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) * 1e-3 / n)
-    return statistics.median(per_call)
+    torch.cuda.synchronize()
+    per_call: dict = {name: [] for name in fns}
+    for _ in range(windows):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            per_call[name].append(start.elapsed_time(end) * 1e-3 / n)
+    return {name: statistics.median(t) for name, t in per_call.items()}
 
 
 def time_bench(fn) -> float:
@@ -245,7 +249,7 @@ def main() -> int:
             probe = time_bench(ours)
             n = int(min(2000, max(20, 0.1 / max(probe, 1e-6))))
             res = {"B": B, "state": "f32" if elt == 4 else "bf16", "bytes": 2 * state_bytes}
-            res["ours_loop"] = time_loop(ours, n)
+            loops = {"ours": ours}
             res["ours_bench"] = time_bench(ours)
             bk, cfg = launch_config(B * HV, K, V, state_dtype == torch.bfloat16)
             res["cfg"] = f"{cfg.block_v}x{bk}x{cfg.tiles}/{cfg.num_warps}w" + (
@@ -290,11 +294,13 @@ def main() -> int:
                     def call(it=it, v_first=v_first, q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias):
                         return fla_call(fla, q, k, v, a, b, A_log, dt_bias, next(it), v_first)
 
-                    res[f"{name}_loop"] = time_loop(call, n)
+                    loops[name] = call
                     res[f"{name}_bench"] = time_bench(call)
                     if B == 1:
                         host[(res["state"], name)] = host_seconds(call)
                     del h0s, it
+            res.update({f"{name}_loop": t for name, t in time_loops(loops, n).items()})
+            del loops
             rows.append(res)
             log(
                 f"B={B:4d} {res['state']:4s} ours {res['ours_loop'] * 1e6:8.1f} us loop "
