@@ -1,19 +1,21 @@
 """Benchmark: Triton GDN decode on a K-last pool against fla-core's fused recurrent kernel (GPU).
 
 Qwen3-Next dimensions (H=16, HV=32, K=V=128), one token per call, bf16 activations, float32 and bfloat16
-states, B in {1, 8, 64, 256, 512}. Correctness first (our kernel against fla's K-first kernel on the
+states, B in {1, 8, 64, 128, 256, 512}. Correctness first (our kernel against fla's K-first kernel on the
 same inputs, states transposed; and against the torch reference), then for each B and state dtype:
 
 - ours: ``gdn_decode_klast`` on a pool ``[B+1, HV, V, K]`` in place, slots in shuffled order
-  as in an engine's pool (``--sorted-slots``: row b+1 for sequence b, the memory order of fla's h0);
+  as in an engine's pool (``--sorted-slots``: row b+1 for sequence b, the memory order of fla's h0),
+  launched as by default (programmatic dependent launch on Hopper from B·HV = 2048, "/pdl") and, as
+  ``plain``, without it;
 - fla K-first (default layout) and fla ``state_v_first=True`` (K-last), gates fused in both
   (``use_gate_in_kernel``, ``use_beta_sigmoid_in_kernel``, ``use_qk_l2norm_in_kernel``), returning the
   final state as their API does;
 
 each timed as a decode step pays it: ``loop`` = CUDA events around N back-to-back calls (host launch cost
 included whenever it exceeds the GPU time), the median of 5 such windows taken in turn with the anchors',
-``bench`` = ``triton.testing.do_bench`` median (GPU time, L2 flushed). States smaller than 4x L2 are rotated over
-several copies. Memory traffic counts the state read and written, ``B·HV·V·K·elt·2`` (fla writes its
+``bench`` = ``triton.testing.do_bench`` median (GPU time, L2 flushed). States smaller than 4x L2 are
+rotated over several copies. Memory traffic counts the state read and written, ``B·HV·V·K·elt·2`` (fla writes its
 final state in float32 even from a bf16 state, so its bf16 runs move 1.5x these bytes). Copy bandwidth
 (read + write) is measured in the same run.
 
@@ -196,7 +198,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batches", default="1,8,64,256,512")
+    parser.add_argument("--batches", default="1,8,64,128,256,512")
     parser.add_argument("--tokens", type=int, default=1, help="tokens per call (T)")
     parser.add_argument("--sweep", action="store_true", help="also time other launch configurations")
     parser.add_argument(
@@ -217,7 +219,7 @@ def main() -> int:
         log("no CUDA device: this benchmark runs on a GPU machine")
         return 2
     try:
-        from moetool.kernels.gdn_decode import LaunchConfig, gdn_decode_klast, launch_config
+        from moetool.kernels.gdn_decode import LaunchConfig, gdn_decode_klast, launch_config, pdl_by_default
     except ImportError as err:
         log(f"cannot import moetool.kernels ({err}): install the project first, pip install --no-deps -e .")
         return 2
@@ -246,14 +248,21 @@ def main() -> int:
             def ours(it=it_ours, q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, slot_ids=slot_ids):
                 return gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, next(it), slot_ids)
 
+            def ours_plain(
+                it=it_ours, q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, slot_ids=slot_ids
+            ):
+                return gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, next(it), slot_ids, pdl=False)
+
             probe = time_bench(ours)
             n = int(min(2000, max(20, 0.1 / max(probe, 1e-6))))
             res = {"B": B, "state": "f32" if elt == 4 else "bf16", "bytes": 2 * state_bytes}
-            loops = {"ours": ours}
+            loops = {"ours": ours, "plain": ours_plain}
             res["ours_bench"] = time_bench(ours)
             bk, cfg = launch_config(B * HV, K, V, state_dtype == torch.bfloat16)
-            res["cfg"] = f"{cfg.block_v}x{bk}x{cfg.tiles}/{cfg.num_warps}w" + (
-                "/L2" if cfg.keep_in_l2 else ""
+            res["cfg"] = (
+                f"{cfg.block_v}x{bk}x{cfg.tiles}/{cfg.num_warps}w"
+                + ("/L2" if cfg.keep_in_l2 else "")
+                + ("/pdl" if pdl_by_default(B * HV, pool.device) else "")
             )
             if B == 1:
                 host[(res["state"], "ours")] = host_seconds(ours)
@@ -323,9 +332,10 @@ def main() -> int:
     print(
         f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; times in us (loop = back-to-back calls, bench = do_bench median)"
     )
+    print("plain = ours launched without programmatic dependent launch (pdl=False), xKLp its x fla K-last")
     head = (
-        f"{'B':>4} {'state':>5} {'tile':>10} {'ours loop':>9} {'ours bench':>10} {'flaKF loop':>10} "
-        f"{'flaKL loop':>10} {'TB/s':>5} {'%copy':>5} {'xKL':>5} {'xKF':>5}  bars"
+        f"{'B':>4} {'state':>5} {'tile':>14} {'ours loop':>9} {'plain':>7} {'ours bench':>10} {'flaKF loop':>10} "
+        f"{'flaKL loop':>10} {'TB/s':>5} {'%copy':>5} {'xKL':>6} {'xKF':>6} {'xKLp':>6}  bars"
     )
     print(head)
     for r in rows:
@@ -335,6 +345,7 @@ def main() -> int:
         if fla is not None:
             xkl = r["fla_kl_loop"] / r["ours_loop"]
             xkf = r["fla_kf_loop"] / r["ours_loop"]
+            xklp = r["fla_kl_loop"] / r["plain_loop"]
             if xkl < BARS["vs_klast"]:
                 notes.append(f"xKL<{BARS['vs_klast']}")
             if xkf < BARS["vs_kfirst"]:
@@ -342,15 +353,17 @@ def main() -> int:
             if r["B"] == 1 and min(xkl, xkf) < BARS["b1"]:
                 notes.append(f"B=1 <{BARS['b1']}x")
         else:
-            xkl = xkf = float("nan")
+            xkl = xkf = xklp = float("nan")
             notes.append("no fla")
         if r["B"] >= 256 and frac < BARS["copy_frac"]:
             notes.append(f"copy<{BARS['copy_frac']:.0%}")
         failures += [f"B={r['B']} {r['state']}: {n}" for n in notes if n != "no fla"]
         print(
-            f"{r['B']:>4} {r['state']:>5} {r['cfg']:>10} {r['ours_loop'] * 1e6:>9.1f} {r['ours_bench'] * 1e6:>10.1f} "
+            f"{r['B']:>4} {r['state']:>5} {r['cfg']:>14} {r['ours_loop'] * 1e6:>9.1f} {r['plain_loop'] * 1e6:>7.1f} "
+            f"{r['ours_bench'] * 1e6:>10.1f} "
             f"{r.get('fla_kf_loop', float('nan')) * 1e6:>10.1f} {r.get('fla_kl_loop', float('nan')) * 1e6:>10.1f} "
-            f"{tbs / 1e12:>5.2f} {frac:>5.0%} {xkl:>5.2f} {xkf:>5.2f}  {'ok' if not notes else ' '.join(notes)}"
+            f"{tbs / 1e12:>5.2f} {frac:>5.0%} {xkl:>6.3f} {xkf:>6.3f} {xklp:>6.3f}  "
+            f"{'ok' if not notes else ' '.join(notes)}"
             + (f"  best tile {r['best_tile']}" if "best_tile" in r else "")
         )
     print("bars: " + ("all met" if not failures and fla is not None else "; ".join(failures) or "no anchor"))

@@ -8,7 +8,7 @@ import torch
 
 from moetool.errors import InputError
 from moetool.gdn import relative_error
-from moetool.kernels.gdn_decode import LaunchConfig, gdn_decode_klast, launch_config
+from moetool.kernels.gdn_decode import LaunchConfig, gdn_decode_klast, launch_config, pdl_by_default
 from moetool.kernels.gdn_decode_ref import gdn_decode_klast_ref
 from moetool.tolerances import SSM_REL_ERROR_FP32
 
@@ -255,6 +255,36 @@ def test_gpu_l2_hint_changes_no_byte(T):
     assert torch.equal(results[0][0].view(torch.int16), results[1][0].view(torch.int16))
     assert torch.equal(results[0][1].view(torch.int32), results[1][1].view(torch.int32))
     assert not torch.equal(results[0][1], pool)  # the live rows did move
+
+
+def test_dependent_launch_only_on_a_gpu_that_has_it():
+    # Triton's interpreter and CPU tensors launch plainly (the grid-dependency instructions exist on
+    # sm_90 and later only).
+    assert pdl_by_default(1 << 20, torch.device("cpu")) is False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_dependent_launches_chain_like_plain_ones(state_dtype):
+    # With programmatic dependent launch (Hopper's default from B·HV = 2048) a step may start while the
+    # previous one finishes, and must wait for it before reading the pool it writes: 24 chained steps on
+    # one pool, each feeding the next, give the bytes of 24 plain launches, outputs included.
+    cuda = torch.device("cuda")
+    assert pdl_by_default(2048, cuda) == (torch.cuda.get_device_capability() >= (9, 0))
+    assert not pdl_by_default(32, cuda)  # a host-bound launch keeps the lean path
+    B = 96
+    q, k, v, a, b, A_log, dt_bias, pool, slot_ids = _gpu_case(B, 1, torch.bfloat16, state_dtype, 31)
+    results = []
+    for pdl in (True, False):
+        pool_tri, outs = pool.clone(), []
+        for step in range(24):
+            qs = q.roll(step, 0)  # a fresh input each step, written by the kernel launched just before
+            outs.append(gdn_decode_klast(qs, k, v, a, b, A_log, dt_bias, pool_tri, slot_ids, pdl=pdl))
+        results.append((torch.stack(outs), pool_tri))
+    torch.cuda.synchronize()
+    assert torch.equal(results[0][0].view(torch.int16), results[1][0].view(torch.int16))
+    assert torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(results[0][1], pool)
 
 
 @pytest.mark.gpu
