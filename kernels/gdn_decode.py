@@ -219,10 +219,11 @@ _ONE_TILE = LaunchConfig(block_v=8, tiles=1, num_warps=1, stages=1)
 # float32 at large batch: the same tile, its lines kept in L2 between load and in-place store
 # (`evict_last`): 96-97% of copy at B = 256/512 against 94-95% without (H200; on an H100 367 against
 # 373 µs at B = 256). Below that the hint costs: on an H100 at B = 64 / 128, 95.3 / 185.5 µs with it against
-# 91.3 / 182.5 µs without, so smaller batches use the plain tile. On bf16 tiles it measured nothing
+# 91.3 / 182.5 µs without, so smaller batches use the plain tile; at B = 192 it gains again (271.8 against
+# 275.1 µs, pool rows in order; 275.0 against 279.0 in random order). On bf16 tiles it measured nothing
 # consistent.
 _F32_TILE = LaunchConfig(block_v=8, tiles=1, num_warps=1, stages=1, keep_in_l2=True)
-_F32_KEEP_HEADS = 8192  # B·HV from which float32 state uses _F32_TILE (B ≥ 256 at HV = 32)
+_F32_KEEP_HEADS = 6144  # B·HV from which float32 state uses _F32_TILE (B ≥ 192 at HV = 32)
 _BF16_STREAM = LaunchConfig(block_v=8, tiles=8, num_warps=1, stages=3)
 _BF16_STREAM_HEADS = 2048  # B·HV from which bf16 state uses _BF16_STREAM (B ≥ 64 at HV = 32)
 
