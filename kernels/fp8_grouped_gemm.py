@@ -33,7 +33,6 @@ grouped (L2-friendly) tile order. Activation scales are read MN-major there (``m
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +40,7 @@ import triton
 import triton.language as tl
 
 from moetool.errors import InputError
+from moetool.kernels._device import hopper_or_later, interpreting
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -238,10 +238,6 @@ _COMPUTE_TMA = GemmConfig(
 )
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.lru_cache(maxsize=16)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -298,7 +294,7 @@ def _check_common(
     devices = {t.device for t in (a_q, a_s, b_q, b_s)}
     if len(devices) != 1:
         _fail(fn, "a_q/a_s/b_q/b_s", f"tensors on different devices: {sorted(map(str, devices))}")
-    if a_q.device.type != "cuda" and not _interpreting():
+    if a_q.device.type != "cuda" and not interpreting():
         _fail(fn, "a_q", "CPU tensors need TRITON_INTERPRET=1 (or use the torch reference)")
 
 
@@ -320,11 +316,6 @@ def _tma_layout_ok(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _has_tma(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
 def _device_config(
     rows: int, n: int, k: int, m_tiles: int, a_q: torch.Tensor, b_q: torch.Tensor
 ) -> GemmConfig:
@@ -332,7 +323,7 @@ def _device_config(
     if device.type == "cuda":
         index = device.index if device.index is not None else 0
         sms = _sm_count(index)
-        tma = _has_tma(index) and _tma_layout_ok(a_q, b_q)
+        tma = hopper_or_later(index) and _tma_layout_ok(a_q, b_q)
     else:
         sms, tma = 1, False
     return select_config(max(1, rows), n, k, max(1, m_tiles), sms, tma)

@@ -17,7 +17,6 @@ float32 across the ``T`` tokens and stored once in the pool's dtype: per call th
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ import triton
 import triton.language as tl
 
 from moetool.errors import InputError
+from moetool.kernels._device import hopper_or_later, interpreting
 
 try:  # grid dependency control, for programmatic dependent launch (triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -259,14 +259,9 @@ def pdl_by_default(bh: int, device: torch.device) -> bool:
 def _pdl_default(device: torch.device) -> bool:
     """Programmatic dependent launch where the card has it (compute capability 9.0 and later) and Triton
     exposes it; never in Triton's interpreter."""
-    if device.type != "cuda" or gdc_wait is None or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if device.type != "cuda" or gdc_wait is None or interpreting():
         return False
-    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=16)
-def _pdl_capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    return hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
 
 
 _BF16 = torch.bfloat16
