@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from moetool.arch import ArchSpec, ModelInfo, detect
+from moetool.arch import ArchSpec, ModelInfo, language_config
+from moetool.arch.identify import identify
 from moetool.errors import InputError
 from moetool.io.checkpoint import MANIFEST_NAME, Checkpoint, read_json
 from moetool.plan import Src
@@ -80,6 +81,7 @@ class CheckpointView:
     quantization: dict[str, Any] | None  # config's quantization_config
     manifest: dict[str, Any] | None
     layout: str  # "hf" | "packed" | "deepgemm" | "mixed" | "none"
+    note: str | None = None  # how the family was recognised, when not by model_type (for stderr)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -125,10 +127,12 @@ _EXPERT_IDX = re.compile(
 )
 
 
-def analyze(ckpt: Checkpoint) -> CheckpointView:
-    """Detect family, MoE layers and their expert storage from config and headers; checks consistency."""
+def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
+    """Detect family, MoE layers and their expert storage from config and headers; checks consistency.
+    ``family`` is ``--family``: read an unknown ``model_type`` as that family (``moetool.arch.identify``)."""
     cfg_file = str(ckpt.root / "config.json")
-    arch = detect(ckpt.config, file=cfg_file)
+    identity = identify(ckpt.config, ckpt.tensors.keys(), family=family, file=cfg_file)
+    arch = identity.arch
     alt = arch.tensors.get("moe_alt")
     if alt and not _holds_block(ckpt, arch.tensors["moe"]) and _holds_block(ckpt, alt):
         # the checkpoint names its MoE blocks the other way (Mixtral's packed experts live under mlp)
@@ -139,7 +143,7 @@ def analyze(ckpt: Checkpoint) -> CheckpointView:
 
     slots = FusedSlots.from_config(ckpt.config)
     extra_slots = slots.num_slots * slots.replicas if slots else 0
-    _check_layer_range(ckpt, info.num_layers, cfg_file)
+    _check_layer_range(ckpt, arch.root, info.num_layers, cfg_file)
     t = ckpt.tensors
     stores: dict[int, ExpertStore] = {}
     shared: dict[int, SharedExpert] = {}
@@ -256,19 +260,18 @@ def analyze(ckpt: Checkpoint) -> CheckpointView:
         q if isinstance(q, dict) else None,
         manifest,
         layout,
+        identity.note,
     )
 
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def _check_layer_range(ckpt: Checkpoint, num_layers: int, cfg_file: str) -> None:
+def _check_layer_range(ckpt: Checkpoint, root: str, num_layers: int, cfg_file: str) -> None:
     """Weights of a layer the config does not have would be copied unconverted: refuse them. DeepSeek's
     multi-token-prediction layers (``num_nextn_predict_layers``) follow the last layer and are allowed."""
-    mtp = ckpt.config.get("num_nextn_predict_layers", 0)
+    mtp = language_config(ckpt.config).get("num_nextn_predict_layers", 0)
     limit = num_layers + (mtp if isinstance(mtp, int) and not isinstance(mtp, bool) and 0 <= mtp <= 16 else 0)
+    layer_re = re.compile("^" + re.escape(root) + r"\.layers\.(\d+)\.")
     for name in ckpt.tensors:
-        m = _LAYER.match(name)
+        m = layer_re.match(name)
         if m and int(m.group(1)) >= limit:
             raise InputError(
                 f"weights hold layer {m.group(1)} but config.json has {num_layers} layers",

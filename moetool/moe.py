@@ -10,14 +10,21 @@ deepseek_v2                 softmax     greedy or               top-k probabilit
                                         group_limited_greedy    (transformers ignores norm_topk_prob here;
                                                                 V2/V2-Lite configs set it false)
 deepseek_v3, kimi_k2,       sigmoid     noaux_tc                unbiased sigmoid scores of the experts
-glm4_moe                                                        chosen on ``score + e_score_correction_bias``,
-                                                                ``/ (sum + 1e-20)`` if norm_topk_prob,
+deepseek_v32, glm4_moe,                                         chosen on ``score + e_score_correction_bias``,
+glm_moe_dsa, kimi_k25                                           ``/ (sum + 1e-20)`` if norm_topk_prob,
                                                                 then · routed_scaling_factor
 qwen2_moe, qwen3_moe,       softmax     greedy                  top-k probabilities, ``/ sum`` if
-qwen3_next                                                      norm_topk_prob (no epsilon)
+qwen3_next, qwen3_5_moe                                         norm_topk_prob (no epsilon; always for
+                                                                qwen3_5_moe)
 mixtral                     softmax     greedy                  top-k probabilities ``/ sum`` (equal to a
                                                                 softmax over the top-k logits)
+minimax_m2                  sigmoid     greedy (biased)         unbiased sigmoid scores of the experts
+                                                                chosen on ``score + e_score_correction_bias``,
+                                                                ``/ sum`` (no epsilon, no scaling factor)
 ==========================  ==========  ======================  ==========================================
+
+A routing variant is a name in ``SCORING`` (and ``moetool.arch.schema.SCORINGS``) or a branch of
+``route`` (and ``TOPK_METHODS``); a family file picks them by name.
 
 Routing is computed from float32 logits. transformers' Qwen and Mixtral routers form the logits in
 the model's dtype; for float32 weights both agree, for bf16 weights a near-tie may resolve differently,
@@ -25,8 +32,8 @@ and the float32 choice is the reference. Within the routing rules the fill value
 (0.0 for ``group_limited_greedy``, -inf for ``noaux_tc``) and every epsilon are transformers'.
 
 The layer output is the routed experts' weighted sum plus the shared expert: weight 1 for
-DeepSeek/GLM (it is added after ``routed_scaling_factor``), ``sigmoid(x · shared_expert_gate)`` for
-Qwen2-MoE/Qwen3-Next. After ``moetool fuse-shared`` the shared expert lives on as ``m · R`` extra expert
+DeepSeek/GLM/Kimi (it is added after ``routed_scaling_factor``), ``sigmoid(x · shared_expert_gate)`` for
+Qwen2-MoE/Qwen3-Next/Qwen3.5-MoE. After ``moetool fuse-shared`` the shared expert lives on as ``m · R`` extra expert
 slots (SPEC §4, ``FusedSlots``); ``moe_forward`` runs either form, and both must agree.
 
 Expert weights use DeepGEMM's stacking: ``w13 [E, 2I, H]`` with gate_proj rows ``[0, I)`` and up_proj
@@ -50,6 +57,14 @@ FUSED_KEY = "moetool_fused_shared_experts"
 # transformers' DeepSeek-V3/GLM routers add this to the top-k sum before renormalising; the softmax
 # families (Qwen, Mixtral) divide by the bare sum.
 NOAUX_TC_NORM_EPS = 1e-20
+
+#: Router scoring by name (``configs/*.toml`` routing.scoring): float32 logits ``[T, E]`` -> scores.
+SCORING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "softmax": lambda logits: logits.softmax(dim=-1, dtype=torch.float32),
+    "sigmoid": torch.sigmoid,
+}
+#: Top-k rules that choose on ``score + e_score_correction_bias`` and weigh by the unbiased score.
+BIASED_TOPK = ("greedy", "noaux_tc")
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``experts_fn(x [T, H], ids [T, k'] int64, weights [T, k'] float32) -> [T, H] float32``: the weighted
@@ -87,25 +102,29 @@ def route(
     if not 1 <= top_k <= num_experts:
         raise InputError(f"route: top_k={top_k} must lie in [1, {num_experts}]")
     if score_bias is not None:
-        if routing.topk_method != "noaux_tc":
+        if routing.topk_method not in BIASED_TOPK:
             raise InputError(
-                f"route: a score correction bias is only defined for noaux_tc routing, "
+                f"route: a score correction bias is only defined for {' and '.join(BIASED_TOPK)} routing, "
                 f"not {routing.topk_method}"
             )
         if tuple(score_bias.shape) != (num_experts,):
             raise InputError(f"route: score_bias must be [{num_experts}], got {list(score_bias.shape)}")
 
     logits = F.linear(x.to(torch.float32), router_weight.to(torch.float32))
-    if routing.scoring == "softmax":
-        scores = logits.softmax(dim=-1, dtype=torch.float32)
-    elif routing.scoring == "sigmoid":
-        scores = logits.sigmoid()
-    else:
-        raise InputError(f"route: unknown scoring {routing.scoring!r}")
+    scoring = SCORING.get(routing.scoring)
+    if scoring is None:
+        raise InputError(f"route: unknown scoring {routing.scoring!r} (known: {', '.join(SCORING)})")
+    scores = scoring(logits)
 
     method = routing.topk_method
     if method == "greedy":
-        topk_weights, topk_ids = torch.topk(scores, k=top_k, dim=-1)
+        if score_bias is None:
+            topk_weights, topk_ids = torch.topk(scores, k=top_k, dim=-1)
+        else:
+            # MiniMax-M2: chosen on the biased score, weighted by the unbiased one
+            bias = score_bias.to(device=scores.device, dtype=torch.float32)
+            topk_ids = torch.topk(scores + bias, k=top_k, dim=-1)[1]
+            topk_weights = scores.gather(1, topk_ids)
         if routing.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
     elif method == "group_limited_greedy":

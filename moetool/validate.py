@@ -117,6 +117,7 @@ class ValidateOptions:
     #: most bytes of one read step; a layer above it is read in chunks of whole experts (a tensor larger
     #: than the budget gets a step of its own). None: ``default_read_budget``.
     read_budget: int | None = None
+    family: str | None = None  # --family: read an unknown model_type as this family (both checkpoints)
 
 
 MIN_READ_BUDGET = 1 << 30
@@ -1521,9 +1522,9 @@ class Validator:
 def validate_checkpoints(original: str | Path, converted: str | Path, opts: ValidateOptions) -> Report:
     t0 = time.perf_counter()
     with Checkpoint(original) as o, Checkpoint(converted) as c:
-        orig = analyze(o)  # an unreadable original is a usage problem (exit 2), not a finding
+        orig = analyze(o, family=opts.family)  # an unreadable original: a usage problem (exit 2)
         try:
-            conv = analyze(c)
+            conv = analyze(c, family=opts.family)
             if conv.arch.family != orig.arch.family:
                 raise InputError(
                     f"it is a {conv.arch.family} checkpoint, the original a {orig.arch.family} one",

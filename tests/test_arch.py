@@ -1,6 +1,7 @@
-"""Architecture specs: every configs/*.toml against the schema, broken copies refused by name, detection
-by model_type, and ``ModelInfo`` resolved from factory configs and from configs (and module trees) that
-transformers' own classes make for all seven families."""
+"""Architecture specs: every configs/*.toml against the schema (after ``extends``), broken copies refused
+by name, detection by model_type, and ``ModelInfo`` resolved from factory configs and from configs (and
+module trees) that transformers' own classes make for the factory's families. The families of 2026 are
+checked against transformers in tests/test_families.py."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from moetool.arch import (
     get_arch,
     known_model_types,
     registry,
+    resolved_file,
 )
 from moetool.errors import InputError
 from moetool.testing import hf_models as hf
@@ -38,10 +40,28 @@ else:  # pragma: no cover
 
 CONFIG_DIR = Path(moetool.configs.__file__).parent
 TOML_FILES = sorted(CONFIG_DIR.glob("*.toml"))
-SEVEN = ("deepseek_v2", "deepseek_v3", "glm4_moe", "qwen2_moe", "qwen3_moe", "qwen3_next", "mixtral")
+FAMILY_FILES = (
+    "deepseek_v2",
+    "deepseek_v3",
+    "deepseek_v32",
+    "glm4_moe",
+    "glm_moe_dsa",
+    "kimi_k25",
+    "minimax_m2",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_5_moe",
+    "qwen3_moe",
+    "qwen3_next",
+)
 
 
 def _load(path: Path) -> dict[str, Any]:
+    """A family file as the schema sees it: its ``extends`` chain applied."""
+    return resolved_file(path.stem)
+
+
+def _raw(path: Path) -> dict[str, Any]:
     return tomllib.loads(path.read_text(encoding="utf-8"))
 
 
@@ -54,8 +74,8 @@ def _family_of(factory_family: str) -> str:
 
 
 def test_every_family_has_exactly_one_config_file() -> None:
-    assert sorted(p.stem for p in TOML_FILES) == sorted(SEVEN)
-    assert sorted(registry()) == sorted(SEVEN)
+    assert sorted(p.stem for p in TOML_FILES) == sorted(FAMILY_FILES)
+    assert sorted(registry()) == sorted(FAMILY_FILES)
 
 
 @pytest.mark.parametrize("path", TOML_FILES, ids=lambda p: p.stem)
@@ -63,7 +83,7 @@ def test_config_file_passes_the_schema(path: Path) -> None:
     data = _load(path)
     check_schema(data, f"configs/{path.name}")
     assert data["family"] == path.stem
-    spec = _spec_from_toml(data, path.name)
+    spec = _spec_from_toml(data, path.name, extends=_raw(path).get("extends"))
     assert spec == registry()[path.stem]
     assert spec.model_types and all(isinstance(t, str) and t for t in spec.model_types)
     # the tensor name templates must format for a layer and name a module under model.layers.{L}
@@ -176,6 +196,7 @@ def test_detect_every_factory_family(family: str) -> None:
 def test_detect_every_declared_model_type() -> None:
     declared = {t: _load(p)["family"] for p in TOML_FILES for t in _load(p)["model_types"]}
     assert declared["kimi_k2"] == "deepseek_v3"
+    assert declared["qwen3_5_moe_text"] == "qwen3_5_moe"
     assert sorted(declared) == known_model_types()
     for model_type, family in declared.items():
         assert detect({"model_type": model_type}).family == family
@@ -195,7 +216,7 @@ def test_unknown_model_type_is_refused_with_the_known_list(model_type: str | Non
 def test_get_arch_unknown_family_lists_families() -> None:
     with pytest.raises(InputError) as err:
         get_arch("llama")
-    for fam in SEVEN:
+    for fam in FAMILY_FILES:
         assert fam in str(err.value)
 
 
@@ -454,3 +475,169 @@ def test_arch_spec_is_frozen() -> None:
     with pytest.raises(AttributeError):
         spec.family = "x"  # type: ignore[misc]
     assert spec.proj_names == {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+# -- extends ------------------------------------------------------------------------------------
+
+
+def test_extends_overlays_section_by_section() -> None:
+    from moetool.arch.schema import overlay
+
+    base = {
+        "family": "a",
+        "routing": {"scoring": "softmax", "topk_method": "greedy"},
+        "layers": {"rule": "all"},
+    }
+    child = {"extends": "a", "family": "b", "routing": {"scoring": "sigmoid"}}
+    merged = overlay(base, child)
+    assert merged == {
+        "family": "b",
+        "routing": {"scoring": "sigmoid", "topk_method": "greedy"},
+        "layers": {"rule": "all"},
+    }
+    assert base["routing"]["scoring"] == "softmax"  # the base is not touched
+
+
+def test_every_extending_file_differs_from_its_base_only_where_it_says() -> None:
+    for path in TOML_FILES:
+        raw = _raw(path)
+        if "extends" not in raw:
+            continue
+        base, child = resolved_file(raw["extends"]), _load(path)
+        assert set(child) == set(base) | (set(raw) - {"extends"})
+        for section, table in child.items():
+            if not isinstance(table, dict):
+                assert table == raw[section]
+                continue
+            for key, value in table.items():
+                assert value == raw.get(section, {}).get(key, base.get(section, {}).get(key)), (path, key)
+
+
+def test_extends_chain_errors_name_the_file() -> None:
+    from moetool.arch.schema import resolve
+
+    files = {
+        "a": ("configs/a.toml", {"extends": "b", "family": "a"}),
+        "b": ("configs/b.toml", {"extends": "a", "family": "b"}),
+        "c": ("configs/c.toml", {"extends": "nope", "family": "c"}),
+    }
+    with pytest.raises(InputError, match=r"configs/a\.toml.*cycle"):
+        resolve(files["a"][1], "configs/a.toml", files)
+    with pytest.raises(InputError, match=r"configs/c\.toml.*'nope'.*known: a, b, c"):
+        resolve(files["c"][1], "configs/c.toml", files)
+
+
+def test_an_extending_file_must_name_its_own_model_types(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moetool.arch as arch_pkg
+    from moetool.arch import schema
+
+    files = dict(schema.raw_files())
+    files["my_v3"] = ("configs/my_v3.toml", {"extends": "deepseek_v3", "family": "my_v3", "description": "x"})
+    monkeypatch.setattr(arch_pkg, "raw_files", lambda: files)
+    with pytest.raises(InputError, match=r"configs/my_v3\.toml.*model_types"):
+        resolved_file("my_v3")
+
+
+def test_two_families_claiming_one_model_type_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moetool.arch as arch_pkg
+    from moetool.arch import schema
+
+    files = dict(schema.raw_files())
+    files["zz_copy"] = (
+        "configs/zz_copy.toml",
+        {"extends": "mixtral", "family": "zz_copy", "model_types": ["mixtral"], "description": "x"},
+    )
+    monkeypatch.setattr(arch_pkg, "raw_files", lambda: files)
+    registry.cache_clear()
+    try:
+        with pytest.raises(InputError, match="'mixtral' is claimed by both mixtral and zz_copy"):
+            registry()
+    finally:
+        monkeypatch.undo()
+        registry.cache_clear()
+
+
+def test_a_new_family_can_be_a_few_lines_that_extend_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moetool.arch as arch_pkg
+    from moetool.arch import schema
+
+    files = dict(schema.raw_files())
+    files["my_moe"] = (
+        "configs/my_moe.toml",
+        {
+            "extends": "qwen3_moe",
+            "family": "my_moe",
+            "model_types": ["my_moe"],
+            "description": "x",
+            "tensors": {"moe": "model.layers.{layer}.moe"},
+        },
+    )
+    monkeypatch.setattr(arch_pkg, "raw_files", lambda: files)
+    registry.cache_clear()
+    try:
+        spec = registry()["my_moe"]
+        assert spec.extends == "qwen3_moe"
+        assert spec.expert_weight(2, 4, "gate") == "model.layers.2.moe.experts.4.gate_proj.weight"
+        assert spec.routing_spec == registry()["qwen3_moe"].routing_spec
+    finally:
+        monkeypatch.undo()
+        registry.cache_clear()
+
+
+def test_rooted_spec_renames_every_text_model_pattern() -> None:
+    spec = get_arch("qwen3_5_moe").rooted("model.language_model")
+    assert spec.expert_weight(3, 1, "up") == "model.language_model.layers.3.mlp.experts.1.up_proj.weight"
+    assert spec.router_weight(0) == "model.language_model.layers.0.mlp.gate.weight"
+    assert spec.shared_gate_weight(2) == "model.language_model.layers.2.mlp.shared_expert_gate.weight"
+    assert spec.gdn_spec["prefix"] == "model.language_model.layers.{layer}.linear_attn"
+    assert spec.layer_prefix(5) == "model.language_model.layers.5"
+    kimi = get_arch("kimi_k25").rooted("language_model.model")
+    assert kimi.router_bias(1) == "language_model.model.layers.1.mlp.gate.e_score_correction_bias"
+    # rooting again starts from the canonical names
+    assert kimi.rooted("model").expert_weight(1, 0, "down") == "model.layers.1.mlp.experts.0.down_proj.weight"
+
+
+def test_mlp_layer_types_must_agree_with_first_k_dense_replace() -> None:
+    spec = get_arch("deepseek_v32")
+    cfg = {
+        "model_type": "deepseek_v32",
+        "num_hidden_layers": 4,
+        "hidden_size": 64,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+        "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+    }
+    assert spec.model(cfg).moe_layers == (1, 2, 3)
+    with pytest.raises(
+        InputError, match=r"mlp_layer_types makes layers \[2, 3\] MoE but .* make \[1, 2, 3\]"
+    ):
+        spec.model({**cfg, "mlp_layer_types": ["dense", "dense", "sparse", "sparse"]}, file="/m/config.json")
+    with pytest.raises(InputError, match="for each of the 4 layers"):
+        spec.model({**cfg, "mlp_layer_types": ["dense", "sparse"]})
+
+
+def test_a_wrapper_config_is_read_from_its_text_config() -> None:
+    text = {
+        "model_type": "qwen3_5_moe_text",
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "norm_topk_prob": False,  # not a Qwen3.5 key: its router always renormalises
+    }
+    info = get_arch("qwen3_5_moe").model({"model_type": "qwen3_5_moe", "text_config": text})
+    assert (info.model_type, info.num_layers, info.moe_layers) == ("qwen3_5_moe", 2, (0, 1))
+    assert info.gdn is not None and info.gdn.layers == (0,)
+    assert info.routing.norm_topk_prob is True

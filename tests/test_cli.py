@@ -332,3 +332,47 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(
     code, _, err = _main(["quantize", str(src), str(tmp_path / "o"), "--layout", "hf"], capsys)
     assert code == 0
     assert "%|" not in err and "\r" not in err
+
+
+@pytest.fixture(scope="module")
+def relabelled(src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The qwen3_moe checkpoint with a model_type moetool does not know (a fine-tune's own label)."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("relabelled") / "m"
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model_type"] = "acme_moe"
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_unknown_model_type_names_the_families_its_tensors_match(
+    capsys: pytest.CaptureFixture[str], relabelled: Path
+) -> None:
+    code, out, err = _main(["inspect", str(relabelled)], capsys)
+    assert code == 2 and out == ""
+    line = _one_error_line(err)
+    assert "'acme_moe'" in line and "its tensor names match qwen3_moe: rerun with --family qwen3_moe" in line
+
+
+def test_family_option_on_every_checkpoint_command(
+    capsys: pytest.CaptureFixture[str], relabelled: Path, tmp_path: Path
+) -> None:
+    note = "reading model_type 'acme_moe' as family qwen3_moe: its tensor names match qwen3_moe's"
+    code, out, err = _main(["inspect", str(relabelled), "--family", "qwen3_moe", "--json"], capsys)
+    assert code == 0 and note in err
+    report = json.loads(out)
+    assert (report["family"], report["model_type"], report["routed_experts"]) == ("qwen3_moe", "acme_moe", 4)
+    q = tmp_path / "q"
+    code, _, err = _main(["quantize", str(relabelled), str(q), "--family", "qwen3_moe"], capsys)
+    assert code == 0 and note in err
+    assert json.loads((q / "config.json").read_text())["model_type"] == "acme_moe"
+    code, _, err = _main(["fuse-shared", str(relabelled), str(tmp_path / "f"), "--family", "mixtral"], capsys)
+    assert code == 2 and "--family mixtral: the tensor names do not match mixtral's" in _one_error_line(err)
+    code, out, _ = _main(
+        ["validate", str(relabelled), str(q), "--family", "qwen3_moe", "--device", "cpu", "--json"], capsys
+    )
+    assert code == 0 and json.loads(out)["passed"] is True
+    code, _, err = _main(["validate", str(relabelled), str(q), "--device", "cpu"], capsys)
+    assert code == 2 and "--family qwen3_moe" in _one_error_line(err)

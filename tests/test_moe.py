@@ -537,8 +537,13 @@ def test_route_rejects_inconsistent_routing(seed: int) -> None:
         route(xt, w.router_weight, dataclasses.replace(routing, topk_group=1, top_k=5), w.score_bias)
     with pytest.raises(InputError, match="rows"):
         route(xt, w.router_weight[:-1], routing, w.score_bias)
-    with pytest.raises(InputError, match="noaux_tc"):
-        route(xt, w.router_weight, dataclasses.replace(routing, topk_method="greedy"), w.score_bias)
+    with pytest.raises(InputError, match="greedy and noaux_tc"):
+        route(
+            xt,
+            w.router_weight,
+            dataclasses.replace(routing, topk_method="group_limited_greedy"),
+            w.score_bias,
+        )
     fused = fuse_layer(w, 1, "one")
     with pytest.raises(InputError, match="replica_of_token"):
         moe_forward(xt, fused, routing, None, replica_of_token=torch.ones(xt.shape[0], dtype=torch.int64))

@@ -62,6 +62,23 @@ def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def family_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--family NAME``: read a checkpoint whose model_type moetool does not know as family NAME."""
+    return click.option(
+        "--family",
+        default=None,
+        metavar="NAME",
+        help="Read a checkpoint whose model_type is unknown as this family (configs/NAME.toml), when its "
+        "tensor names match the family's; `moetool inspect` names the families that match.",
+    )(fn)
+
+
+def say_note(out: Output, view: Any) -> None:
+    """How the family was recognised, when not by model_type (``--family``, a wrapper's text_config)."""
+    if getattr(view, "note", None):
+        out.log(view.note)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -32,6 +32,7 @@ def fuse_shared(
     max_shard_size: str,
     device: str,
     devices: str | None,
+    family: str | None,
     out: Output,
 ) -> None:
     """Fold shared experts into the routed-expert tensors as extra expert slots (exact; BF16 or FP8, any layout).
@@ -60,4 +61,5 @@ def fuse_shared(
         overwrite=overwrite,
         resume=resume,
         fsync=fsync,
+        family=family,
     )

@@ -6,13 +6,14 @@ from typing import Any
 
 import click
 
-from moetool.cli.common import Output, common_options, human_bytes, table
+from moetool.cli.common import Output, common_options, family_option, human_bytes, say_note, table
 
 
 @click.command("inspect")
 @click.argument("model")
+@family_option
 @common_options
-def inspect(model: str, out: Output) -> None:
+def inspect(model: str, family: str | None, out: Output) -> None:
     """What a checkpoint holds and what `quantize` would change (headers only; reads no weights).
 
     MODEL is a local directory or a Hub repo id (org/name[@revision]).
@@ -21,6 +22,7 @@ def inspect(model: str, out: Output) -> None:
     Examples:
       moetool inspect ./DeepSeek-V2-Lite
       moetool inspect Qwen/Qwen3-30B-A3B --json | jq .quantize_would
+      moetool inspect ./my-deepseek-v3-finetune --family deepseek_v3
     """
     from moetool.hub import resolve
     from moetool.inspection import inspect_checkpoint
@@ -29,7 +31,9 @@ def inspect(model: str, out: Output) -> None:
 
     source = resolve(model)
     with Checkpoint(source.path) as ckpt:
-        report = inspect_checkpoint(analyze(ckpt))
+        view = analyze(ckpt, family=family)
+        say_note(out, view)
+        report = inspect_checkpoint(view)
     out.result(report, lambda: render(report))
 
 

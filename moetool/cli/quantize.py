@@ -56,6 +56,7 @@ def quantize(
     max_shard_size: str,
     device: str,
     devices: str | None,
+    family: str | None,
     out: Output,
 ) -> None:
     """Quantize expert weights to block FP8 (128x128, DeepGEMM's recipe), byte-exact on CPU and GPU.
@@ -88,4 +89,5 @@ def quantize(
         overwrite=overwrite,
         resume=resume,
         fsync=fsync,
+        family=family,
     )

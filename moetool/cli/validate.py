@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moetool.cli.common import Output, common_options, human_bytes, table
+from moetool.cli.common import Output, common_options, family_option, human_bytes, table
 
 
 def _layers(text: str | None) -> tuple[int, ...] | None:
@@ -99,6 +99,7 @@ def timing_line(report) -> str:
     default=None,
     help="Also write the full report as JSON to this file (checks, seconds per stage, bytes read).",
 )
+@family_option
 @common_options
 def validate(
     original: str,
@@ -111,6 +112,7 @@ def validate(
     steps: int,
     seed: int,
     report_path: str | None,
+    family: str | None,
     out: Output,
 ) -> int:
     """Prove CONVERTED right against ORIGINAL on GPU kernels, or name what is wrong (exit 1).
@@ -138,6 +140,7 @@ def validate(
         tokens=tokens,
         seed=seed,
         ssm_steps=steps,
+        family=family,
     )
     if Path(original).is_file() and Path(converted).is_file():
         report = validate_states(original, converted, opts)

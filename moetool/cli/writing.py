@@ -7,11 +7,12 @@ from collections.abc import Callable
 
 import click
 
-from moetool.cli.common import Output, human_bytes, table
+from moetool.cli.common import Output, family_option, human_bytes, say_note, table
 
 
 def shared_write_options(fn):
-    """--overwrite, --resume, --fsync, --max-shard-size, --device: every command that writes a checkpoint."""
+    """--overwrite, --resume, --fsync, --max-shard-size, --device, --family: every command that writes a
+    checkpoint."""
     fn = click.option(
         "--devices",
         default=None,
@@ -33,7 +34,7 @@ def shared_write_options(fn):
         "--overwrite", is_flag=True, help="Replace an existing OUT (only once the new one is complete)."
     )(fn)
     fn = click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")(fn)
-    return fn
+    return family_option(fn)
 
 
 def report_run(out: Output, plan, result) -> None:
@@ -97,6 +98,7 @@ def run_plan(
     overwrite: bool,
     resume: bool,
     fsync: bool = False,
+    family: str | None = None,
 ) -> None:
     """Resolve MODEL, plan from its headers, then print the plan (``--dry-run``) or execute it."""
     from moetool.hub import resolve
@@ -106,7 +108,9 @@ def run_plan(
 
     source = resolve(model)
     with Checkpoint(source.path) as ckpt:
-        plan = make_plan(analyze(ckpt))
+        view = analyze(ckpt, family=family)
+        say_note(out, view)
+        plan = make_plan(view)
         if dry_run:
             report_plan(out, plan)
             return
