@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks and measures, in one call:
-#   bash scripts/gpu_suite.sh [tests] [bench-quant] [bench-gemm] [bench-gdn] [quantize-20g] [validate-time] [demo]
-# (no argument: all). Logs go to $OUT (or ./gpu-logs), one file per section; a summary table ends the output.
+#   bash scripts/gpu_suite.sh [build-deepgemm] [tests] [bench-quant] [bench-gemm] [bench-gdn] [quantize-20g] [validate-time] [demo]
+# (no argument: all but build-deepgemm). Logs go to $OUT (or ./gpu-logs), one file per section; a summary
+# table ends the output. DeepGEMM (scripts/build_deepgemm.sh) is used wherever .deepgemm/ holds a build:
+# carried from an earlier run, or made by the build-deepgemm section first.
 set -uo pipefail
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+deepgemm_env() {
+  if ls .deepgemm/DeepGEMM/deep_gemm/_C*.so >/dev/null 2>&1; then eval "$(bash scripts/build_deepgemm.sh env)"; fi
+}
+deepgemm_env
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
 sections=("$@")
@@ -26,6 +32,7 @@ run() {  # name, command...
 }
 for s in "${sections[@]}"; do
   case $s in
+    build-deepgemm) run build-deepgemm bash scripts/build_deepgemm.sh; deepgemm_env ;;
     tests) run tests python3 -m pytest -m gpu -q -p no:cacheprovider ;;
     bench-quant) run bench-quant python3 scripts/bench_quant_kernel.py ;;
     bench-gemm) run bench-gemm python3 scripts/bench_grouped_gemm.py ;;
