@@ -5,8 +5,9 @@ name what is wrong (SPEC §6). Every check returns plain ``Check`` records; the 
               output sha256 as moetool.json records.
 2. tensors    each FP8 tensor equals the SPEC §3 recipe applied to the original, byte for byte (scales
               bit for bit); copied and fused BF16 tensors equal their source bytes.
-3. kernels    the FP8 block grouped GEMM (Triton; torch reference on ``--device cpu``; DeepGEMM with
-              ``--backend deepgemm``) on the stored layout against the float32 GEMM of the original.
+3. kernels    the FP8 block grouped GEMM on the stored layout against the float32 GEMM of the original:
+              DeepGEMM where it is importable on an SM90 card, else Triton (``--backend`` forces one;
+              torch reference on ``--device cpu``). A failure names the experts that disagree.
 4. moe        the model's routing + experts (+ fused slots) on the converted weights, through the
               kernel, against the original layer in float32: same top-k ids, calc_diff bounded.
 5. ssm        T decode steps from the converted state (Triton K-last, pool-indexed) against the
@@ -107,7 +108,7 @@ class Report:
 @dataclass(frozen=True)
 class ValidateOptions:
     device: str = "auto"
-    backend: str = "triton"  # triton | deepgemm (torch references when the device is the CPU)
+    backend: str = "auto"  # auto | triton | deepgemm (torch references when the device is the CPU)
     layers: tuple[int, ...] | None = None
     experts: int | None = None  # sample this many experts per layer (all when None)
     tokens: int = 128
@@ -133,11 +134,46 @@ def default_read_budget(largest: int) -> int:
 
 
 # -- backends ---------------------------------------------------------------------------------
+BACKENDS = ("auto", "triton", "deepgemm")
+
+
+def _deepgemm_importable() -> bool:
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("deep_gemm") is None:
+        return False
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its import may print; stdout is for --json
+            import deep_gemm  # type: ignore[import-not-found]  # noqa: F401
+    except Exception:  # ImportError, or a build that fails to load
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The GEMM the kernels and MoE checks run on ``device``: ``torch`` (the references) on the CPU; on
+    CUDA ``triton`` or ``deepgemm`` as asked, and for ``auto`` DeepGEMM where ``deep_gemm`` is importable
+    and the card is SM90 (Hopper), else Triton. (DeepGEMM's SM100 kernels take scales as UE8M0 only, so
+    float32 scales would be rounded there: ``--backend deepgemm`` is for UE8M0 outputs on such a card.)"""
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r}", fix=f"one of {', '.join(BACKENDS)}")
+    if device.type == "cpu":
+        return "torch"
+    if name != "auto":
+        return name
+    if torch.cuda.get_device_capability(device)[0] == 9 and _deepgemm_importable():
+        return "deepgemm"
+    return "triton"
+
+
 class Backend:
     """Per-token activation quantization and the FP8 grouped GEMM on one device."""
 
     def __init__(self, device: torch.device, name: str) -> None:
-        self.device, self.name = device, name
+        """``name``: as :func:`resolve_backend` gives it (``auto`` is resolved here too)."""
+        self.device, self.name = device, resolve_backend(name, device)
+        name = self.name
         from moetool.kernels.fp8_grouped_gemm_ref import contiguous_layout, grouped_gemm_ref
         from moetool.kernels.fp8_quant_ref import block_quant_ref
 
@@ -504,7 +540,7 @@ class Validator:
             str(self.o_ck.root),
             str(self.c_ck.root),
             str(self.device),
-            "torch" if self.device.type == "cpu" else opts.backend,
+            resolve_backend(opts.backend, self.device),
         )
         self.timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
         self._pool: ThreadPoolExecutor | None = None
@@ -1362,6 +1398,24 @@ class Validator:
                 worst = (diff, tag)
         ok = worst[0] < tol.GEMM_CALC_DIFF
         prefix = self.conv.stores[step.layer].prefix
+        detail = ""
+        if not ok:
+            tag = worst[1]
+            per_expert = {
+                run.experts[i]: calc_diff(run.got[tag][run.ids == i], run.ref[tag][run.ids == i])
+                for i in run.ids.unique().tolist()
+            }
+            bad = [e for e, d in per_expert.items() if not d < tol.GEMM_CALC_DIFF]
+            bad.sort(
+                key=lambda e: per_expert[e] if per_expert[e] == per_expert[e] else math.inf, reverse=True
+            )
+            named = ", ".join(f"expert {e} ({per_expert[e]:.2e})" for e in bad[:8])
+            if len(bad) > 8:
+                named += f" and {len(bad) - 8} more"
+            detail = (
+                f"{prefix} {tag}: FP8 GEMM disagrees with the original weights: "
+                f"{named or 'no single expert over the bar, the error is spread over them'}"
+            )
         return Check(
             "kernels",
             f"layer {step.layer}",
@@ -1370,7 +1424,7 @@ class Validator:
             f"{worst[0]:.2e}",
             f"< {tol.GEMM_CALC_DIFF:g}",
             ok,
-            "" if ok else f"{prefix} {worst[1]}: FP8 GEMM disagrees with the original weights",
+            detail,
         )
 
     def _layer_weights(self, view: CheckpointView, side: str, b: Tensors, layer: int, w13, w2):
@@ -1535,9 +1589,7 @@ def validate_checkpoints(original: str | Path, converted: str | Path, opts: Vali
             # the converted checkpoint contradicts itself (e.g. a fused slot dropped but still in
             # config.json): that is what validate exists to find, so it is a failed check (exit 1)
             dev = pick_device(opts.device)
-            report = Report(
-                str(o.root), str(c.root), str(dev), "torch" if dev.type == "cpu" else opts.backend
-            )
+            report = Report(str(o.root), str(c.root), str(dev), resolve_backend(opts.backend, dev))
             report.checks.append(
                 Check(
                     "structure",

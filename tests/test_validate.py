@@ -178,9 +178,11 @@ class Workspace:
     def validate(self, original: Path, converted: Path, *opts: str) -> Outcome:
         """``moetool validate`` with ``--report``; the report is loaded (JSON) unless it exited 2."""
         report = self.scratch("report.json")
+        # on CUDA the Triton path (``--backend auto`` may pick DeepGEMM: tests/test_deepgemm_gpu.py)
+        backend = () if self.device == "cpu" else ("--backend", "triton")
         res = moetool(
             "validate", original, converted, "--device", self.device, "--tokens", str(self.tokens),
-            "--report", report, *opts,
+            "--report", report, *backend, *opts,
         )  # fmt: skip
         if res.code in (0, 1):
             assert report.is_file(), f"exit {res.code} but no --report file\n{res.out}\n{res.err}"
@@ -451,6 +453,9 @@ def test_swapped_experts_fail(ws: Workspace, layout: str) -> None:
     assert passed(res, "structure"), checks(res, "structure")  # only the content checks can see it
     assert_fails(res, culprit, groups=("tensors",))
     assert_fails(res, experts_prefix(config_of(conv), 1), groups=("kernels",))
+    (kernels,) = [c for c in checks(res, "kernels") if c["scope"] == "layer 1"]
+    named = set(re.findall(r"expert (\d+) \(", kernels["detail"]))
+    assert named == {"0", "1"}, kernels  # the kernels check names the two experts, and only them
     assert passed(res, "tensors", "layer 2") and passed(res, "kernels", "layer 2")
 
 

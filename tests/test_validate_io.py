@@ -479,7 +479,9 @@ def reports_chunked_and_whole(
     and its original, with their scales)."""
     reports = []
     for b in (budget, UNLIMITED):
-        opts = ValidateOptions(device=ws.device, tokens=ws.tokens, experts=experts, read_budget=b)
+        opts = ValidateOptions(
+            device=ws.device, backend="triton", tokens=ws.tokens, experts=experts, read_budget=b
+        )
         reports.append(validate_checkpoints(orig, conv, opts).to_dict())
     with Checkpoint(orig) as o, Checkpoint(conv) as c:
         o_names = {n for n in o.tensors if ".experts." not in n}

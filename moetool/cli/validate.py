@@ -65,10 +65,11 @@ def timing_line(report) -> str:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["triton", "deepgemm"]),
-    default="triton",
+    type=click.Choice(["auto", "triton", "deepgemm"]),
+    default="auto",
     show_default=True,
-    help="GEMM used for the kernel and MoE checks on CUDA; deepgemm needs deep_gemm installed.",
+    help="GEMM used for the kernel and MoE checks on CUDA. auto: DeepGEMM where deep_gemm is importable "
+    "on an SM90 card, else Triton; the report names the one used.",
 )
 @click.option(
     "--layers",
