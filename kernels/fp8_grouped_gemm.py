@@ -365,8 +365,7 @@ def mn_major_scales(a_s: torch.Tensor) -> torch.Tensor:
     return a_s.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-def _launch(
-    grid: tuple[int, int],
+def _launch_args(
     cfg: GemmConfig,
     a_q: torch.Tensor,
     a_s: torch.Tensor,
@@ -376,7 +375,9 @@ def _launch(
     layout: torch.Tensor,
     m: int,
     masked: bool,
-) -> None:
+) -> tuple[tuple, dict]:
+    """The positional and keyword arguments of ``fp8_grouped_gemm_kernel`` for one checked call (``_launch``
+    passes them on; ``scripts/bench_grouped_gemm.py`` times Triton's launch of them alone)."""
     g, n, k = b_q.shape
     a_desc = b_desc = None
     if cfg.mn_major:
@@ -393,7 +394,7 @@ def _launch(
     sa = (a_q.stride(0), a_q.stride(1), a_q.stride(2)) if masked else (0, a_q.stride(0), a_q.stride(1))
     ss = (a_s.stride(0), a_s.stride(1), a_s.stride(2)) if masked else (0, a_s.stride(0), a_s.stride(1))
     sd = (out.stride(0), out.stride(1), out.stride(2)) if masked else (0, out.stride(0), out.stride(1))
-    fp8_grouped_gemm_kernel[grid](
+    args = (
         a_desc,
         b_desc,
         a_q,
@@ -411,6 +412,8 @@ def _launch(
         *b_q.stride(),
         *b_s.stride(),
         *sd,
+    )
+    kwargs = dict(
         MASKED=masked,
         EVEN_K=k % BLOCK_K == 0,
         USE_TMA=cfg.tma,
@@ -421,6 +424,33 @@ def _launch(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    return args, kwargs
+
+
+def _launch(
+    grid: tuple[int, int],
+    cfg: GemmConfig,
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    out: torch.Tensor,
+    layout: torch.Tensor,
+    m: int,
+    masked: bool,
+) -> None:
+    args, kwargs = _launch_args(cfg, a_q, a_s, b_q, b_s, out, layout, m, masked)
+    fp8_grouped_gemm_kernel[grid](*args, **kwargs)
+
+
+def contiguous_grid(m: int, n: int, cfg: GemmConfig) -> tuple[int, int]:
+    """Programs of ``m_grouped_fp8_gemm_nt_contiguous`` for ``M`` rows, output width ``n``."""
+    return (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), 1)
+
+
+def masked_grid(g: int, m_max: int, n: int, cfg: GemmConfig) -> tuple[int, int]:
+    """Programs of ``m_grouped_fp8_gemm_nt_masked`` for ``G`` groups of ``M_max`` rows, width ``n``."""
+    return (triton.cdiv(m_max, cfg.block_m) * triton.cdiv(n, cfg.block_n), g)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(
@@ -473,8 +503,7 @@ def m_grouped_fp8_gemm_nt_contiguous(
     if config is not None:
         config.check()
     cfg = config or contiguous_config(a_q, b_q, expected_m)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), 1)
-    _launch(grid, cfg, a_q, a_s, b_q, b_s, out, m_indices, m, masked=False)
+    _launch(contiguous_grid(m, n, cfg), cfg, a_q, a_s, b_q, b_s, out, m_indices, m, masked=False)
     return out
 
 
@@ -524,6 +553,5 @@ def m_grouped_fp8_gemm_nt_masked(
     if config is not None:
         config.check()
     cfg = config or masked_config(a_q, b_q, expected_m)
-    grid = (triton.cdiv(m_max, cfg.block_m) * triton.cdiv(n, cfg.block_n), g)
-    _launch(grid, cfg, a_q, a_s, b_q, b_s, out, masked_m, m_max, masked=True)
+    _launch(masked_grid(g, m_max, n, cfg), cfg, a_q, a_s, b_q, b_s, out, masked_m, m_max, masked=True)
     return out
