@@ -147,6 +147,9 @@ def test_read_header_of_a_file_the_safetensors_library_wrote(tmp_path: Path) -> 
         "w.f32": torch.randn(5, generator=g),
         "w.i64": torch.randint(-9, 9, (2, 3), generator=g),
         "w.f8": torch.randn(4, 9, generator=g).to(torch.float8_e4m3fn),
+        # DeepSeek-V4's FP4 experts: packed e2m1 bytes and one E8M0 scale per 32 (every byte, NaN too)
+        "w.i8": torch.randint(-128, 128, (4, 16), dtype=torch.int8, generator=g),
+        "w.e8m0": torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e8m0fnu).view(8, 32),
     }
     path = tmp_path / "lib.safetensors"
     save_file(tensors, path, metadata={"format": "pt"})
@@ -171,7 +174,9 @@ def _stacked_pieces(e: int, n: int, rng: random.Random) -> list[tuple[int, int, 
     return pieces
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.int32])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.int32]
+)
 def test_shard_writer_fills_stacked_tensor_in_any_order(tmp_path: Path, dtype: torch.dtype) -> None:
     """A stacked [E, N, K] tensor written expert by expert (row ranges, shuffled) plus small tensors,
     read back by the safetensors library bit for bit; finish() reports the file's sha256 and size."""

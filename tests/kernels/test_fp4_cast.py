@@ -1,0 +1,250 @@
+"""DeepSeek's FP4 → FP8 cast: the torch reference against an implementation of DeepSeek's cast written
+here from its published description, the lossless theorem of docs/formats.md element by element, the
+decoder against transformers' own FP4 dequantizer, the Triton kernel against the reference byte for byte
+(interpreter on CPU, V4-Flash's expert shapes on GPU), and every input outside the contract refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moetool.errors import InputError
+from moetool.kernels.fp4_cast import fp4_cast
+from moetool.kernels.fp4_cast_ref import (
+    dequant_fp4_ref,
+    dequant_fp8_e8m0_ref,
+    e8m0_to_float,
+    fp4_cast_ref,
+    unpack_e2m1,
+)
+
+FP8 = torch.float8_e4m3fn
+E8M0 = torch.float8_e8m0fnu
+
+
+def deepseek_cast(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V4's ``cast_e2m1fn_to_e4m3fn`` as its description states it, for one ``[N, K/2]`` matrix:
+    decode with the table (code 8 is +0), view as 128 x 128 blocks, FP8 scale = block max of the FP4
+    scales / 2**6, every value times its FP4 scale / the FP8 scale, cast to e4m3; scale cast to E8M0."""
+    table = torch.tensor([0.0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6])
+    u8 = packed.view(torch.uint8)
+    out_dim, in_dim = u8.shape[0], u8.shape[1] * 2
+    x = torch.stack([table[(u8 & 0x0F).long()], table[(u8 >> 4).long()]], dim=-1).flatten(1)
+    bo, bi = out_dim // 128, in_dim // 128
+    x = x.view(bo, 128, bi, 128).transpose(1, 2)  # [bo, bi, 128, 128]
+    sf = scale.float().view(bo, 128, bi, 4).transpose(1, 2).flatten(2)  # [bo, bi, 512]
+    block_scale = sf.amax(dim=-1, keepdim=True) / 2**6
+    offset = (sf / block_scale).unflatten(-1, (128, 4)).repeat_interleave(32, dim=-1)
+    q = (x * offset).transpose(1, 2).reshape(out_dim, in_dim).to(FP8)
+    return q, block_scale.squeeze(-1).to(E8M0)
+
+
+def trailing_zeros(m: int) -> int:
+    return (m & -m).bit_length() - 1
+
+
+def exact_by_theorem(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bool ``[N, K]``: the lossless rule of docs/formats.md per element — ``v = 0`` or
+    ``E - b <= 14 + tz(2|v|)``, with E the block's largest FP4 scale byte and E >= 6."""
+    codes = (
+        torch.stack([packed.view(torch.uint8) & 0xF, packed.view(torch.uint8) >> 4], -1).flatten(-2).long()
+    )
+    twice = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12] * 2)[codes]  # 2|v|
+    tz = torch.tensor([trailing_zeros(m) if m else 99 for m in [0, 1, 2, 3, 4, 6, 8, 12] * 2])[codes]
+    b = scale.view(torch.uint8).long().repeat_interleave(32, dim=-1)  # [N, K]
+    n, k = b.shape
+    e_max = b.view(n // 128, 128, k // 128, 128).amax(dim=(1, 3), keepdim=True).expand(-1, 128, -1, 128)
+    e_max = e_max.reshape(n, k)
+    assert bool((e_max >= 6).all()), "the rule is stated for blocks whose FP8 scale is representable"
+    return (twice == 0) | (e_max - b <= 14 + tz)
+
+
+def fp4(
+    shape: tuple[int, ...], span: int, gen: torch.Generator, center: int = 120
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random packed codes (every byte value) for ``[..., N, K]`` and E8M0 scales whose bytes spread over
+    ``span + 1`` binades around ``center``."""
+    *lead, n, k = shape
+    packed = torch.randint(-128, 128, (*lead, n, k // 2), dtype=torch.int8, generator=gen)
+    lo = center - span // 2
+    scale = torch.randint(lo, lo + span + 1, (*lead, n, k // 32), dtype=torch.int32, generator=gen)
+    return packed, scale.to(torch.uint8).view(E8M0)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.cpu().view(torch.uint8), b.cpu().view(torch.uint8))
+    )
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+def test_low_nibble_holds_the_even_column() -> None:
+    packed = torch.tensor([[0x72, 0x0F, 0x8A]], dtype=torch.uint8)  # (2, 7), (15, 0), (10, 8)
+    assert unpack_e2m1(packed).tolist() == [[1.0, 6.0, -6.0, 0.0, -1.0, -0.0]]
+    assert torch.signbit(unpack_e2m1(packed))[0, 5]  # code 8 decodes to -0.0
+
+
+def test_e8m0_decoding_is_exact_for_every_byte() -> None:
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    for dtype in (torch.float32, torch.float64):
+        got = e8m0_to_float(b.view(E8M0), dtype)
+        assert torch.isnan(got[255]) and not torch.isnan(got[:255]).any()
+        want = torch.tensor([2.0 ** (i - 127) for i in range(255)], dtype=torch.float64)
+        assert torch.equal(got[:255].double(), want)
+        assert torch.equal(got[:255], b[:255].view(E8M0).to(dtype))  # torch's own conversion agrees
+
+
+def test_dequant_matches_transformers(seed: int) -> None:
+    """transformers 5.24 decodes V4's FP4 experts in ``Fp8Dequantize``; ours must give the same floats."""
+    fg = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    gen = torch.Generator().manual_seed(seed)
+    packed, scale = fp4((256, 512), 30, gen)
+    theirs = fg.Fp8Dequantize(None)._dequantize_one(packed, scale, output_dtype=torch.float32)
+    ours = dequant_fp4_ref(packed, scale)
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))  # -0.0 included
+
+
+# -- the reference against DeepSeek's cast -------------------------------------------------------------
+@pytest.mark.parametrize("span", [0, 3, 14, 15, 17, 40])
+@pytest.mark.parametrize("shape", [(128, 128), (256, 384), (384, 256)])
+def test_ref_equals_deepseek_cast(shape: tuple[int, int], span: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed + span)
+    packed, scale = fp4(shape, span, gen)
+    q, s, changed = fp4_cast_ref(packed, scale)
+    q_ds, s_ds = deepseek_cast(packed, scale)
+    assert same_bytes(q, q_ds) and same_bytes(s, s_ds)
+    assert q.is_contiguous() and s.shape == changed.shape == (shape[0] // 128, shape[1] // 128)
+    # the count is the number of elements whose dequantized value moved
+    moved = dequant_fp4_ref(packed, scale, torch.float64) != dequant_fp8_e8m0_ref(q, s, torch.float64)
+    assert int(changed.sum()) == int(moved.sum())
+    if span <= 14:
+        assert (changed == 0).all()  # within 14 binades every block is exact
+    if span == 40:
+        assert (changed > 0).all()
+
+
+def test_ref_stacked_is_per_expert(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    packed, scale = fp4((3, 256, 256), 16, gen)
+    q, s, changed = fp4_cast_ref(packed, scale)
+    for e in range(3):
+        qe, se, ce = fp4_cast_ref(packed[e], scale[e])
+        assert same_bytes(q[e], qe) and same_bytes(s[e], se) and torch.equal(changed[e], ce)
+
+
+def test_code_8_is_plus_zero_and_other_zeros_keep_their_sign() -> None:
+    packed = torch.full((128, 64), 0x88, dtype=torch.uint8).view(torch.int8)  # -0.0 everywhere
+    scale = torch.full((128, 4), 127, dtype=torch.uint8).view(E8M0)
+    # the block's FP8 scale becomes 2**34: every other scale lies 40 binades below the largest
+    scale.view(torch.uint8)[0, 0] = 127 + 40
+    packed.view(torch.uint8)[5, 0] = 0x99  # columns 0, 1: -0.5, -0.5 under scale 1, flushed to -0
+    packed.view(torch.uint8)[5, 1] = 0x09  # columns 2, 3: -0.5 (flushed to -0), +0.0
+    q, s, changed = fp4_cast_ref(packed, scale)
+    qb = q.view(torch.uint8)
+    assert int(s.view(torch.uint8)) == 127 + 40 - 6
+    assert qb[0, :32].eq(0).all() and qb[6:, :].eq(0).all()  # code 8 -> byte 0x00
+    assert qb[5, 0] == 0x80 and qb[5, 1] == 0x80 and qb[5, 2] == 0x80 and qb[5, 3] == 0x00  # -0.5 -> -0
+    assert int(changed) == 3  # three -0.5 values flushed to zero
+
+
+def test_lossless_theorem_element_by_element(seed: int) -> None:
+    """Every (code, binade distance) pair: the element survives exactly when the rule says so."""
+    gen = torch.Generator().manual_seed(seed)
+    for span in (12, 14, 15, 16, 17, 18, 25):
+        packed, scale = fp4((512, 1024), span, gen)
+        q, s, changed = fp4_cast_ref(packed, scale)
+        exact = dequant_fp4_ref(packed, scale, torch.float64) == dequant_fp8_e8m0_ref(q, s, torch.float64)
+        rule = exact_by_theorem(packed, scale)
+        assert torch.equal(exact, rule), f"span {span}: {int((exact != rule).sum())} elements disagree"
+        assert int(changed.sum()) == int((~rule).sum())
+        if span <= 14:
+            assert int(changed.sum()) == 0
+
+
+def test_block_whose_scale_underflows_e8m0_is_counted() -> None:
+    """Largest FP4 scale byte below 6: DeepSeek's FP8 scale 2**(E-133) has no E8M0 byte and is stored
+    as byte 0 (2**-127), so nonzero values do not come back; an all-zero block does."""
+    packed = torch.zeros(128, 64, dtype=torch.int8)
+    scale = torch.full((128, 4), 2, dtype=torch.uint8).view(E8M0)
+    q, s, changed = fp4_cast_ref(packed, scale)
+    assert int(s.view(torch.uint8)) == 0 and int(changed) == 0
+    packed.view(torch.uint8)[0, 0] = 0x02  # 1.0 at column 0
+    q, s, changed = fp4_cast_ref(packed, scale)
+    q_ds, s_ds = deepseek_cast(packed, scale)
+    assert same_bytes(q, q_ds) and same_bytes(s, s_ds) and int(changed) == 1
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("packed", "scale", "message"),
+    [
+        (torch.zeros(128, 96, dtype=torch.int8), torch.zeros(128, 6, dtype=torch.uint8), "multiple of 128"),
+        (torch.zeros(100, 64, dtype=torch.int8), torch.zeros(100, 4, dtype=torch.uint8), "multiple of 128"),
+        (torch.zeros(128, 64, dtype=torch.int8), torch.zeros(128, 8, dtype=torch.uint8), "scale grid"),
+        (torch.zeros(128, 64, dtype=torch.int8), torch.zeros(1, 1, dtype=torch.uint8), "scale grid"),
+        (torch.zeros(128, 64, dtype=torch.int8), torch.ones(128, 4, dtype=torch.float32), "E8M0"),
+        (torch.zeros(128, 64, dtype=torch.int8), torch.ones(128, 4, dtype=torch.bfloat16), "E8M0"),
+        (torch.zeros(128, 128, dtype=torch.bfloat16), torch.zeros(128, 8, dtype=torch.uint8), "int8"),
+        (torch.zeros(2, 2, 128, 64, dtype=torch.int8), torch.zeros(2, 2, 128, 4, dtype=torch.uint8), "int8"),
+    ],
+)
+def test_inputs_outside_the_contract_are_refused(
+    packed: torch.Tensor, scale: torch.Tensor, message: str
+) -> None:
+    for cast in (fp4_cast_ref, fp4_cast):
+        with pytest.raises(InputError, match=message) as err:
+            cast(packed, scale, name="layers.3.ffn.experts.7.w1.weight")
+        assert "layers.3.ffn.experts.7.w1.weight" in str(err.value)
+
+
+def test_nan_scale_is_refused_naming_the_row() -> None:
+    packed = torch.zeros(2, 256, 128, dtype=torch.int8)
+    scale = torch.full((2, 256, 8), 120, dtype=torch.uint8)
+    scale[1, 200, 5] = 255
+    for cast in (fp4_cast_ref, fp4_cast):
+        with pytest.raises(InputError, match=r"expert 1, row 200, columns 160\.\.191") as err:
+            cast(packed, scale.view(E8M0), name="w")
+        assert "tensor w" in str(err.value)
+
+
+# -- Triton kernel against the reference --------------------------------------------------------------
+@pytest.mark.parametrize("blocks_k", [1, 2, 3])
+def test_kernel_matches_ref_in_interpreter(blocks_k: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed + blocks_k)
+    for shape, span in (((2, 256, 384), 18), ((128, 256), 10), ((1, 128, 640), 40)):
+        packed, scale = fp4(shape, span, gen)
+        scale.view(torch.uint8).view(-1)[:7] = torch.tensor([0, 1, 5, 254, 250, 127, 3], dtype=torch.uint8)
+        want = fp4_cast_ref(packed, scale)
+        got = fp4_cast(packed, scale, _blocks_k=blocks_k)
+        assert same_bytes(got[0], want[0]) and same_bytes(got[1], want[1])
+        assert torch.equal(got[2], want[2])
+
+
+def test_kernel_accepts_uint8_views(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    packed, scale = fp4((128, 256), 20, gen)
+    want = fp4_cast_ref(packed, scale)
+    got = fp4_cast(packed.view(torch.uint8), scale.view(torch.uint8))
+    assert same_bytes(got[0], want[0]) and same_bytes(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["w13", "w2"])
+def test_gpu_kernel_matches_cpu_ref_at_v4_flash_shapes(which: str, seed: int) -> None:
+    """V4-Flash's routed experts (hidden 4096, moe_intermediate_size 2048, transformers' default config):
+    32 experts of gate/up [2048, 4096] or down [4096, 2048], GPU bytes equal to CPU bytes."""
+    from transformers import DeepseekV4Config
+
+    cfg = DeepseekV4Config()
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    n, k = (i, h) if which == "w13" else (h, i)
+    gen = torch.Generator().manual_seed(seed)
+    packed, scale = fp4((32, n, k), 18, gen)
+    want = fp4_cast_ref(packed, scale)
+    got = fp4_cast(packed.cuda(), scale.cuda())
+    assert same_bytes(got[0], want[0]) and same_bytes(got[1], want[1])
+    assert torch.equal(got[2].cpu(), want[2])
+    ref_gpu = fp4_cast_ref(packed.cuda(), scale.cuda())
+    assert same_bytes(ref_gpu[0], want[0]) and torch.equal(ref_gpu[2].cpu(), want[2])
