@@ -113,6 +113,36 @@ def fp4_cast_kernel(
             tl.store(c_ptr + blk, changed)
 
 
+def _launch_fp4_cast(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    q: torch.Tensor,
+    s: torch.Tensor,
+    changed: torch.Tensor,
+    *,
+    exact_cvt: bool,
+    blocks_k: int = 1,
+    num_warps: int = 4,
+) -> None:
+    """Launch ``fp4_cast_kernel`` on contiguous uint8 ``packed [E, N, K/2]`` and ``scale [E, N, K/32]``
+    into contiguous ``q`` uint8 ``[E, N, K]``, ``s`` uint8 and ``changed`` int32 ``[E, N/128, K/128]``."""
+    e, num_nb, num_kb = s.shape
+    num_kp = -(-num_kb // blocks_k)
+    fp4_cast_kernel[(e * num_nb * num_kp,)](
+        packed,
+        scale,
+        q,
+        s,
+        changed,
+        num_nb,
+        num_kb,
+        num_kp,
+        EXACT_CVT=exact_cvt,
+        BLOCKS_K=blocks_k,
+        num_warps=num_warps,
+    )
+
+
 def fp4_cast(
     packed: torch.Tensor,
     scale: torch.Tensor,
@@ -138,25 +168,17 @@ def fp4_cast(
     q = torch.empty((*lead, n, k), dtype=torch.float8_e4m3fn, device=packed.device)
     s = torch.empty((*lead, num_nb, num_kb), dtype=torch.uint8, device=packed.device)
     changed = torch.empty((*lead, num_nb, num_kb), dtype=torch.int32, device=packed.device)
-    num_e = 1
-    for d in lead:
-        num_e *= d
     if q.numel():
         exact = (not packed.is_cuda) if _exact_cvt is None else _exact_cvt
-        num_kp = -(-num_kb // _blocks_k)
-        grid = (num_e * num_nb * num_kp,)
         with torch.cuda.device(packed.device) if packed.is_cuda else nullcontext():
-            fp4_cast_kernel[grid](
-                packed.contiguous().view(torch.uint8),
-                e8m0_bytes(scale).contiguous(),
-                q.view(torch.uint8),
-                s,
-                changed,
-                num_nb,
-                num_kb,
-                num_kp,
-                EXACT_CVT=exact,
-                BLOCKS_K=_blocks_k,
+            _launch_fp4_cast(
+                packed.contiguous().view(torch.uint8).view(-1, n, k // 2),
+                e8m0_bytes(scale).contiguous().view(-1, n, k // 32),
+                q.view(torch.uint8).view(-1, n, k),
+                s.view(-1, num_nb, num_kb),
+                changed.view(-1, num_nb, num_kb),
+                exact_cvt=exact,
+                blocks_k=_blocks_k,
                 num_warps=_num_warps,
             )
         if bool((s == E8M0_NAN).any()):

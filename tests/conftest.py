@@ -18,3 +18,12 @@ HAS_CUDA = torch.cuda.is_available()
 def seed() -> int:
     torch.manual_seed(1234)
     return 1234
+
+
+@pytest.fixture(scope="session")
+def v4_float(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny float DeepSeek-V4 saved by transformers (3 layers, the first hash-routed), built once."""
+    pytest.importorskip("transformers", minversion="5.24")
+    from moetool.testing.release_formats import make_deepseek_v4_checkpoint
+
+    return make_deepseek_v4_checkpoint(tmp_path_factory.mktemp("v4") / "float", seed=11)

@@ -1,0 +1,211 @@
+"""Benchmark the Triton FP4 → FP8 cast (DeepSeek-V4 routed experts) against this card's device-to-device
+copy bandwidth, on V4-Flash's expert stacks (GPU only).
+
+Shapes come from transformers' ``DeepseekV4Config()`` defaults (V4-Flash: hidden 4096, moe_intermediate
+2048, 256 routed experts): gate/up ``[E, 2048, 4096]`` and down ``[E, 4096, 2048]``, stored as FP4 bytes
+``[E, N, K/2]`` with E8M0 scales ``[E, N, K/32]``.
+
+Correctness first, byte for byte: ``fp4_cast`` on the whole first stack against the torch reference run
+on the GPU (FP8 bytes, E8M0 scales, changed-element counts), and two experts against the CPU reference.
+The scales span 12 binades per block except for one block in 64, which spans 18 (lossy elements, so the
+count is exercised). Nothing is timed unless all of it matches.
+
+Then ``triton.testing.do_bench`` medians (warm-up, two input stacks used in turn, each far larger than
+L2) of:
+
+- ``fp4_cast`` end to end (allocation, kernel and the NaN-scale check, one device sync);
+- the kernel launch alone into preallocated outputs, over ``num_warps`` × column blocks per program;
+- ``copy_``: a device-to-device copy moving the same bytes (read + written) as the cast;
+- the torch reference on the GPU, for information.
+
+Bytes moved = FP4 bytes + E8M0 scales read, FP8 bytes + FP8 scales + int32 counts written.
+Bar (docs/benchmarks.md): ``fp4_cast`` ≥ 70% of the copy bandwidth measured in this run.
+
+Usage: python scripts/bench_fp4_cast.py [--experts 256]
+Exit status: 0 when every correctness check passed, 1 when one failed, 2 when no GPU is usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import sys
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+BAR = 0.70
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def v4_flash_shapes() -> list[tuple[str, int, int]]:
+    from transformers import DeepseekV4Config
+
+    cfg = DeepseekV4Config()
+    h, i = cfg.hidden_size, cfg.moe_intermediate_size
+    return [("w1/w3", i, h), ("w2", h, i)]
+
+
+def make_fp4(e: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random FP4 bytes (every code) and E8M0 scales spanning 12 binades per 128x128 block, 18 in one
+    block of 64 (its rows 0..127 of column block 0 get one scale 18 binades below)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    packed = torch.randint(-128, 128, (e, n, k // 2), dtype=torch.int8, device="cuda", generator=gen)
+    scale = torch.randint(110, 123, (e, n, k // 32), dtype=torch.uint8, device="cuda", generator=gen)
+    scale[::64, 0, 0] = 122 - 18
+    return packed, scale.view(torch.float8_e8m0fnu)
+
+
+def differ(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> str | None:
+    """None when (q, s, changed) equal the reference bit for bit, else a one-line description."""
+    out = []
+    for what, a, b in zip(("q", "s", "changed"), got, want):
+        a, b = a.cuda(), b.cuda()
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{what}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+        n = int((a.view(torch.uint8) != b.view(torch.uint8)).sum())
+        if n:
+            out.append(f"{n} {what} bytes differ")
+    return "; ".join(out) or None
+
+
+def check(experts: int) -> list[str]:
+    from moetool.kernels.fp4_cast import fp4_cast
+    from moetool.kernels.fp4_cast_ref import fp4_cast_ref
+
+    failures = []
+    for tag, n, k in v4_flash_shapes():
+        packed, scale = make_fp4(experts, n, k, seed=1)
+        got = fp4_cast(packed, scale)
+        err = differ(got, fp4_cast_ref(packed, scale))
+        for e in (0, experts - 1):
+            one = tuple(t[e] for t in got)
+            err = err or differ(one, fp4_cast_ref(packed[e].cpu(), scale[e].cpu()))
+        lossy = int(got[2].sum())
+        log(
+            f"check fp4_cast {tag} [{experts}, {n}, {k}]: {'ok' if err is None else 'MISMATCH ' + err}; {lossy} changed"
+        )
+        if err:
+            failures.append(f"fp4_cast {tag}: {err}")
+        if lossy == 0:
+            failures.append(f"fp4_cast {tag}: the planted 18-binade blocks lost nothing")
+        del packed, scale, got
+    return failures
+
+
+def median_ms(fn: Callable[[], object], rep: int = 200) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median"))
+
+
+def rotate(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    state = [0]
+
+    def call() -> object:
+        state[0] = (state[0] + 1) % len(fns)
+        return fns[state[0]]()
+
+    return call
+
+
+def bench_shape(tag: str, e: int, n: int, k: int) -> list[dict]:
+    from moetool.kernels.fp4_cast import _launch_fp4_cast, fp4_cast
+    from moetool.kernels.fp4_cast_ref import fp4_cast_ref
+
+    ins = [make_fp4(e, n, k, seed=10 + i) for i in range(2)]
+    nb, kb = n // 128, k // 128
+    outs = [
+        (
+            torch.empty((e, n, k), dtype=torch.uint8, device="cuda"),
+            torch.empty((e, nb, kb), dtype=torch.uint8, device="cuda"),
+            torch.empty((e, nb, kb), dtype=torch.int32, device="cuda"),
+        )
+        for _ in ins
+    ]
+    moved = e * n * k // 2 + e * n * k // 32 + e * n * k + e * nb * kb * 5  # bytes read + written
+    shape = f"{tag} [{e}, {n}, {k}]"
+    rows = []
+
+    def row(variant: str, ms: float) -> None:
+        rows.append({"shape": shape, "variant": variant, "ms": ms, "gbs": moved / ms / 1e6})
+
+    half = moved // 2  # a copy of `half` bytes reads and writes `moved` bytes
+    bufs = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(4)]
+    row("copy_", median_ms(rotate([partial(bufs[2 + i].copy_, bufs[i]) for i in range(2)])))
+    bufs.clear()
+
+    row("fp4_cast", median_ms(rotate([partial(fp4_cast, p, s) for p, s in ins])))
+    for warps in (4, 8):
+        for blocks_k in (1, 2, 4):
+            calls = [
+                partial(
+                    _launch_fp4_cast,
+                    p.view(torch.uint8),
+                    s.view(torch.uint8),
+                    *o,
+                    exact_cvt=False,
+                    blocks_k=blocks_k,
+                    num_warps=warps,
+                )
+                for (p, s), o in zip(ins, outs)
+            ]
+            row(f"kernel warps={warps} bk={blocks_k}", median_ms(rotate(calls)))
+    row("torch reference", median_ms(partial(fp4_cast_ref, *ins[0]), rep=100))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--timeout", type=int, default=300, help="dump stacks and exit after this many seconds")
+    args = ap.parse_args()
+    faulthandler.dump_traceback_later(args.timeout, exit=True)
+
+    if not torch.cuda.is_available():
+        log("error: no CUDA device; this benchmark runs on an H100/H200")
+        return 2
+    try:
+        import triton  # noqa: F401
+        from transformers import DeepseekV4Config  # noqa: F401
+    except ImportError as err:
+        log(f"error: {err} (needs triton and transformers >= 5.24 for V4-Flash's shapes)")
+        return 2
+    card = torch.cuda.get_device_name()
+    log(f"card: {card}; torch {torch.__version__}; experts {args.experts}; shapes {v4_flash_shapes()}")
+
+    failures = check(min(args.experts, 64))
+    if failures:
+        print("CORRECTNESS FAILED, nothing timed:")
+        for f in failures:
+            print(f"  {f}")
+        return 1
+
+    rows = []
+    for tag, n, k in v4_flash_shapes():
+        rows += bench_shape(tag, args.experts, n, k)
+        torch.cuda.empty_cache()
+
+    print(f"\nFP4 -> FP8 cast, {card} (bytes = FP4 + E8M0 read, FP8 + scales + counts written)")
+    print(f"{'shape':>26} {'variant':>22} {'ms':>8} {'GB/s':>8} {'x copy':>7}")
+    verdicts = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        group = [r for r in rows if r["shape"] == shape]
+        copy_gbs = next(r["gbs"] for r in group if r["variant"] == "copy_")
+        for r in group:
+            ratio = r["gbs"] / copy_gbs
+            print(f"{shape:>26} {r['variant']:>22} {r['ms']:8.3f} {r['gbs']:8.0f} {ratio:7.2f}")
+            if r["variant"] == "fp4_cast":
+                verdicts.append((shape, ratio))
+    print(f"\nbar: fp4_cast >= {BAR:.2f} x copy bandwidth on the same card")
+    for shape, ratio in verdicts:
+        print(f"  {shape}: {ratio:.2f}  {'PASS' if ratio >= BAR else 'BELOW BAR'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
