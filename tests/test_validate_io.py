@@ -26,13 +26,13 @@ import test_validate as tv
 import torch
 from safetensors.torch import save_file
 
-from moetool import validate as validate_mod
 from moetool.errors import InputError
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
 from moetool.io.prefetch import FileHashes, Prefetcher, ReadPlan, sha256_of
 from moetool.testing.factory import experts_prefix, make_checkpoint
 from moetool.validate import TIMING_KEYS, ValidateOptions, validate_checkpoints
+from moetool.validate import run as validate_mod
 
 THREAD_PREFIXES = ("moetool-pread", "moetool-prefetch", "moetool-sha256", "moetool-compare")
 

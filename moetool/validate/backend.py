@@ -1,0 +1,115 @@
+"""The GEMM backend the kernels and MoE checks run converted experts through: per-token activation
+quantization and the FP8 block grouped GEMM on one device (Triton or DeepGEMM on CUDA, the torch
+references on the CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from moetool.errors import UsageError
+
+BACKENDS = ("auto", "triton", "deepgemm")
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's ``calc_diff`` (``1 - 2<x,y>/(|x|^2+|y|^2)``) as a Python float."""
+    from moetool.kernels.fp8_grouped_gemm_ref import calc_diff as cd
+
+    return float(cd(x, y))
+
+
+def _deepgemm_importable() -> bool:
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("deep_gemm") is None:
+        return False
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its import may print; stdout is for --json
+            import deep_gemm  # type: ignore[import-not-found]  # noqa: F401
+    except Exception:  # ImportError, or a build that fails to load
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The GEMM the kernels and MoE checks run on ``device``: ``torch`` (the references) on the CPU; on
+    CUDA ``triton`` or ``deepgemm`` as asked, and for ``auto`` DeepGEMM where ``deep_gemm`` is importable
+    and the card is SM90 (Hopper), else Triton. (DeepGEMM's SM100 kernels take scales as UE8M0 only, so
+    float32 scales would be rounded there: ``--backend deepgemm`` is for UE8M0 outputs on such a card.)"""
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r}", fix=f"one of {', '.join(BACKENDS)}")
+    if device.type == "cpu":
+        return "torch"
+    if name != "auto":
+        return name
+    if torch.cuda.get_device_capability(device)[0] == 9 and _deepgemm_importable():
+        return "deepgemm"
+    return "triton"
+
+
+class Backend:
+    """Per-token activation quantization and the FP8 grouped GEMM on one device."""
+
+    def __init__(self, device: torch.device, name: str) -> None:
+        """``name``: as :func:`resolve_backend` gives it (``auto`` is resolved here too)."""
+        self.device, self.name = device, resolve_backend(name, device)
+        name = self.name
+        from moetool.kernels.fp8_grouped_gemm_ref import contiguous_layout, grouped_gemm_ref
+        from moetool.kernels.fp8_quant_ref import block_quant_ref
+
+        self.layout = contiguous_layout
+        if device.type == "cpu":
+            self.name = "torch"
+            self.act_quant = lambda x: block_quant_ref(x, block=(1, 128))
+            self.gemm = grouped_gemm_ref
+            return
+        from moetool.kernels.fp8_quant import token_quant
+
+        # MN-major scales: what DeepGEMM takes and what the Triton GEMM reads fastest (no transpose there).
+        self.act_quant = functools.partial(token_quant, mn_major=True)
+        if name == "deepgemm":
+            try:
+                import deep_gemm  # type: ignore[import-not-found]
+            except ImportError:
+                from moetool.errors import EnvironmentError_
+
+                raise EnvironmentError_(
+                    "--backend deepgemm but deep_gemm is not importable",
+                    fix="install DeepGEMM or use --backend triton",
+                ) from None
+
+            def dg(a_q, a_s, b_q, b_s, m_idx):
+                out = torch.empty(a_q.shape[0], b_q.shape[1], dtype=torch.bfloat16, device=a_q.device)
+                deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a_q, a_s), (b_q, b_s), out, m_idx)
+                return out
+
+            self.gemm = dg
+        else:
+            from moetool.kernels.fp8_grouped_gemm import m_grouped_fp8_gemm_nt_contiguous
+
+            self.gemm = m_grouped_fp8_gemm_nt_contiguous
+
+    def grouped(
+        self, x: torch.Tensor, ids: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor
+    ) -> torch.Tensor:
+        """``y[t] = x[t] @ W[ids[t]]ᵀ`` through the FP8 path: x [T, K] float, ids [T]; returns [T, N] f32."""
+        dev = self.device
+        x, ids = x.to(dev), ids.to(dev)
+        a, m_idx, rows = self.layout(x.float(), ids, w_q.shape[0])
+        a_q, a_s = self.act_quant(a)
+        d = self.gemm(a_q, a_s, w_q.to(dev), w_s.to(dev), m_idx)
+        return d.float()[rows]
+
+    def expert_rows(self, x, ids, w13_q, w13_s, w2_q, w2_s) -> torch.Tensor:
+        """``y[r] = expert_{ids[r]}(x[r])`` through the FP8 path for rows x [P, H] float, ids [P] into the
+        stacked experts (w13 [E, 2I, H], w2 [E, H, I]); returns [P, H] float32. Each row's result depends
+        only on the row and its expert, not on which other rows share the call."""
+        inter = w13_q.shape[1] // 2
+        h = self.grouped(x, ids, w13_q, w13_s)
+        act = F.silu(h[:, :inter]) * h[:, inter:]
+        return self.grouped(act, ids, w2_q, w2_s)

@@ -1,0 +1,474 @@
+"""The read schedule of ``validate``: which bytes of both checkpoints each step reads, and where in the
+step's buffer they land.
+
+Every MoE layer with work is one :class:`LayerStep`: the original's experts (and shared expert), the
+converted experts and the router tensors, read once into one buffer and shared by every layer check.
+Each expert's gate/up sources are read straight into ``{side}|w13[k]`` and its down source into
+``{side}|w2[k]`` (scales alike, :class:`Stack`), so the stacks the kernels take need no copy. A layer
+larger than the read budget is read as :class:`Chunk` s instead (its whole tensors, then runs of whole
+experts). The non-expert tensors not read with a layer follow in :class:`OthersStep` s of at most the
+largest layer step. Fields are named ``o:NAME`` / ``c:NAME`` for whole tensors of the original /
+converted checkpoint and ``o|w13`` ... for stacks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from moetool.errors import InputError, UsageError
+from moetool.io import prefetch
+from moetool.io.checkpoint import Checkpoint
+from moetool.io.prefetch import Field, ReadPlan
+from moetool.model import CheckpointView, scale_name
+from moetool.plan import Src
+from moetool.validate.options import ValidateOptions, default_read_budget
+
+if TYPE_CHECKING:
+    from moetool.validate.protocol import Tensors
+
+
+def expected_sources(
+    orig: CheckpointView, conv: CheckpointView, layer: int, e: int
+) -> tuple[tuple[Src, ...], Src]:
+    """Original sources of converted expert ``e``: routed expert e, or a fused shared-expert slice."""
+    inter, n_routed = orig.info.moe_intermediate_size, orig.info.num_experts
+    if e < n_routed:
+        store = orig.stores[layer]
+        return store.gate_up(e, inter), store.down(e)
+    sh = orig.shared.get(layer)
+    if sh is None or not conv.fused:
+        raise InputError(
+            f"expert {e} exists in the converted layer {layer} but not in the original",
+            tensor=conv.stores[layer].prefix,
+        )
+    j = (e - n_routed) % int(conv.fused["num_slots"])
+    rows = (j * inter, (j + 1) * inter)
+    return (Src(sh.gate, rows=rows), Src(sh.up, rows=rows)), Src(sh.down, cols=rows)
+
+
+def stored_regions(conv: CheckpointView, layer: int, e: int) -> list[Src]:
+    """Converted expert ``e``'s regions: gate, up, down."""
+    store = conv.stores[layer]
+    gu, d = store.gate_up(e, conv.info.moe_intermediate_size), store.down(e)
+    return [*gu, d]
+
+
+def region_name(src: Src, *, scale: bool = False) -> str:
+    """How a report names a converted region: the tensor (its ``weight_scale_inv`` with ``scale``),
+    with the expert index and row range of a stacked tensor."""
+    name = scale_name(src.name) if scale else src.name
+    if src.expert is None:
+        return name
+    rows = f", rows {src.rows[0]}:{src.rows[1]}" if src.rows else ""
+    if scale and src.rows:
+        rows = f", scale rows {src.rows[0] // 128}:{-(-src.rows[1] // 128)}"
+    return f"{name}[{src.expert}{rows}]"
+
+
+def slice_field(b: Tensors, side: str, src: Src, root: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``src`` cut from the whole tensor read into field ``{side}:{name}`` (and its scale blocks), exactly
+    as ``read_source`` reads it from the checkpoint at ``root``."""
+    t = b[f"{side}:{src.name}"]
+    s = None
+    if t.dtype == torch.float8_e4m3fn:
+        s = b.get(f"{side}:{scale_name(src.name)}")
+        if s is None:
+            raise InputError("FP8 tensor without its weight_scale_inv", file=str(root), tensor=src.name)
+    if src.expert is not None:
+        t = t[src.expert]
+        s = None if s is None else s[src.expert]
+    if src.rows:
+        r0, r1 = src.rows
+        t = t[r0:r1]
+        s = None if s is None else s[r0 // 128 : -(-r1 // 128)]
+    if src.cols:
+        c0, c1 = src.cols
+        t = t[:, c0:c1]
+        s = None if s is None else s[:, c0 // 128 : -(-c1 // 128)]
+    return t, s
+
+
+class Stack:
+    """Experts stacked in a batch: ``{p}w13`` ``[n, R, H]`` (row ranges ``parts`` hold the gate/up
+    sources of ``w13[k]``, in order), ``{p}w2`` ``[n, H, I]``, and for FP8 their scales ``{p}s13`` (rows
+    ``sparts`` per source) and ``{p}s2``; ``whole_scales``: ``s13[k]``/``s2[k]`` are an expert's whole
+    scale tensors (SM100 int32 layout), not split by source. Expert ``experts[k]`` is at index k."""
+
+    def __init__(
+        self,
+        prefix: str,
+        experts: list[int],
+        parts: list[tuple[int, int]],
+        sparts: list[tuple[int, int]] | None,
+        fp8: bool,
+        whole_scales: bool,
+    ) -> None:
+        self.prefix, self.experts, self.parts, self.sparts = prefix, experts, parts, sparts
+        self.fp8, self.whole_scales = fp8, whole_scales
+        self.pos = {e: k for k, e in enumerate(experts)}
+
+    def region(self, b: Tensors, e: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Source ``j`` of expert ``e`` (gate/up sources, then down) with its scale blocks, as
+        ``read_source`` returns it."""
+        k, p = self.pos[e], self.prefix
+        if j < len(self.parts):
+            r0, r1 = self.parts[j]
+            t = b[p + "w13"][k, r0:r1]
+            if not self.fp8:
+                return t, None
+            if self.sparts is None:
+                raise InputError("internal: whole-expert scales have no per-source rows", tensor=p)
+            s0, s1 = self.sparts[j]
+            return t, b[p + "s13"][k, s0:s1]
+        return b[p + "w2"][k], b[p + "s2"][k] if self.fp8 else None
+
+    def select(self, t: torch.Tensor, experts: list[int]) -> torch.Tensor:
+        """Rows of stacked ``t`` for ``experts``, in that order (``t`` itself when that is all of them)."""
+        if experts == self.experts:
+            return t
+        idx = torch.tensor([self.pos[e] for e in experts], device=t.device)
+        if t.element_size() == 1:  # gathered as bytes: index kernels need not cover FP8 on every device
+            return t.view(torch.uint8)[idx].view(t.dtype)
+        return t[idx]
+
+
+@dataclass
+class LayerStep:
+    """One MoE layer's work: the stored experts read (all of them when the MoE check runs), the
+    experts each check takes (None: the check does not run here), and the other tensors compared
+    from this batch because the MoE check reads them anyway (router, unfused shared expert)."""
+
+    layer: int
+    experts: list[int]
+    tensors: list[int] | None
+    kernels: list[int] | None
+    moe: bool
+    others: list[str] = field(default_factory=list)
+    orig: Stack | None = None
+    conv: Stack | None = None
+    layout: dict[str, Field] = field(default_factory=dict)  # the whole layer's fields
+
+
+@dataclass
+class Chunk:
+    """Part ``index`` of ``count`` of a layer step read in several: whole tensors (``experts`` empty) or
+    the experts ``step.experts[start:start + len(experts)]``, which are at index ``start`` on in the
+    step's converted stack and, for the routed ones, in its original stack too (routed experts come
+    first). ``orig``/``conv``: the same experts as stacked in this chunk's own batch."""
+
+    step: LayerStep
+    index: int
+    count: int
+    start: int = 0
+    experts: list[int] = field(default_factory=list)
+    orig: Stack | None = None
+    conv: Stack | None = None
+
+
+@dataclass
+class OthersStep:
+    """Non-expert tensors compared byte for byte (or against the recipe when quantized in place)."""
+
+    names: list[str]
+
+
+class ReadSchedule:
+    """Plans the reads of one ``validate`` run over ``orig`` and ``conv``: which layers and experts each
+    check takes (a seeded sample with ``--experts``), and the :class:`ReadPlan` of every step."""
+
+    def __init__(self, orig: CheckpointView, conv: CheckpointView, opts: ValidateOptions) -> None:
+        self.orig, self.conv, self.opts = orig, conv, opts
+        self.o_ck, self.c_ck = orig.ckpt, conv.ckpt
+        self.rng = random.Random(opts.seed)
+        self._others: list[str] | None = None
+        self.read_budget = (
+            max(1, opts.read_budget) if opts.read_budget is not None else default_read_budget(self._largest())
+        )
+
+    def _largest(self) -> int:
+        """Bytes of the largest tensor read whole (stacked experts are read expert by expert)."""
+        stacked = {n for v in (self.orig, self.conv) for s in v.stores.values() for n in s.names}
+        return max(
+            (t.nbytes for ck in (self.o_ck, self.c_ck) for n, t in ck.tensors.items() if n not in stacked),
+            default=0,
+        )
+
+    def layers(self) -> list[int]:
+        layers = sorted(self.conv.stores)
+        if self.opts.layers is not None:
+            bad = sorted(set(self.opts.layers) - set(layers))
+            if bad:
+                raise UsageError(f"--layers {bad} are not MoE layers (MoE layers: {layers})")
+            layers = [x for x in layers if x in self.opts.layers]
+        return layers
+
+    def experts(self, layer: int) -> list[int]:
+        n = self.conv.stores[layer].num_experts
+        if self.opts.experts is None or self.opts.experts >= n:
+            return list(range(n))
+        routed = self.orig.info.num_experts
+        pick = sorted(self.rng.sample(range(routed), min(self.opts.experts, routed)))
+        return pick + list(range(routed, n))  # fused slots are always checked
+
+    def steps(self, layers: list[int]) -> list[LayerStep]:
+        """One step per layer with work. Expert samples are drawn in a fixed order (every layer's tensors
+        sample, then each layer's kernels sample), so a seed always picks the same experts."""
+        checks = self.opts.checks
+        t_exp = {layer: self.experts(layer) for layer in layers} if "tensors" in checks else {}
+        k_exp = {}
+        if "kernels" in checks:
+            k_exp = {layer: self.experts(layer) for layer in layers if self.conv.stores[layer].fp8}
+        steps = []
+        for layer in layers:
+            store = self.conv.stores[layer]
+            moe = "moe" in checks and (store.fp8 or bool(self.conv.fused))
+            t, k = t_exp.get(layer), k_exp.get(layer)
+            if moe:
+                experts = list(range(store.num_experts))
+            else:
+                experts = sorted(set(t or []) | set(k or []))
+            if t is None and k is None and not moe:
+                continue
+            steps.append(LayerStep(layer, experts, t, k, moe))
+        return steps
+
+    def others_names(self) -> list[str]:
+        """Converted tensors outside the routed experts that the original also has, in name order: copied
+        (bytes equal) or quantized in place (the recipe), an unfused shared expert included."""
+        if self._others is None:
+            routed = {n for s in self.conv.stores.values() for n in s.names}
+            self._others = [
+                name
+                for name in sorted(self.c_ck.tensors)
+                if name not in routed and not name.endswith("_scale_inv") and name in self.o_ck.tensors
+            ]
+        return self._others
+
+    def _plan_whole(self, plan: ReadPlan, side: str, name: str) -> None:
+        """Field ``{side}:{name}``: the whole tensor, and its ``weight_scale_inv`` when it is FP8."""
+        ck = self.o_ck if side == "o" else self.c_ck
+        key = f"{side}:{name}"
+        if key in plan.fields:
+            return
+        plan.tensor(key, ck, name)
+        sname = scale_name(name)
+        if ck.info(name).dtype == "F8_E4M3" and sname in ck and f"{side}:{sname}" not in plan.fields:
+            plan.tensor(f"{side}:{sname}", ck, sname)
+
+    def _plan_stack(
+        self, plan: ReadPlan, prefix: str, ck: Checkpoint, items: list[tuple[int, tuple[Src, ...], Src]]
+    ) -> Stack:
+        """Read each expert's gate/up sources straight into ``{prefix}w13[k]`` and its down source into
+        ``{prefix}w2[k]`` (scales alike), so the stacks the kernels take need no copy."""
+
+        def region(src: Src, scale: bool = False) -> tuple[str, tuple[int, int] | None, list[int]]:
+            if src.cols:
+                raise InputError("internal: a stacked expert source cannot slice columns", tensor=src.name)
+            name, rows = src.name, src.rows
+            if scale:
+                name = scale_name(src.name)
+                if name not in ck:
+                    raise InputError(
+                        "FP8 tensor without its weight_scale_inv", file=str(ck.root), tensor=src.name
+                    )
+                rows = (rows[0] // 128, -(-rows[1] // 128)) if rows else None
+            info, _, _, shape = ck.region(name, rows, expert=src.expert)
+            return info.dtype, rows, shape
+
+        n = len(items)
+        _, gu0, d0 = items[0]
+        info0 = ck.info(gu0[0].name)
+        fp8 = info0.dtype == "F8_E4M3"
+        parts, shapes, r = [], [], 0
+        for src in gu0:
+            _, _, shape = region(src)
+            parts.append((r, r + shape[0]))
+            shapes.append(shape)
+            r += shape[0]
+        inner = shapes[0][1:]
+        row = math.prod(inner)
+        _, _, d_shape = region(d0)
+        plan.field(prefix + "w13", info0.torch_dtype, (n, r, *inner))
+        plan.field(prefix + "w2", info0.torch_dtype, (n, *d_shape))
+        sparts: list[tuple[int, int]] | None = None
+        whole = False
+        if fp8:
+            s_dtype, _, _ = region(gu0[0], scale=True)
+            s_torch = ck.info(scale_name(gu0[0].name)).torch_dtype
+            whole = s_dtype == "I32"  # SM100 scales: one packed block per expert, not per source
+            if whole:
+                w_scale = Src(gu0[0].name, expert=gu0[0].expert)
+                _, _, s13_shape = region(w_scale, scale=True)
+                s13_shape = [n, *s13_shape]
+            else:
+                sparts, sr = [], 0
+                for src in gu0:
+                    _, _, shape = region(src, scale=True)
+                    sparts.append((sr, sr + shape[0]))
+                    sr += shape[0]
+                s13_shape = [n, sr, *shape[1:]]
+            _, _, s2_shape = region(d0, scale=True)
+            plan.field(prefix + "s13", s_torch, s13_shape)
+            plan.field(prefix + "s2", ck.info(scale_name(d0.name)).torch_dtype, (n, *s2_shape))
+        for k, (_, gu, d) in enumerate(items):
+            if len(gu) != len(parts):
+                raise InputError("experts of one layer differ in their sources", tensor=gu[0].name)
+            for src, (r0, r1) in zip(gu, parts):
+                if region(src)[2] != [r1 - r0, *inner]:
+                    raise InputError("experts of one layer differ in shape", tensor=src.name)
+                plan.read(prefix + "w13", ck, src.name, src.rows, expert=src.expert, at=(k * r + r0) * row)
+            if region(d)[2] != d_shape:
+                raise InputError("experts of one layer differ in shape", tensor=d.name)
+            plan.read(prefix + "w2", ck, d.name, d.rows, expert=d.expert, at=k * math.prod(d_shape))
+            if not fp8:
+                continue
+            if whole:
+                f = plan.fields[prefix + "s13"]
+                per = math.prod(f.shape[1:])
+                plan.read(prefix + "s13", ck, scale_name(gu[0].name), expert=gu[0].expert, at=k * per)
+            else:
+                f = plan.fields[prefix + "s13"]
+                per, srow = math.prod(f.shape[1:]), math.prod(f.shape[2:])
+                for src, (s0, _) in zip(gu, sparts or []):
+                    _, rows, _ = region(src, scale=True)
+                    at = k * per + s0 * srow
+                    plan.read(prefix + "s13", ck, scale_name(src.name), rows, expert=src.expert, at=at)
+            _, rows, _ = region(d, scale=True)
+            at = k * math.prod(plan.fields[prefix + "s2"].shape[1:])
+            plan.read(prefix + "s2", ck, scale_name(d.name), rows, expert=d.expert, at=at)
+        return Stack(prefix, [e for e, _, _ in items], parts, sparts, fp8, whole)
+
+    def _items(
+        self, step: LayerStep
+    ) -> tuple[list[tuple[int, tuple[Src, ...], Src]], list[tuple[int, tuple[Src, ...], Src]]]:
+        """The (expert, gate/up sources, down source) of the step's routed original experts and of its
+        converted experts, in ``step.experts`` order."""
+        o, c, layer = self.orig, self.conv, step.layer
+        routed = [e for e in step.experts if e < o.info.num_experts]
+        o_items = [(e, *expected_sources(o, c, layer, e)) for e in routed]
+        c_items: list[tuple[int, tuple[Src, ...], Src]] = []
+        for e in step.experts:
+            gate, up, down = stored_regions(c, layer, e)
+            c_items.append((e, (gate, up), down))
+        return o_items, c_items
+
+    def layer_plans(self, step: LayerStep) -> list[ReadPlan]:
+        """The step as one plan when it fits the read budget, else as chunks of at most the budget:
+        its whole tensors, then runs of experts (an expert's tensors never split; anything larger
+        than the budget alone in its chunk). Chunks are labelled ``Chunk`` in reading order."""
+        full = self.plan(step)
+        step.layout = dict(full.fields)
+        budget = self.read_budget
+        if full.nbytes <= budget:
+            return [full]
+        groups: list[tuple[list[str], list[int]]] = []  # (whole-tensor keys, expert positions)
+        size = 0
+        for key, f in full.fields.items():
+            if key[1] == "|":
+                continue
+            need = f.nbytes + prefetch.ALIGN
+            if not groups or size + need > budget:
+                groups.append(([], []))
+                size = 0
+            groups[-1][0].append(key)
+            size += need
+        n_orig = len(step.orig.experts) if step.orig is not None else 0
+        per = {k: f.nbytes // max(f.shape[0], 1) for k, f in full.fields.items() if k[1] == "|"}
+        base = len(per) * prefetch.ALIGN
+        first_experts = len(groups)
+        for i in range(len(step.experts)):
+            need = sum(n for k, n in per.items() if k[0] == "c" or i < n_orig)
+            if len(groups) == first_experts or size + need > budget:
+                groups.append(([], []))
+                size = base
+            groups[-1][1].append(i)
+            size += need
+        o_items, c_items = self._items(step)
+        plans = []
+        for index, (keys, positions) in enumerate(groups):
+            start = positions[0] if positions else 0
+            chunk = Chunk(step, index, len(groups), start, [step.experts[i] for i in positions])
+            plan = ReadPlan(chunk)
+            for key in keys:
+                plan.tensor(key, self.o_ck if key[0] == "o" else self.c_ck, key[2:])
+            if positions:
+                end = positions[-1] + 1
+                if start < n_orig:
+                    chunk.orig = self._plan_stack(plan, "o|", self.o_ck, o_items[start : min(end, n_orig)])
+                chunk.conv = self._plan_stack(plan, "c|", self.c_ck, c_items[start:end])
+            plans.append(plan)
+        return plans
+
+    def plan(self, step: LayerStep | OthersStep) -> ReadPlan:
+        plan = ReadPlan(step)
+        if isinstance(step, OthersStep):
+            for name in step.names:
+                self._plan_whole(plan, "o", name)
+                self._plan_whole(plan, "c", name)
+            return plan
+        o, c, layer = self.orig, self.conv, step.layer
+        o_items, c_items = self._items(step)
+        if o_items:
+            step.orig = self._plan_stack(plan, "o|", self.o_ck, o_items)
+        sh = o.shared.get(layer)
+        if sh is not None and (step.moe or len(o_items) < len(step.experts)):
+            for name in (sh.gate, sh.up, sh.down):  # the fused slots are slices of it
+                self._plan_whole(plan, "o", name)
+        step.conv = self._plan_stack(plan, "c|", self.c_ck, c_items)
+        if step.moe:
+            for side, view in (("o", o), ("c", c)):
+                ck = view.ckpt
+                for name in (
+                    view.arch.router_weight(layer),
+                    view.arch.router_bias(layer),
+                    view.arch.shared_gate_weight(layer),
+                ):
+                    if name and name in ck:
+                        self._plan_whole(plan, side, name)
+                csh = view.shared.get(layer)
+                if csh is not None:
+                    for name in (csh.gate, csh.up, csh.down):
+                        self._plan_whole(plan, side, name)
+        if step.tensors is not None:
+            step.others = [
+                n for n in self.others_names() if f"o:{n}" in plan.fields and f"c:{n}" in plan.fields
+            ]
+        return plan
+
+    def others_steps(self, steps: list[LayerStep], plans: list[ReadPlan]) -> list[OthersStep]:
+        """The other tensors not read with a layer, in name order, in steps of at most the largest layer
+        step or chunk (at least one tensor each), so that they never widen the buffers much."""
+        if "tensors" not in self.opts.checks:
+            return []
+        done = {n for s in steps for n in s.others}
+        budget = min(max((p.nbytes for p in plans), default=self.read_budget), self.read_budget)
+        others: list[OthersStep] = []
+        size = 0
+        for name in self.others_names():
+            if name in done:
+                continue
+            need = sum(
+                ck.tensors[n].nbytes + prefetch.ALIGN
+                for ck in (self.o_ck, self.c_ck)
+                for n in (name, scale_name(name))
+                if n in ck.tensors
+            )
+            if not others or size + need > budget:
+                others.append(OthersStep([]))
+                size = 0
+            others[-1].names.append(name)
+            size += need
+        return others
+
+    def all_plans(self, layers: list[int]) -> list[ReadPlan]:
+        """Every step's plan in reading order: the layers (whole or in chunks), then the other tensors."""
+        steps = self.steps(layers)
+        plans = [p for step in steps for p in self.layer_plans(step)]
+        plans += [self.plan(s) for s in self.others_steps(steps, plans)]
+        return plans

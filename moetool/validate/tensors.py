@@ -1,0 +1,247 @@
+"""Check 2, tensors: each FP8 tensor equals the block-FP8 recipe applied to the original, byte for byte
+(scales bit for bit); copied and fused float tensors equal their source bytes. The other tensors
+(attention, norms, embeddings, ...) are compared the same way, outside the layer steps too."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from moetool.errors import MoetoolError
+from moetool.plan import Src
+from moetool.validate.protocol import Context, Tensors
+from moetool.validate.reads import LayerStep, region_name, slice_field, stored_regions
+from moetool.validate.report import Check
+
+EQUAL_CHUNK = 1 << 24  # words compared per thread call on the CPU
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return (
+        t.contiguous().view(torch.uint8)
+        if t.element_size() == 1
+        else t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    )
+
+
+def first_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...] | None:
+    """The index of the first element whose bits differ (``()`` for different shapes), None if none."""
+    if a.shape != b.shape:
+        return ()
+    ne = _bits(a) != _bits(b)
+    if not bool(ne.any()):
+        return None
+    return tuple(int(i) for i in ne.nonzero()[0])
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` as a flat view of the widest integer type that divides them (a comparison of
+    int64 words runs several times faster than one of bytes)."""
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = dtype.itemsize
+        if flat.numel() % size == 0 and flat.storage_offset() % size == 0:
+            return flat.view(dtype)
+    return flat
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor, pool: ThreadPoolExecutor | None) -> bool:
+    """Whether two tensors of one shape hold the same bytes; large CPU tensors are compared in pieces on
+    ``pool`` (torch releases the GIL)."""
+    if a.dtype != b.dtype:
+        return False
+    x, y = _wide(a), _wide(b)
+    if x.dtype != y.dtype:  # differently aligned: compare element by element
+        x, y = _bits(a).reshape(-1), _bits(b).reshape(-1)
+    if pool is None or x.device.type != "cpu" or x.numel() <= EQUAL_CHUNK:
+        return torch.equal(x, y)
+    parts = [(x[i : i + EQUAL_CHUNK], y[i : i + EQUAL_CHUNK]) for i in range(0, x.numel(), EQUAL_CHUNK)]
+    return all(pool.map(lambda p: torch.equal(*p), parts))
+
+
+class TensorsCheck:
+    """The tensors check of each layer (a :class:`~moetool.validate.protocol.LayerCheck`: experts
+    compared up to the layer's first mismatch, the quantization error of the first one reported), and
+    of the other tensors, each compared where it is read and reported in name order."""
+
+    group = "tensors"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._bad: str | None = None
+        self._errs: list[float] = []
+        self._others: dict[str, str | Exception | None] = {}
+
+    # -- the layer check ----------------------------------------------------------------------------
+    def wants(self, step: LayerStep) -> bool:
+        return step.tensors is not None
+
+    def start(self, step: LayerStep, batch: Tensors) -> None:
+        self._bad, self._errs = None, []
+
+    def part(self, step: LayerStep, batch: Tensors, experts: list[int]) -> None:
+        """Compare the step's sampled experts among ``experts`` with the recipe, up to the first mismatch
+        of the layer; the error statistics come from the first expert of the sample."""
+        assert step.tensors is not None and step.conv is not None
+        if self._bad:
+            return
+        wanted = set(step.tensors)
+        first = step.tensors[0]
+        for e in experts:
+            if e not in wanted:
+                continue
+            bad: str | None = None
+            if step.conv.whole_scales:
+                bad = self._compare_sm100(step, batch, e)
+            else:
+                for j, csrc in enumerate(stored_regions(self.ctx.conv, step.layer, e)):
+                    osrc, orig = self.ctx.orig_region(step, batch, e, j)
+                    got = step.conv.region(batch, e, j)
+                    bad = self._compare(csrc, osrc, got, orig, self._errs if e == first else None)
+                    if bad:
+                        break
+            if bad:
+                self._bad = bad
+                return
+
+    def result(self, step: LayerStep, batch: Tensors) -> Check:
+        """The layer's record; the other tensors read with the layer are compared now, from ``batch``."""
+        assert step.tensors is not None
+        layer, experts, bad, errs = step.layer, step.tensors, self._bad, self._errs
+        metric = f"{len(experts)} experts byte-equal"
+        value = "mismatch" if bad else (f"rel err {max(errs):.2e} (expert {experts[0]})" if errs else "equal")
+        check = Check("tensors", f"layer {layer}", metric, value, "bytes equal", bad is None, bad or "")
+        self.compare_others(step.others, batch)
+        return check
+
+    # -- the other tensors --------------------------------------------------------------------------
+    def compare_others(self, names: list[str], batch: Tensors) -> None:
+        """Compare non-expert tensors with their originals (an error that stops a comparison is kept, to
+        be raised only where the report reaches that tensor)."""
+        for name in names:
+            try:
+                src = Src(name)
+                got = slice_field(batch, "c", src, self.ctx.c_ck.root)
+                orig = slice_field(batch, "o", src, self.ctx.o_ck.root)
+                self._others[name] = self._compare(src, src, got, orig, None)
+            except MoetoolError as e:
+                self._others[name] = e
+
+    def others_result(self, names: list[str]) -> Check:
+        """The other tensors' record: counted in name order up to the first mismatch, and an error met
+        comparing one is raised only if no earlier tensor mismatched, whatever order they were read in."""
+        bad, count = None, 0
+        for name in names:
+            count += 1
+            result = self._others[name]
+            if isinstance(result, Exception):
+                raise result
+            if result:
+                bad = result
+                break
+        return Check(
+            "tensors",
+            "other tensors",
+            f"{count} tensors",
+            "mismatch" if bad else "equal",
+            "bytes equal",
+            bad is None,
+            bad or "",
+        )
+
+    # -- comparing ----------------------------------------------------------------------------------
+    def _quant(self, w: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block FP8 of ``w`` on the device (Triton on CUDA, the torch reference on the CPU: same bytes)."""
+        w = w.to(self.ctx.device)
+        if self.ctx.device.type == "cuda":
+            from moetool.kernels.fp8_quant import block_quant
+
+            return block_quant(w.contiguous(), ue8m0=self.ctx.ue8m0, name=name)
+        from moetool.kernels.fp8_quant_ref import block_quant_ref
+
+        return block_quant_ref(w, ue8m0=self.ctx.ue8m0, name=name)
+
+    def _expected_quant(
+        self, src: Src, orig: tuple[torch.Tensor, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the recipe makes of an original region: block FP8 of a float region; an FP8 region's own
+        bytes when its scales already satisfy the scale format, else its float32 dequantization requantized."""
+        from moetool.kernels.fp8_quant_ref import ceil_to_ue8m0, dequant_ref
+
+        t, s = orig
+        if s is None:
+            return self._quant(t, src.describe())
+        t, s = t.to(self.ctx.device), s.to(self.ctx.device).float()
+        if not self.ctx.ue8m0 or torch.equal(ceil_to_ue8m0(s), s):
+            return t, s
+        return self._quant(dequant_ref(t, s), src.describe())
+
+    def _first_diff(self, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...] | None:
+        if a.shape != b.shape:
+            return ()
+        if same_bytes(a, b, self.ctx.pool):
+            return None
+        return first_diff(a, b)
+
+    def _compare(
+        self,
+        conv_src: Src,
+        orig_src: Src,
+        got: tuple[torch.Tensor, torch.Tensor | None],
+        orig: tuple[torch.Tensor, torch.Tensor | None],
+        errs: list[float] | None,
+    ) -> str | None:
+        """None when the converted region is what the recipe makes of the original region, else why."""
+        display = region_name(conv_src)
+        got_q, got_s = got
+        if got_s is None:  # not quantized: bytes must equal the source's
+            want = orig[0].to(got_q.device)
+            pos = self._first_diff(got_q, want)
+            return None if pos is None else f"{display} differs from {orig_src.describe()} at {list(pos)}"
+        want_q, want_s = self._expected_quant(orig_src, orig)
+        got_q, got_s = got_q.to(want_q.device), got_s.to(want_q.device)
+        pos = self._first_diff(got_q, want_q)
+        if pos is not None:
+            return (
+                f"{display} FP8 bytes differ from the recipe applied to {orig_src.describe()} at {list(pos)}"
+            )
+        pos = self._first_diff(got_s.float(), want_s.float())
+        if pos is not None:
+            return (
+                f"{region_name(conv_src, scale=True)} differs from the recipe at block {list(pos)} "
+                f"({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
+            )
+        w = orig[0]
+        if errs is not None and w.dtype != torch.float8_e4m3fn:  # quantization error for the report
+            from moetool.kernels.fp8_quant_ref import dequant_ref
+
+            wf = w.to(self.ctx.device).float()
+            d = dequant_ref(got_q, got_s)
+            errs.append(float((d - wf).norm() / wf.norm().clamp_min(1e-30)))
+        return None
+
+    def _compare_sm100(self, step: LayerStep, b: Tensors, e: int) -> str | None:
+        from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
+
+        assert step.conv is not None
+        names = self.ctx.conv.arch.deepgemm_names(step.layer)
+        k = step.conv.pos[e]
+        for tag, parts in (("w13", (0, 1)), ("w2", (2,))):
+            expected = []
+            for j in parts:
+                src, orig = self.ctx.orig_region(step, b, e, j)
+                expected.append(self._expected_quant(src, orig))
+            want_q = torch.cat([p[0] for p in expected])
+            want_s = sm100_scales_to_storage(
+                pack_sm100_scales_ref(torch.cat([p[1] for p in expected]), want_q.shape[0])
+            )
+            got_q = b[f"c|{tag}"][k]
+            got_s = b[f"c|{'s13' if tag == 'w13' else 's2'}"][k]
+            pos = self._first_diff(got_q, want_q)
+            if pos is not None:
+                return f"{names[tag + '_weight']}[{e}] FP8 bytes differ from the recipe at {list(pos)}"
+            pos = self._first_diff(got_s, want_s.reshape(got_s.shape))
+            if pos is not None:
+                return f"{names[tag + '_weight_scale_inv']}[{e}] packed scales differ at {list(pos)}"
+        return None
