@@ -69,6 +69,14 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
                 file=root,
                 tensor=arch.shared_prefix(layer) or "",
             )
+        if store.int4_group:
+            raise PlanError(
+                "routed experts are INT4 (compressed-tensors) and the shared expert is not: the slots "
+                "would sit in a layer of another precision",
+                file=root,
+                tensor=store.prefix,
+                fix="quantize to FP8 first (moetool quantize), then fuse-shared",
+            )
         fp8 = store.fp8
         if sh.fp8 != fp8:
             raise PlanError(

@@ -28,6 +28,16 @@ def _kind(view: CheckpointView, name: str, experts: set[str], shared: set[str]) 
     return "other"
 
 
+def _source_bytes(ckpt: Any, name: str) -> int:
+    """Bytes of a source tensor; an INT4 weight (named by its logical ``...weight``) counts its packed
+    values, scales and shape."""
+    if name in ckpt.tensors:
+        return ckpt.tensors[name].nbytes
+    from moetool.transforms.int4 import stored_names
+
+    return sum(ckpt.tensors[n].nbytes for n in stored_names(name) if n in ckpt.tensors)
+
+
 def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
     ckpt, info = view.ckpt, view.info
     shared_names = {n for s in view.shared.values() for n in s.names}
@@ -75,6 +85,8 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
         "fused_slots_if_fused": info.shared_slots,
         "fused_shared_experts": view.fused,
         "expert_storage": sorted({s.kind for s in view.stores.values()}),
+        "expert_dtypes": sorted({s.dtype for s in view.stores.values()}),
+        "text_model_root": view.arch.root,
         "layout": view.layout,
         "quantization": {
             "config": q or None,
@@ -114,7 +126,7 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
         touched = {s.name for sh in plan.shards for j in sh.jobs if j.op == "quant" for s in j.sources}
         would[layout] = {
             "quantized_tensors": len(touched),
-            "quantized_bytes": sum(ckpt.tensors[n].nbytes for n in touched),
+            "quantized_bytes": sum(_source_bytes(ckpt, n) for n in touched),
             "output_bytes": plan.total_bytes,
             "notes": list(plan.notes),
         }

@@ -6,6 +6,10 @@ Three storages of routed experts are recognised:
   transformers saves, and the ``--layout hf`` output.
 - ``packed``: transformers v5 ``P.gate_up_proj [E, 2I, H]`` (gate rows first) and ``P.down_proj [E, H, I]``.
 - ``deepgemm``: ``P.w13_weight [E, 2I, H]`` F8_E4M3 + ``P.w13_weight_scale_inv``, ``P.w2_weight`` + scale.
+
+Per-expert weights are BF16/F16/F32, FP8 with ``weight_scale_inv``, or INT4 as compressed-tensors packs
+them (``weight_packed``, ``weight_scale``, ``weight_shape``; ``moetool.transforms.int4``): an INT4
+store's sources keep the logical ``...weight`` names, which ``pipeline.read_source`` dequantizes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from moetool.plan import Src
 
 FP8_DTYPES = ("F8_E4M3",)
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+#: An ExpertStore's dtype when its experts are compressed-tensors INT4 (not a safetensors dtype).
+INT4 = "INT4"
 
 
 def scale_name(weight: str) -> str:
@@ -40,6 +46,7 @@ class ExpertStore:
     names: tuple[str, ...]  # every tensor of this layer's experts (weights and scales)
     prefix: str
     proj: dict[str, str]  # gate/up/down module names
+    int4_group: int = 0  # group size of compressed-tensors INT4 experts (dtype INT4), else 0
 
     def gate_up(self, e: int, inter: int) -> tuple[Src, ...]:
         """Sources of expert ``e``'s gate rows then up rows, ``[2I, H]`` in all."""
@@ -104,9 +111,18 @@ class CheckpointView:
                 out.add(g)
         return out
 
+    def is_linear_target(self, name: str) -> bool:
+        """A Linear weight ``--targets linear`` quantizes: one of the text model's layers, not a sparse-
+        attention indexer (DeepSeek-V3.2, GLM-5: it passes through) nor a wrapper's vision tower."""
+        return (
+            self.is_linear_weight(name)
+            and name.startswith(f"{self.arch.root}.layers.")
+            and ".indexer." not in name
+        )
+
     def is_linear_weight(self, name: str) -> bool:
-        """A 2-D ``.weight`` of a Linear that ``--targets linear`` quantizes: not a router, norm,
-        embedding, lm_head, shared-expert gate or convolution."""
+        """A 2-D ``.weight`` of a Linear: not a router, norm, embedding, lm_head, shared-expert gate or
+        convolution. Those left unquantized are listed in the output's ``modules_to_not_convert``."""
         t = self.ckpt.tensors.get(name)
         if t is None or not name.endswith(".weight") or len(t.shape) != 2:
             return False
@@ -123,7 +139,8 @@ class CheckpointView:
 
 
 _EXPERT_IDX = re.compile(
-    r"^(?P<p>.+)\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\.(?P<kind>weight|weight_scale_inv)$"
+    r"^(?P<p>.+)\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\."
+    r"(?P<kind>weight|weight_scale_inv|weight_packed|weight_scale|weight_shape)$"
 )
 
 
@@ -195,7 +212,19 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
             n_exp = len(ids)
             if ids != set(range(n_exp)):
                 raise InputError(f"expert ids are not 0..{n_exp - 1}", file=str(ckpt.root), tensor=prefix)
-            first = t[f"{prefix}.0.{arch.proj_names['gate']}.weight"]
+            gate0 = f"{prefix}.0.{arch.proj_names['gate']}.weight"
+            if gate0 not in t and f"{gate0}_packed" in t:
+                int4_group = _int4_group(ckpt, cfg_file)
+                _check_int4_experts(ckpt, prefix, n_exp, arch.proj_names, inter, hidden, int4_group)
+                stores[layer] = ExpertStore(
+                    layer, kind, n_exp, False, INT4, names, prefix, arch.proj_names, int4_group
+                )
+                _check_count(n_exp, info.num_experts, extra_slots, layer, cfg_file, prefix)
+                _add_shared(ckpt, arch, info, layer, fused, shared, hidden)
+                continue
+            if gate0 not in t:
+                raise InputError("expert weight missing", file=str(ckpt.root), tensor=gate0)
+            first = t[gate0]
             fp8, dtype = first.dtype in FP8_DTYPES, first.dtype
             for e in range(n_exp):
                 for proj, shape in (
@@ -219,28 +248,9 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
                         )
         if dtype not in FP8_DTYPES + FLOAT_DTYPES:
             raise InputError(f"unsupported expert dtype {dtype}", file=str(ckpt.root), tensor=names[0])
-        if n_exp != info.num_experts + extra_slots:
-            raise InputError(
-                f"layer {layer} stores {n_exp} experts, config says {info.num_experts}"
-                + (f" + {extra_slots} fused slots" if extra_slots else ""),
-                file=cfg_file,
-                tensor=prefix,
-            )
+        _check_count(n_exp, info.num_experts, extra_slots, layer, cfg_file, prefix)
         stores[layer] = ExpertStore(layer, kind, n_exp, fp8, dtype, names, prefix, arch.proj_names)
-        sp = arch.shared_prefix(layer)
-        if sp and info.shared_intermediate_size and not fused:
-            g, u, d = (f"{sp}.{p}_proj.weight" for p in ("gate", "up", "down"))
-            for n in (g, u, d):
-                if n not in t:
-                    raise InputError("shared expert weight missing", file=str(ckpt.root), tensor=n)
-            s = info.shared_intermediate_size
-            _expect(t[g], (s, hidden), ckpt)
-            _expect(t[u], (s, hidden), ckpt)
-            _expect(t[d], (hidden, s), ckpt)
-            sh_names = tuple(sorted(n for n in t if n.startswith(sp + ".")))
-            shared[layer] = SharedExpert(
-                layer, g, u, d, t[g].dtype in FP8_DTYPES, s, arch.shared_gate_weight(layer), sh_names
-            )
+        _add_shared(ckpt, arch, info, layer, fused, shared, hidden)
     kinds = {s.kind for s in stores.values()}
     layout = "none" if not kinds else (kinds.pop() if len(kinds) == 1 else "mixed")
     if layout == "per_expert":
@@ -262,6 +272,87 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
         layout,
         identity.note,
     )
+
+
+def _check_count(n_exp: int, routed: int, extra: int, layer: int, cfg_file: str, prefix: str) -> None:
+    if n_exp != routed + extra:
+        raise InputError(
+            f"layer {layer} stores {n_exp} experts, config says {routed}"
+            + (f" + {extra} fused slots" if extra else ""),
+            file=cfg_file,
+            tensor=prefix,
+        )
+
+
+def _add_shared(
+    ckpt: Checkpoint,
+    arch: ArchSpec,
+    info: ModelInfo,
+    layer: int,
+    fused: Any,
+    shared: dict[int, SharedExpert],
+    hidden: int,
+) -> None:
+    t = ckpt.tensors
+    sp = arch.shared_prefix(layer)
+    if sp and info.shared_intermediate_size and not fused:
+        g, u, d = (f"{sp}.{p}_proj.weight" for p in ("gate", "up", "down"))
+        for n in (g, u, d):
+            if n not in t:
+                raise InputError("shared expert weight missing", file=str(ckpt.root), tensor=n)
+        s = info.shared_intermediate_size
+        _expect(t[g], (s, hidden), ckpt)
+        _expect(t[u], (s, hidden), ckpt)
+        _expect(t[d], (hidden, s), ckpt)
+        sh_names = tuple(sorted(n for n in t if n.startswith(sp + ".")))
+        shared[layer] = SharedExpert(
+            layer, g, u, d, t[g].dtype in FP8_DTYPES, s, arch.shared_gate_weight(layer), sh_names
+        )
+
+
+def _int4_group(ckpt: Checkpoint, cfg_file: str) -> int:
+    from moetool.transforms.int4 import Int4Scheme, find_int4_config
+
+    qc = find_int4_config(ckpt.config)
+    if qc is None:
+        raise InputError(
+            "experts are stored packed (weight_packed) but config.json has no compressed-tensors "
+            "quantization_config",
+            file=cfg_file,
+            fix="use the config.json that came with the checkpoint",
+        )
+    return Int4Scheme.from_config(qc, file=cfg_file).group_size
+
+
+def _check_int4_experts(
+    ckpt: Checkpoint, prefix: str, n_exp: int, proj: dict[str, str], inter: int, hidden: int, group: int
+) -> None:
+    """Every expert has packed INT4 gate/up/down of the config's shapes, their group scales and shape."""
+    from moetool.transforms.int4 import PACKED, PER_WORD, SCALE, SHAPE
+
+    t = ckpt.tensors
+    for e in range(n_exp):
+        for p, (n, k) in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+            base = f"{prefix}.{e}.{proj[p]}"
+            for suffix, dtypes, shape in (
+                (PACKED, ("I32",), (n, -(-k // PER_WORD))),
+                (SCALE, FLOAT_DTYPES, (n, k // group) if k % group == 0 else None),
+                (SHAPE, ("I32", "I64"), (2,)),
+            ):
+                name = f"{base}.{suffix}"
+                if name not in t:
+                    raise InputError("INT4 expert tensor missing", file=str(ckpt.root), tensor=name)
+                if shape is None:
+                    raise InputError(
+                        f"{k} columns do not split into groups of {group}", file=str(ckpt.root), tensor=name
+                    )
+                _expect(t[name], shape, ckpt)
+                if t[name].dtype not in dtypes:
+                    raise InputError(
+                        f"dtype {t[name].dtype}, expected {' or '.join(dtypes)}",
+                        file=str(ckpt.root),
+                        tensor=name,
+                    )
 
 
 def _check_layer_range(ckpt: Checkpoint, root: str, num_layers: int, cfg_file: str) -> None:

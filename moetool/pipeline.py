@@ -62,7 +62,10 @@ def pick_device(device: str) -> torch.device:
 # -- reading sources --------------------------------------------------------------------------
 def read_source(ckpt: Checkpoint, src: Src, *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A source region as ``(tensor, None)`` for floats, or ``(q, scales)`` for FP8 (scales sliced by
-    128-blocks; the planner guarantees region edges on block boundaries)."""
+    128-blocks; the planner guarantees region edges on block boundaries). An INT4 weight (compressed-tensors
+    ``weight_packed``, named by its logical ``...weight``) comes as its exact float32 values."""
+    if src.name not in ckpt and f"{src.name}_packed" in ckpt:  # int4.stored_names
+        return read_int4(ckpt, src), None
     info = ckpt.info(src.name)
     t = ckpt.read(src.name, rows=src.rows, expert=src.expert, pin=pin)  # only the region's rows
     if src.cols:
@@ -77,6 +80,36 @@ def read_source(ckpt: Checkpoint, src: Src, *, pin: bool = False) -> tuple[torch
     if src.cols:
         s = s[:, src.cols[0] // 128 : -(-src.cols[1] // 128)]
     return t, s
+
+
+def read_int4(ckpt: Checkpoint, src: Src) -> torch.Tensor:
+    """The exact float32 values of a region of an INT4 weight ``src.name`` (``moetool.transforms.int4``),
+    its ``weight_shape`` checked against the packed and scale tensors."""
+    from moetool.transforms import int4
+
+    if src.expert is not None:
+        raise InputError("internal: INT4 weights are per-expert tensors", tensor=src.name)
+    qc = int4.find_int4_config(ckpt.config)
+    if qc is None:
+        raise InputError("INT4 weight without a compressed-tensors quantization_config", tensor=src.name)
+    group = int4.Int4Scheme.from_config(qc, file=str(ckpt.root / "config.json")).group_size
+    packed_name, scale_name_, shape_name = int4.stored_names(src.name)
+    for name in (scale_name_, shape_name):
+        if name not in ckpt:
+            raise InputError("INT4 weight without its companion tensor", file=str(ckpt.root), tensor=name)
+    n_rows = ckpt.info(packed_name).shape[0]
+    shape = [int(v) for v in ckpt.read(shape_name).tolist()]
+    k = ckpt.info(scale_name_).shape[1] * group
+    if shape != [n_rows, k]:
+        raise InputError(
+            f"weight_shape says {shape}, the packed weight and its scales make [{n_rows}, {k}]",
+            file=str(ckpt.root),
+            tensor=shape_name,
+        )
+    packed = ckpt.read(packed_name, rows=src.rows)
+    scale = ckpt.read(scale_name_, rows=src.rows)
+    w = int4.dequantize(packed, scale, k, group)
+    return w[:, src.cols[0] : src.cols[1]] if src.cols else w
 
 
 # -- transforms -------------------------------------------------------------------------------
@@ -214,7 +247,7 @@ def _read_reused(ckpt: Checkpoint, src: Src) -> torch.Tensor | None:
     """A float source region read into this thread's reused buffer (valid until its next call), or None
     where that does not apply (FP8 with scales, a column slice, over ``SCRATCH_MAX``). Reusing the buffer
     spares the page faults and zeroing of a fresh allocation per expert."""
-    if src.cols:
+    if src.cols or src.name not in ckpt:
         return None
     r = _file_region(ckpt, src.name, src.expert, src.rows)
     if r.dtype == "F8_E4M3" or r.nbytes > SCRATCH_MAX or r.nbytes == 0:

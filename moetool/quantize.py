@@ -138,7 +138,17 @@ def quant_config(view: CheckpointView, quantized: set[str], ue8m0: bool, layout:
         qc["scale_fmt"] = "ue8m0"
     if layout == "deepgemm":
         qc["moetool_layout"] = "deepgemm"
+    return with_quantization_config(cfg, qc)
+
+
+def with_quantization_config(cfg: dict[str, Any], qc: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` whose quantization_config is ``qc``: at the top level, and in ``text_config`` too when the
+    wrapped text model's config carries one (Kimi-K2.5 keeps its INT4 config there, and SGLang reads that
+    one over the top-level's: a stale one would describe weights that are no longer there)."""
     cfg["quantization_config"] = qc
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and "quantization_config" in text:
+        text["quantization_config"] = copy.deepcopy(qc)
     return cfg
 
 
@@ -189,7 +199,7 @@ def plan_quantize(
                     units.append(quant_unit(name, srcs, n, k, ue8m0))
     targets: set[str] = {n for sh in view.shared.values() for n in (sh.gate, sh.up, sh.down)}
     if opts.targets == "linear":
-        targets |= {n for n in ckpt.tensors if view.is_linear_weight(n)}
+        targets |= {n for n in ckpt.tensors if view.is_linear_target(n)}
     targets |= {n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES}
     targets -= consumed
     for name in sorted(targets):

@@ -16,9 +16,13 @@ from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
     DeepseekV3Config,
+    DeepseekV32Config,
     Glm4MoeConfig,
+    GlmMoeDsaConfig,
+    MiniMaxM2Config,
     MixtralConfig,
     Qwen2MoeConfig,
+    Qwen3_5MoeTextConfig,
     Qwen3MoeConfig,
     Qwen3NextConfig,
 )
@@ -184,8 +188,75 @@ def _mixtral() -> MixtralConfig:
     )
 
 
+_DSA = dict(
+    q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, index_n_heads=2
+)
+
+
+def _deepseek_v32() -> DeepseekV32Config:
+    return DeepseekV32Config(
+        hidden_size=HIDDEN,
+        intermediate_size=16,
+        moe_intermediate_size=24,
+        n_routed_experts=16,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=3,
+        n_shared_experts=1,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=0,
+        index_head_dim=8,
+        **_DSA,
+        **_COMMON,
+    )
+
+
+def _glm_moe_dsa() -> GlmMoeDsaConfig:
+    return GlmMoeDsaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=16,
+        moe_intermediate_size=12,
+        n_routed_experts=10,
+        num_experts_per_tok=3,
+        n_shared_experts=2,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=0,
+        index_head_dim=8,
+        **_DSA,
+        **_COMMON,
+    )
+
+
+def _minimax_m2() -> MiniMaxM2Config:
+    return MiniMaxM2Config(
+        hidden_size=HIDDEN,
+        intermediate_size=20,
+        num_local_experts=10,
+        num_experts_per_tok=3,
+        head_dim=8,
+        **_COMMON,
+    )
+
+
+def _qwen3_5_moe() -> Qwen3_5MoeTextConfig:
+    return Qwen3_5MoeTextConfig(
+        hidden_size=HIDDEN,
+        moe_intermediate_size=20,
+        shared_expert_intermediate_size=40,
+        num_experts=10,
+        num_experts_per_tok=3,
+        head_dim=8,
+        layer_types=["full_attention"],
+        **_COMMON,
+    )
+
+
 FAMILIES = {
     "deepseek_v3": _deepseek_v3,
+    "deepseek_v32": _deepseek_v32,
+    "glm_moe_dsa": _glm_moe_dsa,
+    "minimax_m2": _minimax_m2,
+    "qwen3_5_moe": _qwen3_5_moe,
     "deepseek_v2_lite": _deepseek_v2_lite,
     "deepseek_v2_grouped": _deepseek_v2_grouped,
     "qwen2_moe": _qwen2_moe,
@@ -194,7 +265,7 @@ FAMILIES = {
     "glm4_moe": _glm4_moe,
     "mixtral": _mixtral,
 }
-SHARED = [name for name in FAMILIES if name not in ("qwen3_moe", "mixtral")]
+SHARED = [name for name in FAMILIES if name not in ("qwen3_moe", "mixtral", "minimax_m2")]
 
 
 @dataclasses.dataclass
