@@ -178,26 +178,69 @@ def fp4_cast_ref(
     ``q · s`` differs from the FP4 value (0 everywhere when the cast is lossless). All contiguous.
     Raises :class:`InputError` naming ``name`` for inputs outside the contract (:func:`check_fp4_shapes`,
     :func:`check_fp4_scales`).
+
+    An element's FP8 byte depends only on its e2m1 code and ``d = E - b``, so the float32 multiply and
+    e4m3 cast of the recipe run once per (input byte, d) in :func:`cast_tables`, and the bytes are
+    looked up; past ``d = 20`` every value rounds to a signed zero.
     """
     n, k = check_fp4_shapes(packed, scale, name=name)
     check_fp4_scales(scale, name=name)
     lead = tuple(packed.shape[:-2])
     nb, kb = n // FP8_BLOCK, k // FP8_BLOCK
-    b = e8m0_bytes(scale).to(torch.int32)
-    # [..., nb, 128, kb, 4] scale bytes -> block maximum [..., nb, kb]
-    blocks = b.unflatten(-1, (kb, GROUPS_PER_BLOCK)).unflatten(-3, (nb, FP8_BLOCK))
-    e_max = blocks.amax(dim=(-3, -1))
+    device = packed.device
+    pairs, counts, nonzero = cast_tables(device)
+    u8 = packed.contiguous().view(torch.uint8).reshape(-1, n, k // 2)
+    b = e8m0_bytes(scale).contiguous().reshape(-1, n, k // FP4_GROUP).to(torch.int32)
+    num = u8.shape[0]
+    e_max = b.view(num, nb, FP8_BLOCK, kb, GROUPS_PER_BLOCK).amax(dim=(2, 4))  # [num, nb, kb]
     s_byte = (e_max - MAX_OFFSET_BITS).clamp_min(0)
-    # offset 2 ** (b - E + 6), built in float32 where it is normal; a smaller one only makes values
-    # of magnitude below 6 · 2**-126, which e4m3 rounds to a zero of the same sign either way.
-    exp = blocks - e_max[..., :, None, :, None] + MAX_OFFSET_BITS
-    offset = pow2_f32(exp.clamp_min(-126))
-    values = unpack_e2m1(packed, table=CAST_VALUES)
-    v = values.unflatten(-1, (kb, GROUPS_PER_BLOCK, FP4_GROUP)).unflatten(-4, (nb, FP8_BLOCK))
-    q = (v * offset[..., None]).to(torch.float8_e4m3fn).reshape(*lead, n, k).contiguous()
-    s = s_byte.to(torch.uint8).view(torch.float8_e8m0fnu).contiguous()
-    exact = dequant_fp4_ref(packed, scale, torch.float64)
-    cast = dequant_fp8_e8m0_ref(q, s, torch.float64)
-    diff = (exact != cast).unflatten(-1, (kb, FP8_BLOCK)).unflatten(-3, (nb, FP8_BLOCK))
-    changed = diff.sum(dim=(-3, -1), dtype=torch.int32).contiguous()
-    return q, s, changed
+    q = torch.empty((num, n, k), dtype=torch.float8_e4m3fn, device=device)
+    changed = torch.empty((num, nb, kb), dtype=torch.int32, device=device)
+    qp = q.view(torch.uint8).view(torch.int16).view(num, n, k // FP4_GROUP, FP4_GROUP // 2)
+    for r0 in range(0, n, FP8_BLOCK):  # one row block at a time: its indices stay in cache
+        rb = r0 // FP8_BLOCK
+        top = e_max[:, rb].repeat_interleave(GROUPS_PER_BLOCK, dim=-1)[:, None, :]  # [num, 1, K/32]
+        d = (top - b[:, r0 : r0 + FP8_BLOCK]).clamp_max(CAST_TABLE_D)  # [num, 128, K/32]
+        idx = (d * 256)[..., None] + u8[:, r0 : r0 + FP8_BLOCK].view(num, FP8_BLOCK, -1, FP4_GROUP // 2)
+        qp[:, r0 : r0 + FP8_BLOCK] = pairs[idx]
+        lost = counts[idx].view(num, FP8_BLOCK, kb, -1)
+        low = (e_max[:, rb] < MAX_OFFSET_BITS)[:, None, :, None]
+        if bool(low.any()):
+            # E < 6: byte 0 stands for 2**-127, not the 2**(E-133) the values were scaled for
+            lost = torch.where(low, nonzero[u8[:, r0 : r0 + FP8_BLOCK].long()].view_as(lost), lost)
+        changed[:, rb] = lost.sum(dim=(1, 3), dtype=torch.int32)
+    s = s_byte.to(torch.uint8).view(torch.float8_e8m0fnu)
+    return q.view(*lead, n, k), s.view(*lead, nb, kb).contiguous(), changed.view(*lead, nb, kb)
+
+
+CAST_TABLE_D = 21  # d >= 20 leaves |v| * 2**(6 - d) <= 384 * 2**-20 < 2**-10: a signed zero in e4m3
+_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def cast_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The recipe evaluated once per input byte (two e2m1 codes) and distance ``d = E - b`` in
+    ``0 .. CAST_TABLE_D``, flat index ``d * 256 + byte``:
+
+    - ``pairs`` int16 ``[(D+1) * 256]``: the two FP8 bytes, even element in the low byte (little-endian
+      memory order: element 2j, then 2j + 1), of ``CAST_VALUES[code] * 2**(6 - d)`` cast to e4m3;
+    - ``counts`` uint8 ``[(D+1) * 256]``: how many of the two differ from the exact e2m1 value once
+      scaled back (``q * 2**(d - 6)`` against ``E2M1_VALUES[code]``, in float64);
+    - ``nonzero`` uint8 ``[256]``: how many of the two codes are not ±0.
+    """
+    key = str(device)
+    if key not in _TABLES:
+        byte = torch.arange(256)
+        codes = torch.stack([byte & 0xF, byte >> 4], dim=-1)  # [256, 2]: even element, odd element
+        d = torch.arange(CAST_TABLE_D + 1)
+        y = torch.tensor(CAST_VALUES)[codes][None] * pow2_f32(MAX_OFFSET_BITS - d)[:, None, None]
+        q = y.to(torch.float8_e4m3fn)  # [D+1, 256, 2]
+        pairs = q.view(torch.uint8).contiguous().view(torch.int16).reshape(-1)
+        back = q.double() * (2.0 ** (d - MAX_OFFSET_BITS)).double()[:, None, None]
+        counts = (back != torch.tensor(E2M1_VALUES, dtype=torch.float64)[codes][None]).sum(-1)
+        nonzero = ((codes & 7) != 0).sum(-1)
+        _TABLES[key] = (
+            pairs.to(device),
+            counts.to(torch.uint8).reshape(-1).to(device),
+            nonzero.to(torch.uint8).to(device),
+        )
+    return _TABLES[key]
