@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +30,27 @@ FP8_DTYPES = ("F8_E4M3",)
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 #: An ExpertStore's dtype when its experts are compressed-tensors INT4 (not a safetensors dtype).
 INT4 = "INT4"
+FP4_DTYPE = "I8"  # DeepSeek-V4's FP4 experts: two e2m1 codes per byte, with E8M0 scales per 32
+E8M0_DTYPE = "F8_E8M0"
 
 
 def scale_name(weight: str) -> str:
     """``...weight`` → ``...weight_scale_inv`` (also ``w13_weight`` → ``w13_weight_scale_inv``)."""
     return weight + "_scale_inv"
+
+
+def e8m0_scale_name(weight: str) -> str:
+    """``...weight`` → ``...scale``: DeepSeek-V4's name for E8M0 block scales (FP8 and FP4 weights)."""
+    return weight.removesuffix("weight") + "scale"
+
+
+def find_scale(tensors: Mapping[str, Any], weight: str) -> str | None:
+    """The block scales stored with a quantized ``weight``: ``weight_scale_inv`` (F32, DeepSeek-V3) or,
+    for a ``...weight``, ``...scale`` (E8M0, DeepSeek-V4); None when neither exists."""
+    for name in (scale_name(weight), e8m0_scale_name(weight) if weight.endswith(".weight") else None):
+        if name is not None and name in tensors:
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,7 @@ class ExpertStore:
     prefix: str
     proj: dict[str, str]  # gate/up/down module names
     int4_group: int = 0  # group size of compressed-tensors INT4 experts (dtype INT4), else 0
+    fp4: bool = False  # DeepSeek-V4 FP4: I8 [N, K/2] weights, E8M0 [N, K/32] ``.scale``
 
     def gate_up(self, e: int, inter: int) -> tuple[Src, ...]:
         """Sources of expert ``e``'s gate rows then up rows, ``[2I, H]`` in all."""
@@ -89,6 +107,7 @@ class CheckpointView:
     manifest: dict[str, Any] | None
     layout: str  # "hf" | "packed" | "deepgemm" | "mixed" | "none"
     note: str | None = None  # how the family was recognised, when not by model_type (for stderr)
+    mtp_layers: tuple[int, ...] = ()  # MTP layers whose experts are stored (numbered from num_layers)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -109,6 +128,8 @@ class CheckpointView:
             g = self.arch.shared_gate_weight(layer)
             if g:
                 out.add(g)
+            if layer in self.info.hash_layers:
+                out.add(self.arch.hash_table(layer) or "")
         return out
 
     def is_linear_target(self, name: str) -> bool:
@@ -140,7 +161,7 @@ class CheckpointView:
 
 _EXPERT_IDX = re.compile(
     r"^(?P<p>.+)\.(?P<e>\d+)\.(?P<proj>[A-Za-z0-9_]+)\."
-    r"(?P<kind>weight|weight_scale_inv|weight_packed|weight_scale|weight_shape)$"
+    r"(?P<kind>weight|weight_scale_inv|weight_packed|weight_scale|weight_shape|scale)$"
 )
 
 
@@ -155,6 +176,15 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
         # the checkpoint names its MoE blocks the other way (Mixtral's packed experts live under mlp)
         arch = dataclasses.replace(arch, tensors={**arch.tensors, "moe": alt})
     info = arch.model(ckpt.config, file=cfg_file)
+    mtp_present: list[int] = []
+    if arch.mtp_spec and info.mtp_layers:
+        # MTP layers are numbered after the decoder layers; a checkpoint may leave them out
+        # (transformers does not build them)
+        arch = arch.with_mtp(info.num_layers)
+        for m in range(info.mtp_layers):
+            head = arch.experts_prefix(info.num_layers + m) + "."
+            if any(n.startswith(head) for n in ckpt.tensors):
+                mtp_present.append(info.num_layers + m)
     fused = ckpt.config.get("moetool_fused_shared_experts")
     from moetool.moe import FusedSlots
 
@@ -165,7 +195,7 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
     stores: dict[int, ExpertStore] = {}
     shared: dict[int, SharedExpert] = {}
     inter, hidden = info.moe_intermediate_size, info.hidden_size
-    for layer in info.moe_layers:
+    for layer in (*info.moe_layers, *mtp_present):
         prefix = arch.experts_prefix(layer)
         dg = arch.deepgemm_names(layer)
         packed_gu, packed_d = arch.packed_names(layer)
@@ -185,6 +215,7 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
                     file=str(ckpt.root),
                     tensor=dg["w13_weight"],
                 )
+            fp4 = False
             n_exp, fp8, dtype = w13.shape[0], w13.dtype in FP8_DTYPES, w13.dtype
             _expect(w13, (n_exp, 2 * inter, hidden), ckpt)
             _expect(w2, (n_exp, hidden, inter), ckpt)
@@ -193,6 +224,7 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
             gu, d = t[packed_gu], t.get(packed_d)
             if d is None:
                 raise InputError("packed experts lack down_proj", file=str(ckpt.root), tensor=packed_gu)
+            fp4 = False
             n_exp, fp8, dtype = gu.shape[0], gu.dtype in FP8_DTYPES, gu.dtype
             _expect(gu, (n_exp, 2 * inter, hidden), ckpt)
             _expect(d, (n_exp, hidden, inter), ckpt)
@@ -226,8 +258,9 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
                 raise InputError("expert weight missing", file=str(ckpt.root), tensor=gate0)
             first = t[gate0]
             fp8, dtype = first.dtype in FP8_DTYPES, first.dtype
+            fp4 = dtype == FP4_DTYPE and arch.fp4_spec is not None
             for e in range(n_exp):
-                for proj, shape in (
+                for proj, (n, k) in (
                     ("gate", (inter, hidden)),
                     ("up", (inter, hidden)),
                     ("down", (hidden, inter)),
@@ -235,21 +268,29 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
                     name = f"{prefix}.{e}.{arch.proj_names[proj]}.weight"
                     if name not in t:
                         raise InputError("expert weight missing", file=str(ckpt.root), tensor=name)
-                    _expect(t[name], shape, ckpt)
                     if t[name].dtype != dtype:
                         raise InputError(
                             f"dtype {t[name].dtype} differs from the layer's {dtype}",
                             file=str(ckpt.root),
                             tensor=name,
                         )
-                    if fp8 and scale_name(name) not in t:
+                    if fp4:
+                        _check_fp4_expert(ckpt, name, n, k)
+                        continue
+                    _expect(t[name], (n, k), ckpt)
+                    if fp8 and find_scale(t, name) is None:
                         raise InputError(
-                            "FP8 weight without weight_scale_inv", file=str(ckpt.root), tensor=name
+                            "FP8 weight without its block scales (weight_scale_inv or scale)",
+                            file=str(ckpt.root),
+                            tensor=name,
                         )
-        if dtype not in FP8_DTYPES + FLOAT_DTYPES:
+        if not fp4 and dtype not in FP8_DTYPES + FLOAT_DTYPES:
             raise InputError(f"unsupported expert dtype {dtype}", file=str(ckpt.root), tensor=names[0])
         _check_count(n_exp, info.num_experts, extra_slots, layer, cfg_file, prefix)
-        stores[layer] = ExpertStore(layer, kind, n_exp, fp8, dtype, names, prefix, arch.proj_names)
+        _check_expert_dtype(info, layer, prefix, fp4, fp8, cfg_file)
+        stores[layer] = ExpertStore(layer, kind, n_exp, fp8, dtype, names, prefix, arch.proj_names, fp4=fp4)
+        if layer in info.hash_layers:
+            _check_hash_table(ckpt, arch.hash_table(layer), info.routing.top_k)
         _add_shared(ckpt, arch, info, layer, fused, shared, hidden)
     kinds = {s.kind for s in stores.values()}
     layout = "none" if not kinds else (kinds.pop() if len(kinds) == 1 else "mixed")
@@ -271,6 +312,7 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
         manifest,
         layout,
         identity.note,
+        tuple(mtp_present),
     )
 
 
@@ -296,7 +338,7 @@ def _add_shared(
     t = ckpt.tensors
     sp = arch.shared_prefix(layer)
     if sp and info.shared_intermediate_size and not fused:
-        g, u, d = (f"{sp}.{p}_proj.weight" for p in ("gate", "up", "down"))
+        g, u, d = (arch.shared_weight(layer, p) or "" for p in ("gate", "up", "down"))
         for n in (g, u, d):
             if n not in t:
                 raise InputError("shared expert weight missing", file=str(ckpt.root), tensor=n)
@@ -370,6 +412,69 @@ def _check_layer_range(ckpt: Checkpoint, root: str, num_layers: int, cfg_file: s
                 tensor=name,
                 fix="use the config.json that came with the weights",
             )
+
+
+def _check_fp4_expert(ckpt: Checkpoint, name: str, n: int, k: int) -> None:
+    """An FP4 expert weight ``[n, k]``: I8 ``[n, k/2]`` with E8M0 ``.scale`` ``[n, k/32]``."""
+    t = ckpt.tensors
+    if k % 32:
+        raise InputError(
+            f"FP4 experts need K % 32 == 0 (one E8M0 scale per 32 columns), got K = {k}",
+            file=str(ckpt.root),
+            tensor=name,
+        )
+    _expect(t[name], (n, k // 2), ckpt)
+    sname = e8m0_scale_name(name)
+    if sname not in t:
+        raise InputError("FP4 expert weight without its E8M0 .scale", file=str(ckpt.root), tensor=name)
+    if t[sname].dtype != E8M0_DTYPE:
+        raise InputError(
+            f"FP4 scales must be F8_E8M0, got {t[sname].dtype}",
+            file=str(ckpt.root),
+            tensor=sname,
+            fix="only DeepSeek-V4's FP4 format (e2m1 values, one E8M0 scale per 32) is read",
+        )
+    if tuple(t[sname].shape) != (n, k // 32):
+        raise InputError(
+            f"FP4 scale grid {list(t[sname].shape)} does not match the weight (expected [{n}, {k // 32}])",
+            file=str(ckpt.root),
+            tensor=sname,
+        )
+
+
+def _check_expert_dtype(
+    info: ModelInfo, layer: int, prefix: str, fp4: bool, fp8: bool, cfg_file: str
+) -> None:
+    """The experts' stored format must be the one config.json declares (``expert_dtype``, DeepSeek-V4):
+    a loader reads what the config says, so a mismatch would load wrong. FP4 experts need the declaration."""
+    stored = "fp4" if fp4 else "fp8" if fp8 else "float"
+    declared = info.expert_dtype
+    if declared == stored or (declared is None and stored != "fp4"):
+        return
+    raise InputError(
+        f"layer {layer} stores {stored} experts but config.json declares expert_dtype {declared!r}",
+        file=cfg_file,
+        tensor=prefix,
+        fix="use the config.json that came with the weights",
+    )
+
+
+def _check_hash_table(ckpt: Checkpoint, name: str | None, top_k: int) -> None:
+    """A hash-routed layer's token-id table: integer ``[vocab, top_k]`` (values are checked on read)."""
+    t = ckpt.tensors.get(name or "")
+    if t is None:
+        raise InputError(
+            "hash-routed layer without its token-id table",
+            file=str(ckpt.root),
+            tensor=name,
+            fix="use the config.json that came with the weights (mlp_layer_types / num_hash_layers)",
+        )
+    if t.dtype not in ("I64", "I32") or len(t.shape) != 2 or t.shape[1] != top_k:
+        raise InputError(
+            f"token-id table must be integer [vocab, {top_k}], got {t.dtype} {list(t.shape)}",
+            file=str(ckpt.root),
+            tensor=name,
+        )
 
 
 def _holds_block(ckpt: Checkpoint, pattern: str) -> bool:

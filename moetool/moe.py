@@ -21,7 +21,13 @@ mixtral                     softmax     greedy                  top-k probabilit
 minimax_m2                  sigmoid     greedy (biased)         unbiased sigmoid scores of the experts
                                                                 chosen on ``score + e_score_correction_bias``,
                                                                 ``/ sum`` (no epsilon, no scaling factor)
+deepseek_v4                 sqrt(       noaux_tc, one group;    as deepseek_v3 (``/ (sum + 1e-20)`` always);
+                            softplus)   hash layers:            hash layers weigh the experts
+                                        ``tid2eid[token]``      ``tid2eid[token]`` names, without bias
 ==========================  ==========  ======================  ==========================================
+
+DeepSeek-V4 clamps every expert's SwiGLU, the shared expert's too: ``gate(x) <= swiglu_limit``,
+``|up(x)| <= swiglu_limit`` (``expert_mlp(limit=...)``).
 
 A routing variant is a name in ``SCORING`` (and ``moetool.arch.schema.SCORINGS``) or a branch of
 ``route`` (and ``TOPK_METHODS``); a family file picks them by name.
@@ -62,6 +68,7 @@ NOAUX_TC_NORM_EPS = 1e-20
 SCORING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda logits: logits.softmax(dim=-1, dtype=torch.float32),
     "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda logits: F.softplus(logits).sqrt(),  # DeepSeek-V4
 }
 #: Top-k rules that choose on ``score + e_score_correction_bias`` and weigh by the unbiased score.
 BIASED_TOPK = ("greedy", "noaux_tc")
@@ -76,12 +83,18 @@ def route(
     router_weight: torch.Tensor,
     routing: Routing,
     score_bias: torch.Tensor | None = None,
+    *,
+    hash_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert selection of one MoE layer, as the family's transformers router computes it.
 
     x: ``[T, H]`` any float dtype; router_weight: ``[E, H]`` (``mlp.gate.weight``); score_bias: ``[E]``
     (``e_score_correction_bias``), used by ``noaux_tc`` only (absent means zeros, as transformers
     initialises the buffer). Logits are ``x.float() @ router_weight.float().T``.
+
+    hash_ids: ``[T, k]`` expert ids of a hash-routed layer (DeepSeek-V4: ``tid2eid[token_id]``). They
+    replace the top-k choice; the scores of those experts weigh them as the top-k weights would be
+    (``/ (sum + 1e-20)`` when ``norm_topk_prob``, then ``· routed_scaling_factor``), no bias taken.
 
     Returns ``topk_ids [T, k]`` int64 and ``topk_weights [T, k]`` float32. Within a row the ids are in
     descending order of the score they were selected on (``torch.topk(sorted=True)``); transformers'
@@ -117,7 +130,18 @@ def route(
     scores = scoring(logits)
 
     method = routing.topk_method
-    if method == "greedy":
+    if hash_ids is not None:
+        if score_bias is not None:
+            raise InputError("route: a hash-routed layer takes no score correction bias")
+        if tuple(hash_ids.shape) != (x.shape[0], top_k):
+            raise InputError(f"route: hash_ids must be [T={x.shape[0]}, {top_k}], got {list(hash_ids.shape)}")
+        topk_ids = hash_ids.to(device=scores.device, dtype=torch.int64)
+        if topk_ids.numel() and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= num_experts):
+            raise InputError(f"route: hash-routed expert ids must lie in [0, {num_experts})")
+        topk_weights = scores.gather(1, topk_ids)
+        if routing.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + NOAUX_TC_NORM_EPS)
+    elif method == "greedy":
         if score_bias is None:
             topk_weights, topk_ids = torch.topk(scores, k=top_k, dim=-1)
         else:
@@ -185,25 +209,43 @@ def _group_mask(group_scores: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 
 def expert_mlp(
-    x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor
+    x: torch.Tensor,
+    gate_w: torch.Tensor,
+    up_w: torch.Tensor,
+    down_w: torch.Tensor,
+    *,
+    limit: float | None = None,
 ) -> torch.Tensor:
-    """One SwiGLU expert in float32: ``down(silu(gate(x)) * up(x))``.
+    """One SwiGLU expert in float32: ``down(silu(gate(x)) * up(x))``; with ``limit`` (DeepSeek-V4's
+    ``swiglu_limit``) ``gate(x)`` is clamped to at most ``limit`` and ``up(x)`` to ``[-limit, limit]``
+    first, as transformers' DeepseekV4Experts and DeepseekV4MLP do.
 
     x ``[T, H]``; gate_w, up_w ``[I, H]``; down_w ``[H, I]``; any float dtypes. Returns ``[T, H]`` float32.
     """
     xf = x.to(torch.float32)
-    h = F.silu(F.linear(xf, gate_w.to(torch.float32))) * F.linear(xf, up_w.to(torch.float32))
-    return F.linear(h, down_w.to(torch.float32))
+    gate = F.linear(xf, gate_w.to(torch.float32))
+    up = F.linear(xf, up_w.to(torch.float32))
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.linear(F.silu(gate) * up, down_w.to(torch.float32))
 
 
 def experts_reference(
-    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    limit: float | None = None,
 ) -> torch.Tensor:
     """The float32 torch ``ExpertsFn``: ``out[t] = Σ_c weights[t, c] · expert_{ids[t, c]}(x[t])``.
 
     x ``[T, H]``; ids ``[T, k]`` int (each < ``w13.shape[0]``); weights ``[T, k]``; w13 ``[E_total, 2I, H]``
-    (gate rows ``[0, I)``, up rows ``[I, 2I)``); w2 ``[E_total, H, I]``. Only experts that received
-    tokens are computed; contributions are accumulated in ascending expert id. Returns ``[T, H]`` float32.
+    (gate rows ``[0, I)``, up rows ``[I, 2I)``); w2 ``[E_total, H, I]``; ``limit``: ``expert_mlp``'s
+    SwiGLU clamp. Only experts that received tokens are computed; contributions are accumulated in
+    ascending expert id. Returns ``[T, H]`` float32.
     """
     if ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != x.shape[0]:
         raise InputError(
@@ -224,7 +266,7 @@ def experts_reference(
         raise InputError(
             f"experts: expert ids must lie in [0, {num}), got [{int(ids.min())}, {int(ids.max())}]"
         )
-    experts_reference_into(out, x, ids, weights, w13, w2)
+    experts_reference_into(out, x, ids, weights, w13, w2, limit=limit)
     return out
 
 
@@ -236,6 +278,8 @@ def experts_reference_into(
     w13: torch.Tensor,
     w2: torch.Tensor,
     first: int = 0,
+    *,
+    limit: float | None = None,
 ) -> None:
     """Add to ``out [T, H]`` (float32) the contributions of experts ``first .. first + len(w13) - 1``, whose
     weights are ``w13``/``w2`` (``w13[i]`` is expert ``first + i``), in ascending expert id; ids outside
@@ -247,7 +291,7 @@ def experts_reference_into(
     for e in torch.unique(ids[inside]).tolist():
         token_idx, col = torch.where(ids == e)
         k = e - first
-        h = expert_mlp(x[token_idx], w13[k, :inter], w13[k, inter:], w2[k])
+        h = expert_mlp(x[token_idx], w13[k, :inter], w13[k, inter:], w2[k], limit=limit)
         out.index_add_(0, token_idx, h * weights[token_idx, col, None].to(torch.float32))
 
 
@@ -412,8 +456,14 @@ def moe_forward(
     *,
     experts_fn: ExpertsFn | None = None,
     replica_of_token: torch.Tensor | None = None,
+    swiglu_limit: float | None = None,
+    hash_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One MoE layer: routed experts plus the shared expert, unfused or as fused slots.
+
+    DeepSeek-V4: ``swiglu_limit`` clamps every expert's SwiGLU, the shared expert's too (the default
+    ``experts_fn`` and the unfused shared expert; a given ``experts_fn`` applies it itself);
+    ``hash_ids`` ``[T, k]`` (``tid2eid[token_ids]``) routes a hash layer (``route``).
 
     x ``[T, H]`` any float dtype. ``slot_weight`` (the ArchSpec's, ``"one"`` | ``"sigmoid_gate"``)
     weighs an unfused shared expert; fused slots take theirs from ``w.fused.slot_weight``, as a consumer
@@ -426,11 +476,11 @@ def moe_forward(
     """
     if x.dim() != 2:
         raise InputError(f"moe_forward: x must be [T, H], got {list(x.shape)}")
-    topk_ids, topk_weights = route(x, w.router_weight, routing, w.score_bias)
+    topk_ids, topk_weights = route(x, w.router_weight, routing, w.score_bias, hash_ids=hash_ids)
     if experts_fn is None:
 
         def experts_fn(xx: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
-            return experts_reference(xx, ids, wts, w.w13, w.w2)
+            return experts_reference(xx, ids, wts, w.w13, w.w2, limit=swiglu_limit)
 
     fused = w.fused
     if fused is None:
@@ -441,7 +491,7 @@ def moe_forward(
             if slot_weight is None:
                 raise InputError("moe_forward: the layer has a shared expert but no slot_weight was given")
             s = w.shared_intermediate_size
-            shared_out = expert_mlp(x, w.shared_w13[:s], w.shared_w13[s:], w.shared_w2)
+            shared_out = expert_mlp(x, w.shared_w13[:s], w.shared_w13[s:], w.shared_w2, limit=swiglu_limit)
             out = out + shared_weight(x, slot_weight, w.shared_gate) * shared_out
         return out, topk_ids
 

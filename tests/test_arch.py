@@ -44,6 +44,7 @@ FAMILY_FILES = (
     "deepseek_v2",
     "deepseek_v3",
     "deepseek_v32",
+    "deepseek_v4",
     "glm4_moe",
     "glm_moe_dsa",
     "kimi_k25",
@@ -202,7 +203,7 @@ def test_detect_every_declared_model_type() -> None:
         assert detect({"model_type": model_type}).family == family
 
 
-@pytest.mark.parametrize("model_type", ["llama", "deepseek_v4", "", None])
+@pytest.mark.parametrize("model_type", ["llama", "deepseek_v5", "", None])
 def test_unknown_model_type_is_refused_with_the_known_list(model_type: str | None) -> None:
     cfg = {"model_type": model_type} if model_type is not None else {}
     with pytest.raises(InputError) as err:

@@ -76,6 +76,9 @@ def _spec_from_toml(data: dict[str, Any], source: str, *, extends: str | None = 
         slot_weight=data.get("shared_expert", {}).get("slot_weight"),
         gdn_spec=dict(data["gdn"]) if "gdn" in data else None,
         extends=extends,
+        hash_spec=dict(data["hash_routing"]) if "hash_routing" in data else None,
+        fp4_spec=dict(data["fp4_experts"]) if "fp4_experts" in data else None,
+        mtp_spec=dict(data["mtp"]) if "mtp" in data else None,
     )
 
 

@@ -116,9 +116,9 @@ def _layer_matches(spec: ArchSpec, layer: int, names: set[str], fused: bool) -> 
     if not stored:
         return False
     bias = spec.router_bias(layer)
-    has_bias = any(
-        n.endswith(".e_score_correction_bias") and n.startswith(spec.moe_prefix(layer) + ".") for n in names
-    )
+    # a score-correction bias under the block, by the usual name or the family's own (V4: gate.bias)
+    suffixes = (".e_score_correction_bias", *(["." + spec.tensors["router_bias"]] if bias else []))
+    has_bias = any(n.endswith(tuple(suffixes)) and n.startswith(spec.moe_prefix(layer) + ".") for n in names)
     if bool(bias) != has_bias or (bias and bias not in names):
         return False
     block = spec.moe_prefix(layer) + "."

@@ -24,7 +24,7 @@ else:  # pragma: no cover
 
 LAYER_RULES = ("first_k_dense", "sparse_step", "all")
 #: Router scoring functions; ``moetool.moe.SCORING`` holds one torch function per name.
-SCORINGS = ("softmax", "sigmoid")
+SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 #: Top-k rules; ``moetool.moe.route`` implements each.
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SLOT_WEIGHTS = ("one", "sigmoid_gate")
@@ -68,6 +68,8 @@ SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
         "router_bias": (str, True),
         "shared": (str, True),
         "shared_gate": (str, True),
+        # block scales of X.weight: X.weight_scale_inv (F32, the default) or X.scale (E8M0, DeepSeek-V4)
+        "scale": (str, False),
     },
     "routing": {
         "scoring": (str, True),
@@ -80,6 +82,8 @@ SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
         "norm_topk_prob_key": (str, False),
         "routed_scaling_factor": (float, True),
         "routed_scaling_factor_key": (str, False),
+        # experts clamp gate <= limit and |up| <= limit before SwiGLU (DeepSeek-V4)
+        "swiglu_limit_key": (str, False),
     },
     "shared_expert": {"slot_weight": (str, True)},
     "gdn": {
@@ -92,8 +96,23 @@ SCHEMA: dict[str, dict[str, tuple[type, bool]]] = {
         "head_v_dim": (str, True),
         "conv_kernel": (str, True),
     },
+    # MoE layers routed by a frozen token-id -> expert-ids table instead of the router's top-k
+    # (DeepSeek-V4's first layers); the router still weighs the chosen experts
+    "hash_routing": {
+        "layer_types_key": (str, True),
+        "hash_value": (str, True),
+        "count_key": (str, False),
+        "table": (str, True),
+    },
+    # routed experts may ship in FP4 (I8 e2m1 pairs + E8M0 scale per 32), declared by this config key
+    "fp4_experts": {"expert_dtype_key": (str, True)},
+    # multi-token-prediction layers after the decoder layers, with MoE blocks of their own
+    "mtp": {"moe": (str, True), "count_key": (str, True)},
 }
-OPTIONAL_SECTIONS = ("shared_expert", "gdn")
+OPTIONAL_SECTIONS = ("shared_expert", "gdn", "hash_routing", "fp4_experts", "mtp")
+#: Expert formats a config may declare (``[fp4_experts] expert_dtype_key``).
+EXPERT_DTYPES = ("fp4", "fp8")
+SCALE_NAMES = ("weight_scale_inv", "scale")
 
 
 def check_schema(data: dict[str, Any], source: str) -> None:
@@ -130,6 +149,10 @@ def check_schema(data: dict[str, Any], source: str) -> None:
         pattern = data["tensors"].get(key)
         if pattern is not None and "{layer}" not in pattern:
             raise InputError(f"tensors.{key} must contain {{layer}}", file=source)
+    if "mtp" in data and "{layer}" not in data["mtp"]["moe"]:
+        raise InputError("mtp.moe must contain {layer}", file=source)
+    if data["tensors"].get("scale", SCALE_NAMES[0]) not in SCALE_NAMES:
+        raise InputError(f"tensors.scale must be one of {SCALE_NAMES}", file=source)
     has_shared = bool(data["tensors"]["shared"])
     if has_shared != ("shared_expert" in data):
         raise InputError("[shared_expert] is required exactly when tensors.shared is set", file=source)

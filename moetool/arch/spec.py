@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from moetool.arch.schema import CANONICAL_ROOT, SCORINGS, TOPK_METHODS
+from moetool.arch.schema import CANONICAL_ROOT, EXPERT_DTYPES, SCORINGS, TOPK_METHODS
 from moetool.errors import InputError
 
 MAX_LAYERS = 100_000
@@ -39,7 +39,7 @@ def _reroot(pattern: str, old: str, new: str) -> str:
 class Routing:
     """How a family's router turns logits into top-k expert ids and weights, resolved for one config."""
 
-    scoring: str  # "softmax" | "sigmoid"
+    scoring: str  # "softmax" | "sigmoid" | "sqrtsoftplus"
     topk_method: str  # "greedy" | "group_limited_greedy" | "noaux_tc"
     top_k: int
     num_experts: int
@@ -76,6 +76,10 @@ class ModelInfo:
     moe_layers: tuple[int, ...]
     routing: Routing
     gdn: GdnInfo | None
+    hash_layers: tuple[int, ...] = ()  # MoE layers routed by a token-id table (DeepSeek-V4's tid2eid)
+    swiglu_limit: float | None = None  # experts clamp gate <= limit and |up| <= limit before SwiGLU
+    expert_dtype: str | None = None  # "fp4" | "fp8" where the config declares the experts' format
+    mtp_layers: int = 0  # multi-token-prediction layers the config declares (the weights may omit them)
 
     @property
     def shared_slots(self) -> int:
@@ -99,6 +103,12 @@ class ArchSpec:
     gdn_spec: dict[str, str] | None = field(default=None, hash=False)
     extends: str | None = None  # the family this file was laid over, if any
     root: str = CANONICAL_ROOT  # where this checkpoint stores the text model (``rooted``)
+    hash_spec: dict[str, str] | None = field(default=None, hash=False)
+    fp4_spec: dict[str, str] | None = field(default=None, hash=False)
+    mtp_spec: dict[str, str] | None = field(default=None, hash=False)
+    # Layer numbers from here on name MTP layers (``mtp_spec["moe"]``, index ``layer - mtp_base``); set
+    # per checkpoint by ``with_mtp``.
+    mtp_base: int | None = None
 
     def rooted(self, root: str) -> ArchSpec:
         """This spec for a checkpoint that stores the text model under ``root`` instead of ``model``
@@ -117,10 +127,29 @@ class ArchSpec:
         """``model.layers.{L}`` under this spec's root."""
         return f"{self.root}.layers.{layer}"
 
+    def with_mtp(self, num_layers: int) -> ArchSpec:
+        """This spec numbering MTP layers after the ``num_layers`` decoder layers: MoE layer
+        ``num_layers + m`` is MTP layer m (DeepSeek-V4 ``mtp.{m}.ffn``)."""
+        return dataclasses.replace(self, mtp_base=num_layers) if self.mtp_spec else self
+
     # -- tensor names -------------------------------------------------------------------------
     def moe_prefix(self, layer: int) -> str:
-        """``model.layers.{L}.mlp`` (or ``.block_sparse_moe``): the MoE block of a layer."""
+        """``model.layers.{L}.mlp`` (or ``.block_sparse_moe``): the MoE block of a layer; from
+        ``mtp_base`` on, the block of an MTP layer (``with_mtp``)."""
+        if self.mtp_base is not None and self.mtp_spec and layer >= self.mtp_base:
+            return self.mtp_spec["moe"].format(layer=layer - self.mtp_base)
         return self.tensors["moe"].format(layer=layer)
+
+    def scale_of(self, weight: str) -> str:
+        """The block scales of quantized ``weight`` in this family's convention: ``X.weight_scale_inv``
+        (F32, DeepSeek-V3) or ``X.scale`` (E8M0, DeepSeek-V4, for ``X.weight``)."""
+        if self.tensors.get("scale") == "scale" and weight.endswith(".weight"):
+            return weight.removesuffix("weight") + "scale"
+        return weight + "_scale_inv"
+
+    def hash_table(self, layer: int) -> str | None:
+        """The token-id → expert-ids table of a hash-routed layer (DeepSeek-V4 ``ffn.gate.tid2eid``)."""
+        return f"{self.moe_prefix(layer)}.{self.hash_spec['table']}" if self.hash_spec else None
 
     def experts_prefix(self, layer: int) -> str:
         """The expert container, ``P`` in SPEC §3 (``model.layers.{L}.mlp.experts``)."""
@@ -149,8 +178,10 @@ class ArchSpec:
         return f"{self.moe_prefix(layer)}.{b}" if b else None
 
     def shared_weight(self, layer: int, proj: str) -> str | None:
+        """The shared expert's ``proj`` weight, its modules named as the routed experts' are
+        (``gate_proj`` ...; DeepSeek-V4 ``w1``, ``w3``, ``w2``)."""
         s = self.tensors["shared"]
-        return f"{self.moe_prefix(layer)}.{s}.{proj}_proj.weight" if s else None
+        return f"{self.moe_prefix(layer)}.{s}.{self.tensors[proj + '_proj']}.weight" if s else None
 
     def shared_prefix(self, layer: int) -> str | None:
         s = self.tensors["shared"]
@@ -294,6 +325,39 @@ class ArchSpec:
                 head_v_dim=as_int(g["head_v_dim"], need(g["head_v_dim"]), 1),
                 conv_kernel=as_int(g["conv_kernel"], opt(g["conv_kernel"], 4), 1),
             )
+        hash_layers: tuple[int, ...] = ()
+        if self.hash_spec:
+            h = self.hash_spec
+            types = config.get(h["layer_types_key"])
+            if types is not None:
+                if not isinstance(types, list) or len(types) != num_layers:
+                    raise InputError(
+                        f"{h['layer_types_key']} must list one entry per layer ({num_layers})", file=file
+                    )
+                hash_layers = tuple(i for i, t in enumerate(types) if t == h["hash_value"])
+            elif h.get("count_key") and config.get(h["count_key"]) is not None:
+                hash_layers = tuple(range(as_int(h["count_key"], config[h["count_key"]], 0, num_layers)))
+        limit_key = rs.get("swiglu_limit_key")
+        swiglu_limit = None
+        if limit_key and config.get(limit_key) is not None:
+            swiglu_limit = as_float(limit_key, config[limit_key])
+        expert_dtype = None
+        if self.fp4_spec:
+            key = self.fp4_spec["expert_dtype_key"]
+            q = config.get("quantization_config")
+            declared = [
+                v for v in (config.get(key), q.get(key) if isinstance(q, dict) else None) if v is not None
+            ]
+            if any(v not in EXPERT_DTYPES for v in declared) or len(set(declared)) > 1:
+                raise InputError(
+                    f"{key} must be one of {', '.join(EXPERT_DTYPES)} (the same where given twice), "
+                    f"got {declared}",
+                    file=file,
+                )
+            expert_dtype = declared[0] if declared else None
+        mtp = 0
+        if self.mtp_spec:
+            mtp = as_int(self.mtp_spec["count_key"], opt(self.mtp_spec["count_key"], 0) or 0, 0, 16)
         return ModelInfo(
             family=self.family,
             model_type=top_model_type,
@@ -305,6 +369,10 @@ class ArchSpec:
             moe_layers=moe_layers,
             routing=routing,
             gdn=gdn,
+            hash_layers=hash_layers,
+            swiglu_limit=swiglu_limit,
+            expert_dtype=expert_dtype,
+            mtp_layers=mtp,
         )
 
 
