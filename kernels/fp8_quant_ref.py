@@ -284,14 +284,25 @@ def pack_sm100_scales_ref(s: torch.Tensor, mn: int) -> torch.Tensor:
     if s.dim() < 2 or s.shape[-2] != cdiv(mn, BLOCK):
         raise InputError(f"scales {list(s.shape)} do not cover {mn} rows in blocks of {BLOCK}")
     _check_pow2(s)
-    lead = tuple(s.shape[:-2])
-    sk = s.shape[-1]
+    return pack_sm100_exponents_ref((s.view(torch.int32) >> 23).to(torch.uint8), mn)
+
+
+def pack_sm100_exponents_ref(exps: torch.Tensor, mn: int) -> torch.Tensor:
+    """:func:`pack_sm100_scales_ref` from the UE8M0 bytes themselves: uint8 ``[..., ceil(mn/128), SK]``
+    exponents (``2 ** (byte - 127)``, as E8M0 scales store them; byte 0 is ``2**-127``)."""
+    if exps.dtype != torch.uint8 or exps.dim() < 2 or exps.shape[-2] != cdiv(mn, BLOCK):
+        raise InputError(
+            f"UE8M0 bytes {exps.dtype} {list(exps.shape)} do not cover {mn} rows in blocks of {BLOCK}"
+        )
+    lead = tuple(exps.shape[:-2])
+    sk = exps.shape[-1]
     pk = cdiv(sk, 4)
     mn4 = cdiv(mn, SM100_TMA_ALIGN) * SM100_TMA_ALIGN
     g = math.prod(lead)
-    exps = (s.reshape(g, -1, sk).view(torch.int32) >> 23).to(torch.uint8)
-    per_row = exps.index_select(1, torch.arange(mn, device=s.device) // BLOCK)  # [G, mn, SK]
-    padded = torch.zeros(g, mn4, pk * 4, dtype=torch.uint8, device=s.device)
+    per_row = exps.reshape(g, -1, sk).index_select(
+        1, torch.arange(mn, device=exps.device) // BLOCK
+    )  # [G, mn, SK]
+    padded = torch.zeros(g, mn4, pk * 4, dtype=torch.uint8, device=exps.device)
     padded[:, :mn, :sk] = per_row
     words = padded.view(torch.int32)  # [G, MN4, PK]: byte j of word p is K block 4p + j (little-endian)
     storage = words.transpose(1, 2).contiguous()  # [G, PK, MN4], MN contiguous

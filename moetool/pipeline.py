@@ -24,8 +24,9 @@ from moetool import __version__
 from moetool.errors import EnvironmentError_, InputError, MoetoolError, UsageError
 from moetool.hub import Source
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
+from moetool.io.safetensors_format import DTYPES
 from moetool.io.writer import OutputDir, ShardWriter, os_error, sha256_file, write_index
-from moetool.model import scale_name
+from moetool.model import e8m0_scale_name, find_scale
 from moetool.plan import Job, Plan, Shard, Src
 
 PROGRESS_NAME = ".moetool-progress.json"
@@ -34,12 +35,27 @@ QUEUE_DEPTH = 2
 FP8 = torch.float8_e4m3fn
 
 
+MAX_LOSSY_RECORDS = 10_000  # lossy FP4 blocks listed by name in moetool.json (all are counted)
+
+
 @dataclass
 class RunResult:
     out: Path
     files: dict[str, dict[str, Any]]
     reused: list[str]
     bytes_written: int
+    lossy: dict[str, Any] | None = None  # FP4 blocks the cast to FP8 changed (lossy_summary)
+
+
+def lossy_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``moetool.json`` says of FP4 blocks the cast to FP8 changed: totals, and the first
+    ``MAX_LOSSY_RECORDS`` blocks by name (``{"tensor", "block": [row block, column block], "changed"}``)."""
+    ordered = sorted(records, key=lambda r: (r["tensor"], r["block"]))
+    return {
+        "blocks": len(ordered),
+        "elements": sum(r["changed"] for r in ordered),
+        "listed": ordered[:MAX_LOSSY_RECORDS],
+    }
 
 
 def pick_device(device: str) -> torch.device:
@@ -62,8 +78,9 @@ def pick_device(device: str) -> torch.device:
 # -- reading sources --------------------------------------------------------------------------
 def read_source(ckpt: Checkpoint, src: Src, *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A source region as ``(tensor, None)`` for floats, or ``(q, scales)`` for FP8 (scales sliced by
-    128-blocks; the planner guarantees region edges on block boundaries). An INT4 weight (compressed-tensors
-    ``weight_packed``, named by its logical ``...weight``) comes as its exact float32 values."""
+    128-blocks in their stored dtype, float32 or E8M0; the planner guarantees region edges on block
+    boundaries). An INT4 weight (compressed-tensors ``weight_packed``, named by its logical ``...weight``)
+    comes as its exact float32 values."""
     if src.name not in ckpt and f"{src.name}_packed" in ckpt:  # int4.stored_names
         return read_int4(ckpt, src), None
     info = ckpt.info(src.name)
@@ -72,9 +89,13 @@ def read_source(ckpt: Checkpoint, src: Src, *, pin: bool = False) -> tuple[torch
         t = t[:, src.cols[0] : src.cols[1]]
     if info.dtype != "F8_E4M3":
         return t, None
-    sname = scale_name(src.name)
-    if sname not in ckpt:
-        raise InputError("FP8 tensor without its weight_scale_inv", file=str(ckpt.root), tensor=src.name)
+    sname = find_scale(ckpt.tensors, src.name)
+    if sname is None:
+        raise InputError(
+            "FP8 tensor without its block scales (weight_scale_inv or scale)",
+            file=str(ckpt.root),
+            tensor=src.name,
+        )
     srows = (src.rows[0] // 128, -(-src.rows[1] // 128)) if src.rows else None
     s = ckpt.read(sname, rows=srows, expert=src.expert)
     if src.cols:
@@ -124,10 +145,13 @@ class Quantizer:
         self._dequant = dequant_ref
         self._ceil = ceil_to_ue8m0
         self._triton = None
+        self._fp4_triton = None
         if device.type == "cuda":
+            from moetool.kernels.fp4_cast import fp4_cast
             from moetool.kernels.fp8_quant import block_quant
 
             self._triton = block_quant
+            self._fp4_triton = fp4_cast
 
     def quant(
         self, w: torch.Tensor, *, ue8m0: bool, name: str, pool: _BufferPool | None = None
@@ -144,14 +168,31 @@ class Quantizer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep FP8 bytes when the scales already satisfy the request (lossless), else dequantize in
         float32 and requantize."""
-        if not ue8m0 or torch.equal(self._ceil(s.float()), s.float()):
-            return q, s.float()
+        s = s.float()  # E8M0 scales decode exactly
+        if not ue8m0 or torch.equal(self._ceil(s), s):
+            return q, s
         return self.quant(self._dequant(q, s), ue8m0=ue8m0, name=name)
 
+    def fp4_cast(
+        self, packed: torch.Tensor, scale: torch.Tensor, *, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DeepSeek's FP4 → FP8 cast (:func:`moetool.kernels.fp4_cast_ref.fp4_cast_ref`): ``(q, s E8M0,
+        changed per block)`` on the CPU, the Triton kernel on CUDA (same bytes)."""
+        if self._fp4_triton is not None:
+            q, s, changed = self._fp4_triton(
+                packed.to(self.device, non_blocking=True), scale.to(self.device, non_blocking=True), name=name
+            )
+            return q.cpu(), s.cpu(), changed.cpu()
+        from moetool.kernels.fp4_cast_ref import fp4_cast_ref
 
-def run_job(ckpt: Checkpoint, job: Job, quantizer: Quantizer | None) -> list[torch.Tensor]:
+        return fp4_cast_ref(packed, scale, name=name)
+
+
+def run_job(
+    ckpt: Checkpoint, job: Job, quantizer: Quantizer | None, lossy: list[dict[str, Any]] | None = None
+) -> list[torch.Tensor]:
     """The tensors a job writes, in the order of ``job.writes``."""
-    return [p[0] if len(p) == 1 else torch.cat(p) for p in job_pieces(ckpt, job, quantizer)]
+    return [p[0] if len(p) == 1 else torch.cat(p) for p in job_pieces(ckpt, job, quantizer, lossy=lossy)]
 
 
 class _BufferPool:
@@ -188,11 +229,14 @@ def job_pieces(
     quantizer: Quantizer | None,
     sources: _SourceFiles | None = None,
     pool: _BufferPool | None = None,
+    lossy: list[dict[str, Any]] | None = None,
 ) -> list[list[torch.Tensor]]:
     """Per entry of ``job.writes``, the tensors whose bytes, back to back, are that write: a job that
     concatenates sources along rows (gate and up into ``w13``) hands over its parts uncopied. With
     ``sources`` a CPU quantizer reads float sources into this thread's reused buffer; with ``pool`` it
-    quantizes into buffers of the pool (hand them back with ``pool.give`` once written)."""
+    quantizes into buffers of the pool (hand them back with ``pool.give`` once written). An
+    ``fp4_cast`` appends to ``lossy`` one record per 128x128 block whose values the cast changed (or
+    raises, for a ``lossless`` job)."""
     if job.op == "copy":
         (src,) = job.sources
         t, s = read_source(ckpt, src)
@@ -222,7 +266,72 @@ def job_pieces(
             rows = sum(q.shape[0] for q in qs)
             ss = [sm100_scales_to_storage(pack_sm100_scales_ref(s, rows))]
         return [qs, ss]
+    if job.op == "fp4_cast":
+        assert quantizer is not None
+        return _fp4_cast_pieces(ckpt, job, quantizer, lossy)
     raise InputError(f"internal: unknown job op {job.op!r}")
+
+
+def _fp4_cast_pieces(
+    ckpt: Checkpoint, job: Job, quantizer: Quantizer, lossy: list[dict[str, Any]] | None
+) -> list[list[torch.Tensor]]:
+    """``[q pieces, scale pieces]`` of an ``fp4_cast`` job: each FP4 source (I8 weight and its E8M0
+    ``.scale``) cast to FP8; scales as E8M0 bytes, float32 or SM100-packed as the job writes them."""
+    from moetool.kernels.fp4_cast_ref import e8m0_to_float
+
+    qs, ss = [], []
+    for src in job.sources:
+        packed = ckpt.read(src.name, rows=src.rows, expert=src.expert)
+        scale = ckpt.read(e8m0_scale_name(src.name), rows=src.rows, expert=src.expert)
+        q, s, changed = quantizer.fp4_cast(packed, scale, name=src.describe())
+        hit = changed.nonzero()
+        if len(hit):
+            rb, cb = (int(i) for i in hit[0])
+            if job.lossless:
+                raise InputError(
+                    f"the cast to FP8 changes {int(changed[rb, cb])} values of 128x128 block (row block "
+                    f"{rb}, column block {cb}); {int((changed > 0).sum())} blocks of this weight are lossy",
+                    file=str(ckpt.root),
+                    tensor=src.describe(),
+                    fix="its FP4 scales span more binades than e4m3 holds; drop --require-lossless to "
+                    "accept the rounding (it is counted in moetool.json)",
+                )
+            if lossy is not None:
+                lossy.extend(
+                    {"tensor": src.describe(), "block": [int(r), int(c)], "changed": int(changed[r, c])}
+                    for r, c in hit.tolist()
+                )
+        qs.append(q)
+        ss.append(s)
+    if job.scale_layout == "sm100":
+        from moetool.kernels.fp8_quant_ref import pack_sm100_exponents_ref, sm100_scales_to_storage
+
+        s = ss[0] if len(ss) == 1 else torch.cat(ss)
+        rows = sum(q.shape[0] for q in qs)
+        return [qs, [sm100_scales_to_storage(pack_sm100_exponents_ref(s.view(torch.uint8), rows))]]
+    if job.scale_dtype == "F32":
+        ss = [e8m0_to_float(s) for s in ss]
+    return [qs, ss]
+
+
+def _as_stored(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t`` in the output tensor's safetensors ``dtype``, where scales change convention: E8M0 scales
+    become float32 exactly (DeepSeek-V4's shared expert in a stacked layout); float32 scales become E8M0
+    when every one is a power of two E8M0 holds. Nothing else converts."""
+    want = DTYPES[dtype]
+    if t.dtype == want:
+        return t
+    if t.dtype == torch.float8_e8m0fnu and want == torch.float32:
+        return t.float()
+    if t.dtype == torch.float32 and want == torch.float8_e8m0fnu:
+        e8 = t.to(torch.float8_e8m0fnu)
+        if torch.equal(e8.float(), t):
+            return e8
+        raise InputError(
+            "float32 block scales that are not all powers of two cannot join E8M0-scaled experts",
+            fix="quantize with --scale-fmt ue8m0 first",
+        )
+    raise InputError(f"internal: a {t.dtype} result for a {dtype} tensor")
 
 
 @dataclass(frozen=True)
@@ -267,9 +376,12 @@ def _file_region(ckpt: Checkpoint, name: str, expert: int | None, rows: tuple[in
     return _Region(name, info.dtype, info.file, offset, nbytes, tuple(shape))
 
 
-def copy_regions(ckpt: Checkpoint, job: Job) -> list[_Region] | None:
-    """For a copy job whose source bytes lie back to back in the file (no column slice), one region per
-    entry of ``job.writes``; None when the job must go through memory."""
+def copy_regions(
+    ckpt: Checkpoint, job: Job, out_dtypes: dict[str, str] | None = None
+) -> list[_Region] | None:
+    """For a copy job whose source bytes lie back to back in the file (no column slice) and whose
+    output tensors have the sources' dtypes (``out_dtypes``, by output name), one region per entry of
+    ``job.writes``; None when the job must go through memory."""
     if job.op != "copy" or len(job.sources) != 1 or job.sources[0].cols:
         return None
     src = job.sources[0]
@@ -277,11 +389,19 @@ def copy_regions(ckpt: Checkpoint, job: Job) -> list[_Region] | None:
     if len(job.writes) == 2:
         if regions[0].dtype != "F8_E4M3":
             return None
-        sname = scale_name(src.name)
-        if sname not in ckpt:
-            raise InputError("FP8 tensor without its weight_scale_inv", file=str(ckpt.root), tensor=src.name)
+        sname = find_scale(ckpt.tensors, src.name)
+        if sname is None:
+            raise InputError(
+                "FP8 tensor without its block scales (weight_scale_inv or scale)",
+                file=str(ckpt.root),
+                tensor=src.name,
+            )
         srows = (src.rows[0] // 128, -(-src.rows[1] // 128)) if src.rows else None
         regions.append(_file_region(ckpt, sname, src.expert, srows))
+    if out_dtypes is not None and any(
+        out_dtypes.get(w.tensor, r.dtype) != r.dtype for w, r in zip(job.writes, regions)
+    ):
+        return None
     return regions if len(regions) == len(job.writes) else None
 
 
@@ -358,18 +478,28 @@ def write_shard(
     quantizer: Quantizer | None,
     metadata: dict[str, str],
     progress: Callable[[int], None] | None = None,
+    lossy: list[dict[str, Any]] | None = None,
 ) -> tuple[str, int]:
     """Write one output shard. Unchanged tensors go file to file (``copy_file_range``) on the worker
-    threads; computed ones are written by this thread in job order while the next are computed."""
+    threads; computed ones are written by this thread in job order while the next are computed.
+    Lossy FP4 blocks of its ``fp4_cast`` jobs are appended to ``lossy``."""
     entries = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+    out_dtypes = {t.name: t.dtype for t in shard.tensors}
+    found: list[dict[str, Any]] = []
+    lock = threading.Lock()
     writer = ShardWriter(out.path(shard.file), entries, metadata, fsync=out.fsync)
     sources = _SourceFiles()
     pool = _BufferPool() if quantizer is not None and quantizer.device.type == "cpu" else None
 
     def produce(job: Job) -> list[list[torch.Tensor]] | int:
-        regions = copy_regions(ckpt, job)
+        regions = copy_regions(ckpt, job, out_dtypes)
         if regions is None:
-            return job_pieces(ckpt, job, quantizer, sources, pool)
+            mine: list[dict[str, Any]] = []
+            pieces = job_pieces(ckpt, job, quantizer, sources, pool, lossy=mine)
+            if mine:
+                with lock:
+                    found.extend(mine)
+            return pieces
         for w, r in zip(job.writes, regions):
             writer.copy_from(w.tensor, r.dtype, sources.fd(r.file), r.offset, r.nbytes, w.start, src=r.file)
         return sum(r.nbytes for r in regions)
@@ -386,6 +516,7 @@ def write_shard(
             for w, pieces in zip(job.writes, results):
                 start = w.start
                 for t in pieces:
+                    t = _as_stored(t, out_dtypes[w.tensor])
                     writer.write(w.tensor, t, start)
                     nbytes = t.numel() * t.element_size()
                     start += nbytes
@@ -393,7 +524,10 @@ def write_shard(
                         progress(nbytes)
                     if pool is not None:
                         pool.give(t)
-        return writer.finish()
+        result = writer.finish()
+        if lossy is not None:
+            lossy.extend(found)
+        return result
     except BaseException:
         writer.close()
         raise
@@ -463,10 +597,12 @@ def _convert_shards(
     devices: list[torch.device],
     progress_name: str,
     bar: Any,
+    lossy: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Write ``shards`` (one worker thread per device, shards dealt round-robin); returns each shard's
-    record and which were reused from an earlier run (``--resume``)."""
-    needs_quant = any(j.op == "quant" for s in shards for j in s.jobs)
+    record and which were reused from an earlier run (``--resume``). Lossy FP4 blocks of every shard,
+    written now or reused (its progress record keeps them), are appended to ``lossy``."""
+    needs_quant = any(j.op in ("quant", "fp4_cast") for s in shards for j in s.jobs)
     done = _load_progress(out, progress_name) if out.resumed else {}
     fingerprint = plan_fingerprint(plan)
     if done and done.get(PLAN_KEY) != fingerprint:
@@ -488,8 +624,10 @@ def _convert_shards(
             and rec.get("size") == path.stat().st_size
             and sha256_file(path) == rec.get("sha256")
         ):
-            files[shard.file] = rec
+            files[shard.file] = {"sha256": rec["sha256"], "size": rec["size"]}
             reused.append(shard.file)
+            if lossy is not None:
+                lossy.extend(rec.get("lossy", []))
             if bar:
                 bar.update(shard.nbytes)
         else:
@@ -499,11 +637,15 @@ def _convert_shards(
     def worker(idx: int) -> None:
         quantizer = Quantizer(devices[idx]) if needs_quant else None
         for shard in todo[idx :: len(devices)]:
+            found: list[dict[str, Any]] = []
             digest, size = write_shard(
-                ckpt, shard, out, quantizer, plan.shard_metadata, bar.update if bar else None
+                ckpt, shard, out, quantizer, plan.shard_metadata, bar.update if bar else None, lossy=found
             )
             with lock:
-                files[shard.file] = done[shard.file] = {"sha256": digest, "size": size}
+                files[shard.file] = {"sha256": digest, "size": size}
+                done[shard.file] = {"sha256": digest, "size": size, **({"lossy": found} if found else {})}
+                if lossy is not None:
+                    lossy.extend(found)
                 out.write_json(progress_name, done)
 
     workers = min(len(devices), len(todo))  # worker i takes shards i, i + len(devices), ...
@@ -575,25 +717,29 @@ def execute(
         error = None
         files: dict[str, dict[str, Any]] = {}
         reused: list[str] = []
+        lossy: list[dict[str, Any]] = []
         try:
             cpu_only = all(d.type == "cpu" for d in devs)
             with single_threaded_ops() if cpu_only else contextlib.nullcontext():
-                files, reused = _convert_shards(plan, ckpt, out, mine, devs, progress_name, bar)
+                files, reused = _convert_shards(plan, ckpt, out, mine, devs, progress_name, bar, lossy)
         except MoetoolError as e:
             error = e
         finally:
             if bar:
                 bar.close()
-        results = dist.gather((files, reused, error.line() if error else None))
+        results = dist.gather((files, reused, error.line() if error else None, lossy))
         errors = [(r, res[2]) for r, res in enumerate(results) if res[2]]
         if errors:
             if error is not None:
                 raise error
             raise MoetoolError(f"rank {errors[0][0]} failed: {errors[0][1]}")
-        files, reused = {}, []
-        for f, r, _ in results:
+        files, reused, lossy = {}, [], []
+        for f, r, _, lo in results:
             files.update(f)
             reused.extend(r)
+            lossy.extend(lo)
+        fp4 = any(j.op == "fp4_cast" for s in plan.shards for j in s.jobs)
+        summary = lossy_summary(lossy) if fp4 else None
         if dist.rank == 0:
             write_index(out, plan.weight_map(), plan.total_bytes)
             out.write_json("config.json", plan.config)
@@ -612,6 +758,8 @@ def execute(
                 "files": dict(sorted(files.items())),
                 "tensors": plan.provenance(),
             }
+            if summary is not None:
+                manifest["fp4_lossy_blocks"] = summary
             for p in out.partial.glob(PROGRESS_NAME + "*"):
                 p.unlink()
             out.write_json(MANIFEST_NAME, manifest)
@@ -621,7 +769,7 @@ def execute(
             final = Path(out_path).absolute()
             out.release()
         dist.gather(None)  # every rank returns after OUT exists
-        return RunResult(final, files, sorted(reused), sum(f["size"] for f in files.values()))
+        return RunResult(final, files, sorted(reused), sum(f["size"] for f in files.values()), summary)
     except KeyboardInterrupt:
         out.release()
         raise

@@ -54,21 +54,25 @@ class Write:
 
 @dataclass(frozen=True)
 class Job:
-    op: str  # "copy" | "quant"
+    """``op``: ``copy``; ``quant`` (block FP8 of float or FP8 sources); ``fp4_cast`` (DeepSeek's FP4 → FP8
+    cast of FP4 sources, :mod:`moetool.kernels.fp4_cast_ref`). ``scale_dtype`` is the dtype of the scale
+    tensor written on the sm90 layout: F32, or F8_E8M0 (DeepSeek-V4's ``.scale``, ``fp4_cast`` only).
+    ``lossless``: an ``fp4_cast`` whose cast changes a value is an error instead of a recorded loss."""
+
+    op: str  # "copy" | "quant" | "fp4_cast"
     sources: tuple[Src, ...]
     writes: tuple[Write, ...]
     ue8m0: bool = False
-    scale_layout: str = "sm90"  # "sm90" (FP32 block grid) | "sm100" (packed UE8M0 int32)
+    scale_layout: str = "sm90"  # "sm90" (block grid) | "sm100" (packed UE8M0 int32)
+    scale_dtype: str = "F32"
+    lossless: bool = False
 
     @property
     def transform(self) -> str:
         if self.op == "copy":
             return "copy"
-        return (
-            "fp8_block_128x128"
-            + ("_ue8m0" if self.ue8m0 else "")
-            + ("_sm100" if self.scale_layout == "sm100" else "")
-        )
+        base = "fp4_to_fp8_128x128" if self.op == "fp4_cast" else "fp8_block_128x128"
+        return base + ("_ue8m0" if self.ue8m0 else "") + ("_sm100" if self.scale_layout == "sm100" else "")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from moetool import __version__
 from moetool.errors import PlanError, UsageError
-from moetool.model import FP8_DTYPES, CheckpointView, scale_name
+from moetool.model import E8M0_DTYPE, FP8_DTYPES, CheckpointView, e8m0_scale_name, find_scale, scale_name
 from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards
 
 BLOCK = 128
@@ -28,6 +28,7 @@ class QuantizeOptions:
     scale_layout: str = "sm90"
     targets: str = "experts"
     max_shard_size: int = 5 * 10**9
+    require_lossless: bool = False  # an FP4 block the cast to FP8 cannot keep exactly is an error
 
     def check(self) -> None:
         for value, allowed, flag in (
@@ -82,9 +83,11 @@ def stacked_units(
     ue8m0: bool,
     scale_layout: str,
     op: str = "quant",
+    lossless: bool = False,
 ) -> list[Unit]:
     """DeepGEMM's ``w13`` ``[E, 2I, H]`` and ``w2`` ``[E, H, I]`` with their scales, filled expert by
-    expert at precomputed byte offsets. ``op='copy'`` sources are (q, s) regions copied as they are."""
+    expert at precomputed byte offsets. ``op='copy'`` sources are (q, s) regions copied as they are;
+    ``op='fp4_cast'`` sources are FP4 weights cast by DeepSeek's rule (F32 or SM100 scales)."""
     units = []
     for tag, n, k, srcs in (("w13", 2 * inter, hidden, gate_up), ("w2", hidden, inter, down)):
         qname, sname = f"{prefix}.{tag}_weight", f"{prefix}.{tag}_weight_scale_inv"
@@ -103,11 +106,49 @@ def stacked_units(
                 (Write(qname, e * n * k), Write(sname, e * s_bytes)),
                 ue8m0=ue8m0,
                 scale_layout=scale_layout,
+                lossless=lossless,
             )
             for e, sources in enumerate(srcs)
         )
         units.append(Unit((q_t, s_t), jobs))
     return units
+
+
+def _copy_unit(ckpt: Any, name: str) -> Unit:
+    t = ckpt.tensors[name]
+    return Unit((OutTensor(name, t.dtype, t.shape),), (Job("copy", (Src(name),), (Write(name),)),))
+
+
+def fp4_cast_unit(weight: str, n: int, k: int, lossless: bool) -> Unit:
+    """One FP4 expert weight ``[n, k]`` cast to FP8 under its own name, with its E8M0 block scales under
+    ``.scale`` as DeepSeek-V4 names them (``[n/128, k/128]``)."""
+    q = OutTensor(weight, "F8_E4M3", (n, k))
+    s = OutTensor(e8m0_scale_name(weight), E8M0_DTYPE, (cdiv(n, BLOCK), cdiv(k, BLOCK)))
+    job = Job(
+        "fp4_cast", (Src(weight),), (Write(q.name), Write(s.name)), scale_dtype=E8M0_DTYPE, lossless=lossless
+    )
+    return Unit((q, s), (job,))
+
+
+def release_quant_config(view: CheckpointView, layout: str) -> dict[str, Any]:
+    """config.json of a checkpoint that came with its own ``quantization_config`` and FP4 experts
+    (DeepSeek-V4): the release's quantization_config kept, ``expert_dtype`` now ``fp8`` wherever the
+    config declares it (top level for V4, in quantization_config for V4.1)."""
+    cfg = copy.deepcopy(view.config)
+    key = view.arch.fp4_spec["expert_dtype_key"] if view.arch.fp4_spec else "expert_dtype"
+    if key in cfg:
+        cfg[key] = "fp8"
+    qc = dict(cfg.get("quantization_config") or {})
+    if key in qc or key not in cfg:
+        qc[key] = "fp8"
+    _mark_layout(qc, layout)
+    cfg["quantization_config"] = qc
+    return cfg
+
+
+def _mark_layout(qc: dict[str, Any], layout: str) -> None:
+    if layout == "deepgemm":
+        qc["moetool_layout"] = "deepgemm"
 
 
 def quant_config(view: CheckpointView, quantized: set[str], ue8m0: bool, layout: str) -> dict[str, Any]:
@@ -136,8 +177,7 @@ def quant_config(view: CheckpointView, quantized: set[str], ue8m0: bool, layout:
     }
     if ue8m0:
         qc["scale_fmt"] = "ue8m0"
-    if layout == "deepgemm":
-        qc["moetool_layout"] = "deepgemm"
+    _mark_layout(qc, layout)
     return with_quantization_config(cfg, qc)
 
 
@@ -165,6 +205,14 @@ def plan_quantize(
             file=str(ckpt.root / "config.json"),
             fix="use --layout hf",
         )
+    if view.arch.fp4_spec and opts.targets == "linear":
+        raise PlanError(
+            f"--targets linear does not apply to {view.arch.family}: it ships its Linears in FP8 already, "
+            "and the ones it ships in BF16 (attention compressor and indexer projections, the head) must "
+            "stay BF16 for transformers to load them right",
+            file=str(ckpt.root),
+            fix="use --targets experts (the default)",
+        )
     if any(s.kind == "deepgemm" for s in view.stores.values()) and "I32" in {
         ckpt.tensors[n].dtype for s in view.stores.values() for n in s.names
     }:
@@ -177,7 +225,47 @@ def plan_quantize(
         consumed.update(store.names)
         gu = [store.gate_up(e, inter) for e in range(store.num_experts)]
         dn = [(store.down(e),) for e in range(store.num_experts)]
-        if opts.layout == "deepgemm":
+        if store.fp4 and (inter % BLOCK or hidden % BLOCK):
+            name = f"{store.prefix}.0.{store.proj['gate']}.weight"
+            raise PlanError(
+                f"FP4 experts cast to 128x128 FP8 blocks need hidden_size and moe_intermediate_size "
+                f"divisible by 128, got {hidden} and {inter}",
+                file=str(ckpt.root),
+                tensor=name,
+                fix="only FP4 experts with N and K divisible by 128 can be cast",
+            )
+        if store.fp4 and opts.layout == "deepgemm":
+            units += stacked_units(
+                store.prefix,
+                store.num_experts,
+                inter,
+                hidden,
+                gu,
+                dn,
+                ue8m0=False,
+                scale_layout=opts.scale_layout,
+                op="fp4_cast",
+                lossless=opts.require_lossless,
+            )
+        elif (
+            store.fp8
+            and store.kind == "per_expert"
+            and opts.layout == "hf"
+            and ckpt.tensors.get(e8m0_scale_name(f"{store.prefix}.0.{store.proj['gate']}.weight")) is not None
+        ):
+            # FP8 experts with E8M0 scales (DeepSeek-V4 after the cast): powers of two satisfy any scale
+            # request, so they stay as they are
+            units += [_copy_unit(ckpt, n) for n in store.names]
+        elif store.fp4:
+            for e in range(store.num_experts):
+                for proj, (n, k) in (
+                    ("gate", (inter, hidden)),
+                    ("up", (inter, hidden)),
+                    ("down", (hidden, inter)),
+                ):
+                    name = f"{store.prefix}.{e}.{store.proj[proj]}.weight"
+                    units.append(fp4_cast_unit(name, n, k, opts.require_lossless))
+        elif opts.layout == "deepgemm":
             units += stacked_units(
                 store.prefix,
                 store.num_experts,
@@ -202,6 +290,11 @@ def plan_quantize(
         targets |= {n for n in ckpt.tensors if view.is_linear_target(n)}
     targets |= {n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES}
     targets -= consumed
+    # FP8 with E8M0 scales (DeepSeek-V4's Linears): powers of two satisfy a float and a UE8M0 request
+    # alike, so weight and .scale stay as they are, under their names
+    targets -= {
+        n for n in targets if (sc := find_scale(ckpt.tensors, n)) and ckpt.tensors[sc].dtype == E8M0_DTYPE
+    }
     for name in sorted(targets):
         t = ckpt.tensors[name]
         if len(t.shape) != 2:
@@ -209,7 +302,7 @@ def plan_quantize(
         units.append(quant_unit(name, (Src(name),), t.shape[0], t.shape[1], ue8m0))
         consumed.add(name)
         if t.dtype in FP8_DTYPES:
-            consumed.add(scale_name(name))
+            consumed.add(find_scale(ckpt.tensors, name) or scale_name(name))
     for name, t in ckpt.tensors.items():
         if name in consumed:
             continue
@@ -217,11 +310,15 @@ def plan_quantize(
             continue
         units.append(Unit((OutTensor(name, t.dtype, t.shape),), (Job("copy", (Src(name),), (Write(name),)),)))
     units.sort(key=lambda u: natural_key(u.tensors[0].name))
-    cfg = quant_config(view, consumed, ue8m0, opts.layout)
+    if view.arch.fp4_spec and view.quantization:
+        cfg = release_quant_config(view, opts.layout)
+    else:
+        cfg = quant_config(view, consumed, ue8m0, opts.layout)
     notes = []
+    fp4_names = {n for s in view.stores.values() if s.fp4 for n in s.names}
     odd = sorted(
         n
-        for n in consumed
+        for n in consumed - fp4_names
         if n in ckpt.tensors
         and not n.endswith("_scale_inv")
         and len(ckpt.tensors[n].shape) in (2, 3)

@@ -40,6 +40,12 @@ from moetool.cli.writing import parse_shard_size, run_plan, shared_write_options
     show_default=True,
     help="experts: routed + shared experts; linear: every Linear but router, embeddings, lm_head.",
 )
+@click.option(
+    "--require-lossless",
+    is_flag=True,
+    help="FP4 experts (DeepSeek-V4): refuse a block the cast to FP8 would change, instead of counting it "
+    "in moetool.json.",
+)
 @shared_write_options
 @common_options
 def quantize(
@@ -49,6 +55,7 @@ def quantize(
     scale_fmt: str,
     scale_layout: str,
     targets: str,
+    require_lossless: bool,
     dry_run: bool,
     overwrite: bool,
     resume: bool,
@@ -67,6 +74,10 @@ def quantize(
       moetool quantize ./Qwen3-30B-A3B ./q3-fp8-hf --layout hf --targets linear
       moetool quantize ./DeepSeek-V3 ./dsv3-ue8m0 --scale-fmt ue8m0 --device cuda:0
       moetool quantize ./Mixtral-8x7B ./mixtral-fp8 --dry-run
+      moetool quantize ./DeepSeek-V4-Flash ./dsv4-fp8 --layout hf --require-lossless
+
+    FP4 experts (DeepSeek-V4) become FP8 by DeepSeek's own cast, exact wherever a block's FP4 scales span
+    at most 14 binades; a block it changes is counted and named in moetool.json.
     """
     from moetool.quantize import QuantizeOptions, plan_quantize
 
@@ -76,6 +87,7 @@ def quantize(
         scale_layout=scale_layout,
         targets=targets,
         max_shard_size=parse_shard_size(max_shard_size),
+        require_lossless=require_lossless,
     )
     run_plan(
         out,

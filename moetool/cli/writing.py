@@ -46,6 +46,9 @@ def report_run(out: Output, plan, result) -> None:
         "layout": plan.layout,
         "notes": list(plan.notes),
     }
+    lossy = getattr(result, "lossy", None)
+    if lossy is not None:
+        data["fp4_lossy_blocks"] = lossy
 
     def text() -> str:
         rows = [
@@ -54,10 +57,23 @@ def report_run(out: Output, plan, result) -> None:
             ["shards", f"{len(plan.shards)} ({len(result.reused)} reused)"],
             ["written", human_bytes(result.bytes_written)],
         ]
+        if lossy is not None:
+            rows.append(["FP4 -> FP8", _lossy_line(lossy)])
         rows += [["note", n] for n in plan.notes]
         return table(rows)
 
     out.result(data, text)
+
+
+def _lossy_line(lossy: dict) -> str:
+    if not lossy["blocks"]:
+        return "lossless (every dequantized weight equals the FP4 original)"
+    first = lossy["listed"][0]
+    plural = "s" if lossy["blocks"] != 1 else ""
+    return (
+        f"{lossy['blocks']} lossy FP4 block{plural} ({lossy['elements']} values changed), e.g. {first['tensor']} "
+        f"block {tuple(first['block'])}: {first['changed']}; listed in moetool.json"
+    )
 
 
 def report_plan(out: Output, plan) -> None:
