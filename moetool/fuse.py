@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from moetool import __version__
 from moetool.errors import PlanError, UsageError
 from moetool.io.safetensors_format import ITEMSIZE
-from moetool.model import CheckpointView, scale_name
+from moetool.model import E8M0_DTYPE, CheckpointView, e8m0_scale_name, scale_name
 from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards
 from moetool.quantize import BLOCK, cdiv, natural_key
 from moetool.transforms.shared_fusion import fused_config
@@ -78,6 +78,13 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
                 fix="quantize to FP8 first (moetool quantize), then fuse-shared",
             )
         fp8 = store.fp8
+        if store.fp4:
+            raise PlanError(
+                "routed experts are FP4: fusion copies FP8 bytes, and the FP4 experts have no 128x128 blocks",
+                file=root,
+                tensor=store.prefix,
+                fix="moetool quantize the checkpoint first (FP4 experts become FP8), then fuse-shared",
+            )
         if sh.fp8 != fp8:
             raise PlanError(
                 "routed experts and shared expert differ in precision",
@@ -99,6 +106,11 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
         if store.kind == "per_expert":
             for name in store.names:
                 units.append(_copy(name, view))
+            # slots take the routed experts' scale convention: weight_scale_inv F32, or DeepSeek-V4's
+            # E8M0 .scale (a shared expert's F32 scales can only become E8M0 when they are powers of two,
+            # which the pipeline's store would refuse otherwise)
+            first = f"{store.prefix}.0.{store.proj['gate']}.weight"
+            e8m0 = e8m0_scale_name(first) in ckpt.tensors
             for idx, j in slots:
                 e = n_routed + idx
                 for proj, src, shape in (
@@ -109,7 +121,11 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
                     name = f"{store.prefix}.{e}.{store.proj[proj]}.weight"
                     q = OutTensor(name, store.dtype, shape)
                     if fp8:
-                        s = OutTensor(scale_name(name), "F32", (cdiv(shape[0], BLOCK), cdiv(shape[1], BLOCK)))
+                        s = OutTensor(
+                            e8m0_scale_name(name) if e8m0 else scale_name(name),
+                            E8M0_DTYPE if e8m0 else "F32",
+                            (cdiv(shape[0], BLOCK), cdiv(shape[1], BLOCK)),
+                        )
                         units.append(Unit((q, s), (Job("copy", (src,), (Write(q.name), Write(s.name))),)))
                     else:
                         units.append(Unit((q,), (Job("copy", (src,), (Write(q.name),)),)))

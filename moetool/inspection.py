@@ -17,7 +17,7 @@ def _kind(view: CheckpointView, name: str, experts: set[str], shared: set[str]) 
         return "shared_experts"
     if name in view.router_names():
         return "routers"
-    if "embed" in name or "lm_head" in name:
+    if "embed" in name or "lm_head" in name or name == "head.weight":
         return "embeddings"
     if ".linear_attn." in name:
         return "linear_attention"
@@ -47,17 +47,23 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
     for name, t in ckpt.tensors.items():
         by_kind[_kind(view, name, expert_names, shared_names)] += t.nbytes
         by_dtype[t.dtype] += t.nbytes
+    fp4_names = {n for s in view.stores.values() if s.fp4 for n in s.names}
     # weights whose matrix dims (the last two; packed experts are [E, N, K]) leave partial 128-blocks
     not128 = sorted(
         n
         for n, t in ckpt.tensors.items()
         if len(t.shape) in (2, 3)
         and not n.endswith("_scale_inv")
+        and t.dtype != "F8_E8M0"
+        and n not in fp4_names
         and any(d % 128 for d in t.shape[-2:])
         and (n in expert_names or n in shared_names or view.is_linear_weight(n))
     )
     fp8 = [n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES]
     q = view.quantization or {}
+    formats: Counter[str] = Counter(
+        "fp4" if s.fp4 else "fp8" if s.fp8 else "float" for s in view.stores.values()
+    )
     gdn = info.gdn
     moe = set(info.moe_layers)
     result: dict[str, Any] = {
@@ -72,6 +78,11 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
         "routed_experts": info.num_experts,
         "top_k": info.routing.top_k,
         "moe_intermediate_size": info.moe_intermediate_size,
+        "expert_formats": dict(sorted(formats.items())),  # MoE layers by routed-expert format
+        "expert_dtype": info.expert_dtype,
+        "hash_layers": list(info.hash_layers),
+        "mtp_layers": [view.arch.moe_prefix(layer) for layer in view.mtp_layers],
+        "swiglu_limit": info.swiglu_limit,
         "routing": {
             "scoring": info.routing.scoring,
             "topk_method": info.routing.topk_method,
@@ -115,6 +126,8 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
             if view.manifest
             else None
         ),
+        # FP4 blocks the cast to FP8 changed, as the conversion that made this checkpoint recorded them
+        "fp4_lossy_blocks": view.manifest.get("fp4_lossy_blocks") if view.manifest else None,
     }
     would: dict[str, Any] = {}
     for layout in ("deepgemm", "hf"):
@@ -123,7 +136,9 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
         except MoetoolError as e:
             would[layout] = {"error": e.line()}
             continue
-        touched = {s.name for sh in plan.shards for j in sh.jobs if j.op == "quant" for s in j.sources}
+        touched = {
+            s.name for sh in plan.shards for j in sh.jobs if j.op in ("quant", "fp4_cast") for s in j.sources
+        }
         would[layout] = {
             "quantized_tensors": len(touched),
             "quantized_bytes": sum(_source_bytes(ckpt, n) for n in touched),

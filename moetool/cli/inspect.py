@@ -60,6 +60,11 @@ def render(r: dict[str, Any]) -> str:
             else "none",
         ],
         ["fused", str(r["fused_shared_experts"]) if r["fused_shared_experts"] else "no"],
+        [
+            "expert formats",
+            (", ".join(f"{k} in {v} layer(s)" for k, v in r["expert_formats"].items()) or "none")
+            + (f" (config: expert_dtype {r['expert_dtype']})" if r["expert_dtype"] else ""),
+        ],
         ["layout", f"{r['layout']} ({', '.join(r['expert_storage']) or 'no experts'})"],
         [
             "quantization",
@@ -73,6 +78,24 @@ def render(r: dict[str, Any]) -> str:
         ["by dtype", ", ".join(f"{k} {human_bytes(v)}" for k, v in r["bytes_by_dtype"].items())],
         ["by kind", ", ".join(f"{k} {human_bytes(v)}" for k, v in r["bytes_by_kind"].items())],
     ]
+    if r["hash_layers"]:
+        rows.append(["hash layers", f"{r['hash_layers']} routed by token id (tid2eid)"])
+    if r["mtp_layers"]:
+        rows.append(["mtp layers", ", ".join(r["mtp_layers"])])
+    if r["swiglu_limit"] is not None:
+        rows.append(["swiglu limit", str(r["swiglu_limit"])])
+    lossy = r["fp4_lossy_blocks"]
+    if lossy is not None:
+        first = lossy["listed"][0] if lossy["listed"] else None
+        rows.append(
+            [
+                "FP4 -> FP8",
+                "lossless"
+                if not lossy["blocks"]
+                else f"{lossy['blocks']} lossy block(s), {lossy['elements']} values changed, e.g. "
+                f"{first['tensor']} block {tuple(first['block'])}",
+            ]
+        )
     if r["ssm"]:
         rows.append(["ssm state", ", ".join(f"{k}={v}" for k, v in r["ssm"].items())])
     n = r["not_divisible_by_128"]
