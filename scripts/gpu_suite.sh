@@ -19,7 +19,7 @@ deepgemm_env
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(tests bench-quant bench-gemm bench-gdn quantize-20g validate-time demo)
+[ ${#sections[@]} -eq 0 ] && sections=(tests bench-quant bench-gemm bench-gdn quantize-20g validate-time demo v4)
 declare -A status
 run() {  # name, command...
   local name=$1; shift
@@ -40,6 +40,7 @@ for s in "${sections[@]}"; do
     quantize-20g) run quantize-20g bash scripts/bench_quantize_gpu.sh /tmp/moetool-bench ;;
     validate-time) run validate-time bash scripts/bench_validate.sh /tmp/moetool-bench ;;
     demo) run demo bash scripts/demo.sh /tmp/moetool-demo ;;
+    v4) run v4-cast python3 scripts/bench_fp4_cast.py; run v4-20g bash scripts/bench_v4_gpu.sh /tmp/moetool-v4 ;;
     *) echo "unknown section $s"; exit 2 ;;
   esac
 done

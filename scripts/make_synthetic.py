@@ -15,8 +15,15 @@ or the layer count for ``--experts``; when the flagship's expert count is reache
 give ``--layers`` and ``--experts`` and no size. Unless ``--vocab`` is given, the vocabulary is the
 flagship's, cut (to a multiple of 128) so that embeddings and lm_head stay within 10% of the target.
 
+DeepSeek-V4 (``--family deepseek_v4``) is written in its release format at V4-Flash's dimensions: FP4
+routed experts (random e2m1 bytes, E8M0 scales spanning 12 binades, so every block casts to FP8 exactly),
+block-FP8 attention and shared experts with E8M0 scales, hash-routed first layers
+(``moetool.testing.release_formats.write_v4_synthetic``); ``--size-gb`` picks the layer count for
+``--experts`` (default 256).
+
 Examples:
   python scripts/make_synthetic.py --family deepseek_v3 --size-gb 2.5 --out /tmp/dsv3-2g5
+  python scripts/make_synthetic.py --family deepseek_v4 --size-gb 20 --out /data/dsv4-flash-20g
   python scripts/make_synthetic.py --family deepseek_v3 --layers 4 --experts 32 --out /tmp/dsv3 \\
       --max-shard-size 5GB
   python scripts/make_synthetic.py --family qwen3_moe --size-gb 20 --packed-experts --out /data/q3-20g
@@ -97,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__[__doc__.index("Sizing:") :],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--family", required=True, choices=FAMILIES)
+    p.add_argument("--family", required=True, choices=(*FAMILIES, "deepseek_v4"))
     p.add_argument("--out", required=True, type=Path, help="output directory (must not exist)")
     p.add_argument("--size-gb", type=float, help="target size in GB (10^9 bytes)")
     p.add_argument("--layers", type=int, help="decoder layers (dense + MoE)")
@@ -313,10 +320,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def run_v4(args: argparse.Namespace) -> dict[str, Any]:
+    """DeepSeek-V4 in its release format (module docstring)."""
+    from moetool.testing.release_formats import V4_FLASH, v4_synthetic_layers, write_v4_synthetic
+
+    experts = args.experts or V4_FLASH["n_routed_experts"]
+    if args.layers:
+        layers = args.layers
+    elif args.size_gb:
+        layers = v4_synthetic_layers(int(args.size_gb * 1e9), experts)
+    else:
+        raise UsageError("give --size-gb or --layers")
+    partial = _prepare(args.out, args.overwrite)
+    shutil.rmtree(partial)  # write_v4_synthetic makes the folder itself
+    start = time.perf_counter()
+    try:
+        written = write_v4_synthetic(
+            partial,
+            num_layers=layers,
+            num_experts=experts,
+            vocab=args.vocab,
+            seed=args.seed,
+            max_shard_bytes=parse_size(args.max_shard_size),
+            workers=args.workers,
+        )
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    os.replace(partial, args.out)
+    seconds = time.perf_counter() - start
+    if not args.quiet:
+        print(f"wrote {args.out}: {written / 1e9:.3f} GB in {seconds:.1f} s", file=sys.stderr)
+    return {
+        "out": str(args.out),
+        "family": "deepseek_v4",
+        "layers": layers,
+        "experts": experts,
+        "bytes": written,
+        "seconds": round(seconds, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = run(args)
+        summary = run_v4(args) if args.family == "deepseek_v4" else run(args)
     except (UsageError, ValueError) as err:
         print(f"make_synthetic.py: error: {err}", file=sys.stderr)
         return 2

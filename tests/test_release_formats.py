@@ -137,3 +137,29 @@ def test_planted_lossy_block_loses_exactly_its_elements(seed: int) -> None:
         p, s = plant_lossy_block(packed, scale, 1, 2, elements=elements)
         changed = fp4_cast_ref(p, s)[2]
         assert int(changed[1, 2]) == elements and int(changed.sum()) == elements
+
+
+def test_synthetic_v4_flash_has_the_release_layout_and_casts_exactly(tmp_path: Path) -> None:
+    """scripts/make_synthetic.py's V4: V4-Flash's dimensions (transformers' DeepseekV4Config defaults), the
+    release's names and dtypes, read by moetool as V4 with FP4 experts, every block exact in the cast."""
+    from transformers import DeepseekV4Config
+
+    from moetool.io import Checkpoint
+    from moetool.model import analyze
+    from moetool.testing.release_formats import V4_FLASH, write_v4_synthetic
+
+    cfg = DeepseekV4Config()
+    assert {k: getattr(cfg, k) for k in V4_FLASH} == V4_FLASH
+    out = tmp_path / "syn"
+    written = write_v4_synthetic(out, num_layers=1, num_experts=2, vocab=256, max_shard_bytes=50 * 10**6)
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
+    with Checkpoint(out) as ck:
+        view = analyze(ck)
+        assert sum(t.nbytes for t in ck.tensors.values()) == written
+    assert view.info.hash_layers == (0,) and view.stores[0].fp4 and view.stores[0].num_experts == 2
+    t = tensors(out)
+    w, s = t["layers.0.ffn.experts.1.w2.weight"], t["layers.0.ffn.experts.1.w2.scale"]
+    assert w.shape == (4096, 1024) and s.shape == (4096, 64)
+    assert int(fp4_cast_ref(w, s)[2].sum()) == 0
+    ids = t["layers.0.ffn.gate.tid2eid"]
+    assert ids.shape == (256, 2) and all(len(set(r)) == 2 for r in ids.tolist())

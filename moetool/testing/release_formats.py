@@ -21,6 +21,7 @@ or, with ``native_names``, the release's own (``layers.{L}.ffn...``, ``embed.wei
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -245,7 +246,8 @@ def write_deepseek_v4_release(
         if _EXPERT.search(name):
             packed, scale = fp4_quantize(w)
             if name in lossy:
-                packed, scale = plant_lossy_block(packed, scale, *lossy.pop(name))
+                row_block, col_block, elements = lossy.pop(name)
+                packed, scale = plant_lossy_block(packed, scale, row_block, col_block, elements=elements)
             tensors[dst], tensors[stem + ".scale"] = packed, scale
         elif name.endswith(fp8_suffixes) and w.dim() == 2:
             tensors[dst], tensors[stem + ".scale"] = fp8_e8m0_quantize(w)
@@ -315,3 +317,206 @@ def _mtp_tensors(
         for part in ("fn", "base", "scale"):
             out[f"{mp}hc_head_{part}"] = source[f"model.hc_head.hc_{part}"].clone()
     return out
+
+
+# -- synthetic release-format checkpoints at real dimensions (benchmarks) ----------------------------
+#: DeepSeek-V4-Flash's dimensions: transformers' ``DeepseekV4Config()`` defaults (tests check they agree)
+V4_FLASH = {
+    "hidden_size": 4096,
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 6,
+    "num_attention_heads": 64,
+    "head_dim": 512,
+    "q_lora_rank": 1024,
+    "o_groups": 8,
+    "o_lora_rank": 1024,
+    "vocab_size": 129280,
+    "hc_mult": 4,
+    "num_hidden_layers": 43,
+}
+_SYNTH_SCALE_BYTES = (113, 125)  # FP4 scales 2**-14 .. 2**-2: a 12-binade span, every block exact
+_SYNTH_FP8_SCALE_BYTES = (115, 120)
+
+
+def v4_flash_specs(
+    num_layers: int, num_experts: int, *, hash_layers: int = 3, vocab: int | None = None
+) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...]]]]:
+    """``config.json`` and ``(name, safetensors dtype, shape)`` of every tensor of a DeepSeek-V4-Flash
+    release cut to ``num_layers`` layers of ``num_experts`` routed experts (the release's own names;
+    the attention compressor and indexer are left out)."""
+    d = {**V4_FLASH, "num_hidden_layers": num_layers, "n_routed_experts": num_experts}
+    d["num_experts_per_tok"] = min(d["num_experts_per_tok"], num_experts)
+    if vocab is not None:
+        d["vocab_size"] = vocab
+    h, i, v = d["hidden_size"], d["moe_intermediate_size"], d["vocab_size"]
+    heads, hd, q, og, ol = (
+        d[k] for k in ("num_attention_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank")
+    )
+    hc = d["hc_mult"]
+    mix = (2 + hc) * hc
+    nh = min(hash_layers, num_layers)
+    specs: list[tuple[str, str, tuple[int, ...]]] = [
+        ("embed.weight", "BF16", (v, h)),
+        ("head.weight", "BF16", (v, h)),
+        ("norm.weight", "BF16", (h,)),
+        ("hc_head_fn", "F32", (hc, hc * h)),
+        ("hc_head_base", "F32", (hc,)),
+        ("hc_head_scale", "F32", (1,)),
+    ]
+
+    def fp8(name: str, n: int, k: int) -> None:
+        specs.extend(
+            [
+                (f"{name}.weight", "F8_E4M3", (n, k)),
+                (f"{name}.scale", "F8_E8M0", (-(-n // 128), -(-k // 128))),
+            ]
+        )
+
+    for layer in range(num_layers):
+        p = f"layers.{layer}."
+        fp8(p + "attn.wq_a", q, h)
+        fp8(p + "attn.wq_b", heads * hd, q)
+        fp8(p + "attn.wkv", hd, h)
+        fp8(p + "attn.wo_a", og * ol, heads * hd // og)
+        fp8(p + "attn.wo_b", h, og * ol)
+        specs += [
+            (p + "attn.q_norm.weight", "BF16", (q,)),
+            (p + "attn.kv_norm.weight", "BF16", (hd,)),
+            (p + "attn.attn_sink", "F32", (heads,)),
+            (p + "attn_norm.weight", "BF16", (h,)),
+            (p + "ffn_norm.weight", "BF16", (h,)),
+            (p + "ffn.gate.weight", "BF16", (num_experts, h)),
+        ]
+        for part, shape in (("fn", (mix, hc * h)), ("base", (mix,)), ("scale", (3,))):
+            specs += [(f"{p}hc_attn_{part}", "F32", shape), (f"{p}hc_ffn_{part}", "F32", shape)]
+        if layer < nh:
+            specs.append((p + "ffn.gate.tid2eid", "I64", (v, d["num_experts_per_tok"])))
+        else:
+            specs.append((p + "ffn.gate.bias", "F32", (num_experts,)))
+        for proj, (n, k) in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
+            fp8(f"{p}ffn.shared_experts.{proj}", n, k)
+            for e in range(num_experts):
+                specs += [
+                    (f"{p}ffn.experts.{e}.{proj}.weight", "I8", (n, k // 2)),
+                    (f"{p}ffn.experts.{e}.{proj}.scale", "F8_E8M0", (n, k // FP4_GROUP)),
+                ]
+    config = {
+        "architectures": ["DeepseekV4ForCausalLM"],
+        "model_type": "deepseek_v4",
+        **d,
+        "num_key_value_heads": 1,
+        "n_shared_experts": 1,
+        "num_hash_layers": nh,
+        "num_nextn_predict_layers": 0,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 1.5,
+        "scoring_func": "sqrtsoftplus",
+        "topk_method": "noaux_tc",
+        "swiglu_limit": 10.0,
+        "expert_dtype": "fp4",
+        "quantization_config": dict(V4_QUANTIZATION_CONFIG),
+        "torch_dtype": "bfloat16",
+    }
+    return config, specs
+
+
+def synthetic_tensor(
+    name: str, dtype: str, shape: tuple[int, ...], seed: int, *, vocab: int, experts: int
+) -> torch.Tensor:
+    """Seeded values for one tensor of :func:`v4_flash_specs`: random FP4 bytes with E8M0 scales spanning
+    12 binades (so every block casts exactly), block FP8 with power-of-two scales, BF16/F32 normals,
+    a token-id table of distinct expert ids per token."""
+    gen = torch.Generator().manual_seed(_name_seed(seed, name))
+    if dtype == "I8":
+        return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)
+    if dtype == "F8_E8M0":
+        lo, hi = _SYNTH_SCALE_BYTES if ".experts." in name else _SYNTH_FP8_SCALE_BYTES
+        return torch.randint(lo, hi + 1, shape, dtype=torch.uint8, generator=gen).view(torch.float8_e8m0fnu)
+    if dtype == "F8_E4M3":
+        return (torch.randn(shape, generator=gen) * 64).to(torch.float8_e4m3fn)
+    if dtype == "I64":
+        return torch.rand(shape[0], experts, generator=gen).argsort(dim=1)[:, : shape[1]].contiguous()
+    t = torch.randn(shape, generator=gen) * 0.02
+    return t.to(torch.bfloat16 if dtype == "BF16" else torch.float32)
+
+
+def _name_seed(seed: int, name: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def write_v4_synthetic(
+    out: str | Path,
+    *,
+    num_layers: int,
+    num_experts: int = V4_FLASH["n_routed_experts"],
+    vocab: int | None = None,
+    seed: int = 0,
+    max_shard_bytes: int = 5 * 10**9,
+    workers: int = 8,
+) -> int:
+    """Write a DeepSeek-V4-Flash-shaped release checkpoint (:func:`v4_flash_specs`, values from
+    :func:`synthetic_tensor`) into ``out``, shard by shard, tensors generated on ``workers`` threads and
+    streamed into each file (memory holds a few tensors, never a shard). Returns the bytes of tensor data."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moetool.io.safetensors_format import ITEMSIZE
+    from moetool.io.writer import ShardWriter
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=False)
+    config, specs = v4_flash_specs(num_layers, num_experts, vocab=vocab)
+    vocab_size = config["vocab_size"]
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[2]) * ITEMSIZE[spec[1]]
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    total = 0
+    weight_map: dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for file, shard in zip(names, shards):
+            writer = ShardWriter(out / file, shard, {"format": "pt"})
+
+            def fill(spec: tuple[str, str, tuple[int, ...]], writer: ShardWriter = writer) -> None:
+                name, dtype, shape = spec
+                writer.write(
+                    name, synthetic_tensor(name, dtype, shape, seed, vocab=vocab_size, experts=num_experts)
+                )
+
+            for fut in [pool.submit(fill, spec) for spec in shard]:
+                fut.result()
+            writer.finish()
+            for name, dtype, shape in shard:
+                weight_map[name] = file
+                total += math.prod(shape) * ITEMSIZE[dtype]
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return total
+
+
+def v4_synthetic_layers(size_bytes: int, num_experts: int = V4_FLASH["n_routed_experts"]) -> int:
+    """The fewest layers whose :func:`v4_flash_specs` checkpoint holds at least ``size_bytes``."""
+    from moetool.io.safetensors_format import ITEMSIZE
+
+    def size(layers: int) -> int:
+        _, specs = v4_flash_specs(layers, num_experts)
+        return sum(math.prod(s) * ITEMSIZE[d] for _, d, s in specs)
+
+    layers = 1
+    while size(layers) < size_bytes and layers < V4_FLASH["num_hidden_layers"]:
+        layers += 1
+    return layers
