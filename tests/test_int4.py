@@ -236,3 +236,26 @@ def test_bad_int4_inputs_are_one_line_exit_2(kimi: dict[str, Path], tmp_path: Pa
 def test_fuse_shared_refuses_int4_experts(kimi: dict[str, Path], tmp_path: Path, _refused) -> None:
     line = _refused("fuse-shared", str(kimi["int4"]), str(tmp_path / "f"))
     assert "INT4" in line and "quantize to FP8 first" in line
+
+
+@pytest.mark.parametrize("layout", ["hf", "deepgemm"])
+def test_validate_against_the_int4_original(
+    kimi: dict[str, Path], tmp_path: Path, layout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fp8"
+    _run("quantize", str(kimi["int4"]), str(out), "--layout", layout, "--scale-fmt", "ue8m0", "-q")
+    report = json.loads(_run("validate", str(kimi["int4"]), str(out), "--device", "cpu", "--json"))
+    assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+    assert {c["group"] for c in report["checks"]} >= {"structure", "tensors", "kernels", "moe"}
+    if layout == "hf":
+        from safetensors.torch import load_file, save_file
+
+        name = "language_model.model.layers.1.mlp.experts.6.gate_proj.weight"
+        f = out / "model.safetensors"
+        t = load_file(f)
+        t[name] = (t[name].view(torch.uint8) ^ 1).view(torch.float8_e4m3fn)
+        save_file(t, f, metadata={"format": "pt"})
+        with pytest.raises(SystemExit) as exc:
+            main(["validate", str(kimi["int4"]), str(out), "--device", "cpu"])
+        text = capsys.readouterr().out
+        assert exc.value.code == 1 and f"FAIL tensors layer 1: {name} FP8 bytes differ" in text

@@ -114,7 +114,9 @@ class Context:
         parts13, parts2 = [], []
         if st is not None:
             w13, w2 = b["o|w13"], b["o|w2"]
-            if st.fp8:
+            if st.int4_group:
+                w13, w2 = st.int4_values(w13, b["o|s13"]), st.int4_values(w2, b["o|s2"])
+            elif st.fp8:
                 s13, s2 = b["o|s13"], b["o|s2"]
                 assert st.sparts is not None
                 w13 = torch.cat(

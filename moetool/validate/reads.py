@@ -98,7 +98,9 @@ class Stack:
     """Experts stacked in a batch: ``{p}w13`` ``[n, R, H]`` (row ranges ``parts`` hold the gate/up
     sources of ``w13[k]``, in order), ``{p}w2`` ``[n, H, I]``, and for FP8 their scales ``{p}s13`` (rows
     ``sparts`` per source) and ``{p}s2``; ``whole_scales``: ``s13[k]``/``s2[k]`` are an expert's whole
-    scale tensors (SM100 int32 layout), not split by source. Expert ``experts[k]`` is at index k."""
+    scale tensors (SM100 int32 layout), not split by source. Expert ``experts[k]`` is at index k.
+    With ``int4_group`` the stacks hold compressed-tensors INT4 experts: ``w13``/``w2`` their packed
+    int32 words (``[n, R, H/8]``), ``s13``/``s2`` their group scales, one row per weight row."""
 
     def __init__(
         self,
@@ -108,15 +110,31 @@ class Stack:
         sparts: list[tuple[int, int]] | None,
         fp8: bool,
         whole_scales: bool,
+        int4_group: int = 0,
     ) -> None:
         self.prefix, self.experts, self.parts, self.sparts = prefix, experts, parts, sparts
-        self.fp8, self.whole_scales = fp8, whole_scales
+        self.fp8, self.whole_scales, self.int4_group = fp8, whole_scales, int4_group
         self.pos = {e: k for k, e in enumerate(experts)}
+
+    def int4_values(self, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Exact float32 values of stacked INT4 rows ``packed [..., K/8]`` with scales ``[..., K/g]``."""
+        from moetool.transforms import int4
+
+        k = scale.shape[-1] * self.int4_group
+        flat = int4.dequantize(
+            packed.reshape(-1, packed.shape[-1]), scale.reshape(-1, scale.shape[-1]), k, self.int4_group
+        )
+        return flat.reshape(*packed.shape[:-1], k)
 
     def region(self, b: Tensors, e: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Source ``j`` of expert ``e`` (gate/up sources, then down) with its scale blocks, as
         ``read_source`` returns it."""
         k, p = self.pos[e], self.prefix
+        if self.int4_group:
+            if j < len(self.parts):
+                r0, r1 = self.parts[j]
+                return self.int4_values(b[p + "w13"][k, r0:r1], b[p + "s13"][k, r0:r1]), None
+            return self.int4_values(b[p + "w2"][k], b[p + "s2"][k]), None
         if j < len(self.parts):
             r0, r1 = self.parts[j]
             t = b[p + "w13"][k, r0:r1]
@@ -283,6 +301,8 @@ class ReadSchedule:
 
         n = len(items)
         _, gu0, d0 = items[0]
+        if gu0[0].name not in ck:
+            return self._plan_int4_stack(plan, prefix, ck, items)
         info0 = ck.info(gu0[0].name)
         fp8 = info0.dtype == "F8_E4M3"
         parts, shapes, r = [], [], 0
@@ -343,6 +363,60 @@ class ReadSchedule:
             at = k * math.prod(plan.fields[prefix + "s2"].shape[1:])
             plan.read(prefix + "s2", ck, scale_name(d.name), rows, expert=d.expert, at=at)
         return Stack(prefix, [e for e, _, _ in items], parts, sparts, fp8, whole)
+
+    def _plan_int4_stack(
+        self, plan: ReadPlan, prefix: str, ck: Checkpoint, items: list[tuple[int, tuple[Src, ...], Src]]
+    ) -> Stack:
+        """``_plan_stack`` for compressed-tensors INT4 experts (per-expert ``weight_packed`` and
+        ``weight_scale``, named by their logical ``...weight``): the packed words and the scales are
+        stacked row for row, dequantized when a check asks (``Stack.int4_values``)."""
+        from moetool.transforms import int4
+
+        qc = int4.find_int4_config(ck.config)
+        if qc is None:
+            raise InputError(
+                "INT4 experts without a compressed-tensors quantization_config", file=str(ck.root)
+            )
+        group = int4.Int4Scheme.from_config(qc, file=str(ck.root / "config.json")).group_size
+        _, gu0, d0 = items[0]
+
+        def stored(src: Src) -> tuple[str, str]:
+            if src.cols or src.expert is not None or src.rows:
+                raise InputError("internal: INT4 experts are read whole, per expert", tensor=src.name)
+            packed, scale, _ = int4.stored_names(src.name)
+            for name in (packed, scale):
+                if name not in ck:
+                    raise InputError("INT4 expert tensor missing", file=str(ck.root), tensor=name)
+            return packed, scale
+
+        parts, r = [], 0
+        for src in gu0:
+            rows = ck.info(stored(src)[0]).shape[0]
+            parts.append((r, r + rows))
+            r += rows
+        n = len(items)
+        p13, s13 = (ck.info(x) for x in stored(gu0[0]))
+        p2, s2 = (ck.info(x) for x in stored(d0))
+        plan.field(prefix + "w13", torch.int32, (n, r, p13.shape[1]))
+        plan.field(prefix + "s13", s13.torch_dtype, (n, r, s13.shape[1]))
+        plan.field(prefix + "w2", torch.int32, (n, *p2.shape))
+        plan.field(prefix + "s2", s2.torch_dtype, (n, *s2.shape))
+        for k, (_, gu, d) in enumerate(items):
+            for src, (r0, r1) in zip(gu, parts, strict=True):
+                packed, scale = stored(src)
+                if ck.info(packed).shape != (r1 - r0, p13.shape[1]) or ck.info(scale).shape != (
+                    r1 - r0,
+                    s13.shape[1],
+                ):
+                    raise InputError("experts of one layer differ in shape", tensor=packed)
+                plan.read(prefix + "w13", ck, packed, None, at=(k * r + r0) * p13.shape[1])
+                plan.read(prefix + "s13", ck, scale, None, at=(k * r + r0) * s13.shape[1])
+            packed, scale = stored(d)
+            if ck.info(packed).shape != p2.shape or ck.info(scale).shape != s2.shape:
+                raise InputError("experts of one layer differ in shape", tensor=packed)
+            plan.read(prefix + "w2", ck, packed, None, at=k * math.prod(p2.shape))
+            plan.read(prefix + "s2", ck, scale, None, at=k * math.prod(s2.shape))
+        return Stack(prefix, [e for e, _, _ in items], parts, None, False, False, int4_group=group)
 
     def _items(
         self, step: LayerStep
