@@ -11,7 +11,8 @@
 # Pinned sources (assemble fetches exactly these; the build refuses anything else):
 #   DeepGEMM    54e22612409371d6364144b69086735beb54e98b (v2.6.1), `git archive` of that commit
 #   CUTLASS     the nvidia-cutlass 4.2.0.0 wheel's cutlass_library/source/include/{cute,cutlass} (headers
-#               only; DeepGEMM's submodule pins 4.2.1, whose headers DeepGEMM's kernels use alike)
+#               only; DeepGEMM's submodule pins v4.2.1, whose cute/ is the same and whose cutlass/
+#               differs in version.h and two SM100 epilogue headers DeepGEMM does not include)
 #   fmt         the commit DeepGEMM's third-party/fmt submodule pins at that commit (headers only, >= 11:
 #               DeepGEMM includes fmt/base.h, which fmt 9 and 10 lack)
 #
@@ -94,6 +95,7 @@ build() {
   done
   command -v nvcc >/dev/null || die "nvcc not on PATH (DeepGEMM builds its host part and JIT-compiles its kernels with it)"
   nvcc --version | tail -1
+  "${CXX:-g++}" --version | head -1
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   local t0=$SECONDS
   (cd "$src" && rm -rf build deep_gemm/_C*.so && python3 - <<'EOF'
@@ -111,18 +113,34 @@ std = "c++20" if (major, minor) >= (2, 14) else "c++17"
 libstdcxx = next((line.split()[-1] for line in open("/proc/self/maps") if "/libstdc++.so" in line), None)
 if libstdcxx is None:
     libstdcxx = subprocess.check_output(["g++", "-print-file-name=libstdc++.so.6"], text=True).strip()
-print(f"-std={std}; linking {libstdcxx}", flush=True)
+# nvrtc from the toolkit (as DeepGEMM's setup.py links it), else from the CUDA wheels torch runs with;
+# an rpath to wherever it was found, so the extension loads without LD_LIBRARY_PATH.
+lib_dirs = [d for d in (f"{CUDA_HOME}/lib64", f"{CUDA_HOME}/lib") if os.path.isdir(d)]
+libraries, link = ["cudart"], [libstdcxx]
+found = [d for d in lib_dirs if os.path.exists(f"{d}/libnvrtc.so")]
+if found:
+    libraries.append("nvrtc")
+    link.append(f"-Wl,-rpath,{found[0]}")
+else:
+    import glob
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    wheels = sorted(glob.glob(f"{site}/nvidia/**/lib/libnvrtc.so.*[0-9]", recursive=True))
+    if not wheels:
+        sys.exit(f"no libnvrtc.so under {lib_dirs} nor {site}/nvidia")
+    link += [wheels[0], f"-Wl,-rpath,{os.path.dirname(wheels[0])}"]
+print(f"-std={std}; linking {' '.join(link)}; libraries {libraries} from {lib_dirs}", flush=True)
+# Absolute include paths: ninja compiles from the build directory, where relative ones point nowhere.
 ext = CUDAExtension(
     name="deep_gemm._C",
     sources=["csrc/python_api.cpp"],
     include_dirs=[
         f"{CUDA_HOME}/include",
         f"{CUDA_HOME}/include/cccl",
-        "deep_gemm/include",
-        "third-party/fmt/include",
+        os.path.abspath("deep_gemm/include"),
+        os.path.abspath("third-party/fmt/include"),
     ],
-    libraries=["cudart", "nvrtc"],
-    library_dirs=[f"{CUDA_HOME}/lib64"],
+    libraries=libraries,
+    library_dirs=lib_dirs,
     extra_compile_args=[
         f"-std={std}",
         "-O3",
@@ -131,7 +149,7 @@ ext = CUDAExtension(
         "-Wno-deprecated-declarations",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
     ],
-    extra_link_args=[libstdcxx],
+    extra_link_args=link,
 )
 sys.argv = [sys.argv[0], "build_ext", "--inplace"]
 setup(name="deep_gemm", ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
@@ -140,10 +158,11 @@ EOF
   local so
   so="$(ls "$src"/deep_gemm/_C*.so)"
   echo "built $so ($(du -h "$so" | cut -f1)) in $((SECONDS - t0)) s"
-  if command -v readelf >/dev/null; then readelf -d "$so" | grep NEEDED || true; fi
+  if command -v readelf >/dev/null; then readelf -d "$so" | grep -E 'NEEDED|RPATH|RUNPATH' || true; fi
   eval "$(env_lines)"
   mkdir -p "$DG_JIT_CACHE_DIR"
-  python3 -c 'import deep_gemm, torch; print("import deep_gemm OK:", deep_gemm.__version__, deep_gemm.__file__, "on", torch.cuda.get_device_name(0))'
+  python3 -c 'import deep_gemm, torch; print("import deep_gemm OK:", deep_gemm.__version__, deep_gemm.__file__, "on", torch.cuda.get_device_name(0))' \
+    || { ldd "$so" || true; die "built, but 'import deep_gemm' fails (above)"; }
   echo "to use it: eval \"\$(bash scripts/build_deepgemm.sh env)\""
 }
 
