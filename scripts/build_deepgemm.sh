@@ -144,6 +144,7 @@ ext = CUDAExtension(
     extra_compile_args=[
         f"-std={std}",
         "-O3",
+        "-g0",  # Python's own CFLAGS carry -g: 40 MB of debug information in a 1 MB extension
         "-fPIC",
         "-Wno-psabi",
         "-Wno-deprecated-declarations",
