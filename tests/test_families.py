@@ -349,3 +349,25 @@ def test_capture_and_convert_ssm_on_qwen3_5_moe(tmp_path: Path) -> None:
     klast = tmp_path / "klast.safetensors"
     _ok("convert-ssm", str(state), str(klast), "--to", "k-last", "--pool", "-q")
     _ok("validate", str(state), str(klast), "--device", "cpu", "-q")
+
+
+def test_qwen3_5_moe_text_model_alone(tmp_path: Path) -> None:
+    """The text-only Qwen3.5-MoE (model_type qwen3_5_moe_text, model.layers.*) is the same family."""
+    src = hf.save(hf.build_model("qwen3_5_moe", seed=4, wrapped=False), tmp_path / "text")
+    report = json.loads(_ok("inspect", str(src), "--json"))
+    assert (report["family"], report["model_type"], report["text_model_root"]) == (
+        "qwen3_5_moe",
+        "qwen3_5_moe_text",
+        "model",
+    )
+    assert report["gdn_layers"] == list(hf.FAMILIES["qwen3_5_moe"].gdn_layers)
+    out = tmp_path / "q"
+    _ok("quantize", str(src), str(out), "--layout", "hf", "--scale-fmt", "ue8m0", "-q")
+    model, info = hf.load_model(out, output_loading_info=True)
+    assert not any(info.values()), info
+    ref_dir = tmp_path / "dequantized"
+    assert dequantized_copy(src, out, ref_dir) > 0
+    want = hf.load_model(ref_dir).state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, want[name]), name
+    _ok("validate", str(src), str(out), "--device", "cpu", "-q")
