@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass
 
 from moetool import __version__
+from moetool.engines import marked, refusal
 from moetool.errors import PlanError, UsageError
 from moetool.io.safetensors_format import ITEMSIZE
 from moetool.model import E8M0_DTYPE, CheckpointView, e8m0_scale_name, scale_name
@@ -131,33 +132,34 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
                         units.append(Unit((q,), (Job("copy", (src,), (Write(q.name),)),)))
         else:
             if store.kind == "deepgemm":
-                names = arch.deepgemm_names(layer)
-                if ckpt.tensors[names["w13_weight_scale_inv"]].dtype != "F32":
+                held = store.stacked
+                if ckpt.tensors[held["w13_weight_scale_inv"]].dtype != "F32":
                     raise PlanError(
                         "cannot fuse into SM100-packed scales",
                         file=root,
-                        tensor=names["w13_weight_scale_inv"],
+                        tensor=held["w13_weight_scale_inv"],
                         fix="fuse the sm90 (or BF16) checkpoint, then quantize with --scale-layout sm100",
                     )
-                pairs = (
-                    ("w13", names["w13_weight"], 2 * inter, hidden),
-                    ("w2", names["w2_weight"], hidden, inter),
-                )
+                names = arch.deepgemm_names(layer)  # written under today's names, whatever the input used
             else:
-                gu, dn = arch.packed_names(layer)
-                pairs = (("w13", gu, 2 * inter, hidden), ("w2", dn, hidden, inter))
-            for tag, name, n, k in pairs:
+                held = store.stacked
+                names = {"w13_weight": held["w13_weight"], "w2_weight": held["w2_weight"]}
+            pairs = (
+                ("w13", held["w13_weight"], names["w13_weight"], 2 * inter, hidden),
+                ("w2", held["w2_weight"], names["w2_weight"], hidden, inter),
+            )
+            for tag, held_name, name, n, k in pairs:
                 isz = ITEMSIZE[store.dtype]
                 q = OutTensor(name, store.dtype, (total, n, k))
                 tensors = [q]
                 jobs: list[Job] = []
-                src_names = [name]
+                copies = [(held_name, name)]
                 if fp8:
                     s = OutTensor(scale_name(name), "F32", (total, cdiv(n, BLOCK), cdiv(k, BLOCK)))
                     tensors.append(s)
-                    src_names.append(scale_name(name))
-                for sname in src_names:
-                    jobs.append(Job("copy", (Src(sname),), (Write(sname),)))
+                    copies.append((scale_name(held_name), scale_name(name)))
+                for src_name, out_name in copies:
+                    jobs.append(Job("copy", (Src(src_name),), (Write(out_name),)))
                 s_row = 4 * cdiv(k, BLOCK)  # bytes of one 128-row block of scales
                 for idx, j in slots:
                     e = n_routed + idx
@@ -179,6 +181,7 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
         units.append(_copy(name, view))  # shared_expert_gate.weight stays (SPEC §4)
     units.sort(key=lambda u: natural_key(u.tensors[0].name))
     cfg = fused_config(copy.deepcopy(view.config), n_routed, m, reps, arch.slot_weight or "one")
+    cfg = marked(cfg, refusal(view.layout, fused=True))  # no engine adds fused slots as the contract says
     return Plan(
         command="fuse-shared",
         options={"replicas": reps, "max_shard_size": opts.max_shard_size},

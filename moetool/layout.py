@@ -55,8 +55,7 @@ def load_experts(path: str | os.PathLike[str], layer: int, *, unpack_scales: boo
                 file=str(path),
                 fix=f"MoE layers: {sorted(view.stores)}; layout: {view.layout}",
             )
-        names = view.arch.deepgemm_names(layer)
-        t = {k: ckpt.read(v) for k, v in names.items()}
+        t = {k: ckpt.read(v) for k, v in store.stacked.items()}
     packed = t["w13_weight_scale_inv"].dtype == torch.int32
     if packed:
         from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage, unpack_sm100_scales_ref

@@ -4,8 +4,11 @@ Three storages of routed experts are recognised:
 
 - ``per_expert``: ``P.{e}.{gate,up,down}_proj.weight`` (+ ``weight_scale_inv`` when FP8) — what
   transformers saves, and the ``--layout hf`` output.
-- ``packed``: transformers v5 ``P.gate_up_proj [E, 2I, H]`` (gate rows first) and ``P.down_proj [E, H, I]``.
-- ``deepgemm``: ``P.w13_weight [E, 2I, H]`` F8_E4M3 + ``P.w13_weight_scale_inv``, ``P.w2_weight`` + scale.
+- ``packed``: transformers v5 ``P.gate_up_proj [E, 2I, H]`` (gate rows first) and ``P.down_proj [E, H, I]``
+  in a float dtype.
+- ``deepgemm``: the same stacked tensors in F8_E4M3, each with its ``_scale_inv`` (DeepGEMM's ``[G, N, K]``
+  operand; ``ArchSpec.deepgemm_names``), or under the names moetool 0.1 wrote (``P.w13_weight`` ...,
+  ``ArchSpec.legacy_deepgemm_names``). ``ExpertStore.stacked`` says which names a checkpoint holds.
 
 Per-expert weights are BF16/F16/F32, FP8 with ``weight_scale_inv``, or INT4 as compressed-tensors packs
 them (``weight_packed``, ``weight_scale``, ``weight_shape``; ``moetool.transforms.int4``): an INT4
@@ -65,6 +68,9 @@ class ExpertStore:
     proj: dict[str, str]  # gate/up/down module names
     int4_group: int = 0  # group size of compressed-tensors INT4 experts (dtype INT4), else 0
     fp4: bool = False  # DeepSeek-V4 FP4: I8 [N, K/2] weights, E8M0 [N, K/32] ``.scale``
+    # packed / deepgemm: the stacked tensors by role (w13_weight, w2_weight and, when FP8, their
+    # *_scale_inv), as this checkpoint names them
+    stacked: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def gate_up(self, e: int, inter: int) -> tuple[Src, ...]:
         """Sources of expert ``e``'s gate rows then up rows, ``[2I, H]`` in all."""
@@ -73,14 +79,13 @@ class ExpertStore:
                 Src(f"{self.prefix}.{e}.{self.proj['gate']}.weight"),
                 Src(f"{self.prefix}.{e}.{self.proj['up']}.weight"),
             )
-        name = f"{self.prefix}.gate_up_proj" if self.kind == "packed" else f"{self.prefix}.w13_weight"
+        name = self.stacked["w13_weight"]
         return (Src(name, expert=e, rows=(0, inter)), Src(name, expert=e, rows=(inter, 2 * inter)))
 
     def down(self, e: int) -> Src:
         if self.kind == "per_expert":
             return Src(f"{self.prefix}.{e}.{self.proj['down']}.weight")
-        name = f"{self.prefix}.down_proj" if self.kind == "packed" else f"{self.prefix}.w2_weight"
-        return Src(name, expert=e)
+        return Src(self.stacked["w2_weight"], expert=e)
 
 
 @dataclass(frozen=True)
@@ -197,8 +202,9 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
     inter, hidden = info.moe_intermediate_size, info.hidden_size
     for layer in (*info.moe_layers, *mtp_present):
         prefix = arch.experts_prefix(layer)
-        dg = arch.deepgemm_names(layer)
+        dg, legacy = arch.deepgemm_names(layer), arch.legacy_deepgemm_names(layer)
         packed_gu, packed_d = arch.packed_names(layer)
+        stacked: dict[str, str] = {}
         names = tuple(sorted(n for n in t if n.startswith(prefix + ".")))
         if not names:
             raise InputError(
@@ -206,21 +212,30 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
                 file=cfg_file,
                 fix="the config and the weights disagree",
             )
-        if dg["w13_weight"] in t:
+        if legacy["w13_weight"] in t and packed_gu in t:
+            raise InputError(
+                f"layer {layer} stores its experts twice ({legacy['w13_weight']} and {packed_gu})",
+                file=str(ckpt.root),
+                tensor=packed_gu,
+            )
+        if legacy["w13_weight"] in t or (packed_gu in t and t[packed_gu].dtype in FP8_DTYPES):
             kind = "deepgemm"
-            w13, w2 = t[dg["w13_weight"]], t.get(dg["w2_weight"])
-            if w2 is None or dg["w13_weight_scale_inv"] not in t or dg["w2_weight_scale_inv"] not in t:
+            stacked = legacy if legacy["w13_weight"] in t else dg
+            missing = [n for n in stacked.values() if n not in t]
+            if missing:
                 raise InputError(
-                    "deepgemm layout is missing w2_weight or a scale tensor",
+                    "stacked FP8 experts without their down_proj or a scale tensor",
                     file=str(ckpt.root),
-                    tensor=dg["w13_weight"],
+                    tensor=missing[0],
                 )
             fp4 = False
+            w13, w2 = t[stacked["w13_weight"]], t[stacked["w2_weight"]]
             n_exp, fp8, dtype = w13.shape[0], w13.dtype in FP8_DTYPES, w13.dtype
             _expect(w13, (n_exp, 2 * inter, hidden), ckpt)
             _expect(w2, (n_exp, hidden, inter), ckpt)
         elif packed_gu in t:
             kind = "packed"
+            stacked = {"w13_weight": packed_gu, "w2_weight": packed_d}
             gu, d = t[packed_gu], t.get(packed_d)
             if d is None:
                 raise InputError("packed experts lack down_proj", file=str(ckpt.root), tensor=packed_gu)
@@ -288,7 +303,9 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
             raise InputError(f"unsupported expert dtype {dtype}", file=str(ckpt.root), tensor=names[0])
         _check_count(n_exp, info.num_experts, extra_slots, layer, cfg_file, prefix)
         _check_expert_dtype(info, layer, prefix, fp4, fp8, cfg_file)
-        stores[layer] = ExpertStore(layer, kind, n_exp, fp8, dtype, names, prefix, arch.proj_names, fp4=fp4)
+        stores[layer] = ExpertStore(
+            layer, kind, n_exp, fp8, dtype, names, prefix, arch.proj_names, fp4=fp4, stacked=stacked
+        )
         if layer in info.hash_layers:
             _check_hash_table(ckpt, arch.hash_table(layer), info.routing.top_k)
         _add_shared(ckpt, arch, info, layer, fused, shared, hidden)

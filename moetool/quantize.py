@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from moetool import __version__
+from moetool.engines import marked, refusal
 from moetool.errors import PlanError, UsageError
 from moetool.model import E8M0_DTYPE, FP8_DTYPES, CheckpointView, e8m0_scale_name, find_scale, scale_name
 from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards
@@ -73,7 +74,7 @@ def quant_unit(weight: str, src: tuple[Src, ...], n: int, k: int, ue8m0: bool) -
 
 
 def stacked_units(
-    prefix: str,
+    names: dict[str, str],
     num: int,
     inter: int,
     hidden: int,
@@ -86,11 +87,12 @@ def stacked_units(
     lossless: bool = False,
 ) -> list[Unit]:
     """DeepGEMM's ``w13`` ``[E, 2I, H]`` and ``w2`` ``[E, H, I]`` with their scales, filled expert by
-    expert at precomputed byte offsets. ``op='copy'`` sources are (q, s) regions copied as they are;
-    ``op='fp4_cast'`` sources are FP4 weights cast by DeepSeek's rule (F32 or SM100 scales)."""
+    expert at precomputed byte offsets, under ``names`` (``ArchSpec.deepgemm_names``). ``op='copy'``
+    sources are (q, s) regions copied as they are; ``op='fp4_cast'`` sources are FP4 weights cast by
+    DeepSeek's rule (F32 or SM100 scales)."""
     units = []
     for tag, n, k, srcs in (("w13", 2 * inter, hidden, gate_up), ("w2", hidden, inter, down)):
-        qname, sname = f"{prefix}.{tag}_weight", f"{prefix}.{tag}_weight_scale_inv"
+        qname, sname = names[f"{tag}_weight"], names[f"{tag}_weight_scale_inv"]
         if scale_layout == "sm100":
             per = sm100_scale_shape(n, k)
             s_t = OutTensor(sname, "I32", (num, *per))
@@ -130,7 +132,7 @@ def fp4_cast_unit(weight: str, n: int, k: int, lossless: bool) -> Unit:
     return Unit((q, s), (job,))
 
 
-def release_quant_config(view: CheckpointView, layout: str) -> dict[str, Any]:
+def release_quant_config(view: CheckpointView, layout: str, scale_layout: str = "sm90") -> dict[str, Any]:
     """config.json of a checkpoint that came with its own ``quantization_config`` and FP4 experts
     (DeepSeek-V4): the release's quantization_config kept, ``expert_dtype`` now ``fp8`` wherever the
     config declares it (top level for V4, in quantization_config for V4.1)."""
@@ -141,19 +143,16 @@ def release_quant_config(view: CheckpointView, layout: str) -> dict[str, Any]:
     qc = dict(cfg.get("quantization_config") or {})
     if key in qc or key not in cfg:
         qc[key] = "fp8"
-    _mark_layout(qc, layout)
     cfg["quantization_config"] = qc
-    return cfg
+    return marked(cfg, refusal(layout, fused=view.fused is not None, scale_layout=scale_layout))
 
 
-def _mark_layout(qc: dict[str, Any], layout: str) -> None:
-    if layout == "deepgemm":
-        qc["moetool_layout"] = "deepgemm"
-
-
-def quant_config(view: CheckpointView, quantized: set[str], ue8m0: bool, layout: str) -> dict[str, Any]:
+def quant_config(
+    view: CheckpointView, quantized: set[str], ue8m0: bool, layout: str, scale_layout: str = "sm90"
+) -> dict[str, Any]:
     """config.json with ``quantization_config`` (SPEC §3): DeepSeek-V3's format, and every Linear left
-    unquantized named in ``modules_to_not_convert`` and ``ignored_layers``."""
+    unquantized named in ``modules_to_not_convert`` and ``ignored_layers``. An output engines must not
+    load (deepgemm layout, fused shared experts) carries the refusal marker of ``moetool.engines``."""
     cfg = copy.deepcopy(view.config)
     skipped = sorted(
         (
@@ -177,8 +176,8 @@ def quant_config(view: CheckpointView, quantized: set[str], ue8m0: bool, layout:
     }
     if ue8m0:
         qc["scale_fmt"] = "ue8m0"
-    _mark_layout(qc, layout)
-    return with_quantization_config(cfg, qc)
+    cfg = with_quantization_config(cfg, qc)
+    return marked(cfg, refusal(layout, fused=view.fused is not None, scale_layout=scale_layout))
 
 
 def with_quantization_config(cfg: dict[str, Any], qc: dict[str, Any]) -> dict[str, Any]:
@@ -236,7 +235,7 @@ def plan_quantize(
             )
         if store.fp4 and opts.layout == "deepgemm":
             units += stacked_units(
-                store.prefix,
+                view.arch.deepgemm_names(store.layer),
                 store.num_experts,
                 inter,
                 hidden,
@@ -267,7 +266,7 @@ def plan_quantize(
                     units.append(fp4_cast_unit(name, n, k, opts.require_lossless))
         elif opts.layout == "deepgemm":
             units += stacked_units(
-                store.prefix,
+                view.arch.deepgemm_names(store.layer),
                 store.num_experts,
                 inter,
                 hidden,
@@ -311,9 +310,9 @@ def plan_quantize(
         units.append(Unit((OutTensor(name, t.dtype, t.shape),), (Job("copy", (Src(name),), (Write(name),)),)))
     units.sort(key=lambda u: natural_key(u.tensors[0].name))
     if view.arch.fp4_spec and view.quantization:
-        cfg = release_quant_config(view, opts.layout)
+        cfg = release_quant_config(view, opts.layout, opts.scale_layout)
     else:
-        cfg = quant_config(view, consumed, ue8m0, opts.layout)
+        cfg = quant_config(view, consumed, ue8m0, opts.layout, opts.scale_layout)
     notes = []
     fp4_names = {n for s in view.stores.values() if s.fp4 for n in s.names}
     odd = sorted(

@@ -24,6 +24,7 @@ from moetool.io import Checkpoint
 from moetool.model import analyze
 from moetool.moe import FUSED_KEY, FusedSlots, MoeLayerWeights, moe_forward
 from moetool.testing.factory import (
+    DEEPGEMM_LEAVES,
     expert_intermediate_size,
     expert_proj_names,
     experts_prefix,
@@ -36,6 +37,8 @@ from moetool.testing.factory import (
     shared_expert_prefix,
     shared_intermediate_size,
 )
+
+W13, W13S, W2, W2S = DEEPGEMM_LEAVES.values()  # the deepgemm layout's stacked tensors under P
 
 BLOCK = 128
 FP8 = torch.float8_e4m3fn
@@ -178,13 +181,13 @@ def check_fused(src_dir: Path, out_dir: Path, replicas: int) -> None:
                 else {}
             )
             what = f"layer {layer} slot {idx} (expert {e})"
-            if f"{p}.w13_weight" in src:
-                w13, w2 = out[f"{p}.w13_weight"], out[f"{p}.w2_weight"]
+            if f"{p}.{W13S}" in src:  # FP8 stacked (deepgemm layout)
+                w13, w2 = out[f"{p}.{W13}"], out[f"{p}.{W2}"]
                 assert w13.shape[0] == w2.shape[0] == num + m * replicas
                 assert_bytes(w13[e, :inter], want["gate"], f"{what} gate")
                 assert_bytes(w13[e, inter:], want["up"], f"{what} up")
                 assert_bytes(w2[e], want["down"], f"{what} down")
-                s13, s2 = out[f"{p}.w13_weight_scale_inv"], out[f"{p}.w2_weight_scale_inv"]
+                s13, s2 = out[f"{p}.{W13S}"], out[f"{p}.{W2S}"]
                 assert_bytes(s13[e, :ib], want_s["gate"], f"{what} gate scales")
                 assert_bytes(s13[e, ib:], want_s["up"], f"{what} up scales")
                 assert_bytes(s2[e], want_s["down"], f"{what} down scales")
@@ -204,12 +207,11 @@ def check_fused(src_dir: Path, out_dir: Path, replicas: int) -> None:
                         added.add(name + "_scale_inv")
         # routed experts unchanged: the first E rows of stacked tensors, or the per-expert tensors
         for stacked in (
-            "w13_weight",
+            *DEEPGEMM_LEAVES.values(),
+            "w13_weight",  # read from outputs of moetool 0.1
             "w13_weight_scale_inv",
             "w2_weight",
             "w2_weight_scale_inv",
-            "gate_up_proj",
-            "down_proj",
         ):
             name = f"{p}.{stacked}"
             if name in src:
@@ -228,6 +230,15 @@ def check_fused(src_dir: Path, out_dir: Path, replicas: int) -> None:
         "replicas": replicas,
         "slot_weight": slot_weight,
     }
+    # every engine refuses the fused checkpoint at config time (BF16 ones gain a bare marker)
+    scheme = out_cfg["quantization_config"].pop("activation_scheme")
+    assert "fuse-shared output, not an engine checkpoint" in scheme and scheme == scheme.lower()
+    if "quantization_config" in cfg:
+        want_cfg["quantization_config"] = {
+            k: v for k, v in cfg["quantization_config"].items() if k != "activation_scheme"
+        }
+    else:
+        want_cfg["quantization_config"] = {"quant_method": "fp8"}
     assert out_cfg == want_cfg
 
 

@@ -76,7 +76,7 @@ def _facts(root: Path, family: str) -> dict[str, Any]:
     headers = _headers(root)
     n_layers = cfg["num_hidden_layers"]
     experts: dict[int, set[int]] = {}
-    packed = False
+    packed = stacked_fp8 = False
     inter = None
     for name, (_, shape) in headers.items():
         m = EXPERT_NAME.match(name)
@@ -89,6 +89,7 @@ def _facts(root: Path, family: str) -> dict[str, Any]:
                 inter = shape[1]
         else:
             packed = True
+            stacked_fp8 = stacked_fp8 or headers[name][0] == "F8_E4M3"
             if name.endswith("down_proj"):
                 experts.setdefault(layer, set()).update(range(shape[0]))
                 inter = shape[2]
@@ -107,8 +108,9 @@ def _facts(root: Path, family: str) -> dict[str, Any]:
         "moe_intermediate_size": inter,
         "shared_expert_intermediate_size": shared[0] if shared else 0,
         "fused_slots_if_fused": shared[0] // inter if shared else 0,
-        "layout": "packed" if packed else "hf",
-        "expert_storage": ["packed" if packed else "per_expert"],
+        # stacked FP8 experts with their scales are the deepgemm layout (transformers' FP8Experts names)
+        "layout": ("deepgemm" if stacked_fp8 else "packed") if packed else "hf",
+        "expert_storage": [("deepgemm" if stacked_fp8 else "packed") if packed else "per_expert"],
         "fp8_tensors": sum(1 for d, _ in headers.values() if d == "F8_E4M3"),
         "quantization_config": cfg.get("quantization_config"),
         "tensors": len(headers),

@@ -19,7 +19,9 @@ from moetool.cli.main import cli
 from moetool.errors import InputError
 from moetool.kernels.fp8_quant_ref import unpack_sm100_scales_ref
 from moetool.layout import StackedExperts, load_experts, unpack_to_hf
-from moetool.testing.factory import make_checkpoint
+from moetool.testing.factory import DEEPGEMM_LEAVES, make_checkpoint
+
+W13, W13S, W2, W2S = DEEPGEMM_LEAVES.values()  # the deepgemm layout's stacked tensors under P
 
 BLOCK = 128
 HIDDEN = 576  # 4.5 blocks: ceil scale grids along H, and 5 K blocks pack into 2 SM100 words
@@ -80,10 +82,10 @@ def test_load_experts_shapes_dtypes_strides(ckpts: dict[str, Path], key: str) ->
             n, k = shape[1:]
             assert t.stride() == (n * k, k, 1)
         for t, name in (
-            (w.w13, "w13_weight"),
-            (w.w13_scale, "w13_weight_scale_inv"),
-            (w.w2, "w2_weight"),
-            (w.w2_scale, "w2_weight_scale_inv"),
+            (w.w13, W13),
+            (w.w13_scale, W13S),
+            (w.w2, W2),
+            (w.w2_scale, W2S),
         ):
             assert_bytes(t, stored[f"{p}.{name}"], name)
 
@@ -137,3 +139,62 @@ def test_non_deepgemm_is_refused(ckpts: dict[str, Path]) -> None:
         unpack_to_hf(ckpts["hf-ue8m0"], 1)
     cfg = json.loads((ckpts["hf-float"] / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "fp8"  # refused although it is an FP8 checkpoint
+
+
+LEGACY = {W13: "w13_weight", W13S: "w13_weight_scale_inv", W2: "w2_weight", W2S: "w2_weight_scale_inv"}
+
+
+def _as_legacy(src: Path, out: Path) -> Path:
+    """A copy of a deepgemm checkpoint with its stacked tensors under the names moetool 0.1 wrote."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    renamed = 0
+    for f in sorted(src.iterdir()):
+        if f.suffix == ".safetensors":
+            new = {}
+            for name, t in load_file(f).items():
+                head, _, leaf = name.rpartition(".")
+                if leaf in LEGACY and head.endswith(".experts"):
+                    name, renamed = f"{head}.{LEGACY[leaf]}", renamed + 1
+                new[name] = t
+            save_file(new, out / f.name, metadata={"format": "pt"})
+        elif f.name == "model.safetensors.index.json":
+            index = json.loads(f.read_text())
+            index["weight_map"] = {
+                (
+                    f"{n.rpartition('.')[0]}.{LEGACY[n.rpartition('.')[2]]}"
+                    if n.rpartition(".")[2] in LEGACY
+                    else n
+                ): s
+                for n, s in index["weight_map"].items()
+            }
+            (out / f.name).write_text(json.dumps(index))
+        elif f.name != "moetool.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    assert renamed == 4 * len(MOE_LAYERS)
+    return out
+
+
+def test_legacy_names_are_read_and_never_written(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """Outputs of moetool 0.1 (``P.w13_weight`` ...) load as before; fuse-shared and quantize rewrite them
+    under today's names, byte for byte what the current layout gives."""
+    legacy = _as_legacy(ckpts["dg-float"], tmp_path / "legacy")
+    for layer in MOE_LAYERS:
+        old, new = load_experts(legacy, layer), load_experts(ckpts["dg-float"], layer)
+        for field in ("w13", "w13_scale", "w2", "w2_scale"):
+            assert_bytes(getattr(old, field), getattr(new, field), f"layer {layer} {field}")
+    runs = {}
+    for key, src in (("legacy", legacy), ("current", ckpts["dg-float"])):
+        runs[key] = tmp_path / f"fused-{key}"
+        result = CliRunner().invoke(cli, ["fuse-shared", str(src), str(runs[key]), "-q"])
+        assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    requant = tmp_path / "requant"
+    result = CliRunner().invoke(cli, ["quantize", str(legacy), str(requant), "--layout", "deepgemm", "-q"])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    for out, want in ((runs["legacy"], read_dir(runs["current"])), (requant, read_dir(ckpts["dg-float"]))):
+        got = read_dir(out)
+        assert not [n for n in got if n.rpartition(".")[2] in LEGACY.values()], out
+        assert set(got) == set(want)
+        for name, t in want.items():
+            assert_bytes(got[name], t, name)

@@ -20,7 +20,9 @@ from moetool.io import Checkpoint
 from moetool.model import analyze
 from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards, parse_size
 from moetool.quantize import QuantizeOptions, plan_quantize
-from moetool.testing.factory import make_checkpoint
+from moetool.testing.factory import DEEPGEMM_LEAVES, make_checkpoint
+
+W13, W13S, W2, W2S = DEEPGEMM_LEAVES.values()  # the deepgemm layout's stacked tensors under P
 
 SHARD_NAME = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 
@@ -238,16 +240,16 @@ def test_deepgemm_quantize_plan(src: Path) -> None:
     for layer in (1, 2):
         p = f"model.layers.{layer}.mlp.experts"
         assert not any(n.startswith(p + ".0.") for n in tensors), "per-expert names are gone"
-        assert (tensors[f"{p}.w13_weight"].dtype, tensors[f"{p}.w13_weight"].shape) == (
+        assert (tensors[f"{p}.{W13}"].dtype, tensors[f"{p}.{W13}"].shape) == (
             "F8_E4M3",
             (e, 2 * i, h),
         )
-        assert tensors[f"{p}.w13_weight_scale_inv"].shape == (e, 2 * i // 128, h // 128)
-        assert tensors[f"{p}.w2_weight"].shape == (e, h, i)
-        assert tensors[f"{p}.w2_weight_scale_inv"].shape == (e, h // 128, i // 128)
+        assert tensors[f"{p}.{W13S}"].shape == (e, 2 * i // 128, h // 128)
+        assert tensors[f"{p}.{W2}"].shape == (e, h, i)
+        assert tensors[f"{p}.{W2S}"].shape == (e, h // 128, i // 128)
         w13_sources = [f"{p}.{x}.{proj}_proj.weight" for x in range(e) for proj in ("gate", "up")]
         w2_sources = [f"{p}.{x}.down_proj.weight" for x in range(e)]
-        for name, sources in (("w13_weight", w13_sources), ("w2_weight", w2_sources)):
+        for name, sources in ((W13, w13_sources), (W2, w2_sources)):
             for out in (f"{p}.{name}", f"{p}.{name}_scale_inv"):
                 assert prov[out] == {"sources": sources, "transform": "fp8_block_128x128_ue8m0"}
     assert d["jobs_by_transform"]["fp8_block_128x128_ue8m0"] == 2 * (2 * e + 3)
@@ -260,10 +262,10 @@ def test_quantize_plan_from_packed_experts(packed_src: Path) -> None:
     prov = r["prov"]
     for layer in (0, 1):
         p = f"model.layers.{layer}.mlp.experts"
-        assert prov[f"{p}.w13_weight"]["sources"] == [
+        assert prov[f"{p}.{W13}"]["sources"] == [
             f"{p}.gate_up_proj[{x}][{a}:{b}, :]" for x in range(3) for a, b in ((0, 128), (128, 256))
         ]
-        assert prov[f"{p}.w2_weight"]["sources"] == [f"{p}.down_proj[{x}]" for x in range(3)]
+        assert prov[f"{p}.{W2}"]["sources"] == [f"{p}.down_proj[{x}]" for x in range(3)]
 
 
 def test_plan_is_deterministic(src: Path) -> None:

@@ -28,7 +28,9 @@ from safetensors.torch import load_file, save_file
 import moetool
 from moetool.cli.main import cli, main
 from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage, unpack_sm100_scales_ref
-from moetool.testing.factory import make_checkpoint, tensor_specs
+from moetool.testing.factory import DEEPGEMM_LEAVES, make_checkpoint, tensor_specs
+
+W13, W13S, W2, W2S = DEEPGEMM_LEAVES.values()  # the deepgemm layout's stacked tensors under P
 
 BLOCK = 128
 FP8 = torch.float8_e4m3fn
@@ -260,8 +262,8 @@ def test_deepgemm_experts_follow_the_recipe(src: Source, quantized: Runs, fmt: s
     ue8m0 = fmt == "ue8m0"
     for layer in MOE_LAYERS:
         p = f"model.layers.{layer}.mlp.experts"
-        w13, w13s = out[f"{p}.w13_weight"], out[f"{p}.w13_weight_scale_inv"]
-        w2, w2s = out[f"{p}.w2_weight"], out[f"{p}.w2_weight_scale_inv"]
+        w13, w13s = out[f"{p}.{W13}"], out[f"{p}.{W13S}"]
+        w2, w2s = out[f"{p}.{W2}"], out[f"{p}.{W2S}"]
         assert (w13.dtype, tuple(w13.shape)) == (FP8, (EXPERTS, 2 * INTER, HIDDEN))
         assert (w2.dtype, tuple(w2.shape)) == (FP8, (EXPERTS, HIDDEN, INTER))
         assert (w13s.dtype, tuple(w13s.shape)) == (
@@ -276,17 +278,17 @@ def test_deepgemm_experts_follow_the_recipe(src: Source, quantized: Runs, fmt: s
         ib = INTER // BLOCK
         for e in range(EXPERTS):
             gate, up, down = (expected_from(src.tensors, n, ue8m0) for n in expert_names(p, e))
-            assert_bytes(w13[e, :INTER], gate[0], f"{p}.w13_weight[{e}] gate rows")
-            assert_bytes(w13[e, INTER:], up[0], f"{p}.w13_weight[{e}] up rows")
-            assert_bytes(w13s[e, :ib], gate[1], f"{p}.w13_weight_scale_inv[{e}] gate blocks")
-            assert_bytes(w13s[e, ib:], up[1], f"{p}.w13_weight_scale_inv[{e}] up blocks")
-            assert_bytes(w2[e], down[0], f"{p}.w2_weight[{e}]")
-            assert_bytes(w2s[e], down[1], f"{p}.w2_weight_scale_inv[{e}]")
+            assert_bytes(w13[e, :INTER], gate[0], f"{p}.{W13}[{e}] gate rows")
+            assert_bytes(w13[e, INTER:], up[0], f"{p}.{W13}[{e}] up rows")
+            assert_bytes(w13s[e, :ib], gate[1], f"{p}.{W13S}[{e}] gate blocks")
+            assert_bytes(w13s[e, ib:], up[1], f"{p}.{W13S}[{e}] up blocks")
+            assert_bytes(w2[e], down[0], f"{p}.{W2}[{e}]")
+            assert_bytes(w2s[e], down[1], f"{p}.{W2S}[{e}]")
         assert not [n for n in out if n.startswith(f"{p}.0.")], "per-expert tensors left beside w13/w2"
         if ue8m0:
             assert is_pow2(w13s) and is_pow2(w2s)
     # the hand-made block whose amax is 448 * 2**-8 keeps exactly that scale in both formats
-    assert float(out["model.layers.1.mlp.experts.w13_weight_scale_inv"][0, 0, 1]) == 2.0**-8
+    assert float(out[f"model.layers.1.mlp.experts.{W13S}"][0, 0, 1]) == 2.0**-8
 
 
 def _check_non_expert(
@@ -310,9 +312,7 @@ def test_deepgemm_output_tensors(src: Source, quantized: Runs, fmt: str) -> None
     shared = {n for n in src.tensors if ".shared_experts." in n}
     routed = {n for n in src.tensors if ".mlp.experts." in n}
     stacked = {
-        f"model.layers.{layer}.mlp.experts.{t}"
-        for layer in MOE_LAYERS
-        for t in ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv")
+        f"model.layers.{layer}.mlp.experts.{t}" for layer in MOE_LAYERS for t in DEEPGEMM_LEAVES.values()
     }
     want = (set(src.tensors) - routed) | stacked | {n + "_scale_inv" for n in shared}
     assert set(out) == want
@@ -359,8 +359,10 @@ def check_quantization_config(
     if ue8m0:
         want["scale_fmt"] = "ue8m0"
     if layout == "deepgemm":
-        # the stacked layout loads in no engine as it is; naming it in quantization_config is tolerated
-        assert qc.pop("moetool_layout", "deepgemm") == "deepgemm"
+        # the stacked layout loads in no engine: every engine validates activation_scheme and refuses this
+        scheme = qc.pop("activation_scheme")
+        assert "not an engine checkpoint" in scheme and "--layout hf" in scheme and scheme == scheme.lower()
+        want.pop("activation_scheme")
     assert qc == want
 
 
@@ -454,7 +456,7 @@ def test_output_files_and_manifest(src: Source, quantized: Runs) -> None:
         p = f"model.layers.{layer}.mlp.experts"
         gate_up = [n for e in range(EXPERTS) for n in expert_names(p, e)[:2]]
         down = [expert_names(p, e)[2] for e in range(EXPERTS)]
-        for name, sources in ((f"{p}.w13_weight", gate_up), (f"{p}.w2_weight", down)):
+        for name, sources in ((f"{p}.{W13}", gate_up), (f"{p}.{W2}", down)):
             for t in (name, name + "_scale_inv"):
                 assert tensors[t]["transform"] == transform, t
                 assert tensors[t]["sources"] == sources, t
@@ -529,16 +531,14 @@ def test_fp8_input_float_keeps_bytes(fp8_src: Source, quantized: Runs) -> None:
         p = f"model.layers.{layer}.mlp.experts"
         for e in range(EXPERTS):
             gate, up, down = expert_names(p, e)
+            assert_bytes(out[f"{p}.{W13}"][e], torch.cat([fp8_src.tensors[gate], fp8_src.tensors[up]]), gate)
             assert_bytes(
-                out[f"{p}.w13_weight"][e], torch.cat([fp8_src.tensors[gate], fp8_src.tensors[up]]), gate
-            )
-            assert_bytes(
-                out[f"{p}.w13_weight_scale_inv"][e],
+                out[f"{p}.{W13S}"][e],
                 torch.cat([fp8_src.tensors[gate + "_scale_inv"], fp8_src.tensors[up + "_scale_inv"]]),
                 gate,
             )
-            assert_bytes(out[f"{p}.w2_weight"][e], fp8_src.tensors[down], down)
-            assert_bytes(out[f"{p}.w2_weight_scale_inv"][e], fp8_src.tensors[down + "_scale_inv"], down)
+            assert_bytes(out[f"{p}.{W2}"][e], fp8_src.tensors[down], down)
+            assert_bytes(out[f"{p}.{W2S}"][e], fp8_src.tensors[down + "_scale_inv"], down)
     rest = [n for n in fp8_src.tensors if ".mlp.experts." not in n]
     for name in rest:
         assert_bytes(out[name], fp8_src.tensors[name], name)
@@ -574,7 +574,7 @@ def test_fp8_input_with_fitting_ue8m0_scales_is_kept(src: Source, quantized: Run
     assert set(a) == set(b)
     for name in a:
         assert_bytes(b[name], a[name], name)
-    w13 = b["model.layers.2.mlp.experts.w13_weight"]
+    w13 = b[f"model.layers.2.mlp.experts.{W13}"]
     assert_bytes(w13[1, INTER:], hf.tensors["model.layers.2.mlp.experts.1.up_proj.weight"], "kept bytes")
 
 
@@ -619,7 +619,7 @@ def test_packed_mixtral_is_read(packed_pairs: Callable, quantized: Runs) -> None
     assert "model.layers.0.mlp.experts.gate_up_proj" in packed.tensors
     a, b = read_dir(quantized(flat)), read_dir(quantized(packed))
     for layer in (0, 1):
-        for t in ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv"):
+        for t in DEEPGEMM_LEAVES.values():
             assert_bytes(
                 b[f"model.layers.{layer}.mlp.experts.{t}"],
                 a[f"model.layers.{layer}.block_sparse_moe.experts.{t}"],
@@ -648,18 +648,26 @@ def test_sm100_scale_layout(src: Source, quantized: Runs) -> None:
     for layer in MOE_LAYERS:
         p = f"model.layers.{layer}.mlp.experts"
         for tag, mn, k in (("w13", 2 * INTER, HIDDEN), ("w2", HIDDEN, INTER)):
-            assert_bytes(sm100[f"{p}.{tag}_weight"], sm90[f"{p}.{tag}_weight"], f"{p}.{tag}_weight")
-            stored, ref = sm100[f"{p}.{tag}_weight_scale_inv"], sm90[f"{p}.{tag}_weight_scale_inv"]
+            name = f"{p}.{DEEPGEMM_LEAVES[tag + '_weight']}"
+            assert_bytes(sm100[name], sm90[name], name)
+            stored, ref = (
+                sm100[f"{p}.{DEEPGEMM_LEAVES[tag + '_weight_scale_inv']}"],
+                sm90[f"{p}.{DEEPGEMM_LEAVES[tag + '_weight_scale_inv']}"],
+            )
             sk = cdiv(k, BLOCK)
             assert stored.dtype == torch.int32
             assert tuple(stored.shape) == (EXPERTS, cdiv(sk, 4), cdiv(mn, 4) * 4)
             for e in range(EXPERTS):
-                assert_bytes(stored[e], sm100_storage(ref[e], mn), f"{p}.{tag}_weight_scale_inv[{e}]")
+                assert_bytes(
+                    stored[e],
+                    sm100_storage(ref[e], mn),
+                    f"{p}.{DEEPGEMM_LEAVES[tag + '_weight_scale_inv']}[{e}]",
+                )
                 view = sm100_scales_from_storage(stored[e], mn)
                 assert view.stride(-2) == 1, "DeepGEMM's SM100 scales are MN-major"
                 assert_bytes(unpack_sm100_scales_ref(view, mn, k), ref[e], f"unpacked {p}.{tag}[{e}]")
     for name in sm90:
-        if "_weight_scale_inv" not in name or ".experts.w" not in name:
+        if not name.endswith((f".experts.{W13S}", f".experts.{W2S}")):
             assert_bytes(sm100[name], sm90[name], name)
 
 

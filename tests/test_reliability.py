@@ -38,7 +38,7 @@ from moetool.cli.main import main
 from moetool.io.writer import LOCK_NAME
 from moetool.pipeline import PROGRESS_NAME
 from moetool.ssm import StateMeta, write_state_file
-from moetool.testing.factory import make_checkpoint
+from moetool.testing.factory import DEEPGEMM_LEAVES, make_checkpoint
 
 INDEX = "model.safetensors.index.json"
 MANIFEST = "moetool.json"
@@ -820,9 +820,7 @@ def test_requantizing_deepgemm_output_keeps_its_bytes(base: Path, tmp_path: Path
     assert tree_digest(first) == before
     a = {k: v for f in first.glob("*.safetensors") for k, v in load_file(f).items()}
     b = {k: v for f in second.glob("*.safetensors") for k, v in load_file(f).items()}
-    stacked = [
-        n for n in a if n.endswith(("w13_weight", "w2_weight", "w13_weight_scale_inv", "w2_weight_scale_inv"))
-    ]
+    stacked = [n for n in a if n.endswith(tuple(DEEPGEMM_LEAVES.values()))]
     assert len(stacked) == 4 * DIMS["num_layers"]
     for n in stacked:
         assert torch.equal(a[n].view(torch.uint8), b[n].view(torch.uint8)), n

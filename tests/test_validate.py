@@ -37,7 +37,9 @@ from safetensors.torch import load_file, save_file
 from moetool.cli.main import main
 from moetool.io import read_header
 from moetool.ssm import StateMeta, conv_state_name, recurrent_state_name, slot_ids_name, write_state_file
-from moetool.testing.factory import experts_prefix, make_checkpoint, moe_layers
+from moetool.testing.factory import DEEPGEMM_LEAVES, experts_prefix, make_checkpoint, moe_layers
+
+W13, W13S, W2, W2S = DEEPGEMM_LEAVES.values()  # the deepgemm layout's stacked tensors under P
 
 HIDDEN = 256
 INTER = 128
@@ -391,9 +393,9 @@ def edit_config(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
 
 
 def down_proj_name(cfg: dict[str, Any], layer: int, layout: str, e: int) -> str:
-    """The converted tensor holding expert ``e``'s down_proj: stacked ``w2_weight`` or per-expert."""
+    """The converted tensor holding expert ``e``'s down_proj: stacked ``down_proj`` or per-expert."""
     prefix = experts_prefix(cfg, layer)
-    return f"{prefix}.w2_weight" if layout == "deepgemm" else f"{prefix}.{e}.down_proj.weight"
+    return f"{prefix}.{W2}" if layout == "deepgemm" else f"{prefix}.{e}.down_proj.weight"
 
 
 # -- clean conversions pass -------------------------------------------------------------------------
@@ -431,9 +433,9 @@ def swap_whole_experts(folder: Path, layer: int, layout: str, a: int, b: int) ->
     report must name first (expert a's gate/up weights)."""
     prefix = experts_prefix(config_of(folder), layer)
     if layout == "deepgemm":
-        for name in ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv"):
+        for name in DEEPGEMM_LEAVES.values():
             swap_experts(folder, f"{prefix}.{name}", a, b)
-        return f"{prefix}.w13_weight"
+        return f"{prefix}.{W13}"
     for proj in ("gate_proj", "up_proj", "down_proj"):
         for suffix in ("weight", "weight_scale_inv"):
             swap_tensors(folder, f"{prefix}.{a}.{proj}.{suffix}", f"{prefix}.{b}.{proj}.{suffix}")
@@ -466,7 +468,7 @@ def test_scale_one_ulp_off_fails(ws: Workspace, layout: str) -> None:
     cfg = config_of(conv)
     prefix = experts_prefix(cfg, 1)
     if layout == "deepgemm":
-        culprit = f"{prefix}.w13_weight_scale_inv"
+        culprit = f"{prefix}.{W13S}"
         bump_scale(conv, culprit, (1, 1, 0))  # expert 1, first up block
     else:
         culprit = f"{prefix}.1.up_proj.weight_scale_inv"
@@ -482,7 +484,7 @@ def _drop_last_slot(conv: Path, layer: int) -> None:
     prefix = experts_prefix(cfg, layer)
 
     def drop(t: dict[str, torch.Tensor]) -> None:
-        for name in ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv"):
+        for name in DEEPGEMM_LEAVES.values():
             t[f"{prefix}.{name}"] = t[f"{prefix}.{name}"][:-1].clone()
 
     rewrite_shard(conv, drop)
@@ -581,7 +583,7 @@ def test_manifest_not_matching_files_fails(ws: Workspace, how: str) -> None:
     if how == "sha256":
         manifest["files"][SHARD]["sha256"] = hashlib.sha256(b"another file").hexdigest()
     elif how == "tensor-list":
-        culprit = f"{experts_prefix(config_of(conv), 2)}.w2_weight"
+        culprit = f"{experts_prefix(config_of(conv), 2)}.{W2}"
         del manifest["tensors"][culprit]
     else:  # the shard of another conversion (ue8m0 scales) under this manifest
         shutil.copyfile(ws.converted("deepseek_v3", "deepgemm-ue8m0") / SHARD, conv / SHARD)

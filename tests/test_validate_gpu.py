@@ -19,7 +19,9 @@ import test_validate_io as tio
 import torch
 
 from moetool.ssm import StateMeta, recurrent_state_name, write_state_file
-from moetool.testing.factory import experts_prefix, make_checkpoint
+from moetool.testing.factory import DEEPGEMM_LEAVES, experts_prefix, make_checkpoint
+
+W13, W13S, W2, W2S = DEEPGEMM_LEAVES.values()  # the deepgemm layout's stacked tensors under P
 
 pytestmark = pytest.mark.gpu
 
@@ -168,7 +170,7 @@ def test_cuda_quantize_equals_cpu_bytes(
     # the comparison covered real FP8 data, not an empty plan
     cfg = tv.config_of(cpu)
     name = (
-        f"{experts_prefix(cfg, 1)}.w13_weight"
+        f"{experts_prefix(cfg, 1)}.{W13}"
         if layout == "deepgemm"
         else f"{experts_prefix(cfg, 1)}.7.up_proj.weight"
     )

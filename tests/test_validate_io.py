@@ -30,9 +30,11 @@ from moetool.errors import InputError
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
 from moetool.io.prefetch import FileHashes, Prefetcher, ReadPlan, sha256_of
-from moetool.testing.factory import experts_prefix, make_checkpoint
+from moetool.testing.factory import DEEPGEMM_LEAVES, experts_prefix, make_checkpoint
 from moetool.validate import TIMING_KEYS, ValidateOptions, validate_checkpoints
 from moetool.validate import run as validate_mod
+
+W13, W13S, W2, W2S = DEEPGEMM_LEAVES.values()  # the deepgemm layout's stacked tensors under P
 
 THREAD_PREFIXES = ("moetool-pread", "moetool-prefetch", "moetool-sha256", "moetool-compare")
 
@@ -433,7 +435,7 @@ def test_failing_read_is_one_line_naming_the_file(ws: tv.Workspace, monkeypatch:
     """A disk error while reading the converted experts: exit 2, one line naming the shard and the
     tensor, no report, no thread left reading or hashing."""
     orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", "deepgemm-float")
-    victim = f"{experts_prefix(tv.config_of(conv), 2)}.w2_weight"
+    victim = f"{experts_prefix(tv.config_of(conv), 2)}.{W2}"
     ReadLog(monkeypatch, fail={victim: OSError(errno.EIO, "Input/output error")})
     res = ws.validate(orig, conv)
     assert res.code == 2, (res.code, res.out, res.err)
@@ -554,7 +556,7 @@ def test_defects_across_chunks_report_what_the_whole_layer_does(ws: tv.Workspace
         assert not tensors["passed"] and bad in tensors["detail"], tensors
         assert chunked["io"]["buffer_bytes"] < whole["io"]["buffer_bytes"]  # it was read in chunks
     # the first expert of the swap is named, in either layout
-    assert "w13_weight[1," in tensors["detail"] or "experts.1.gate_proj" in tensors["detail"], tensors
+    assert f"{W13}[1," in tensors["detail"] or "experts.1.gate_proj" in tensors["detail"], tensors
 
 
 @pytest.mark.parametrize("family", sorted(tv.MODELS))

@@ -111,6 +111,7 @@ def _layer_matches(spec: ArchSpec, layer: int, names: set[str], fused: bool) -> 
         spec.expert_weight(layer, 0, "gate") in names
         or spec.packed_names(layer)[0] in names
         or spec.deepgemm_names(layer)["w13_weight"] in names
+        or spec.legacy_deepgemm_names(layer)["w13_weight"] in names
         or any(n.startswith(f"{prefix}.0.{spec.proj_names['gate']}.") for n in names)
     )
     if not stored:

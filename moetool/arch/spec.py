@@ -165,6 +165,21 @@ class ArchSpec:
         return f"{p}.gate_up_proj", f"{p}.down_proj"
 
     def deepgemm_names(self, layer: int) -> dict[str, str]:
+        """The deepgemm layout's stacked tensors by role: ``w13_weight`` is ``P.gate_up_proj`` (F8_E4M3
+        ``[E, 2I, H]``, gate rows first), ``w2_weight`` is ``P.down_proj`` (``[E, H, I]``), each with its
+        ``_scale_inv``. These are the names transformers' ``FP8Experts`` and vLLM's stacked-expert loader
+        hold; whether an engine may load such a checkpoint is decided by its config (``moetool.engines``)."""
+        gu, d = self.packed_names(layer)
+        return {
+            "w13_weight": gu,
+            "w13_weight_scale_inv": gu + "_scale_inv",
+            "w2_weight": d,
+            "w2_weight_scale_inv": d + "_scale_inv",
+        }
+
+    def legacy_deepgemm_names(self, layer: int) -> dict[str, str]:
+        """The names moetool 0.1 wrote the deepgemm layout under (``P.w13_weight`` ...): still read, never
+        written, because engines load them as something else."""
         p = self.experts_prefix(layer)
         return {
             k: f"{p}.{k}" for k in ("w13_weight", "w13_weight_scale_inv", "w2_weight", "w2_weight_scale_inv")

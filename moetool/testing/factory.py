@@ -54,6 +54,8 @@ from moetool.testing.fp8 import (
     scale_name,
 )
 from moetool.testing.names import (
+    DEEPGEMM_LEAVES,
+    deepgemm_names,
     expert_intermediate_size,
     expert_proj_names,
     expert_weight_name,
@@ -77,6 +79,7 @@ from moetool.testing.tokenizer import SPECIAL_TOKENS, tokenizer_json, write_extr
 
 __all__ = [
     "CHUNK_ELEMS",
+    "DEEPGEMM_LEAVES",
     "FAMILIES",
     "FAMILY_DEFAULTS",
     "FP8_BLOCK",
@@ -93,6 +96,7 @@ __all__ = [
     "Naming",
     "TensorSpec",
     "block_quant",
+    "deepgemm_names",
     "disk_tensors",
     "expert_intermediate_size",
     "expert_proj_names",

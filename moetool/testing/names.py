@@ -47,6 +47,23 @@ def packed_expert_names(config: Mapping[str, Any], layer: int) -> tuple[str, str
     return f"{p}.gate_up_proj", f"{p}.down_proj"
 
 
+#: The deepgemm layout's stacked FP8 tensors under an expert container ``P``, by DeepGEMM role: moetool
+#: writes them under the names transformers' ``FP8Experts`` holds (``w13`` = gate rows then up rows).
+DEEPGEMM_LEAVES: dict[str, str] = {
+    "w13_weight": "gate_up_proj",
+    "w13_weight_scale_inv": "gate_up_proj_scale_inv",
+    "w2_weight": "down_proj",
+    "w2_weight_scale_inv": "down_proj_scale_inv",
+}
+
+
+def deepgemm_names(config: Mapping[str, Any], layer: int, *, packed: bool = False) -> dict[str, str]:
+    """``{role: name}`` of a layer's deepgemm-layout tensors (:data:`DEEPGEMM_LEAVES` under
+    :func:`experts_prefix`), e.g. ``w13_weight`` -> ``model.layers.3.mlp.experts.gate_up_proj``."""
+    p = experts_prefix(config, layer, packed=packed)
+    return {role: f"{p}.{leaf}" for role, leaf in DEEPGEMM_LEAVES.items()}
+
+
 def router_weight_name(config: Mapping[str, Any], layer: int, *, packed: bool = False) -> str:
     """Router weight ``[E, H]``: ``model.layers.L.mlp.gate.weight`` (Mixtral: ``block_sparse_moe``)."""
     return f"{moe_block_prefix(config, layer, packed=packed)}.gate.weight"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from moetool.engines import declares_fp8, refusal, refusal_of
 from moetool.io.checkpoint import MANIFEST_NAME
 from moetool.io.prefetch import FileHashes
 from moetool.model import FP8_DTYPES
@@ -158,8 +159,16 @@ class StructureCheck:
             if o.config.get(key) != c.config.get(key):
                 problems.append(f"config.json key {key!r} differs from the original")
         has_fp8 = any(t.dtype in FP8_DTYPES for t in ctx.c_ck.tensors.values())
-        if has_fp8 != bool(c.quantization):
+        if has_fp8 != declares_fp8(c.config):
             problems.append("FP8 tensors and quantization_config disagree")
+        must_refuse = refusal(c.layout, fused=c.fused is not None) is not None
+        if must_refuse != (refusal_of(c.config) is not None):
+            problems.append(
+                "config.json lets SGLang, vLLM and transformers load a layout they mis-read (no refusal "
+                "marker in quantization_config.activation_scheme): rewrite it with this moetool"
+                if must_refuse
+                else "config.json carries a refusal marker but engines load this layout"
+            )
         add("tensors & config", "problems", len(problems), "0", not problems, problems[0] if problems else "")
         self.seconds += time.perf_counter() - t_start
         return out

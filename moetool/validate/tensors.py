@@ -225,7 +225,7 @@ class TensorsCheck:
         from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
 
         assert step.conv is not None
-        names = self.ctx.conv.arch.deepgemm_names(step.layer)
+        names = self.ctx.conv.stores[step.layer].stacked
         k = step.conv.pos[e]
         for tag, parts in (("w13", (0, 1)), ("w2", (2,))):
             expected = []
