@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 
 from moetool.errors import InputError
+from moetool.kernels.fp8_quant_ref import BLOCK as FP8_BLOCK
 
-FP8_BLOCK = 128
 FP4_GROUP = 32
 GROUPS_PER_BLOCK = FP8_BLOCK // FP4_GROUP
 MAX_OFFSET_BITS = 6  # 6.0 · 2**6 = 384 ≤ 448 (e4m3's max); 2**7 would overflow

@@ -41,14 +41,14 @@ import triton.language as tl
 
 from moetool.errors import InputError
 from moetool.kernels._device import hopper_or_later, interpreting
+from moetool.kernels.fp8_quant_ref import BLOCK as SCALE_BLOCK
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: the pointer path only
     TensorDescriptor = None
 
-BLOCK_K = 128  # one scale block per K step (1×128 activation blocks, 128×128 weight blocks)
-SCALE_BLOCK = 128
+BLOCK_K = SCALE_BLOCK  # one scale block per K step (1×128 activation blocks, 128×128 weight blocks)
 # float32 quiet NaN, built from bits so every backend produces the same value
 _NAN_BITS: tl.constexpr = tl.constexpr(0x7FC00000)
 

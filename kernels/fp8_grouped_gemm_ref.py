@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from moetool.errors import InputError
+from moetool.kernels.fp8_quant_ref import BLOCK as SCALE_BLOCK  # 1×128 activation, 128×128 weight blocks
 from moetool.kernels.fp8_quant_ref import dequant_ref
 
-SCALE_BLOCK = 128  # DeepGEMM's scale granularity: 1×128 for activations, 128×128 for weights
 _ACT_BLOCK = (1, SCALE_BLOCK)
 
 _FP8 = torch.float8_e4m3fn

@@ -18,7 +18,8 @@ from moetool.errors import PlanError, UsageError
 from moetool.io.safetensors_format import ITEMSIZE
 from moetool.model import E8M0_DTYPE, CheckpointView, e8m0_scale_name, scale_name
 from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards
-from moetool.quantize import BLOCK, cdiv, natural_key
+from moetool.quantize import natural_key
+from moetool.transforms.fp8_block import BLOCK, cdiv
 from moetool.transforms.shared_fusion import fused_config
 
 

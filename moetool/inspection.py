@@ -8,6 +8,7 @@ from typing import Any
 from moetool.errors import MoetoolError
 from moetool.model import FP8_DTYPES, CheckpointView
 from moetool.quantize import QuantizeOptions, plan_quantize
+from moetool.transforms.fp8_block import BLOCK
 
 
 def _kind(view: CheckpointView, name: str, experts: set[str], shared: set[str]) -> str:
@@ -56,7 +57,7 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
         and not n.endswith("_scale_inv")
         and t.dtype != "F8_E8M0"
         and n not in fp4_names
-        and any(d % 128 for d in t.shape[-2:])
+        and any(d % BLOCK for d in t.shape[-2:])
         and (n in expert_names or n in shared_names or view.is_linear_weight(n))
     )
     fp8 = [n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES]

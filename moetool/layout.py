@@ -20,6 +20,7 @@ import torch
 from moetool.errors import InputError
 from moetool.io.checkpoint import Checkpoint
 from moetool.model import analyze
+from moetool.transforms.fp8_block import BLOCK, sm100_unpack
 
 
 @dataclass(frozen=True)
@@ -58,16 +59,17 @@ def load_experts(path: str | os.PathLike[str], layer: int, *, unpack_scales: boo
         t = {k: ckpt.read(v) for k, v in store.stacked.items()}
     packed = t["w13_weight_scale_inv"].dtype == torch.int32
     if packed:
-        from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage, unpack_sm100_scales_ref
-
         _, n13, h = t["w13_weight"].shape
         _, n2, i = t["w2_weight"].shape
-        # DeepGEMM's view of the stored [E, PK, align(MN, 4)] words: [E, MN, PK], MN-major
-        s13 = sm100_scales_from_storage(t["w13_weight_scale_inv"], n13)
-        s2 = sm100_scales_from_storage(t["w2_weight_scale_inv"], n2)
+        stored13, stored2 = t["w13_weight_scale_inv"], t["w2_weight_scale_inv"]
         if unpack_scales:
-            s13, s2 = unpack_sm100_scales_ref(s13, n13, h), unpack_sm100_scales_ref(s2, n2, i)
+            s13, s2 = sm100_unpack(stored13, n13, h), sm100_unpack(stored2, n2, i)
             packed = False
+        else:
+            from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage
+
+            # DeepGEMM's view of the stored [E, PK, align(MN, 4)] words: [E, MN, PK], MN-major
+            s13, s2 = sm100_scales_from_storage(stored13, n13), sm100_scales_from_storage(stored2, n2)
         t["w13_weight_scale_inv"], t["w2_weight_scale_inv"] = s13, s2
     return StackedExperts(
         layer,
@@ -87,7 +89,7 @@ def unpack_to_hf(path: str | os.PathLike[str], layer: int) -> dict[str, torch.Te
     with Checkpoint(path) as ckpt:
         proj = analyze(ckpt).arch.proj_names
     inter = w.w13.shape[1] // 2
-    si = inter // 128
+    si = inter // BLOCK
     out: dict[str, torch.Tensor] = {}
     for e in range(w.num_experts):
         base = f"{w.prefix}.{e}"

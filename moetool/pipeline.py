@@ -26,8 +26,10 @@ from moetool.hub import Source
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
 from moetool.io.safetensors_format import DTYPES
 from moetool.io.writer import OutputDir, ShardWriter, os_error, sha256_file, write_index
+from moetool.kernels import dispatch
 from moetool.model import e8m0_scale_name, find_scale
 from moetool.plan import Job, Plan, Shard, Src
+from moetool.transforms import fp8_block
 
 PROGRESS_NAME = ".moetool-progress.json"
 SHARD_WORKERS_PER_GPU = 4
@@ -96,11 +98,8 @@ def read_source(ckpt: Checkpoint, src: Src, *, pin: bool = False) -> tuple[torch
             file=str(ckpt.root),
             tensor=src.name,
         )
-    srows = (src.rows[0] // 128, -(-src.rows[1] // 128)) if src.rows else None
-    s = ckpt.read(sname, rows=srows, expert=src.expert)
-    if src.cols:
-        s = s[:, src.cols[0] // 128 : -(-src.cols[1] // 128)]
-    return t, s
+    s = ckpt.read(sname, rows=fp8_block.scale_span(src.rows), expert=src.expert)
+    return t, fp8_block.slice_scales(s, cols=src.cols)
 
 
 def read_int4(ckpt: Checkpoint, src: Src) -> torch.Tensor:
@@ -135,57 +134,38 @@ def read_int4(ckpt: Checkpoint, src: Src) -> torch.Tensor:
 
 # -- transforms -------------------------------------------------------------------------------
 class Quantizer:
-    """Block FP8 on one device: the torch reference on CPU, the Triton kernel on CUDA (byte-identical)."""
+    """The FP8 policy (``transforms/fp8_block.py``) and DeepSeek's FP4 cast applied on one device;
+    results come back on the CPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        from moetool.kernels.fp8_quant_ref import block_quant_ref, ceil_to_ue8m0, dequant_ref
-
-        self._ref = block_quant_ref
-        self._dequant = dequant_ref
-        self._ceil = ceil_to_ue8m0
-        self._triton = None
-        self._fp4_triton = None
-        if device.type == "cuda":
-            from moetool.kernels.fp4_cast import fp4_cast
-            from moetool.kernels.fp8_quant import block_quant
-
-            self._triton = block_quant
-            self._fp4_triton = fp4_cast
 
     def quant(
         self, w: torch.Tensor, *, ue8m0: bool, name: str, pool: _BufferPool | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(q, s)`` of ``w`` on the CPU; on the CPU ``q`` comes from ``pool`` when one is given."""
-        if self._triton is not None:
-            q, s = self._triton(w.to(self.device, non_blocking=True), ue8m0=ue8m0, name=name)
-            return q.cpu(), s.cpu()
+        """``(q, s)`` of a float region ``w``; ``pool`` (a CPU quantizer's) gives the buffer for ``q``."""
         out = pool.take(w.shape, torch.float8_e4m3fn) if pool is not None else None
-        return self._ref(w, ue8m0=ue8m0, name=name, out=out)
+        q, s = fp8_block.quantize(w.to(self.device, non_blocking=True), ue8m0=ue8m0, name=name, out=out)
+        return q.cpu(), s.cpu()
 
     def from_fp8(
         self, q: torch.Tensor, s: torch.Tensor, *, ue8m0: bool, name: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep FP8 bytes when the scales already satisfy the request (lossless), else dequantize in
-        float32 and requantize."""
-        s = s.float()  # E8M0 scales decode exactly
-        if not ue8m0 or torch.equal(self._ceil(s), s):
-            return q, s
-        return self.quant(self._dequant(q, s), ue8m0=ue8m0, name=name)
+        """What the policy makes of an FP8 region (float32 or E8M0 scales): its bytes, or its
+        requantization (``fp8_block.expected_fp8``)."""
+        q, s = fp8_block.expected_fp8(q, s, ue8m0=ue8m0, name=name, device=self.device)
+        return q.cpu(), s.cpu()
 
     def fp4_cast(
         self, packed: torch.Tensor, scale: torch.Tensor, *, name: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """DeepSeek's FP4 → FP8 cast (:func:`moetool.kernels.fp4_cast_ref.fp4_cast_ref`): ``(q, s E8M0,
-        changed per block)`` on the CPU, the Triton kernel on CUDA (same bytes)."""
-        if self._fp4_triton is not None:
-            q, s, changed = self._fp4_triton(
-                packed.to(self.device, non_blocking=True), scale.to(self.device, non_blocking=True), name=name
-            )
-            return q.cpu(), s.cpu(), changed.cpu()
-        from moetool.kernels.fp4_cast_ref import fp4_cast_ref
-
-        return fp4_cast_ref(packed, scale, name=name)
+        changed per block)``."""
+        dev = self.device
+        q, s, changed = dispatch.fp4_cast(
+            packed.to(dev, non_blocking=True), scale.to(dev, non_blocking=True), name=name
+        )
+        return q.cpu(), s.cpu(), changed.cpu()
 
 
 def run_job(
@@ -260,11 +240,8 @@ def job_pieces(
             qs.append(q)
             ss.append(s)
         if job.scale_layout == "sm100":
-            from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
-
             s = ss[0] if len(ss) == 1 else torch.cat(ss)
-            rows = sum(q.shape[0] for q in qs)
-            ss = [sm100_scales_to_storage(pack_sm100_scales_ref(s, rows))]
+            ss = [fp8_block.sm100_pack(s, sum(q.shape[0] for q in qs))]
         return [qs, ss]
     if job.op == "fp4_cast":
         assert quantizer is not None
@@ -304,11 +281,9 @@ def _fp4_cast_pieces(
         qs.append(q)
         ss.append(s)
     if job.scale_layout == "sm100":
-        from moetool.kernels.fp8_quant_ref import pack_sm100_exponents_ref, sm100_scales_to_storage
-
         s = ss[0] if len(ss) == 1 else torch.cat(ss)
         rows = sum(q.shape[0] for q in qs)
-        return [qs, [sm100_scales_to_storage(pack_sm100_exponents_ref(s.view(torch.uint8), rows))]]
+        return [qs, [fp8_block.sm100_pack_exponents(s.view(torch.uint8), rows)]]
     if job.scale_dtype == "F32":
         ss = [e8m0_to_float(s) for s in ss]
     return [qs, ss]
@@ -396,8 +371,7 @@ def copy_regions(
                 file=str(ckpt.root),
                 tensor=src.name,
             )
-        srows = (src.rows[0] // 128, -(-src.rows[1] // 128)) if src.rows else None
-        regions.append(_file_region(ckpt, sname, src.expert, srows))
+        regions.append(_file_region(ckpt, sname, src.expert, fp8_block.scale_span(src.rows)))
     if out_dtypes is not None and any(
         out_dtypes.get(w.tensor, r.dtype) != r.dtype for w, r in zip(job.writes, regions)
     ):

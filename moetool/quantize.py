@@ -14,8 +14,8 @@ from moetool.engines import marked, refusal
 from moetool.errors import PlanError, UsageError
 from moetool.model import E8M0_DTYPE, FP8_DTYPES, CheckpointView, e8m0_scale_name, find_scale, scale_name
 from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards
+from moetool.transforms.fp8_block import BLOCK, cdiv, sm100_stored_shape
 
-BLOCK = 128
 LAYOUTS = ("deepgemm", "hf")
 SCALE_FMTS = ("float", "ue8m0")
 SCALE_LAYOUTS = ("sm90", "sm100")
@@ -52,20 +52,6 @@ def natural_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def sm100_scale_shape(mn: int, k: int) -> tuple[int, ...]:
-    """Stored shape of one matrix's SM100 packed scales (see moetool.kernels.fp8_quant_ref)."""
-    import torch
-
-    from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
-
-    probe = torch.ones(cdiv(mn, BLOCK), cdiv(k, BLOCK))
-    return tuple(sm100_scales_to_storage(pack_sm100_scales_ref(probe, mn)).shape)
-
-
 def quant_unit(weight: str, src: tuple[Src, ...], n: int, k: int, ue8m0: bool) -> Unit:
     """One Linear weight ``[n, k]`` quantized under its own name plus ``weight_scale_inv``."""
     q = OutTensor(weight, "F8_E4M3", (n, k))
@@ -94,7 +80,7 @@ def stacked_units(
     for tag, n, k, srcs in (("w13", 2 * inter, hidden, gate_up), ("w2", hidden, inter, down)):
         qname, sname = names[f"{tag}_weight"], names[f"{tag}_weight_scale_inv"]
         if scale_layout == "sm100":
-            per = sm100_scale_shape(n, k)
+            per = sm100_stored_shape(n, k)
             s_t = OutTensor(sname, "I32", (num, *per))
             s_bytes = 4 * math.prod(per)
         else:

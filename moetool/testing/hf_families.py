@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-FP8_BLOCK = 128
+from moetool.testing.fp8 import FP8_BLOCK
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moetool.testing.fp8 import FP8_BLOCK
+
 FP4_GROUP = 32
-FP8_BLOCK = 128
 # e2m1 magnitudes by code 0..7 (code | 8 is the negative)
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 

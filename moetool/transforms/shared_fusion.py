@@ -22,8 +22,7 @@ import torch
 
 from moetool.errors import InputError, PlanError, UsageError
 from moetool.moe import FUSED_KEY, FusedSlots, MoeLayerWeights
-
-BLOCK = 128  # block-FP8 scale granularity (SPEC §3): 128×128 weight blocks
+from moetool.transforms.fp8_block import BLOCK
 
 Slot = TypeVar("Slot", bound=tuple)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moetool.errors import UsageError
+from moetool.kernels import dispatch
 
 BACKENDS = ("auto", "triton", "deepgemm")
 
@@ -43,7 +44,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     float32 scales would be rounded there: ``--backend deepgemm`` is for UE8M0 outputs on such a card.)"""
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}", fix=f"one of {', '.join(BACKENDS)}")
-    if device.type == "cpu":
+    if not dispatch.uses_kernels(device):
         return "torch"
     if name != "auto":
         return name
@@ -59,19 +60,12 @@ class Backend:
         """``name``: as :func:`resolve_backend` gives it (``auto`` is resolved here too)."""
         self.device, self.name = device, resolve_backend(name, device)
         name = self.name
-        from moetool.kernels.fp8_grouped_gemm_ref import contiguous_layout, grouped_gemm_ref
-        from moetool.kernels.fp8_quant_ref import block_quant_ref
+        from moetool.kernels.fp8_grouped_gemm_ref import contiguous_layout
 
         self.layout = contiguous_layout
-        if device.type == "cpu":
-            self.name = "torch"
-            self.act_quant = lambda x: block_quant_ref(x, block=(1, 128))
-            self.gemm = grouped_gemm_ref
-            return
-        from moetool.kernels.fp8_quant import token_quant
-
         # MN-major scales: what DeepGEMM takes and what the Triton GEMM reads fastest (no transpose there).
-        self.act_quant = functools.partial(token_quant, mn_major=True)
+        self.act_quant = functools.partial(dispatch.token_quant, mn_major=True)
+        self.gemm = dispatch.grouped_gemm
         if name == "deepgemm":
             try:
                 import deep_gemm  # type: ignore[import-not-found]
@@ -89,10 +83,6 @@ class Backend:
                 return out
 
             self.gemm = dg
-        else:
-            from moetool.kernels.fp8_grouped_gemm import m_grouped_fp8_gemm_nt_contiguous
-
-            self.gemm = m_grouped_fp8_gemm_nt_contiguous
 
     def grouped(
         self, x: torch.Tensor, ids: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor

@@ -58,8 +58,8 @@ class MoeCheck:
     def _layer_weights(
         self, view: CheckpointView, side: str, b: Tensors, layer: int, w13: torch.Tensor, w2: torch.Tensor
     ) -> MoeLayerWeights:
-        from moetool.kernels.fp8_quant_ref import dequant_ref
         from moetool.moe import FusedSlots
+        from moetool.transforms.fp8_block import dequantize
 
         arch = view.arch
         dev = self.ctx.device
@@ -70,7 +70,7 @@ class MoeCheck:
             def f(name: str) -> torch.Tensor:
                 t, s = slice_field(b, side, Src(name), view.ckpt.root)
                 if s is not None:
-                    return dequant_ref(t.to(dev), s.to(dev))
+                    return dequantize(t.to(dev), s.to(dev))
                 return t.to(dev).float()
 
             shared = (f(sh.gate), f(sh.up), f(sh.down))

@@ -104,11 +104,11 @@ class Context:
         slots are cut from the shared expert. Built once per layer for the kernels and MoE checks."""
         if self._orig_cache is not None and self._orig_cache[0] is step:
             return self._orig_cache[1]
-        from moetool.kernels.fp8_quant_ref import dequant_ref
+        from moetool.transforms.fp8_block import dequantize
 
         def f(data: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
             t, s = data
-            return dequant_ref(t, s) if s is not None else t
+            return dequantize(t, s) if s is not None else t
 
         st = step.orig
         parts13, parts2 = [], []
@@ -161,10 +161,10 @@ class Context:
             raise InputError("experts are not FP8", tensor=self.conv.stores[step.layer].prefix)
         out = [st.select(b[f"c|{k}"], experts) for k in ("w13", "s13", "w2", "s2")]
         if st.whole_scales:
-            from moetool.kernels.fp8_quant_ref import sm100_scales_from_storage, unpack_sm100_scales_ref
+            from moetool.transforms.fp8_block import sm100_unpack
 
             n13, h = out[0].shape[1:]
             n2, i = out[2].shape[1:]
-            out[1] = unpack_sm100_scales_ref(sm100_scales_from_storage(out[1], n13), n13, h)
-            out[3] = unpack_sm100_scales_ref(sm100_scales_from_storage(out[3], n2), n2, i)
+            out[1] = sm100_unpack(out[1], n13, h)
+            out[3] = sm100_unpack(out[3], n2, i)
         return tuple(out)

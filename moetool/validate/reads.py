@@ -27,6 +27,7 @@ from moetool.io.checkpoint import Checkpoint
 from moetool.io.prefetch import Field, ReadPlan
 from moetool.model import CheckpointView, scale_name
 from moetool.plan import Src
+from moetool.transforms import fp8_block
 from moetool.validate.options import ValidateOptions, default_read_budget
 
 if TYPE_CHECKING:
@@ -66,8 +67,9 @@ def region_name(src: Src, *, scale: bool = False) -> str:
     if src.expert is None:
         return name
     rows = f", rows {src.rows[0]}:{src.rows[1]}" if src.rows else ""
-    if scale and src.rows:
-        rows = f", scale rows {src.rows[0] // 128}:{-(-src.rows[1] // 128)}"
+    span = fp8_block.scale_span(src.rows)
+    if scale and span:
+        rows = f", scale rows {span[0]}:{span[1]}"
     return f"{name}[{src.expert}{rows}]"
 
 
@@ -84,14 +86,10 @@ def slice_field(b: Tensors, side: str, src: Src, root: Path) -> tuple[torch.Tens
         t = t[src.expert]
         s = None if s is None else s[src.expert]
     if src.rows:
-        r0, r1 = src.rows
-        t = t[r0:r1]
-        s = None if s is None else s[r0 // 128 : -(-r1 // 128)]
+        t = t[src.rows[0] : src.rows[1]]
     if src.cols:
-        c0, c1 = src.cols
-        t = t[:, c0:c1]
-        s = None if s is None else s[:, c0 // 128 : -(-c1 // 128)]
-    return t, s
+        t = t[:, src.cols[0] : src.cols[1]]
+    return t, None if s is None else fp8_block.slice_scales(s, src.rows, src.cols)
 
 
 class Stack:
@@ -295,7 +293,7 @@ class ReadSchedule:
                     raise InputError(
                         "FP8 tensor without its weight_scale_inv", file=str(ck.root), tensor=src.name
                     )
-                rows = (rows[0] // 128, -(-rows[1] // 128)) if rows else None
+                rows = fp8_block.scale_span(rows)
             info, _, _, shape = ck.region(name, rows, expert=src.expert)
             return info.dtype, rows, shape
 

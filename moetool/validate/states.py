@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from moetool import tolerances as tol
+from moetool.kernels import dispatch
 from moetool.pipeline import pick_device
 from moetool.validate.options import ValidateOptions
 from moetool.validate.report import Check, Report
@@ -25,7 +26,9 @@ def validate_states(original: str | Path, converted: str | Path, opts: ValidateO
 
     t0 = time.perf_counter()
     device = pick_device(opts.device)
-    report = Report(str(original), str(converted), str(device), "torch" if device.type == "cpu" else "triton")
+    report = Report(
+        str(original), str(converted), str(device), "triton" if dispatch.uses_kernels(device) else "torch"
+    )
     report.timings = {"ssm": 0.0, "total": 0.0}
     o_t, o_meta = read_state_file(original)
     c_t, c_meta = read_state_file(converted)
@@ -53,10 +56,6 @@ def validate_states(original: str | Path, converted: str | Path, opts: ValidateO
         report.timings["total"] = round(time.perf_counter() - t0, 3)
         return report
     t_ssm = time.perf_counter()
-    if device.type == "cpu":
-        from moetool.kernels.gdn_decode_ref import gdn_decode_klast_ref as kernel
-    else:
-        from moetool.kernels.gdn_decode import gdn_decode_klast as kernel
     gen = torch.Generator().manual_seed(opts.seed)
     hv, kd, vd = c_meta.num_value_heads, c_meta.head_k_dim, c_meta.head_v_dim
     h = c_meta.num_key_heads or o_meta.num_key_heads or hv
@@ -90,7 +89,7 @@ def validate_states(original: str | Path, converted: str | Path, opts: ValidateO
         ref_o, ref_s = gdn_decode_gated_ref(q, k, v, a, b, A_log, dt_bias, orig_state, layout="k-first")
         dev = device
         pool_d = pool.to(dev)
-        out = kernel(
+        out = dispatch.gdn_decode_klast(
             q.to(dev),
             k.to(dev),
             v.to(dev),

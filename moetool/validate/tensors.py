@@ -10,6 +10,7 @@ import torch
 
 from moetool.errors import MoetoolError
 from moetool.plan import Src
+from moetool.transforms import fp8_block
 from moetool.validate.protocol import Context, Tensors
 from moetool.validate.reads import LayerStep, region_name, slice_field, stored_regions
 from moetool.validate.report import Check
@@ -151,31 +152,16 @@ class TensorsCheck:
         )
 
     # -- comparing ----------------------------------------------------------------------------------
-    def _quant(self, w: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block FP8 of ``w`` on the device (Triton on CUDA, the torch reference on the CPU: same bytes)."""
-        w = w.to(self.ctx.device)
-        if self.ctx.device.type == "cuda":
-            from moetool.kernels.fp8_quant import block_quant
-
-            return block_quant(w.contiguous(), ue8m0=self.ctx.ue8m0, name=name)
-        from moetool.kernels.fp8_quant_ref import block_quant_ref
-
-        return block_quant_ref(w, ue8m0=self.ctx.ue8m0, name=name)
-
     def _expected_quant(
         self, src: Src, orig: tuple[torch.Tensor, torch.Tensor | None]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the recipe makes of an original region: block FP8 of a float region; an FP8 region's own
-        bytes when its scales already satisfy the scale format, else its float32 dequantization requantized."""
-        from moetool.kernels.fp8_quant_ref import ceil_to_ue8m0, dequant_ref
-
+        """What the FP8 policy makes of an original region, on the device: block FP8 of a float region;
+        for an FP8 region its own bytes or its requantization (``fp8_block.expected_fp8``)."""
+        dev, ue8m0 = self.ctx.device, self.ctx.ue8m0
         t, s = orig
         if s is None:
-            return self._quant(t, src.describe())
-        t, s = t.to(self.ctx.device), s.to(self.ctx.device).float()
-        if not self.ctx.ue8m0 or torch.equal(ceil_to_ue8m0(s), s):
-            return t, s
-        return self._quant(dequant_ref(t, s), src.describe())
+            return fp8_block.quantize(t.to(dev), ue8m0=ue8m0, name=src.describe())
+        return fp8_block.expected_fp8(t.to(dev), s.to(dev), ue8m0=ue8m0, name=src.describe(), device=dev)
 
     def _first_diff(self, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...] | None:
         if a.shape != b.shape:
@@ -214,16 +200,12 @@ class TensorsCheck:
             )
         w = orig[0]
         if errs is not None and w.dtype != torch.float8_e4m3fn:  # quantization error for the report
-            from moetool.kernels.fp8_quant_ref import dequant_ref
-
             wf = w.to(self.ctx.device).float()
-            d = dequant_ref(got_q, got_s)
+            d = fp8_block.dequantize(got_q, got_s)
             errs.append(float((d - wf).norm() / wf.norm().clamp_min(1e-30)))
         return None
 
     def _compare_sm100(self, step: LayerStep, b: Tensors, e: int) -> str | None:
-        from moetool.kernels.fp8_quant_ref import pack_sm100_scales_ref, sm100_scales_to_storage
-
         assert step.conv is not None
         names = self.ctx.conv.stores[step.layer].stacked
         k = step.conv.pos[e]
@@ -233,9 +215,7 @@ class TensorsCheck:
                 src, orig = self.ctx.orig_region(step, b, e, j)
                 expected.append(self._expected_quant(src, orig))
             want_q = torch.cat([p[0] for p in expected])
-            want_s = sm100_scales_to_storage(
-                pack_sm100_scales_ref(torch.cat([p[1] for p in expected]), want_q.shape[0])
-            )
+            want_s = fp8_block.sm100_pack(torch.cat([p[1] for p in expected]), want_q.shape[0])
             got_q = b[f"c|{tag}"][k]
             got_s = b[f"c|{'s13' if tag == 'w13' else 's2'}"][k]
             pos = self._first_diff(got_q, want_q)
