@@ -63,7 +63,8 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
     fp8 = [n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES]
     q = view.quantization or {}
     formats: Counter[str] = Counter(
-        "fp4" if s.fp4 else "fp8" if s.fp8 else "float" for s in view.stores.values()
+        "fp4" if s.fp4 else "int4" if s.int4_group else "fp8" if s.fp8 else "float"
+        for s in view.stores.values()
     )
     gdn = info.gdn
     moe = set(info.moe_layers)

@@ -146,7 +146,7 @@ def _refused(capsys: pytest.CaptureFixture[str]):
 def test_inspect_reports_int4_experts(kimi: dict[str, Path]) -> None:
     report = json.loads(_run("inspect", str(kimi["int4"]), "--json"))
     assert (report["family"], report["model_type"], report["routed_experts"]) == ("kimi_k25", "kimi_k25", 8)
-    assert report["expert_dtypes"] == ["INT4"]
+    assert report["expert_dtypes"] == ["INT4"] and report["expert_formats"] == {"int4": 1}
     assert report["moe_layers"] == [1] and report["shared_expert_intermediate_size"] == 128
 
 
