@@ -55,6 +55,12 @@ _NAN_BITS: tl.constexpr = tl.constexpr(0x7FC00000)
 _FP8 = torch.float8_e4m3fn
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. (``triton.cdiv`` is a constexpr function, about 2 µs a call
+    outside a kernel, and the launcher needs several per call.)"""
+    return -(-a // b)
+
+
 @triton.jit
 def _store_tile(
     d_ptr, values, row_ids, keep_id, grp64, offs_m, offs_n, M, N, stride_dg, stride_dm, stride_dn
@@ -258,7 +264,7 @@ def select_config(
     """
     del k  # K only sets the loop length; both regimes pipeline it the same way
     if rows_per_expert <= _STREAMING_ROWS:
-        if m_tiles * triton.cdiv(n, _STREAMING.block_n) < sm_count:
+        if m_tiles * _cdiv(n, _STREAMING.block_n) < sm_count:
             return _STREAMING_NARROW
         return _STREAMING_TMA if tma else _STREAMING
     return _COMPUTE_TMA if tma else _COMPUTE
@@ -285,10 +291,10 @@ def _check_common(
         _fail(fn, "a_q", f"activations must be K-major (stride(-1) == 1), got strides {a_q.stride()}")
     if b_q.stride(-1) != 1 and k > 1:
         _fail(fn, "b_q", f"weights must be K-major (stride(-1) == 1), got strides {b_q.stride()}")
-    want_as = (*a_q.shape[:-1], triton.cdiv(k, SCALE_BLOCK))
+    want_as = (*a_q.shape[:-1], _cdiv(k, SCALE_BLOCK))
     if tuple(a_s.shape) != want_as:
         _fail(fn, "a_s", f"activation scales must be {list(want_as)} (1×128 blocks), got {list(a_s.shape)}")
-    want_bs = (g, triton.cdiv(n, SCALE_BLOCK), triton.cdiv(k, SCALE_BLOCK))
+    want_bs = (g, _cdiv(n, SCALE_BLOCK), _cdiv(k, SCALE_BLOCK))
     if tuple(b_s.shape) != want_bs:
         _fail(fn, "b_s", f"weight scales must be {list(want_bs)} (128×128 blocks), got {list(b_s.shape)}")
     devices = {t.device for t in (a_q, a_s, b_q, b_s)}
@@ -338,7 +344,7 @@ def contiguous_config(a_q: torch.Tensor, b_q: torch.Tensor, expected_m: int | No
     m = a_q.shape[0]
     g, n, k = b_q.shape
     rows = expected_m if expected_m is not None else m // max(1, g)
-    return _device_config(rows, n, k, triton.cdiv(m, SCALE_BLOCK), a_q, b_q)
+    return _device_config(rows, n, k, _cdiv(m, SCALE_BLOCK), a_q, b_q)
 
 
 def masked_config(a_q: torch.Tensor, b_q: torch.Tensor, expected_m: int | None = None) -> GemmConfig:
@@ -347,7 +353,7 @@ def masked_config(a_q: torch.Tensor, b_q: torch.Tensor, expected_m: int | None =
     g, m_max, _ = a_q.shape
     _, n, k = b_q.shape
     rows = min(expected_m, m_max) if expected_m is not None else m_max
-    m_tiles = g * triton.cdiv(max(1, rows), _STREAMING.block_m)
+    m_tiles = g * _cdiv(max(1, rows), _STREAMING.block_m)
     return _device_config(rows, n, k, m_tiles, a_q, b_q)
 
 
@@ -445,12 +451,12 @@ def _launch(
 
 def contiguous_grid(m: int, n: int, cfg: GemmConfig) -> tuple[int, int]:
     """Programs of ``m_grouped_fp8_gemm_nt_contiguous`` for ``M`` rows, output width ``n``."""
-    return (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), 1)
+    return (_cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), 1)
 
 
 def masked_grid(g: int, m_max: int, n: int, cfg: GemmConfig) -> tuple[int, int]:
     """Programs of ``m_grouped_fp8_gemm_nt_masked`` for ``G`` groups of ``M_max`` rows, width ``n``."""
-    return (triton.cdiv(m_max, cfg.block_m) * triton.cdiv(n, cfg.block_n), g)
+    return (_cdiv(m_max, cfg.block_m) * _cdiv(n, cfg.block_n), g)
 
 
 def m_grouped_fp8_gemm_nt_contiguous(
