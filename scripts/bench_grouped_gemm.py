@@ -1,9 +1,10 @@
 """Benchmark the Triton FP8 block grouped GEMM against DeepGEMM (the anchor) and cuBLAS's blockwise
 ``torch._scaled_mm`` looped over experts, on DeepSeek-V3 expert shapes, same operands, same run. GPU only.
 
-Layouts, as an engine calls them: the masked layout (``[G, rows, K]``, every row valid) below 128 rows per
-expert, the contiguous one (each expert's rows padded to 128) from 128 rows on. For every (shape, experts
-G, rows per expert) correctness comes first, on a sample of experts: our output against the float32
+Layouts, as an engine calls them: the masked layout (``[G, 128, K]``, ``rows`` valid rows per group)
+below 128 rows per expert, the contiguous one (each expert's rows padded to 128) from 128 rows on. For
+every (shape, experts G, rows per expert) correctness comes first, on a sample of experts: our output
+against the float32
 product of the unquantized inputs (calc_diff < 1e-3, DeepGEMM's bar), against DeepGEMM on the same FP8
 bytes and scales (bit-identical expected: both promote each 128-deep block in K order into a float32
 accumulator; calc_diff < 1e-4 required) and against ``_scaled_mm`` (< 1e-4: same inputs, only summation
@@ -76,6 +77,11 @@ HOST_BAR = 2.0  # our host time per call at most this many times DeepGEMM's
 STREAMING_ROWS = 64
 COMPUTE_ROWS = 512
 MASKED_BELOW = 128  # rows per expert under which the masked layout is used
+# Rows per group in the masked layout. DeepGEMM needs a multiple of its BLOCK_M (64 or 128): it stores D
+# through one 2-D TMA descriptor over [G·M_max, N], so a tile of group g running past M_max lands in group
+# g+1's rows (on an H200, M_max = 8 gave calc_diff 0.17-0.39 against the right product). Engines
+# allocate a multiple of 128 (the tokens one rank may receive).
+MASKED_M_MAX = 128
 HOST_CALLS = 100
 
 SWEEP_COMPUTE = [
@@ -249,13 +255,15 @@ def _build_case(
 ) -> Case:
     ones = torch.ones((), device="cuda")
     if rows < MASKED_BELOW:
-        x = torch.randn(g, rows, k, device="cuda", dtype=torch.bfloat16)
+        m_max = MASKED_M_MAX
+        x = torch.randn(g, m_max, k, device="cuda", dtype=torch.bfloat16)
+        x[:, rows:] = 0  # rows past masked_m hold nothing, as DeepGEMM's own tests lay them out
         a_q, a_s = block_quant_ref(x.view(-1, k), block=(1, 128))
-        a_q = a_q.view(g, rows, k)
+        a_q = a_q.view(g, m_max, k)
         # MN-major per group with M a multiple of 4: DeepGEMM's TMA-aligned layout, so it copies nothing
-        a_s = mn_major_scales(a_s.view(g, rows, -1))
+        a_s = mn_major_scales(a_s.view(g, m_max, -1))
         masked_m = torch.full((g,), rows, dtype=torch.int32, device="cuda")
-        out = torch.empty(g, rows, n, dtype=torch.bfloat16, device="cuda")
+        out = torch.empty(g, m_max, n, dtype=torch.bfloat16, device="cuda")
         out_dg = torch.empty_like(out)
         cfg = masked_config(a_q, b_q, expected_m=rows)
 
@@ -269,16 +277,21 @@ def _build_case(
             return out_dg
 
         anchor_args = [
-            (a_q[e], b_q[e].t(), *((a_s[e], b_s[e].t()) if not fallback else (ones, ones))) for e in range(g)
+            (
+                a_q[e, :rows],
+                b_q[e].t(),
+                *((a_s[e, :rows].t().contiguous().t(), b_s[e].t()) if not fallback else (ones, ones)),
+            )
+            for e in range(g)
         ]
 
         def plan(config: GemmConfig | None) -> tuple:
             c = config or cfg
-            args, kwargs = _launch_args(c, a_q, a_s, b_q, b_s, out, masked_m, rows, True)
-            return masked_grid(g, rows, n, c), args, kwargs
+            args, kwargs = _launch_args(c, a_q, a_s, b_q, b_s, out, masked_m, m_max, True)
+            return masked_grid(g, m_max, n, c), args, kwargs
 
         def rows_of(e: int) -> torch.Tensor:
-            return torch.arange(e * rows, (e + 1) * rows, device="cuda")
+            return torch.arange(e * m_max, e * m_max + rows, device="cuda")
 
         flat_x = x.view(-1, k)
         layout = "masked"
@@ -506,9 +519,9 @@ def _warm_one(shape: str, g: int, rows: int) -> tuple[str, float, str]:
         b_q = torch.zeros(g, n, k, dtype=torch.float8_e4m3fn, device="cuda")
         b_s = torch.ones(g, n // 128, k // 128, device="cuda")
         if rows < MASKED_BELOW:
-            a_q = torch.zeros(g, rows, k, dtype=torch.float8_e4m3fn, device="cuda")
-            a_s = mn_major_scales(torch.ones(g, rows, k // 128, device="cuda"))
-            out = torch.empty(g, rows, n, dtype=torch.bfloat16, device="cuda")
+            a_q = torch.zeros(g, MASKED_M_MAX, k, dtype=torch.float8_e4m3fn, device="cuda")
+            a_s = mn_major_scales(torch.ones(g, MASKED_M_MAX, k // 128, device="cuda"))
+            out = torch.empty(g, MASKED_M_MAX, n, dtype=torch.bfloat16, device="cuda")
             masked_m = torch.full((g,), rows, dtype=torch.int32, device="cuda")
             deep_gemm.m_grouped_fp8_gemm_nt_masked((a_q, a_s), (b_q, b_s), out, masked_m, rows)
         else:
