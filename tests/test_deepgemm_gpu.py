@@ -50,6 +50,8 @@ EXPERTS = 8
 # Rows per expert in the contiguous layout: an empty expert, a single row, a full 128-row tile, a tile
 # and a bit (two tiles, the second nearly empty), odd counts.
 CONTIGUOUS_ROWS = [3, 0, 130, 1, 128, 67, 5, 200]
+# DeepGEMM's masked layout needs M_max a multiple of its 64/128-row block (it stores D through one 2-D TMA
+# descriptor over [G·M_max, N]); ours takes any M_max.
 MASKED_MAX = 128
 MASKED_ROWS = [0, 1, 3, 64, 128, 17, 100, 5]
 QUANTIZATIONS = {
