@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,16 @@ class Source:
 def resolve(model: str) -> Source:
     """A local directory, or ``org/name[@revision]`` downloaded (or found in the cache) via huggingface_hub."""
     p = Path(model).expanduser()
-    if p.exists():
-        if not p.is_dir():
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:  # a loop of links, a name too long: a local path that cannot be opened
+        raise InputError(f"cannot open MODEL: {e.strerror}", file=model) from None
+    if st is None and os.path.lexists(p):
+        raise InputError("MODEL is a link to nothing", file=model, fix="point it at a checkpoint directory")
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
             raise InputError("MODEL is a file, not a checkpoint directory", file=model)
         return Source(p.absolute())
     if not REPO_ID.match(model) or model.startswith((".", "/", "~")):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import math
 import os
 import queue
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +26,7 @@ from moetool import __version__
 from moetool.errors import EnvironmentError_, InputError, MoetoolError, UsageError
 from moetool.hub import Source
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
+from moetool.io.fs import open_regular, real_path
 from moetool.io.safetensors_format import DTYPES
 from moetool.io.writer import OutputDir, ShardWriter, os_error, sha256_file, write_index
 from moetool.kernels import dispatch
@@ -435,7 +438,7 @@ class _SourceFiles:
         with self._lock:
             fd = self._fds.get(file)
             if fd is None:
-                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+                fd = self._fds[file] = open_regular(file, what="shard")
             return fd
 
     def close(self) -> None:
@@ -509,15 +512,78 @@ def write_shard(
         sources.close()
 
 
-def _load_progress(out: OutputDir, name: str) -> dict[str, dict[str, Any]]:
+def _load_progress(out: OutputDir, name: str) -> dict[str, Any]:
+    """The progress record an interrupted run left, or ``{}`` when there is none or it is unreadable
+    (then no shard is reused). A link in its place is refused: nothing in the work folder is followed."""
     p = out.path(name)
-    if not p.exists():
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(
+                "is a symbolic link in the output's work folder",
+                file=str(p),
+                fix="remove it; moetool never follows a link it did not create",
+            ) from None
         return {}
     try:
-        data = json.loads(p.read_text())
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        with open(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_PROGRESS_BYTES + 1)
+        data = json.loads(raw) if len(raw) <= MAX_PROGRESS_BYTES else None
         return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return {}
+    finally:
+        os.close(fd)
+
+
+def input_files(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
+    """What binds a progress record to the input it was written from: per input shard, its size,
+    modification and change times (ns), inode and device, as the kernel reports them for the real file.
+
+    A file with other values under the same name — another checkpoint with the same headers, or the
+    same file rewritten, truncated, or replaced by a download — changes its inode or its change time,
+    which the kernel sets on every write and no unprivileged call can set back. Hashing the input bytes
+    instead would cost every run a second pass over the input (sha256 runs at about the speed the CPU
+    quantizes) and every ``--resume`` a full re-read; these values cost one ``stat`` per file. A
+    checkpoint copied elsewhere between the kill and the resume has new inodes and is refused, which
+    is safe: ``--overwrite`` converts it again."""
+    out = {}
+    for rel in ckpt.shard_files:
+        st = os.stat(real_path(ckpt.root / rel))
+        out[rel] = {
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino,
+            "device": st.st_dev,
+        }
+    return out
+
+
+def _check_inputs(recorded: Any, now: dict[str, dict[str, int]], ckpt: Checkpoint, out: OutputDir) -> None:
+    """Refuse a resume whose input is not the one ``OUT.partial`` was written from, naming the file."""
+    fix = "resume with the input OUT.partial was written from, or pass --overwrite to start again"
+    if not isinstance(recorded, dict):
+        raise UsageError("OUT.partial records no input to resume from", file=str(out.partial), fix=fix)
+    for rel in sorted(set(recorded) | set(now)):
+        was, is_ = recorded.get(rel), now.get(rel)
+        if was == is_:
+            continue
+        if is_ is None:
+            what = "was read by the interrupted run but is not in this input"
+        elif not isinstance(was, dict):
+            what = "was not read by the interrupted run"
+        else:
+            changed = [
+                k for k in ("size", "inode", "device", "mtime_ns", "ctime_ns") if was.get(k) != is_.get(k)
+            ]
+            what = f"is not the file OUT.partial was written from ({', '.join(changed)} changed)"
+        raise UsageError(what, file=str(ckpt.root / rel), fix=fix)
 
 
 class _Dist:
@@ -552,6 +618,23 @@ class _Dist:
 
 
 PLAN_KEY = "__plan__"
+INPUTS_KEY = "__inputs__"
+MAX_PROGRESS_BYTES = 64 << 20
+
+
+def _reusable(path: Path, rec: dict[str, Any]) -> bool:
+    """Whether the shard at ``path`` is the one the progress record describes: a regular file this run's
+    predecessor created (not a link, no other name for it), of the recorded size and sha256."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != rec.get("size"):
+        return False
+    try:
+        return sha256_file(path, follow=False) == rec.get("sha256")
+    except OSError:
+        return False
 
 
 def plan_fingerprint(plan: Plan) -> str:
@@ -579,25 +662,23 @@ def _convert_shards(
     needs_quant = any(j.op in ("quant", "fp4_cast") for s in shards for j in s.jobs)
     done = _load_progress(out, progress_name) if out.resumed else {}
     fingerprint = plan_fingerprint(plan)
-    if done and done.get(PLAN_KEY) != fingerprint:
-        raise UsageError(
-            "OUT.partial was written from another input or with other options",
-            file=str(out.partial),
-            fix="pass --overwrite to start again (or resume with the same command)",
-        )
+    inputs = input_files(ckpt)
+    if done:
+        if done.get(PLAN_KEY) != fingerprint:
+            raise UsageError(
+                "OUT.partial was written from another input or with other options",
+                file=str(out.partial),
+                fix="pass --overwrite to start again (or resume with the same command)",
+            )
+        _check_inputs(done.get(INPUTS_KEY), inputs, ckpt, out)
     done[PLAN_KEY] = fingerprint
+    done[INPUTS_KEY] = inputs
     files: dict[str, dict[str, Any]] = {}
     reused: list[str] = []
     todo: list[Shard] = []
     for shard in shards:
         rec = done.get(shard.file) if isinstance(done.get(shard.file), dict) else None
-        path = out.path(shard.file)
-        if (
-            rec
-            and path.exists()
-            and rec.get("size") == path.stat().st_size
-            and sha256_file(path) == rec.get("sha256")
-        ):
+        if rec and _reusable(out.path(shard.file), rec):
             files[shard.file] = {"sha256": rec["sha256"], "size": rec["size"]}
             reused.append(shard.file)
             if lossy is not None:
@@ -630,6 +711,11 @@ def _convert_shards(
             for fut in [pool.submit(worker, i) for i in range(workers)]:
                 fut.result()
     return files, reused
+
+
+def _kept_fix(fix: str | None) -> str:
+    base = (fix or "").replace("; nothing was kept", "")
+    return (base + "; " if base else "") + "OUT.partial is kept for --resume"
 
 
 def execute(
@@ -734,9 +820,10 @@ def execute(
             }
             if summary is not None:
                 manifest["fp4_lossy_blocks"] = summary
-            for p in out.partial.glob(PROGRESS_NAME + "*"):
-                p.unlink()
             out.write_json(MANIFEST_NAME, manifest)
+            # The progress records go only once the manifest is written (until then a failure keeps
+            # them), with anything else that is not this run's output: OUT holds what the manifest lists.
+            out.prune(set(files) | {MANIFEST_NAME})
             final = out.commit()
             committed = True
         else:
@@ -748,12 +835,18 @@ def execute(
         out.release()
         raise
     except BaseException as e:
-        if not committed and dist.rank == 0:
-            out.abort()
-        else:
-            out.release()
-        if isinstance(e, MoetoolError):
-            raise
         if isinstance(e, OSError):
-            raise os_error(e, out.partial) from e
+            e = os_error(e, out.partial)
+        if committed or dist.rank != 0:
+            out.release()
+        elif out.resumed:
+            # a resumed run that fails (refused, disk full, a bad input) keeps what the earlier run
+            # recorded, as the refusal's message promises
+            out.keep()
+            if isinstance(e, MoetoolError):
+                e.fix = _kept_fix(e.fix)
+        else:
+            out.abort()
+        if isinstance(e, MoetoolError):
+            raise e from None
         raise

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from moetool.errors import EnvironmentError_, InputError, UsageError
 from moetool.gdn import LAYOUTS, STATE_DTYPES, Layout
+from moetool.io.fs import open_regular
 from moetool.io.safetensors_format import MAX_HEADER_BYTES
 
 FORMAT = "moetool-ssm-state"
@@ -370,8 +371,9 @@ def read_state_file(
     against the metadata (``check_state_tensors``).
     """
     file = str(path)
-    if not os.path.isfile(file):
+    if not os.path.lexists(file):
         raise InputError("no such file", file=file)
+    os.close(open_regular(file, what="state file"))  # a FIFO or a device would block or never end
     try:
         with safe_open(file, framework="pt") as f:
             md = dict(f.metadata() or {})
@@ -391,8 +393,9 @@ def read_state_header(path: str | os.PathLike[str]) -> dict[str, object]:
     naming the file.
     """
     file = str(path)
+    fd = open_regular(file, what="state file")
     try:
-        with open(file, "rb") as f:
+        with open(fd, "rb") as f:
             head = f.read(8)
             size = int.from_bytes(head, "little")
             if len(head) < 8 or size > MAX_HEADER_BYTES or 8 + size > os.fstat(f.fileno()).st_size:
@@ -449,7 +452,7 @@ def write_state_file(
     """
     file = str(path)
     folder = os.path.dirname(os.path.abspath(file))
-    if os.path.exists(file) and not overwrite:
+    if os.path.lexists(file) and not overwrite:
         raise UsageError("exists already", file=file, fix="pass --overwrite or choose another OUT")
     if not os.path.isdir(folder):
         raise UsageError("the folder to write into does not exist", file=file)

@@ -27,3 +27,14 @@ def v4_float(tmp_path_factory: pytest.TempPathFactory):
     from moetool.testing.release_formats import make_deepseek_v4_checkpoint
 
     return make_deepseek_v4_checkpoint(tmp_path_factory.mktemp("v4") / "float", seed=11)
+
+
+@pytest.fixture
+def untouched():
+    """``untouched(path, ...)`` hashes each tree (files, links, folders) now; the test fails at teardown
+    if any changed. Every reliability test that writes registers its inputs here."""
+    from reliability_helpers import Untouched
+
+    u = Untouched()
+    yield u
+    u.check()

@@ -12,9 +12,6 @@ start-ups overlap, and supervised from one polling loop; each test then judges o
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
 import os
 import pickle
@@ -25,157 +22,42 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from reliability_helpers import (
+    DELETE,
+    INDEX,
+    MANIFEST,
+    TIME_LIMIT_S,
+    last_tensor,
+    one_error_line,
+    partial_of,
+    read_raw,
+    refused,
+    rewrite_tensors,
+    run_cli,
+    set_config,
+    time_limit,
+    tree_digest,
+    weight_map,
+    write_raw,
+)
 from safetensors.torch import load_file, save_file
 
-from moetool.cli.main import main
 from moetool.io.writer import LOCK_NAME
 from moetool.pipeline import PROGRESS_NAME
 from moetool.ssm import StateMeta, write_state_file
 from moetool.testing.factory import DEEPGEMM_LEAVES, make_checkpoint
 
-INDEX = "model.safetensors.index.json"
-MANIFEST = "moetool.json"
 FAMILY = "qwen3_moe"
 DIMS: dict[str, Any] = {"num_layers": 2, "hidden_size": 256, "moe_intermediate_size": 128, "num_experts": 4}
 SHARD_BYTES = 400_000  # the base checkpoint comes in 7 shards with an index
-TIME_LIMIT_S = 5.0  # a bounded-time case runs in well under a second; a hang is minutes or more
 PROC_TIMEOUT_S = 420.0
-
-
-# -- helpers -----------------------------------------------------------------------------------------
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file (sha256), symbolic link (its target) and directory under ``root``, by relative path."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_symlink():
-            out[rel] = "-> " + os.readlink(p)
-        elif p.is_dir():
-            out[rel] = "dir"
-        else:
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def partial_of(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """``moetool ARGS`` in this process through the real entry point: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 2
-    return code, out.getvalue(), err.getvalue()
-
-
-def one_error_line(err: str) -> str:
-    """The single line a failing command prints: never a traceback, never an internal error."""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert "Traceback" not in err and "internal error" not in err, err
-    assert lines[0].startswith("moetool: error: "), lines[0]
-    return lines[0]
-
-
-def refused(
-    args: list[Any],
-    names: list[str],
-    *,
-    inputs: list[Path],
-    out: Path | None = None,
-    code: int = 2,
-) -> str:
-    """Run ``moetool ARGS``; assert exit ``code``, one line naming every string of ``names``, every
-    input tree unchanged and no OUT / OUT.partial. Returns the line."""
-    before = [tree_digest(p) if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs]
-    got, stdout, err = run_cli(*args)
-    assert got == code, f"exit {got}, expected {code}; stderr: {err.strip()[:2000]}; stdout: {stdout[:300]}"
-    line = one_error_line(err)
-    for name in names:
-        assert name in line, f"{name!r} not named in: {line}"
-    after = [tree_digest(p) if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs]
-    assert after == before, "the input was modified"
-    if out is not None:
-        assert not out.exists(), f"{out} was left behind"
-        assert not partial_of(out).exists(), f"{partial_of(out)} was left behind"
-    return line
-
-
-class _TimeLimit(BaseException):
-    """Raised by the alarm; a BaseException so the CLI funnel's catch-all cannot swallow it."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise _TimeLimit(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def weight_map(root: Path) -> dict[str, str]:
-    return json.loads((root / INDEX).read_text())["weight_map"]
-
-
-def read_raw(path: Path) -> tuple[dict[str, Any], bytes]:
-    """A safetensors file as (header dict, data section)."""
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
-
-
-def write_raw(path: Path, header: dict[str, Any], data: bytes) -> None:
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
-
-
-def last_tensor(header: dict[str, Any]) -> str:
-    """The tensor whose bytes end the file."""
-    return max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
-
-
-def rewrite_tensors(root: Path, change: Callable[[str, torch.Tensor], torch.Tensor | None]) -> None:
-    """Re-save every shard with ``change(name, tensor)`` applied (None keeps the tensor as it is)."""
-    for shard in sorted(set(weight_map(root).values())):
-        tensors = load_file(root / shard)
-        new = {}
-        for name, t in tensors.items():
-            c = change(name, t)
-            new[name] = t if c is None else c
-        save_file(new, root / shard, metadata={"format": "pt"})
-
-
-_DELETE = object()  # a set_config value that removes the key
-
-
-def set_config(root: Path, **changes: Any) -> None:
-    """Rewrite config.json with ``changes`` applied."""
-    cfg = json.loads((root / "config.json").read_text())
-    for k, v in changes.items():
-        if v is _DELETE:
-            del cfg[k]
-        else:
-            cfg[k] = v
-    (root / "config.json").write_text(json.dumps(cfg))
 
 
 class Tripwire:
@@ -317,7 +199,7 @@ def corrupt_one_expert_in_f64(root: Path) -> list[str]:
 
 
 def corrupt_config_missing_key(root: Path) -> list[str]:
-    set_config(root, moe_intermediate_size=_DELETE)
+    set_config(root, moe_intermediate_size=DELETE)
     return ["config.json", "moe_intermediate_size"]
 
 

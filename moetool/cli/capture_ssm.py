@@ -32,6 +32,7 @@ def capture_ssm(
     from moetool.capture import capture_state
     from moetool.errors import UsageError
     from moetool.hub import resolve
+    from moetool.io.fs import input_roots, refuse_into_input
     from moetool.ssm import write_state_file
 
     if Path(dst).exists() and not overwrite:  # before loading a model that may take minutes
@@ -43,7 +44,9 @@ def capture_ssm(
             ids = [int(x) for x in token_ids.split(",")]
         except ValueError:
             raise click.BadParameter("comma-separated integers", param_hint="--token-ids") from None
-    tensors, meta = capture_state(resolve(model).path, prompt=prompt, token_ids=ids, device=device)
+    source = resolve(model).path
+    refuse_into_input(dst, input_roots(source), what="OUT")  # never write into the model's folder
+    tensors, meta = capture_state(source, prompt=prompt, token_ids=ids, device=device)
     write_state_file(dst, tensors, meta, overwrite=overwrite)
     out.result(
         {"out": dst, "layers": len(tensors), "layout": meta.layout},

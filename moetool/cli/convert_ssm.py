@@ -66,13 +66,12 @@ def convert_ssm(
       moetool convert-ssm state.safetensors pool.safetensors --pool --dtype bfloat16 --trim-conv
       moetool convert-ssm raw.safetensors state.safetensors --assume-layout k-first
     """
-    from pathlib import Path
-
     from moetool.errors import UsageError
+    from moetool.io.fs import real_path
     from moetool.ssm import read_state_file, write_state_file
     from moetool.transforms.ssm_layout import convert_state
 
-    if Path(dst).resolve() == Path(src).resolve():
+    if real_path(dst) == real_path(src):
         raise UsageError(
             "OUT is the input file", file=dst, fix="write to a new file; the input is never modified"
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from moetool.errors import InputError
+from moetool.io.fs import input_roots, is_within, kind_of, open_regular, read_small, real_path
 from moetool.io.safetensors_format import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -45,14 +47,11 @@ def read_json(path: Path, *, what: str = "JSON") -> Any:
     The nesting bound keeps hostile files from reaching code that recurses over the parsed value
     (``copy.deepcopy``, ``json.dumps``) close to the interpreter's recursion limit.
     """
+    if not os.path.lexists(path):
+        raise InputError(f"{what} not found", file=str(path))
+    raw = read_small(path, MAX_JSON_BYTES, what=what)  # a regular file only, never past the limit
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise InputError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MB", file=str(path))
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{what} not found", file=str(path)) from None
-    except OSError as e:
-        raise InputError(f"cannot read {what}: {e.strerror}", file=str(path)) from None
+        value = json.loads(raw.decode("utf-8"))
     # ValueError covers JSONDecodeError and integers longer than Python's digit limit
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InputError(f"{what} is not valid JSON ({type(e).__name__})", file=str(path)) from None
@@ -79,12 +78,8 @@ def json_depth(value: Any) -> int:
 
 
 def allowed_roots(root: Path) -> list[Path]:
-    """Where files of ``root`` may really live: the folder itself, and for a Hub cache snapshot
-    (``.../snapshots/<rev>``, whose files are links into ``../../blobs``) that repo's blob store."""
-    roots = [root.resolve()]
-    if root.parent.name == "snapshots":
-        roots.append((root.parent.parent / "blobs").resolve())
-    return roots
+    """Where files of ``root`` may really live (see ``moetool.io.fs.input_roots``)."""
+    return input_roots(root)
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -100,11 +95,8 @@ def _inside(root: Path, rel: str, *, file: str) -> Path:
             file=file,
             fix="refusing to follow it; the index is hostile or corrupt",
         )
-    try:
-        p = (root / rel).resolve()
-    except OSError as e:
-        raise InputError(f"path {_short(rel)!r} cannot be opened: {e.strerror}", file=file) from None
-    if not any(p.is_relative_to(r) for r in allowed_roots(root)):
+    p = real_path(root / rel)
+    if not is_within(p, allowed_roots(root)):
         raise InputError(
             f"path {_short(rel)!r} points outside the checkpoint",
             file=file,
@@ -164,7 +156,7 @@ class Checkpoint:
     def _find_shards(self) -> tuple[list[str], dict[str, Any]]:
         index_path = self.root / INDEX_NAME
         self._index_map: dict[str, str] | None = None
-        if index_path.exists():
+        if os.path.lexists(index_path):  # an index that cannot be read is an error, never ignored
             index = read_json(index_path, what="index")
             wm = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(wm, dict) or not all(
@@ -176,14 +168,24 @@ class Checkpoint:
             for rel in files:
                 p = _inside(self.root, rel, file=str(index_path))
                 try:
-                    present = p.is_file()
-                except OSError:  # a name too long for the filesystem, a loop of links
-                    present = False
-                if not present:
+                    mode = os.stat(p).st_mode
+                except FileNotFoundError:
                     raise InputError(
                         f"index names shard {_short(rel)}, which is missing",
                         file=str(index_path),
                         fix="download the missing shard",
+                    ) from None
+                except OSError as e:  # a name too long for the filesystem, a loop of links
+                    raise InputError(
+                        f"index names shard {_short(rel)}, which cannot be opened: {e.strerror}",
+                        file=str(index_path),
+                        fix="replace it with the shard file",
+                    ) from None
+                if not stat.S_ISREG(mode):
+                    raise InputError(
+                        f"index names shard {_short(rel)}, which is {kind_of(mode)}, not a regular file",
+                        file=str(index_path),
+                        fix="moetool reads only regular files",
                     )
             metadata = index.get("metadata") or {}
             if not isinstance(metadata, dict):
@@ -212,7 +214,7 @@ class Checkpoint:
         with self._fd_lock:  # shard workers share the reader; positioned reads need no other lock
             fd = self._fds.get(file)
             if fd is None:
-                fd = os.open(file, os.O_RDONLY)
+                fd = open_regular(file, what="shard")
                 self._fds[file] = fd
             return fd
 
@@ -299,12 +301,26 @@ class Checkpoint:
             rel = p.relative_to(self.root).as_posix()
             if rel.startswith(".") or "/." in rel or rel in skip or p.suffix == ".safetensors":
                 continue
-            if p.is_symlink() and not any(p.resolve().is_relative_to(r) for r in allowed_roots(self.root)):
+            if p.is_symlink() and not is_within(real_path(p), allowed_roots(self.root)):
                 raise InputError(
                     "symbolic link points outside the checkpoint",
                     file=str(p),
                     fix="replace it with the file it points to",
                 )
-            if p.is_file() and p.suffix not in PICKLE_SUFFIXES:
+            if p.suffix in PICKLE_SUFFIXES:
+                continue
+            try:
+                mode = os.stat(p).st_mode
+            except OSError as e:  # a dangling link, a loop of links
+                raise InputError(
+                    f"cannot read: {e.strerror}", file=str(p), fix="remove or replace it"
+                ) from None
+            if stat.S_ISREG(mode):
                 out.append(rel)
+            elif not stat.S_ISDIR(mode):
+                raise InputError(
+                    f"is {kind_of(mode)}, not a regular file",
+                    file=str(p),
+                    fix="moetool copies only regular files; remove it",
+                )
         return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moetool.errors import InputError
+from moetool.io.fs import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 HEADER_ALIGN = 8
@@ -72,9 +73,10 @@ class Header:
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Parse and check a safetensors header; every defect is an ``InputError`` naming the file."""
     path = os.fspath(path)
+    fd = open_regular(path, what="shard")  # never a FIFO or a device: those would block or never end
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open(fd, "rb", closefd=False) as f:
+            size = os.fstat(fd).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise InputError(
@@ -88,8 +90,16 @@ def read_header(path: str | os.PathLike[str]) -> Header:
                     fix="the file is truncated or not safetensors; re-download it",
                 )
             raw = f.read(n)
+            if len(raw) < n:
+                raise InputError(
+                    f"file ended inside its {n}-byte header",
+                    file=path,
+                    fix="the file is truncated; re-download it",
+                )
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror}", file=path) from None
+    finally:
+        os.close(fd)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):

@@ -22,6 +22,8 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 
 from moetool.errors import EnvironmentError_, InputError, UsageError
 from moetool.io.checkpoint import truncated_shard
+from moetool.io.fs import input_roots, open_regular, real_path, refuse_into_input
 from moetool.io.safetensors_format import DTYPE_NAMES, build_header, read_header
 
 LOCK_NAME = ".moetool.lock"
@@ -43,11 +46,11 @@ COPY_CHUNK = 8 << 20
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ETXTBSY, errno.EBADF}
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 (hex) of a file's bytes."""
+def sha256_file(path: str | os.PathLike[str], *, follow: bool = True) -> str:
+    """sha256 (hex) of a file's bytes; with ``follow=False`` a link at ``path`` is an error (ELOOP)."""
     h = hashlib.sha256()
     buf = memoryview(bytearray(HASH_CHUNK))
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
     try:
         while n := os.readv(fd, [buf]):
             h.update(buf[:n])
@@ -77,7 +80,15 @@ def os_error(e: OSError, path: Path) -> EnvironmentError_:
 
 
 class OutputDir:
-    """The life of one output checkpoint: ``OUT.partial/`` → checks → ``commit()`` renames it to OUT."""
+    """The life of one output checkpoint: ``OUT.partial/`` → checks → ``commit()`` renames it to OUT.
+
+    The input is never written, renamed or deleted: OUT and OUT.partial are compared with the input by
+    real path (links followed) before anything is created, both ways (OUT or its work folder inside the
+    input, or the input inside either of them). In the work folder nothing moetool did not create is
+    followed: OUT.partial, its subfolders and the lock must not be links, every file is created anew
+    (``O_EXCL | O_NOFOLLOW``) after removing whatever entry had its name, and removal unlinks a link
+    rather than what it points to.
+    """
 
     def __init__(
         self,
@@ -88,28 +99,25 @@ class OutputDir:
         resume: bool = False,
         fsync: bool = False,
     ) -> None:
-        self.out = Path(out).absolute()
+        self.out = out_path(out)
         self.fsync = fsync
         self.partial = self.out.with_name(self.out.name + ".partial")
-        src = Path(source).resolve() if source is not None else None
-        real_out = self.out.resolve()
-        if src is not None:
-            if real_out == src or real_out.is_relative_to(src):
-                raise UsageError(
-                    "OUT equals or lies inside the input checkpoint",
-                    file=str(self.out),
-                    fix="choose an OUT outside the input folder",
+        if source is not None:
+            roots = input_roots(source)
+            # what a link there points to (written through), and the entry itself (renamed, removed)
+            for follow in (True, False):
+                refuse_into_input(self.out, roots, what="OUT", follow_last=follow, shown=os.fspath(out))
+                refuse_into_input(
+                    self.partial, roots, what="OUT.partial (the folder OUT is written in)", follow_last=follow
                 )
-            if src.is_relative_to(real_out):
-                raise UsageError("the input lies inside OUT", file=str(self.out), fix="choose another OUT")
-        if self.out.exists() and not overwrite:
+        if os.path.lexists(self.out) and not overwrite:
             raise UsageError(
                 "OUT already exists", file=str(self.out), fix="pass --overwrite or choose another OUT"
             )
-        if self.out.exists() and not self.out.is_dir():
+        if os.path.lexists(self.out) and not self.out.is_dir():
             raise UsageError("OUT exists and is not a directory", file=str(self.out))
         self.resumed = False
-        existed = self.partial.exists()
+        existed = os.path.lexists(self.partial)
         # Lock before deciding anything about an existing OUT.partial: a run still writing it must be
         # neither resumed nor wiped by a second run.
         self._lock_fd: int | None = self._lock()
@@ -129,10 +137,22 @@ class OutputDir:
     def _lock(self) -> int:
         """Create ``OUT.partial`` if needed and take its lock; refuse while another run holds it."""
         try:
-            self.partial.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.partial / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.partial)
+            _require_folder(self.partial, "OUT.partial")
+            fd = os.open(
+                self.partial / LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _link_error(self.partial / LOCK_NAME) from None
             raise os_error(e, self.partial) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(
+                "the lock file is not a regular file", file=str(self.partial / LOCK_NAME), fix="remove it"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -147,13 +167,9 @@ class OutputDir:
     def _clear_partial(self) -> None:
         """Empty ``OUT.partial`` (``--overwrite``) but keep its lock file, so the lock stays held."""
         try:
-            for p in self.partial.iterdir():
-                if p.name == LOCK_NAME:
-                    continue
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+            for entry in os.scandir(self.partial):
+                if entry.name != LOCK_NAME:
+                    remove_entry(Path(entry.path))
         except OSError as e:
             self._unlock()
             raise os_error(e, self.partial) from None
@@ -163,15 +179,16 @@ class OutputDir:
         """Another rank's handle on the ``OUT.partial`` rank 0 created (no checks, no lock: rank 0
         owns the directory's life)."""
         self = cls.__new__(cls)
-        self.out = Path(out).absolute()
+        self.out = out_path(out)
         self.fsync = fsync
         self.partial = self.out.with_name(self.out.name + ".partial")
-        if not self.partial.is_dir():
+        if not os.path.isdir(self.partial):
             raise UsageError(
                 "OUT.partial is not visible to this rank",
                 file=str(self.partial),
                 fix="under torchrun OUT must be on a filesystem every rank shares",
             )
+        _require_folder(self.partial, "OUT.partial")
         self.resumed = resumed
         self._lock_fd = None
         return self
@@ -179,16 +196,33 @@ class OutputDir:
     def path(self, rel: str) -> Path:
         return self.partial / rel
 
+    def create(self, rel: str) -> tuple[Path, int]:
+        """A new, empty ``<rel>.tmp`` in the work folder, open for writing: ``(its path, descriptor)``.
+        Whatever entry had that name (a file, a link) is removed first, never followed."""
+        dst = self.path(rel)
+        self._folders(dst.parent)
+        tmp = dst.with_name(dst.name + ".tmp")
+        return tmp, create_file(tmp)
+
+    def _folders(self, folder: Path) -> None:
+        """Create ``folder`` (inside OUT.partial) and its parents, refusing any that is a link."""
+        rel = folder.relative_to(self.partial)
+        here = self.partial
+        for part in rel.parts:
+            here = here / part
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(here)
+            _require_folder(here, "a folder in OUT.partial")
+
     def write_json(self, rel: str, data: Any) -> None:
         """Deterministic JSON (sorted keys, 2-space indent, trailing newline), written atomically."""
         self.write_bytes(rel, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         dst = self.path(rel)
-        tmp = dst.with_name(dst.name + ".tmp")
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            tmp, fd = self.create(rel)
+            with open(fd, "wb") as f:
                 f.write(data)
                 if self.fsync:
                     f.flush()
@@ -198,56 +232,178 @@ class OutputDir:
             raise os_error(e, dst) from None
 
     def copy_file(self, src: Path, rel: str) -> None:
+        """Copy the input's regular file ``src`` to ``rel`` (a FIFO or device is refused, not read)."""
         dst = self.path(rel)
+        sfd = open_regular(src, what="file")
         try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(src, tmp)
-            if self.fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            tmp, fd = self.create(rel)
+            with open(sfd, "rb", closefd=False) as fi, open(fd, "wb") as fo:
+                shutil.copyfileobj(fi, fo, COPY_CHUNK)
+                if self.fsync:
+                    fo.flush()
+                    os.fsync(fo.fileno())
             os.replace(tmp, dst)
         except OSError as e:
             raise os_error(e, dst) from None
+        finally:
+            os.close(sfd)
+
+    def prune(self, keep: set[str]) -> None:
+        """Remove every entry of OUT.partial but the files ``keep`` (relative paths), their folders and
+        the lock: OUT then holds exactly what the run wrote, whatever else an earlier run or someone
+        else left in the work folder. Links are removed as links."""
+        folders = {p for rel in keep for p in Path(rel).parents if str(p) != "."}
+
+        def walk(folder: Path) -> None:
+            for entry in os.scandir(folder):
+                rel = Path(entry.path).relative_to(self.partial)
+                if str(rel) in keep or str(rel) == LOCK_NAME:
+                    continue
+                if rel in folders and entry.is_dir(follow_symlinks=False):
+                    walk(Path(entry.path))
+                else:
+                    remove_entry(Path(entry.path))
+
+        try:
+            walk(self.partial)
+        except OSError as e:
+            raise os_error(e, self.partial) from None
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def _remove_tmp(self) -> None:
+        """Remove this run's unfinished ``*.tmp`` files (entries only, never what a link points to)."""
+        for p in self.partial.rglob("*.tmp"):
+            with contextlib.suppress(OSError):
+                remove_entry(p)
+
     def commit(self) -> Path:
         """Rename ``OUT.partial`` to OUT (replacing an old OUT only now, under --overwrite); with
-        ``fsync`` the folder is synced before and its parent after the rename."""
+        ``fsync`` the folder is synced before and its parent after the rename. An old OUT that is a
+        link is replaced as a link: what it points to is left alone."""
         with contextlib.suppress(FileNotFoundError):
             (self.partial / LOCK_NAME).unlink()
-        for p in self.partial.iterdir():
-            if p.name.endswith(".tmp"):
-                p.unlink()
+        self._remove_tmp()
         if self.fsync:
             _fsync_dir(self.partial)
         self._unlock()
         old = None
-        if self.out.exists():
+        if os.path.lexists(self.out):
             old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
+            n = 0
+            while os.path.lexists(old):  # never rename onto something that exists
+                n += 1
+                old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}-{n}")
             os.rename(self.out, old)
         os.rename(self.partial, self.out)
         if self.fsync:
             _fsync_dir(self.out.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_entry(old)
         return self.out
 
     def abort(self) -> None:
         """Remove everything this run wrote (the input and any old OUT are untouched)."""
         self._unlock()
-        shutil.rmtree(self.partial, ignore_errors=True)
+        if _is_folder(self.partial):
+            shutil.rmtree(self.partial, ignore_errors=True)
 
     def release(self) -> None:
         """Leave ``OUT.partial`` for ``--resume`` (an interrupted run)."""
         self._unlock()
+
+    def keep(self) -> None:
+        """Leave ``OUT.partial`` for ``--resume`` after a failure: its recorded shards stay, this run's
+        unfinished files go."""
+        self._unlock()
+        with contextlib.suppress(OSError):
+            self._remove_tmp()
+
+
+def out_path(out: str | os.PathLike[str]) -> Path:
+    """OUT as an absolute path whose last part names the folder to create (``x/..`` resolved);
+    the filesystem root is refused."""
+    p = Path(out).absolute()
+    if p.name in ("", ".", ".."):
+        p = real_path(p)
+    if not p.name:
+        raise UsageError(
+            "OUT is the filesystem root", file=str(out), fix="name a new folder for the output checkpoint"
+        )
+    return p
+
+
+def _link_error(path: Path) -> UsageError:
+    return UsageError(
+        "is a symbolic link in the output's work folder",
+        file=str(path),
+        fix="remove it; moetool never follows a link it did not create",
+    )
+
+
+def _is_folder(path: Path) -> bool:
+    """A real folder, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _require_folder(path: Path, what: str) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise _link_error(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(
+            f"{what} exists and is not a folder", file=str(path), fix="remove it or choose another OUT"
+        )
+
+
+def remove_entry(path: Path) -> None:
+    """Remove ``path`` itself: a link or a file is unlinked (what a link points to is untouched), a
+    real folder is removed with its contents (``shutil.rmtree`` never follows links inside it)."""
+    if _is_folder(path):
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a new temporary file beside it, renamed over ``path`` only once
+    complete: a reader sees the old file or the new one, never a part, and a link at ``path`` is
+    replaced, not followed. Returns the absolute path written. ``OSError`` as an ``EnvironmentError_``."""
+    dst = Path(path).absolute()
+    try:
+        # a name nothing else has (O_EXCL | O_NOFOLLOW): nothing already in the folder is touched
+        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+        tmp = Path(name)
+        try:
+            os.fchmod(fd, 0o644)
+            with open(fd, "wb") as f:
+                f.write(data)
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, dst)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise os_error(e, dst) from None
+    return dst
+
+
+def create_file(path: Path) -> int:
+    """A new, empty regular file at ``path`` opened read-write. An entry already there (a file, a link,
+    an unfinished file of an earlier run) is removed first, never followed or truncated through."""
+    remove_entry(path)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
 
 class _ReadBack:
@@ -296,7 +452,7 @@ class _ReadBack:
         h = hashlib.sha256()
         pos = 0
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:
             with self._cond:
                 self._error = e
@@ -384,7 +540,7 @@ class ShardWriter:
         self._readback: _ReadBack | None = None
         self.fd = -1
         try:
-            self.fd = os.open(self.tmp, os.O_CREAT | os.O_TRUNC | os.O_RDWR, 0o644)
+            self.fd = create_file(self.tmp)  # never through a link or into a file someone else made
             os.ftruncate(self.fd, self.size)
             self._pwrite(self.prefix, 0)
         except OSError as e:

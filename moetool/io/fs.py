@@ -1,0 +1,138 @@
+"""Filesystem guards every reader and writer goes through.
+
+- ``real_path``: a path with every link resolved, never an exception on a loop of links.
+- ``input_roots`` and ``refuse_into_input``: the real folders that hold an input's files, and the rule
+  that moetool writes, renames or deletes nothing that resolves into them.
+- ``open_regular`` and ``read_small``: only regular files are opened (a FIFO would block forever, a link
+  to ``/dev/zero`` would never end), checked before the open and again on the open descriptor, and small
+  files (JSON, headers) are read with a byte limit.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from moetool.errors import InputError, UsageError
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def real_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` absolute, with every link resolved as far as it resolves. Unlike ``Path.resolve`` on
+    Python < 3.13 this never raises on a loop of links: the looping part is left as it is, and opening
+    it later fails with ELOOP like any unreadable file."""
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular file is, in words (``a FIFO``, ``a directory`` ...)."""
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def input_roots(root: str | os.PathLike[str]) -> list[Path]:
+    """Real folders holding an input checkpoint's files: the folder itself, and for a Hub cache
+    snapshot (``.../snapshots/<rev>``, whose files are links into ``../../blobs``) that repo's blobs."""
+    root = Path(root)
+    roots = [real_path(root)]
+    if root.parent.name == "snapshots":
+        roots.append(real_path(root.parent.parent / "blobs"))
+    return roots
+
+
+def is_within(path: Path, roots: Iterable[Path]) -> bool:
+    """Whether real path ``path`` equals or lies inside one of the real paths ``roots``."""
+    return any(path == r or path.is_relative_to(r) for r in roots)
+
+
+def refuse_into_input(
+    path: str | os.PathLike[str],
+    roots: list[Path],
+    *,
+    what: str,
+    shown: str | None = None,
+    follow_last: bool = True,
+) -> None:
+    """``UsageError`` when ``path`` (a file or folder moetool is about to create, write, rename or
+    delete) resolves, links followed, to a path inside an input, or when an input lies inside it.
+    With ``follow_last=False`` a link at ``path`` itself is not followed: the entry is what counts
+    (what a rename over it would replace)."""
+    p = Path(os.path.abspath(os.fspath(path)))
+    real = real_path(path) if follow_last else real_path(p.parent) / p.name
+    if is_within(real, roots):
+        raise UsageError(
+            f"{what} resolves into the input ({real})",
+            file=shown or str(path),
+            fix="choose a path outside the input; moetool never writes into its input",
+        )
+    inside = [r for r in roots if r.is_relative_to(real)]
+    if inside:
+        raise UsageError(
+            f"the input ({inside[0]}) lies inside {what}",
+            file=shown or str(path),
+            fix="choose another path; moetool would replace or delete it",
+        )
+
+
+def open_regular(path: str | os.PathLike[str], *, what: str = "file") -> int:
+    """A read-only descriptor of ``path`` (links followed), refused with an ``InputError`` naming it
+    unless it is a regular file. The type is checked before opening (opening a FIFO blocks, opening
+    some devices has side effects) and again on the descriptor, in case the file was swapped between."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror}", file=p) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(
+            f"{what} is {kind_of(st.st_mode)}, not a regular file",
+            file=p,
+            fix="moetool reads only regular files",
+        )
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror}", file=p) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputError(f"{what} is {kind_of(st.st_mode)}, not a regular file", file=p)
+    return fd
+
+
+def read_small(path: str | os.PathLike[str], limit: int, *, what: str = "file") -> bytes:
+    """All bytes of the regular file ``path``, refused (``InputError`` naming it) past ``limit`` bytes,
+    whatever its size claims: never more than ``limit + 1`` bytes are read."""
+    fd = open_regular(path, what=what)
+    try:
+        if os.fstat(fd).st_size > limit:
+            raise InputError(f"{what} is larger than {_size(limit)}", file=os.fspath(path))
+        chunks, total = [], 0
+        while True:
+            b = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not b:
+                break
+            chunks.append(b)
+            total += len(b)
+            if total > limit:
+                raise InputError(f"{what} is larger than {_size(limit)}", file=os.fspath(path))
+        return b"".join(chunks)
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror}", file=os.fspath(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MB" if n >= 1 << 20 else f"{n} bytes"

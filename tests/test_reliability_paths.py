@@ -1,0 +1,360 @@
+"""The input is never written, renamed or deleted, and nothing in the work area is followed.
+
+The rule, tested by real path (links followed) in several shapes rather than one example: moetool
+creates, writes, renames and deletes nothing that resolves into the input — OUT, OUT.partial, the lock
+file, OUT.old-PID — whether the input is named like OUT.partial, lies inside it, or is reached through
+a link; and in OUT.partial it never follows a link it did not create (the folder itself, a planted
+``<shard>.tmp``, a planted shard, the lock and the progress record). Each case runs plain, with
+``--overwrite`` and with ``--resume``, and the whole area around it must be byte-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from reliability_helpers import (
+    DIMS,
+    FAMILY,
+    MANIFEST,
+    SHARD,
+    hf_checkpoint,
+    interrupt,
+    one_error_line,
+    partial_of,
+    run_cli,
+    same_output,
+    shards_of,
+    tree_digest,
+)
+
+from moetool.io.writer import LOCK_NAME
+from moetool.pipeline import PROGRESS_NAME
+
+FLAGS = {"plain": [], "overwrite": ["--overwrite"], "resume": ["--resume"]}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return hf_checkpoint(FAMILY, tmp_path_factory.mktemp("base") / "model", **DIMS)
+
+
+@pytest.fixture(scope="module")
+def clean(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run: the bytes every resumed run must end with."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    code, _, err = run_cli("quantize", base, out, "--max-shard-size", SHARD, "-q")
+    assert code == 0, err
+    return out
+
+
+# -- 1. nothing that resolves into the input is written, renamed or deleted ---------------------------
+def named_like_the_partial(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    """``quantize fs/model.partial fs/model``: the input is OUT's work folder by name."""
+    model = Path(shutil.copytree(base, area / "model.partial"))
+    return model, model, area / "model"
+
+
+def inside_the_partial(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    model = Path(shutil.copytree(base, area / "out.partial" / "model"))
+    return model, model, area / "out"
+
+
+def deep_inside_the_partial(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    model = Path(shutil.copytree(base, area / "out.partial" / "a" / "b" / "model"))
+    return model, model, area / "out"
+
+
+def partial_is_a_link_to_the_input(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    model = Path(shutil.copytree(base, area / "model"))
+    (area / "out.partial").symlink_to(model)
+    return model, model, area / "out"
+
+
+def partial_is_a_link_into_the_input(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    model = Path(shutil.copytree(base, area / "model"))
+    (model / "extra").mkdir()
+    (area / "out.partial").symlink_to(model / "extra")
+    return model, model, area / "out"
+
+
+def out_is_a_link_to_the_input(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    model = Path(shutil.copytree(base, area / "model"))
+    (area / "out").symlink_to(model)
+    return model, model, area / "out"
+
+
+def out_parent_is_a_link_into_the_input(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    model = Path(shutil.copytree(base, area / "model"))
+    (area / "alias").symlink_to(model)
+    return model, model, area / "alias" / "fp8"
+
+
+def input_given_through_a_link(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    """MODEL is a link; OUT is inside the folder it points to."""
+    real = Path(shutil.copytree(base, area / "real"))
+    (area / "link").symlink_to(real)
+    return real, area / "link", real / "fp8"
+
+
+def partial_name_is_a_link_to_the_input(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    """OUT is a fresh name, but ``OUT.partial`` already exists as a link to the input."""
+    real = Path(shutil.copytree(base, area / "weights"))
+    (area / "m.partial").symlink_to(real)
+    return real, real, area / "m"
+
+
+def out_spelled_with_dotdot(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    model = Path(shutil.copytree(base, area / "model"))
+    return model, model, model / "x" / ".."
+
+
+def inside_a_hub_blob_store(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    """A Hub cache snapshot whose files are links into ``blobs``: OUT inside the blob store is inside
+    the input, though not inside the snapshot folder."""
+    repo = area / "hub" / "models--org--name"
+    snap = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for p in sorted(base.iterdir()):
+        blob = repo / "blobs" / f"blob-{p.name}"
+        shutil.copyfile(p, blob)
+        (snap / p.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    return repo, snap, repo / "blobs" / "fp8"
+
+
+INTO_INPUT: dict[str, Callable[[Path, Path], tuple[Path, Path, Path]]] = {
+    "named_like_the_partial": named_like_the_partial,
+    "inside_the_partial": inside_the_partial,
+    "deep_inside_the_partial": deep_inside_the_partial,
+    "partial_is_a_link_to_the_input": partial_is_a_link_to_the_input,
+    "partial_is_a_link_into_the_input": partial_is_a_link_into_the_input,
+    "out_is_a_link_to_the_input": out_is_a_link_to_the_input,
+    "out_parent_is_a_link_into_the_input": out_parent_is_a_link_into_the_input,
+    "input_given_through_a_link": input_given_through_a_link,
+    "partial_name_is_a_link_to_the_input": partial_name_is_a_link_to_the_input,
+    "out_spelled_with_dotdot": out_spelled_with_dotdot,
+    "inside_a_hub_blob_store": inside_a_hub_blob_store,
+}
+
+
+@pytest.mark.parametrize("flags", list(FLAGS))
+@pytest.mark.parametrize("case", list(INTO_INPUT))
+def test_nothing_is_written_into_the_input(base: Path, tmp_path: Path, case: str, flags: str) -> None:
+    """Every writing command goes through the same output protocol (``moetool.io.writer.OutputDir``)."""
+    area = tmp_path / "fs"
+    area.mkdir()
+    _, model_arg, out = INTO_INPUT[case](area, base)
+    before = tree_digest(area)  # the input, the links, and everything next to them
+    code, _, err = run_cli("quantize", model_arg, out, "-q", *FLAGS[flags])
+    line = one_error_line(err)
+    assert code == 2 and "input" in line, line
+    assert str(out) in line or str(partial_of(out)) in line, line
+    assert tree_digest(area) == before, "something was created, written, renamed or deleted"
+
+
+def test_an_input_named_like_the_old_out_is_not_renamed_onto(base: Path, tmp_path: Path, untouched) -> None:
+    """``--overwrite`` moves the old OUT aside as ``OUT.old-PID`` before removing it; an input that
+    already has that name is neither replaced nor renamed, and no ``OUT.old-*`` is left."""
+    model = Path(shutil.copytree(base, tmp_path / f"out.old-{os.getpid()}"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("replaced by the new output")
+    untouched(model)
+    code, _, err = run_cli("quantize", model, out, "--overwrite", "-q")
+    assert code == 0, err
+    assert (out / MANIFEST).is_file() and not (out / "stale.txt").exists()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["out", model.name]), left
+
+
+def test_overwrite_replaces_a_linked_out_not_what_it_points_to(base: Path, tmp_path: Path, untouched) -> None:
+    model = Path(shutil.copytree(base, tmp_path / "model"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious.txt").write_text("not moetool's to delete")
+    out = tmp_path / "out"
+    out.symlink_to(elsewhere)
+    untouched(model, elsewhere)
+    code, _, err = run_cli("quantize", model, out, "--overwrite", "-q")
+    assert code == 0, err
+    assert out.is_dir() and not out.is_symlink() and (out / MANIFEST).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "model", "out"], "OUT.old-* left"
+
+
+@pytest.mark.parametrize("where", ["inside", "link_into_the_model", "through_a_linked_folder"])
+def test_capture_ssm_never_writes_into_the_model(base: Path, tmp_path: Path, where: str) -> None:
+    model = Path(shutil.copytree(base, tmp_path / "model"))
+    if where == "through_a_linked_folder":
+        (tmp_path / "alias").symlink_to(model)
+        dst = tmp_path / "alias" / "state.safetensors"
+    elif where == "link_into_the_model":
+        dst = tmp_path / "state.safetensors"
+        dst.symlink_to(model / "state.safetensors")
+    else:
+        dst = model / "state.safetensors"
+    before = tree_digest(tmp_path)
+    code, _, err = run_cli("capture-ssm", model, dst, "--token-ids", "1,2,3", "--overwrite", "-q")
+    line = one_error_line(err)
+    assert code == 2 and "input" in line, line
+    assert tree_digest(tmp_path) == before
+
+
+# -- 2. no link in the work area is followed ---------------------------------------------------------
+def partial_links_to_a_folder(area: Path) -> Path:
+    victim = area / "victim"
+    victim.mkdir()
+    (victim / "data.bin").write_bytes(os.urandom(1000))
+    (area / "out.partial").symlink_to(victim)
+    return area / "out.partial"
+
+
+def partial_is_a_dangling_link(area: Path) -> Path:
+    (area / "out.partial").symlink_to(area / "nowhere")
+    return area / "out.partial"
+
+
+def partial_is_a_file(area: Path) -> Path:
+    (area / "out.partial").write_text("a file where the work folder goes")
+    return area / "out.partial"
+
+
+PARTIAL_NOT_A_FOLDER: dict[str, Callable[[Path], Path]] = {
+    "link_to_a_folder": partial_links_to_a_folder,
+    "dangling_link": partial_is_a_dangling_link,
+    "a_file": partial_is_a_file,
+}
+
+
+@pytest.mark.parametrize("flags", list(FLAGS))
+@pytest.mark.parametrize("case", list(PARTIAL_NOT_A_FOLDER))
+def test_a_work_folder_that_is_not_a_real_folder_is_refused(
+    base: Path, tmp_path: Path, case: str, flags: str
+) -> None:
+    model = Path(shutil.copytree(base, tmp_path / "model"))
+    area = tmp_path / "fs"
+    area.mkdir()
+    named = PARTIAL_NOT_A_FOLDER[case](area)
+    before = (tree_digest(area), tree_digest(model))
+    code, _, err = run_cli("quantize", model, area / "out", "-q", *FLAGS[flags])
+    line = one_error_line(err)
+    assert code == 2 and str(named) in line, line
+    assert (tree_digest(area), tree_digest(model)) == before
+
+
+def plant_link_as_next_tmp(partial: Path, model: Path, victim: Path, names: list[str]) -> str | None:
+    """``<next shard>.tmp`` is a link to an input shard: creating the shard must not truncate it."""
+    nxt = _unrecorded_shards(partial)[0]
+    (partial / f"{nxt}.tmp").symlink_to(model / shards_of(model)[0])
+    return None
+
+
+def plant_link_as_next_shard(partial: Path, model: Path, victim: Path, names: list[str]) -> str | None:
+    """The next shard's final name is a link to an input shard (as if it were done): not reused, and
+    replacing it replaces the link."""
+    nxt = _unrecorded_shards(partial)[0]
+    (partial / nxt).symlink_to(model / shards_of(model)[0])
+    return None
+
+
+def plant_link_as_recorded_shard(partial: Path, model: Path, victim: Path, names: list[str]) -> str | None:
+    """A recorded shard swapped for a link to a copy of itself elsewhere: a link is never reused."""
+    done = _recorded_shards(partial)[0]
+    shutil.move(partial / done, victim / done)
+    (partial / done).symlink_to(victim / done)
+    return None
+
+
+def plant_hard_link_of_an_input_shard(
+    partial: Path, model: Path, victim: Path, names: list[str]
+) -> str | None:
+    """A shard's name is a second name of an input shard (a hard link, made before the first run, since
+    a new link changes the input file's change time and a resume would rightly refuse it): writing the
+    shard must replace the name, never write into the input's file."""
+    partial.mkdir()
+    os.link(model / shards_of(model)[0], partial / names[2])
+    return None
+
+
+def plant_stray_entries(partial: Path, model: Path, victim: Path, names: list[str]) -> str | None:
+    """Files, a folder and a link in the work folder that are no part of the output: OUT holds exactly
+    what its manifest lists, and removing them removes the link, not what it points to."""
+    (partial / "stray.safetensors").write_bytes(b"not an output")
+    (partial / "sub").mkdir()
+    (partial / "sub" / "x.json").write_text("{}")
+    (partial / "tokenizer.json.tmp").symlink_to(victim / "data.bin")
+    (partial / "stray-link").symlink_to(victim)
+    return None
+
+
+def plant_link_as_lock(partial: Path, model: Path, victim: Path, names: list[str]) -> str | None:
+    (partial / LOCK_NAME).unlink()
+    (partial / LOCK_NAME).symlink_to(victim / "data.bin")
+    return LOCK_NAME
+
+
+def plant_link_as_progress(partial: Path, model: Path, victim: Path, names: list[str]) -> str | None:
+    shutil.move(partial / PROGRESS_NAME, victim / "progress.json")
+    (partial / PROGRESS_NAME).symlink_to(victim / "progress.json")
+    return PROGRESS_NAME
+
+
+def _recorded_shards(partial: Path) -> list[str]:
+    record = json.loads((partial / PROGRESS_NAME).read_text())
+    return sorted(k for k in record if k.endswith(".safetensors"))
+
+
+def _unrecorded_shards(partial: Path) -> list[str]:
+    done = set(_recorded_shards(partial))
+    n = len(done)
+    total = int(sorted(done)[0].split("-of-")[1].split(".")[0])
+    names = [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    left = [x for x in names if x not in done]
+    assert len(left) == total - n and left
+    return left
+
+
+PLANT_FIRST = {"hard_link_of_an_input_shard"}
+PLANTED: dict[str, Callable[[Path, Path, Path, list[str]], str | None]] = {
+    "link_as_next_tmp": plant_link_as_next_tmp,
+    "link_as_next_shard": plant_link_as_next_shard,
+    "link_as_recorded_shard": plant_link_as_recorded_shard,
+    "hard_link_of_an_input_shard": plant_hard_link_of_an_input_shard,
+    "stray_entries": plant_stray_entries,
+    "link_as_lock": plant_link_as_lock,
+    "link_as_progress": plant_link_as_progress,
+}
+
+
+@pytest.mark.parametrize("flags", ["resume", "overwrite"])
+@pytest.mark.parametrize("case", list(PLANTED))
+def test_links_planted_in_the_work_folder_are_never_followed(
+    base: Path, clean: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, flags: str, untouched
+) -> None:
+    model = Path(shutil.copytree(base, tmp_path / "model"))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.bin").write_bytes(os.urandom(4096))
+    out = tmp_path / "out"
+    if case in PLANT_FIRST:
+        refused_name = PLANTED[case](partial_of(out), model, victim, shards_of(clean))
+        interrupt(model, out, 2, monkeypatch, "--resume")
+    else:
+        interrupt(model, out, 2, monkeypatch)
+        refused_name = PLANTED[case](partial_of(out), model, victim, shards_of(clean))
+    untouched(model, victim)
+    code, _, err = run_cli("quantize", model, out, "--max-shard-size", SHARD, "-q", *FLAGS[flags])
+    if refused_name == LOCK_NAME or (refused_name is not None and flags == "resume"):
+        # A planted lock is refused before anything (the lock comes first), a planted progress record
+        # when a resume would read it; either is named, and the work folder stays for a fix.
+        line = one_error_line(err)
+        assert code == 2 and refused_name in line and "link" in line, line
+        assert partial_of(out).is_dir() and not out.exists()
+        return
+    assert code == 0, err
+    same_output(out, clean)
+    assert not partial_of(out).exists()
