@@ -16,7 +16,14 @@ from moetool import __version__
 from moetool.engines import marked, refusal
 from moetool.errors import PlanError, UsageError
 from moetool.io.safetensors_format import ITEMSIZE
-from moetool.model import E8M0_DTYPE, CheckpointView, e8m0_scale_name, scale_name
+from moetool.model import (
+    E8M0_DTYPE,
+    FP8_DTYPES,
+    CheckpointView,
+    check_fp8_scale,
+    e8m0_scale_name,
+    scale_name,
+)
 from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards
 from moetool.quantize import natural_key
 from moetool.transforms.fp8_block import BLOCK, cdiv
@@ -101,6 +108,17 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
                 tensor=sh.gate,
                 fix="fuse the BF16 checkpoint, then quantize",
             )
+        if store.kind == "deepgemm" and ckpt.tensors[store.stacked["w13_weight_scale_inv"]].dtype != "F32":
+            raise PlanError(
+                "cannot fuse into SM100-packed scales",
+                file=root,
+                tensor=store.stacked["w13_weight_scale_inv"],
+                fix="fuse the sm90 (or BF16) checkpoint, then quantize with --scale-layout sm100",
+            )
+        if fp8:  # FP8 experts are sliced in 128-row scale blocks: their scales must be the block grid
+            for n in (*store.names, *sh.names):
+                if ckpt.tensors[n].dtype in FP8_DTYPES:
+                    check_fp8_scale(ckpt, n)
         consumed.update(sh.names)
         consumed.update(store.names)
         slots = [(r * m + j, j) for r in range(reps) for j in range(m)]
@@ -134,13 +152,6 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
         else:
             if store.kind == "deepgemm":
                 held = store.stacked
-                if ckpt.tensors[held["w13_weight_scale_inv"]].dtype != "F32":
-                    raise PlanError(
-                        "cannot fuse into SM100-packed scales",
-                        file=root,
-                        tensor=held["w13_weight_scale_inv"],
-                        fix="fuse the sm90 (or BF16) checkpoint, then quantize with --scale-layout sm100",
-                    )
                 names = arch.deepgemm_names(layer)  # written under today's names, whatever the input used
             else:
                 held = store.stacked

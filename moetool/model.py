@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +193,9 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
     fused = ckpt.config.get("moetool_fused_shared_experts")
     from moetool.moe import FusedSlots
 
-    slots = FusedSlots.from_config(ckpt.config)
+    slots = FusedSlots.from_config(ckpt.config, file=cfg_file)
+    if slots is not None:
+        _check_fused_slots(slots, arch, info, cfg_file)
     extra_slots = slots.num_slots * slots.replicas if slots else 0
     _check_layer_range(ckpt, arch.root, info.num_layers, cfg_file)
     t = ckpt.tensors
@@ -309,6 +311,7 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
         if layer in info.hash_layers:
             _check_hash_table(ckpt, arch.hash_table(layer), info.routing.top_k)
         _add_shared(ckpt, arch, info, layer, fused, shared, hidden)
+    _check_experts_covered(ckpt, arch, info.num_layers, stores, cfg_file)
     kinds = {s.kind for s in stores.values()}
     layout = "none" if not kinds else (kinds.pop() if len(kinds) == 1 else "mixed")
     if layout == "per_expert":
@@ -414,17 +417,43 @@ def _check_int4_experts(
                     )
 
 
+def _check_fused_slots(slots: Any, arch: ArchSpec, info: ModelInfo, cfg_file: str) -> None:
+    """``moetool_fused_shared_experts`` must place its slots where a model with a shared expert can hold
+    them: right after the routed experts. (A slot count or slot weight that differs from what fusing
+    gives still describes a runnable layer: ``validate`` finds those by running it.)"""
+    from moetool.moe import FUSED_KEY
+
+    fix = "config.json was edited after fusing; use the one moetool wrote"
+    if not arch.has_shared or not info.shared_intermediate_size:
+        raise InputError(f"{FUSED_KEY} is set but {arch.family} has no shared expert", file=cfg_file, fix=fix)
+    if slots.first_slot != info.num_experts:
+        raise InputError(
+            f"{FUSED_KEY}.first_slot is {slots.first_slot}, but the slots follow the {info.num_experts} "
+            f"routed experts: it must be {info.num_experts}",
+            file=cfg_file,
+            fix=fix,
+        )
+
+
 def _check_layer_range(ckpt: Checkpoint, root: str, num_layers: int, cfg_file: str) -> None:
     """Weights of a layer the config does not have would be copied unconverted: refuse them. DeepSeek's
-    multi-token-prediction layers (``num_nextn_predict_layers``) follow the last layer and are allowed."""
+    multi-token-prediction layers (``num_nextn_predict_layers``) follow the last layer and are allowed,
+    but only a layer that is one (it holds the ``eh_proj`` that makes an MTP layer): a config that
+    simply says fewer layers cannot pass its last layers off as MTP layers."""
     mtp = language_config(ckpt.config).get("num_nextn_predict_layers", 0)
     limit = num_layers + (mtp if isinstance(mtp, int) and not isinstance(mtp, bool) and 0 <= mtp <= 16 else 0)
     layer_re = re.compile("^" + re.escape(root) + r"\.layers\.(\d+)\.")
     for name in ckpt.tensors:
         m = layer_re.match(name)
-        if m and int(m.group(1)) >= limit:
+        if m is None:
+            continue
+        layer = int(m.group(1))
+        if layer >= limit or (
+            layer >= num_layers and f"{root}.layers.{layer}.eh_proj.weight" not in ckpt.tensors
+        ):
             raise InputError(
-                f"weights hold layer {m.group(1)} but config.json has {num_layers} layers",
+                f"weights hold layer {m.group(1)} but config.json has {num_layers} layers"
+                + (f" (+ {mtp} multi-token-prediction, which hold eh_proj)" if limit > num_layers else ""),
                 file=cfg_file,
                 tensor=name,
                 fix="use the config.json that came with the weights",
@@ -491,6 +520,83 @@ def _check_hash_table(ckpt: Checkpoint, name: str | None, top_k: int) -> None:
             f"token-id table must be integer [vocab, {top_k}], got {t.dtype} {list(t.shape)}",
             file=str(ckpt.root),
             tensor=name,
+        )
+
+
+_PROBE_LAYER = 987654321
+
+
+def _layer_names(prefix_of: Callable[[int], str | None]) -> re.Pattern[str] | None:
+    """A pattern matching tensor names under ``prefix_of(L)`` for any layer L (group 1 = L)."""
+    probe = prefix_of(_PROBE_LAYER)
+    if not probe or str(_PROBE_LAYER) not in probe:
+        return None
+    head, tail = probe.split(str(_PROBE_LAYER), 1)
+    return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + r"\.")
+
+
+def _check_experts_covered(
+    ckpt: Checkpoint, arch: ArchSpec, num_layers: int, stores: dict[int, ExpertStore], cfg_file: str
+) -> None:
+    """Every routed or shared expert tensor of a layer must lie in a layer the config makes MoE:
+    otherwise it would be copied unconverted while config.json declares the conversion. (Layers past
+    ``num_layers`` are DeepSeek's multi-token-prediction layers, which ``_check_layer_range`` admits and
+    which are kept as they are and listed as unconverted.)"""
+    specs = [arch]
+    alt = arch.tensors.get("moe_alt")
+    if alt and alt != arch.tensors["moe"]:
+        specs.append(dataclasses.replace(arch, tensors={**arch.tensors, "moe": alt}))
+    patterns = [
+        p for a in specs for p in (_layer_names(a.experts_prefix), _layer_names(a.shared_prefix)) if p
+    ]
+    for name in sorted(ckpt.tensors):
+        for pattern in patterns:
+            m = pattern.match(name)
+            if m is None:
+                continue
+            layer = int(m.group(1))
+            if layer in stores or layer >= num_layers:
+                continue
+            keys = [
+                arch.layers.get(k)
+                for k in ("first_k_dense_key", "freq_key", "sparse_step_key", "mlp_only_key")
+            ]
+            said = ", ".join(f"{k}={language_config(ckpt.config).get(k)!r:.40}" for k in keys if k)
+            raise InputError(
+                f"layer {layer} stores expert tensors but config.json makes it a dense layer"
+                + (f" ({said})" if said else ""),
+                file=cfg_file,
+                tensor=name,
+                fix="the config and the weights disagree; use the config.json that came with the weights",
+            )
+
+
+def check_fp8_scale(ckpt: Checkpoint, weight: str) -> None:
+    """The F8_E4M3 tensor ``weight`` (``[N, K]`` or stacked ``[E, N, K]``) must come with its block
+    scales (``find_scale``), one per 128×128 block (``[..., ceil(N/128), ceil(K/128)]``): float32
+    ``weight_scale_inv`` (DeepSeek-V3) or E8M0 ``scale`` (DeepSeek-V4). Anything else would be read with
+    the wrong block scales: an ``InputError`` naming the scale and the grid the weight needs."""
+    w = ckpt.info(weight)
+    sname = find_scale(ckpt.tensors, weight)
+    if sname is None:
+        raise InputError(
+            "F8_E4M3 tensor without its block scales (weight_scale_inv or scale)", file=w.file, tensor=weight
+        )
+    s = ckpt.info(sname)
+    if len(w.shape) not in (2, 3):
+        raise InputError(
+            f"an F8_E4M3 weight of shape {list(w.shape)} is not a matrix", file=w.file, tensor=weight
+        )
+    *lead, n, k = w.shape
+    want = (*lead, -(-n // 128), -(-k // 128))
+    dtype = "F32" if sname == scale_name(weight) else E8M0_DTYPE
+    if s.dtype != dtype or tuple(s.shape) != want:
+        raise InputError(
+            f"scale is {s.dtype} {list(s.shape)}; {weight} ({w.dtype} {list(w.shape)}) needs {dtype} "
+            f"{list(want)}, one per 128x128 block",
+            file=s.file,
+            tensor=sname,
+            fix="the checkpoint is corrupt or not DeepSeek-style block FP8",
         )
 
 

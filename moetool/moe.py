@@ -341,13 +341,14 @@ class FusedSlots:
         }
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> FusedSlots | None:
-        """Read ``config["moetool_fused_shared_experts"]``; ``None`` when the checkpoint is not fused."""
+    def from_config(cls, config: Mapping[str, Any], *, file: str = "config.json") -> FusedSlots | None:
+        """Read ``config["moetool_fused_shared_experts"]``; ``None`` when the checkpoint is not fused.
+        Defects are an ``InputError`` naming ``file``."""
         entry = config.get(FUSED_KEY)
         if entry is None:
             return None
         if not isinstance(entry, Mapping):
-            raise InputError(f"{FUSED_KEY} must be an object, got {type(entry).__name__}", file="config.json")
+            raise InputError(f"{FUSED_KEY} must be an object, got {type(entry).__name__}", file=file)
         keys = ("first_slot", "num_slots", "replicas", "slot_weight")
         missing = [k for k in keys if k not in entry]
         unknown = sorted(set(entry) - set(keys))
@@ -355,7 +356,7 @@ class FusedSlots:
             raise InputError(
                 f"{FUSED_KEY} must have exactly the keys {', '.join(keys)} "
                 f"(missing {missing}, unknown {unknown})",
-                file="config.json",
+                file=file,
             )
         for k in ("first_slot", "num_slots", "replicas"):
             v = entry[k]
@@ -365,13 +366,9 @@ class FusedSlots:
                 or not 0 <= v <= 1_000_000
                 or (k != "first_slot" and v < 1)
             ):
-                raise InputError(
-                    f"{FUSED_KEY}.{k} must be a positive integer, got {v!r:.40}", file="config.json"
-                )
+                raise InputError(f"{FUSED_KEY}.{k} must be a positive integer, got {v!r:.40}", file=file)
         if entry["slot_weight"] not in SLOT_WEIGHTS:
-            raise InputError(
-                f"{FUSED_KEY}.slot_weight must be one of {', '.join(SLOT_WEIGHTS)}", file="config.json"
-            )
+            raise InputError(f"{FUSED_KEY}.slot_weight must be one of {', '.join(SLOT_WEIGHTS)}", file=file)
         return cls(**{k: entry[k] for k in keys})
 
 

@@ -12,7 +12,15 @@ from typing import Any
 from moetool import __version__
 from moetool.engines import marked, refusal
 from moetool.errors import PlanError, UsageError
-from moetool.model import E8M0_DTYPE, FP8_DTYPES, CheckpointView, e8m0_scale_name, find_scale, scale_name
+from moetool.model import (
+    E8M0_DTYPE,
+    FP8_DTYPES,
+    CheckpointView,
+    check_fp8_scale,
+    e8m0_scale_name,
+    find_scale,
+    scale_name,
+)
 from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards
 from moetool.transforms.fp8_block import BLOCK, cdiv, sm100_stored_shape
 
@@ -204,6 +212,8 @@ def plan_quantize(
         raise PlanError(
             "input has SM100-packed scales; quantize from the sm90 or BF16 checkpoint", file=str(ckpt.root)
         )
+    for name in sorted(n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES):
+        check_fp8_scale(ckpt, name)  # every FP8 tensor is read with its scales, in block-scale units
     consumed: set[str] = set()
     units: list[Unit] = []
     for _, store in sorted(view.stores.items()):
