@@ -66,6 +66,15 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
             file=str(ckpt.root / "config.json"),
             fix="this model's shared expert cannot become slots",
         )
+    if opts.replicas > n_routed:
+        # Each replica is there for one expert-parallel rank, and a model is spread over at most as many
+        # ranks as it has routed experts; the bound also keeps the output within (1 + m) times the
+        # routed experts' bytes.
+        raise UsageError(
+            f"--replicas {opts.replicas} is more than the {n_routed} routed experts",
+            fix=f"a replica serves one expert-parallel rank, and there are at most {n_routed} of those; "
+            f"use --replicas {n_routed} or fewer",
+        )
     m, reps = s_size // inter, opts.replicas
     total = n_routed + m * reps
     consumed: set[str] = set()

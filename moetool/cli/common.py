@@ -49,14 +49,26 @@ class Output:
         )
 
 
+class _Invocation:
+    """What the error funnel needs to know about the running command: whether it asked for --json."""
+
+    json = False
+
+
+INVOCATION = _Invocation()
+
+
 def common_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Adds --json, -q and -v; the command receives ``out: Output``."""
 
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+    @click.option(
+        "--json", "as_json", is_flag=True, help="Machine-readable result (or error object) on stdout."
+    )
     @click.option("-q", "--quiet", is_flag=True, help="Print only errors (the exit code tells the result).")
     @click.option("-v", "--verbose", count=True, help="More detail on stderr (repeatable).")
     @functools.wraps(fn)
     def wrapper(*args: Any, as_json: bool, quiet: bool, verbose: int, **kwargs: Any) -> Any:
+        INVOCATION.json = as_json
         return fn(*args, out=Output(as_json, 0 if quiet else 1 + verbose), **kwargs)
 
     return wrapper
@@ -77,6 +89,14 @@ def say_note(out: Output, view: Any) -> None:
     """How the family was recognised, when not by model_type (``--family``, a wrapper's text_config)."""
     if getattr(view, "note", None):
         out.log(view.note)
+
+
+def error_object(line: str, exit_code: int, *, err: Any = None, kind: str = "error") -> dict[str, Any]:
+    """The ``--json`` form of a failure: ``{"error": {...}}`` with the one-line message and its parts."""
+    body: dict[str, Any] = {"kind": kind, "exit_code": exit_code, "line": line}
+    if err is not None:
+        body.update(message=err.message, file=err.file, tensor=err.tensor, fix=err.fix)
+    return {"error": body}
 
 
 def human_bytes(n: float) -> str:

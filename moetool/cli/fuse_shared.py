@@ -17,7 +17,7 @@ from moetool.cli.writing import parse_shard_size, run_plan, shared_write_options
     default=1,
     show_default=True,
     help="Store the shared-expert slots R times (a consumer picks one replica per token to spread "
-    "expert-parallel load).",
+    "expert-parallel load); at most the number of routed experts.",
 )
 @shared_write_options
 @common_options

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 
 import click
 
 from moetool import __version__
+from moetool.cli.common import INVOCATION, error_object
 from moetool.env import ENV
 from moetool.errors import MoetoolError
 
@@ -56,33 +58,44 @@ def main(argv: list[str] | None = None) -> None:
         import gc
 
         gc.set_threshold(20000, 50, 50)
+    INVOCATION.json = False
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
         rv = cli.main(args=argv, prog_name="moetool", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
         # click turns Ctrl-C into Abort; a writing command has kept OUT.partial for --resume
         click.echo("moetool: interrupted; an OUT.partial left behind continues with --resume", err=True)
+        _json_error(error_object("interrupted", 130, kind="interrupted"), args)
         sys.exit(130)
     except click.exceptions.ClickException as e:
         e.show()
+        # the command's options were not parsed: look for the flag itself
+        _json_error(error_object(e.format_message(), 2, kind="usage"), args, parsed=False)
         sys.exit(2)
     except MoetoolError as e:
         if ENV.debug:
             traceback.print_exc()
         click.echo(f"moetool: error: {e.line()}", err=True)
+        _json_error(error_object(e.line(), e.exit_code, err=e, kind=type(e).__name__), args)
         sys.exit(e.exit_code)
     except Exception as e:  # a bug: still one line unless debugging
         if ENV.debug:
             traceback.print_exc()
         first = str(e).splitlines()[0] if str(e) else ""
-        click.echo(
-            f"moetool: internal error: {type(e).__name__}: {first} (MOETOOL_DEBUG=1 for the traceback)",
-            err=True,
-        )
+        line = f"internal error: {type(e).__name__}: {first}"
+        click.echo(f"moetool: {line} (MOETOOL_DEBUG=1 for the traceback)", err=True)
+        _json_error(error_object(line, 2, kind="internal"), args)
         sys.exit(2)
     code = rv if isinstance(rv, int) else 0
     if argv is None:
         _exit_now(code)
     sys.exit(code)
+
+
+def _json_error(obj: dict, args: list[str], *, parsed: bool = True) -> None:
+    """With ``--json`` a failure is also an object on stdout, so a caller parsing stdout gets one."""
+    if INVOCATION.json or (not parsed and "--json" in args):
+        click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 def _exit_now(code: int) -> None:

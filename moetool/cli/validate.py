@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -130,7 +131,9 @@ def validate(
       moetool validate ./Mixtral-8x7B ./mixtral-fp8 --device cpu
       moetool validate state-kfirst.safetensors state-klast-pool.safetensors
     """
+    from moetool.errors import MoetoolError
     from moetool.hub import resolve
+    from moetool.io.writer import write_file_atomic
     from moetool.validate import ValidateOptions, validate_checkpoints, validate_states
 
     opts = ValidateOptions(
@@ -143,13 +146,49 @@ def validate(
         ssm_steps=steps,
         family=family,
     )
-    if Path(original).is_file() and Path(converted).is_file():
+    states = Path(original).is_file() and Path(converted).is_file()
+    paths = (Path(original), Path(converted)) if states else (resolve(original).path, resolve(converted).path)
+    target = report_target(report_path, paths) if report_path else None  # refused before any work
+    if states:
         report = validate_states(original, converted, opts)
     else:
-        report = validate_checkpoints(resolve(original).path, resolve(converted).path, opts)
-    if report_path:
-        Path(report_path).write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+        report = validate_checkpoints(paths[0], paths[1], opts)
+    data = report.to_dict()
     if out.verbosity >= 2:
         out.log(timing_line(report), level=2)
-    out.result(report.to_dict(), lambda: render(report))
+    if target is None:
+        out.result(data, lambda: render(report))
+        return 0 if report.passed else 1
+    try:
+        written = write_file_atomic(target, (json.dumps(data, indent=2, default=str) + "\n").encode())
+    except MoetoolError:
+        out.result(data, lambda: render(report))  # the result is printed even when the file fails
+        raise
+    out.result({**data, "report_file": str(written)}, lambda: render(report))
+    out.log(f"moetool: report written to {written}")
     return 0 if report.passed else 1
+
+
+def report_target(path: str, inputs: tuple[Path, Path]) -> Path:
+    """Where ``--report`` will write, checked before validating: its folder exists and is writable, and
+    neither the file nor the folder it lands in resolves into either checkpoint (or equals a state
+    file) — a report never replaces a file of what it checks."""
+    from moetool.errors import UsageError
+    from moetool.io.fs import input_roots, real_path, refuse_into_input
+
+    p = Path(path).absolute()
+    if not p.name or p.name in (".", ".."):
+        raise UsageError("--report must name a file", file=path)
+    folder = p.parent
+    if not folder.is_dir():
+        raise UsageError(
+            "the folder for --report does not exist", file=path, fix="create it or choose another path"
+        )
+    roots = [r for q in inputs for r in (input_roots(q) if q.is_dir() else [real_path(q)])]
+    for follow in (True, False):  # where a link at p points, and where the entry p itself lies
+        refuse_into_input(p, roots, what="--report", shown=path, follow_last=follow)
+    if p.is_dir():
+        raise UsageError("--report is a folder", file=path, fix="name a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError("cannot write the --report file here", file=path, fix="choose a writable folder")
+    return p
