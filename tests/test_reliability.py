@@ -803,7 +803,10 @@ def quantize_argv(src: Path, out: Path, *extra: str) -> list[str]:
 def spawn(
     args: list[str], *, env: dict[str, str] | None = None, fsize: int | None = None
 ) -> subprocess.Popen:
-    def limit() -> None:
+    def setup() -> None:
+        # Below the supervising loop's priority: eight CPU-bound runs on a small machine must not starve
+        # the loop that watches for their kill points (it would miss the last shards' window).
+        os.nice(10)
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
@@ -813,7 +816,7 @@ def spawn(
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "MOETOOL_DEBUG": "0", **(env or {})},
-        preexec_fn=limit if fsize is not None else None,
+        preexec_fn=setup,
     )
 
 
