@@ -171,55 +171,6 @@ class Quantizer:
         return q.cpu(), s.cpu(), changed.cpu()
 
 
-def check_fp8_source(q: torch.Tensor, s: torch.Tensor, src: Src) -> None:
-    """An FP8 source region is refused as a float one with a NaN is: an ``InputError`` naming the
-    tensor and its 128×128 block when a scale is NaN, infinite, zero or negative (the block would
-    dequantize to NaN, infinity or zeros), or when an FP8 byte is e4m3's NaN (``0x7f``/``0xff``; e4m3fn
-    has no infinity). ``q``: the region ``[N, K]`` float8_e4m3fn of ``src``; ``s``: its scales
-    ``[ceil(N/128), ceil(K/128)]`` float32 (the planner puts region edges on block boundaries). Blocks
-    are numbered in the whole tensor (for a stacked one, within its expert)."""
-    r0 = src.rows[0] if src.rows else 0
-    c0 = src.cols[0] if src.cols else 0
-    expert = f"expert {src.expert}, " if src.expert is not None else ""
-    fix = "the source checkpoint is corrupt: re-download it or repair this tensor"
-    sf = s.float()
-    bad = ~(torch.isfinite(sf) & (sf > 0))
-    if bool(bad.any()):
-        rb, cb = (int(i) for i in bad.nonzero()[0])
-        raise InputError(
-            f"scale of {expert}{_block(q, r0 // 128 + rb, c0 // 128 + cb, r0, c0)} is "
-            + _scale_defect(float(sf[rb, cb])),
-            tensor=src.name,
-            fix=fix,
-        )
-    nan = (q.view(torch.uint8) & 0x7F) == 0x7F
-    if bool(nan.any()):
-        r, c = (int(i) for i in nan.nonzero()[0])
-        raise InputError(
-            f"FP8 NaN byte (e4m3 0x7f/0xff) at {expert}row {r0 + r}, column {c0 + c}, in "
-            f"{_block(q, (r0 + r) // 128, (c0 + c) // 128, r0, c0)}",
-            tensor=src.name,
-            fix=fix,
-        )
-
-
-def _scale_defect(v: float) -> str:
-    if v != v:
-        return "NaN"
-    if abs(v) == float("inf"):
-        return "infinite"
-    return "zero" if v == 0 else f"negative ({v:g})"
-
-
-def _block(q: torch.Tensor, rb: int, cb: int, r0: int, c0: int) -> str:
-    """``block (row block rb, column block cb) = rows .., columns ..`` of a region starting at (r0, c0)."""
-    n, k = r0 + q.shape[-2], c0 + q.shape[-1]
-    return (
-        f"block (row block {rb}, column block {cb}) = rows {rb * 128}..{min(n, (rb + 1) * 128) - 1}, "
-        f"columns {cb * 128}..{min(k, (cb + 1) * 128) - 1}"
-    )
-
-
 def run_job(
     ckpt: Checkpoint, job: Job, quantizer: Quantizer | None, lossy: list[dict[str, Any]] | None = None
 ) -> list[torch.Tensor]:
@@ -289,7 +240,14 @@ def job_pieces(
                 if s is None:
                     q, s = quantizer.quant(t, ue8m0=job.ue8m0, name=src.describe(), pool=pool)
                 else:
-                    check_fp8_source(t, s, src)  # a corrupt FP8 source is refused, kept or requantized
+                    # a corrupt FP8 source is refused, whether its bytes would be kept or requantized
+                    fp8_block.check_source(
+                        t,
+                        s,
+                        name=src.name,
+                        origin=(src.rows[0] if src.rows else 0, src.cols[0] if src.cols else 0),
+                        expert=src.expert,
+                    )
                     q, s = quantizer.from_fp8(t, s, ue8m0=job.ue8m0, name=src.describe())
             except InputError as e:
                 if e.file is None:  # the kernels know the tensor; the file is known here

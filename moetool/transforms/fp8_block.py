@@ -9,6 +9,7 @@ module says how moetool applies it:
 - an FP8 region keeps its bytes when its scales already are what the request makes — any float32 scales
   for ``--scale-fmt float``, powers of two for ``ue8m0`` — which is lossless; otherwise it is dequantized in
   float32 (``q * s``, never via bf16) and requantized (:func:`expected_fp8`);
+- an FP8 source is sound — scales finite and positive, no e4m3 NaN byte — or refused (:func:`check_source`);
 - a region of a weight carries the scale blocks that cover it (:func:`scale_span`, :func:`slice_scales`;
   region edges fall on block boundaries);
 - DeepGEMM's SM100 layout stores the scales as UE8M0 bytes packed four per int32 (:func:`sm100_pack`,
@@ -26,6 +27,7 @@ from moetool.kernels.fp8_quant_ref import BLOCK, cdiv, ceil_to_ue8m0, dequant_re
 __all__ = [
     "BLOCK",
     "cdiv",
+    "check_source",
     "dequantize",
     "expected_fp8",
     "quantize",
@@ -67,6 +69,63 @@ def expected_fp8(
     if scales_satisfy(s, ue8m0=ue8m0):
         return q, s
     return quantize(dequantize(q.to(device), s.to(device)), ue8m0=ue8m0, name=name)
+
+
+def check_source(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    *,
+    name: str | None,
+    origin: tuple[int, int] = (0, 0),
+    expert: int | None = None,
+) -> None:
+    """An FP8 source region is refused as a float one with a NaN is: an ``InputError`` naming ``name``
+    and the 128 × 128 block when a scale is NaN, infinite, zero or negative (the block would dequantize
+    to NaN, infinity or zeros), or when an FP8 byte is e4m3's NaN (``0x7f``/``0xff``; e4m3fn has no
+    infinity). ``q``: the region ``[N, K]`` float8_e4m3fn; ``s``: its scales ``[ceil(N/128),
+    ceil(K/128)]`` (float32 or E8M0); ``origin``: where the region starts in the tensor (block edges),
+    so that blocks are numbered in the whole tensor (within ``expert`` for a stacked one)."""
+    from moetool.errors import InputError
+
+    r0, c0 = origin
+    where = f"expert {expert}, " if expert is not None else ""
+    fix = "the source checkpoint is corrupt: re-download it or repair this tensor"
+    sf = s.float()
+    bad = ~(torch.isfinite(sf) & (sf > 0))
+    if bool(bad.any()):
+        rb, cb = (int(i) for i in bad.nonzero()[0])
+        raise InputError(
+            f"scale of {where}{_block(q, r0 // BLOCK + rb, c0 // BLOCK + cb, r0, c0)} is "
+            + _scale_defect(float(sf[rb, cb])),
+            tensor=name,
+            fix=fix,
+        )
+    nan = (q.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(nan.any()):
+        r, c = (int(i) for i in nan.nonzero()[0])
+        raise InputError(
+            f"FP8 NaN byte (e4m3 0x7f/0xff) at {where}row {r0 + r}, column {c0 + c}, in "
+            f"{_block(q, (r0 + r) // BLOCK, (c0 + c) // BLOCK, r0, c0)}",
+            tensor=name,
+            fix=fix,
+        )
+
+
+def _scale_defect(v: float) -> str:
+    if v != v:
+        return "NaN"
+    if abs(v) == float("inf"):
+        return "infinite"
+    return "zero" if v == 0 else f"negative ({v:g})"
+
+
+def _block(q: torch.Tensor, rb: int, cb: int, r0: int, c0: int) -> str:
+    """``block (row block rb, column block cb) = rows .., columns ..`` of a region starting at (r0, c0)."""
+    n, k = r0 + q.shape[-2], c0 + q.shape[-1]
+    return (
+        f"block (row block {rb}, column block {cb}) = rows {rb * BLOCK}..{min(n, (rb + 1) * BLOCK) - 1}, "
+        f"columns {cb * BLOCK}..{min(k, (cb + 1) * BLOCK) - 1}"
+    )
 
 
 def scale_span(span: tuple[int, int] | None) -> tuple[int, int] | None:
