@@ -141,3 +141,25 @@ def test_hash_routing_refuses_bad_tables() -> None:
         route(
             x, block.gate.weight, info.routing, torch.zeros(8), hash_ids=torch.zeros(4, 3, dtype=torch.long)
         )
+
+
+def test_validate_backend_clamps_like_the_reference(seed: int) -> None:
+    """validate's FP8 expert rows apply swiglu_limit as moetool.moe does (and it matters here)."""
+    from moetool.kernels.fp8_quant_ref import block_quant_ref, dequant_ref
+    from moetool.moe import experts_reference
+    from moetool.validate.backend import Backend, calc_diff
+
+    gen = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(3, 256, 128, generator=gen) * 0.3
+    w2 = torch.randn(3, 128, 128, generator=gen) * 0.3
+    (q13, s13), (q2, s2) = block_quant_ref(w13), block_quant_ref(w2)
+    x = torch.randn(40, 128, generator=gen) * 3
+    ids = torch.randint(0, 3, (40,), generator=gen)
+    be = Backend(torch.device("cpu"), "auto")
+    got = be.expert_rows(x, ids, q13, s13, q2, s2, limit=0.75)
+    want = experts_reference(
+        x, ids[:, None], torch.ones(40, 1), dequant_ref(q13, s13), dequant_ref(q2, s2), limit=0.75
+    )
+    clamped = calc_diff(got, want)  # FP8 activations on both GEMMs: a few 1e-3
+    unclamped = calc_diff(be.expert_rows(x, ids, q13, s13, q2, s2), want)
+    assert clamped < 2e-2 and unclamped > 10 * clamped, (clamped, unclamped)

@@ -95,11 +95,14 @@ class Backend:
         d = self.gemm(a_q, a_s, w_q.to(dev), w_s.to(dev), m_idx)
         return d.float()[rows]
 
-    def expert_rows(self, x, ids, w13_q, w13_s, w2_q, w2_s) -> torch.Tensor:
+    def expert_rows(self, x, ids, w13_q, w13_s, w2_q, w2_s, limit: float | None = None) -> torch.Tensor:
         """``y[r] = expert_{ids[r]}(x[r])`` through the FP8 path for rows x [P, H] float, ids [P] into the
         stacked experts (w13 [E, 2I, H], w2 [E, H, I]); returns [P, H] float32. Each row's result depends
-        only on the row and its expert, not on which other rows share the call."""
+        only on the row and its expert, not on which other rows share the call. ``limit``: the SwiGLU
+        clamp of ``moetool.moe.expert_mlp`` (DeepSeek-V4's swiglu_limit)."""
         inter = w13_q.shape[1] // 2
         h = self.grouped(x, ids, w13_q, w13_s)
-        act = F.silu(h[:, :inter]) * h[:, inter:]
-        return self.grouped(act, ids, w2_q, w2_s)
+        gate, up = h[:, :inter], h[:, inter:]
+        if limit is not None:
+            gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+        return self.grouped(F.silu(gate) * up, ids, w2_q, w2_s)

@@ -1,5 +1,7 @@
 """Check 4, MoE layers: the model's routing + experts (+ fused slots) on the converted weights, through
-the GEMM backend, against the original layer in float32: same top-k ids, ``calc_diff`` bounded."""
+the GEMM backend, against the original layer in float32: same top-k ids, ``calc_diff`` bounded.
+Hash-routed layers (DeepSeek-V4) are fed seeded token ids, each side routed by its own ``tid2eid``
+table; the SwiGLU clamp of ``swiglu_limit`` applies on both sides."""
 
 from __future__ import annotations
 
@@ -41,6 +43,20 @@ class _MoeRun:
     ref: torch.Tensor
     got: torch.Tensor
     fp8: bool
+    o_hash: torch.Tensor | None = None  # hash layers: tid2eid[token ids] of each side
+    c_hash: torch.Tensor | None = None
+    bad_table: str = ""  # why the converted token-id table cannot route (the check fails)
+
+
+def _hash_ids(table: torch.Tensor, tokens: torch.Tensor, view: CheckpointView) -> torch.Tensor:
+    """``table[tokens]``: a hash layer's expert ids for the drawn token ids (``[T, top_k]`` int64)."""
+    from moetool.errors import InputError
+
+    ids = table.to(torch.int64)[tokens]
+    n = view.info.num_experts
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+        raise InputError(f"token-id table holds expert ids outside [0, {n})", file=str(view.ckpt.root))
+    return ids
 
 
 class MoeCheck:
@@ -124,15 +140,48 @@ class MoeCheck:
 
             return fn
 
+        from moetool.errors import InputError
+
+        hashed: dict[str, torch.Tensor | None] = {"o": None, "c": None}
+        bad_table = ""
+        if layer in ctx.orig.info.hash_layers:
+            vocab = batch[f"o:{ctx.orig.arch.hash_table(layer)}"].shape[0]
+            tokens = torch.randint(0, vocab, (t,), generator=gen)
+            hashed["o"] = _hash_ids(batch[f"o:{ctx.orig.arch.hash_table(layer)}"], tokens, ctx.orig)
+            try:
+                hashed["c"] = _hash_ids(batch[f"c:{ctx.conv.arch.hash_table(layer)}"], tokens, ctx.conv)
+            except InputError as e:  # the converted table is wrong: this layer's check fails
+                bad_table = e.message
+                hashed["c"] = hashed["o"]
         for side, view, w in (("o", ctx.orig, ow), ("c", ctx.conv, cw)):
             unshared = dataclasses.replace(w, shared_w13=None, shared_w2=None)
-            moe_forward(x, unshared, view.info.routing, view.arch.slot_weight, experts_fn=record(side))
+            moe_forward(
+                x,
+                unshared,
+                view.info.routing,
+                view.arch.slot_weight,
+                experts_fn=record(side),
+                hash_ids=hashed[side],
+            )
         c_ids, c_wts = asked["c"]
         if store.fp8:  # one row per (token, expert column), weighed and summed at the end
             got = torch.zeros(c_ids.numel(), x.shape[1], device=ctx.device)
         else:
             got = torch.zeros(t, x.shape[1], device=ctx.device)
-        self._run = _MoeRun(x, ow, cw, *asked["o"], c_ids, c_wts, torch.zeros_like(x), got, store.fp8)
+        self._run = _MoeRun(
+            x,
+            ow,
+            cw,
+            *asked["o"],
+            c_ids,
+            c_wts,
+            torch.zeros_like(x),
+            got,
+            store.fp8,
+            hashed["o"],
+            hashed["c"],
+        )
+        self._run.bad_table = bad_table
 
     def part(self, step: LayerStep, batch: Tensors, experts: list[int]) -> None:
         """Add ``experts`` (consecutive ids, held by ``step``/``batch``) to both layers' sums: the
@@ -150,9 +199,12 @@ class MoeCheck:
             raise InputError("internal: the MoE check takes consecutive experts", tensor=str(experts[:4]))
         dev = self.ctx.device
         routed = [e for e in experts if e < self.ctx.orig.info.num_experts]
+        o_limit, c_limit = self.ctx.orig.info.swiglu_limit, self.ctx.conv.info.swiglu_limit
         if routed:
             ow13, ow2 = self.ctx.orig_weights(step, batch, routed)
-            experts_reference_into(run.ref, run.x, run.o_ids, run.o_wts, ow13.to(dev), ow2.to(dev), first)
+            experts_reference_into(
+                run.ref, run.x, run.o_ids, run.o_wts, ow13.to(dev), ow2.to(dev), first, limit=o_limit
+            )
         assert step.conv is not None
         if run.fp8:
             q13, s13, q2, s2 = self.ctx.conv_fp8(step, batch, experts)
@@ -162,12 +214,12 @@ class MoeCheck:
                 k = run.c_ids.shape[1]
                 x_rows = run.x.float()[rows // k]
                 run.got[rows] = self.ctx.backend().expert_rows(
-                    x_rows, flat_ids[rows] - first, q13, s13, q2, s2
+                    x_rows, flat_ids[rows] - first, q13, s13, q2, s2, limit=c_limit
                 )
         else:
             cw13 = step.conv.select(batch["c|w13"], experts).float().to(dev)
             cw2 = step.conv.select(batch["c|w2"], experts).float().to(dev)
-            experts_reference_into(run.got, run.x, run.c_ids, run.c_wts, cw13, cw2, first)
+            experts_reference_into(run.got, run.x, run.c_ids, run.c_wts, cw13, cw2, first, limit=c_limit)
 
     def result(self, step: LayerStep, batch: Tensors) -> Check:
         from moetool.moe import moe_forward
@@ -179,7 +231,13 @@ class MoeCheck:
         layer = step.layer
         store = ctx.conv.stores[layer]
         ref, ref_ids = moe_forward(
-            run.x, run.ow, ctx.orig.info.routing, ctx.orig.arch.slot_weight, experts_fn=lambda *_: run.ref
+            run.x,
+            run.ow,
+            ctx.orig.info.routing,
+            ctx.orig.arch.slot_weight,
+            experts_fn=lambda *_: run.ref,
+            swiglu_limit=ctx.orig.info.swiglu_limit,
+            hash_ids=run.o_hash,
         )
         if run.fp8:
             t, k = run.c_ids.shape
@@ -188,16 +246,24 @@ class MoeCheck:
         else:
             summed, label = run.got, "float32 experts"
         got, got_ids = moe_forward(
-            run.x, run.cw, ctx.conv.info.routing, ctx.conv.arch.slot_weight, experts_fn=lambda *_: summed
+            run.x,
+            run.cw,
+            ctx.conv.info.routing,
+            ctx.conv.arch.slot_weight,
+            experts_fn=lambda *_: summed,
+            swiglu_limit=ctx.conv.info.swiglu_limit,
+            hash_ids=run.c_hash,
         )
         same_ids = torch.equal(torch.sort(got_ids.cpu(), 1).values, torch.sort(ref_ids.cpu(), 1).values)
         diff = calc_diff(got.cpu(), ref.cpu())
-        ok = same_ids and diff < tol.MOE_CALC_DIFF
+        ok = same_ids and diff < tol.MOE_CALC_DIFF and not run.bad_table
         why = (
             ""
             if ok
             else (
-                f"{store.prefix}: top-k ids differ from the original's routing"
+                f"{ctx.conv.arch.hash_table(layer)}: {run.bad_table}"
+                if run.bad_table
+                else f"{store.prefix}: top-k ids differ from the original's routing"
                 if not same_ids
                 else f"{store.prefix}: layer output disagrees with the original layer"
             )

@@ -99,16 +99,19 @@ class Context:
 
     def _orig_all(self, step: LayerStep, b: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """The original weights behind every expert of the step, in ``step.experts`` order: w13
-        [n, 2I, H], w2 [n, H, I] in the original's float dtype (bf16 stays bf16, exact; FP8 is
+        [n, 2I, H], w2 [n, H, I] in the original's float dtype (bf16 stays bf16, exact; FP8 and FP4 are
         dequantized in float32). Routed experts are the read stacks themselves (no copy for bf16); fused
         slots are cut from the shared expert. Built once per layer for the kernels and MoE checks."""
         if self._orig_cache is not None and self._orig_cache[0] is step:
             return self._orig_cache[1]
+        from moetool.kernels.fp4_cast_ref import dequant_fp4_ref
         from moetool.transforms.fp8_block import dequantize
 
         def f(data: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
             t, s = data
-            return dequantize(t, s) if s is not None else t
+            if s is None:
+                return t
+            return dequant_fp4_ref(t, s) if t.dtype == torch.int8 else dequantize(t, s.float())
 
         st = step.orig
         parts13, parts2 = [], []
@@ -116,6 +119,9 @@ class Context:
             w13, w2 = b["o|w13"], b["o|w2"]
             if st.int4_group:
                 w13, w2 = st.int4_values(w13, b["o|s13"]), st.int4_values(w2, b["o|s2"])
+            elif st.fp4:  # DeepSeek-V4's FP4 experts: their exact values, in float32
+                w13 = dequant_fp4_ref(w13, b["o|s13"])
+                w2 = dequant_fp4_ref(w2, b["o|s2"])
             elif st.fp8:
                 s13, s2 = b["o|s13"], b["o|s2"]
                 assert st.sparts is not None
@@ -152,7 +158,7 @@ class Context:
 
     def conv_fp8(self, step: LayerStep, b: Tensors, experts: list[int]) -> tuple[torch.Tensor, ...]:
         """Converted experts as stacked (w13_q, w13_s, w2_q, w2_s) in the order of ``experts``, SM100
-        scales unpacked to float32 blocks."""
+        and E8M0 scales as float32 blocks."""
         from moetool.errors import InputError
 
         st = step.conv
@@ -160,6 +166,9 @@ class Context:
         if not st.fp8:
             raise InputError("experts are not FP8", tensor=self.conv.stores[step.layer].prefix)
         out = [st.select(b[f"c|{k}"], experts) for k in ("w13", "s13", "w2", "s2")]
+        for i in (1, 3):
+            if out[i].dtype == torch.float8_e8m0fnu:  # DeepSeek-V4's E8M0 .scale: exact in float32
+                out[i] = out[i].float()
         if st.whole_scales:
             from moetool.transforms.fp8_block import sm100_unpack
 

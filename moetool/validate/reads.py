@@ -25,7 +25,7 @@ from moetool.errors import InputError, UsageError
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
 from moetool.io.prefetch import Field, ReadPlan
-from moetool.model import CheckpointView, scale_name
+from moetool.model import CheckpointView, e8m0_scale_name, find_scale, scale_name
 from moetool.plan import Src
 from moetool.transforms import fp8_block
 from moetool.validate.options import ValidateOptions, default_read_budget
@@ -60,10 +60,13 @@ def stored_regions(conv: CheckpointView, layer: int, e: int) -> list[Src]:
     return [*gu, d]
 
 
-def region_name(src: Src, *, scale: bool = False) -> str:
-    """How a report names a converted region: the tensor (its ``weight_scale_inv`` with ``scale``),
-    with the expert index and row range of a stacked tensor."""
-    name = scale_name(src.name) if scale else src.name
+def region_name(src: Src, *, scale: bool = False, tensors: object = None) -> str:
+    """How a report names a converted region: the tensor (its block scales with ``scale``: the
+    ``weight_scale_inv``, or the ``.scale`` that ``tensors`` holds), with the expert index and row range
+    of a stacked tensor."""
+    name = src.name
+    if scale:
+        name = (find_scale(tensors, src.name) if tensors is not None else None) or scale_name(src.name)
     if src.expert is None:
         return name
     rows = f", rows {src.rows[0]}:{src.rows[1]}" if src.rows else ""
@@ -81,7 +84,13 @@ def slice_field(b: Tensors, side: str, src: Src, root: Path) -> tuple[torch.Tens
     if t.dtype == torch.float8_e4m3fn:
         s = b.get(f"{side}:{scale_name(src.name)}")
         if s is None:
-            raise InputError("FP8 tensor without its weight_scale_inv", file=str(root), tensor=src.name)
+            s = b.get(f"{side}:{e8m0_scale_name(src.name)}")
+        if s is None:
+            raise InputError(
+                "FP8 tensor without its block scales (weight_scale_inv or scale)",
+                file=str(root),
+                tensor=src.name,
+            )
     if src.expert is not None:
         t = t[src.expert]
         s = None if s is None else s[src.expert]
@@ -98,7 +107,9 @@ class Stack:
     ``sparts`` per source) and ``{p}s2``; ``whole_scales``: ``s13[k]``/``s2[k]`` are an expert's whole
     scale tensors (SM100 int32 layout), not split by source. Expert ``experts[k]`` is at index k.
     With ``int4_group`` the stacks hold compressed-tensors INT4 experts: ``w13``/``w2`` their packed
-    int32 words (``[n, R, H/8]``), ``s13``/``s2`` their group scales, one row per weight row."""
+    int32 words (``[n, R, H/8]``), ``s13``/``s2`` their group scales, one row per weight row. ``fp4``:
+    the experts are DeepSeek-V4's FP4 (int8 ``[.., N, K/2]`` with E8M0 scales ``[.., N, K/32]``, one per
+    row), read with their scales like FP8."""
 
     def __init__(
         self,
@@ -109,9 +120,10 @@ class Stack:
         fp8: bool,
         whole_scales: bool,
         int4_group: int = 0,
+        fp4: bool = False,
     ) -> None:
         self.prefix, self.experts, self.parts, self.sparts = prefix, experts, parts, sparts
-        self.fp8, self.whole_scales, self.int4_group = fp8, whole_scales, int4_group
+        self.fp8, self.whole_scales, self.int4_group, self.fp4 = fp8, whole_scales, int4_group, fp4
         self.pos = {e: k for k, e in enumerate(experts)}
 
     def int4_values(self, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -136,13 +148,13 @@ class Stack:
         if j < len(self.parts):
             r0, r1 = self.parts[j]
             t = b[p + "w13"][k, r0:r1]
-            if not self.fp8:
+            if not (self.fp8 or self.fp4):
                 return t, None
             if self.sparts is None:
                 raise InputError("internal: whole-expert scales have no per-source rows", tensor=p)
             s0, s1 = self.sparts[j]
             return t, b[p + "s13"][k, s0:s1]
-        return b[p + "w2"][k], b[p + "s2"][k] if self.fp8 else None
+        return b[p + "w2"][k], b[p + "s2"][k] if self.fp8 or self.fp4 else None
 
     def select(self, t: torch.Tensor, experts: list[int]) -> torch.Tensor:
         """Rows of stacked ``t`` for ``experts``, in that order (``t`` itself when that is all of them)."""
@@ -273,8 +285,8 @@ class ReadSchedule:
         if key in plan.fields:
             return
         plan.tensor(key, ck, name)
-        sname = scale_name(name)
-        if ck.info(name).dtype == "F8_E4M3" and sname in ck and f"{side}:{sname}" not in plan.fields:
+        sname = find_scale(ck.tensors, name)
+        if ck.info(name).dtype == "F8_E4M3" and sname and f"{side}:{sname}" not in plan.fields:
             plan.tensor(f"{side}:{sname}", ck, sname)
 
     def _plan_stack(
@@ -288,14 +300,21 @@ class ReadSchedule:
                 raise InputError("internal: a stacked expert source cannot slice columns", tensor=src.name)
             name, rows = src.name, src.rows
             if scale:
-                name = scale_name(src.name)
-                if name not in ck:
+                found = find_scale(ck.tensors, src.name)
+                if found is None:
                     raise InputError(
-                        "FP8 tensor without its weight_scale_inv", file=str(ck.root), tensor=src.name
+                        "quantized expert without its block scales (weight_scale_inv or scale)",
+                        file=str(ck.root),
+                        tensor=src.name,
                     )
-                rows = fp8_block.scale_span(rows)
+                name = found
+                if not fp4:  # FP4 scales have a row per weight row; FP8's one per 128
+                    rows = fp8_block.scale_span(rows)
             info, _, _, shape = ck.region(name, rows, expert=src.expert)
             return info.dtype, rows, shape
+
+        def scale_of(src: Src) -> str:
+            return find_scale(ck.tensors, src.name) or scale_name(src.name)
 
         n = len(items)
         _, gu0, d0 = items[0]
@@ -303,6 +322,7 @@ class ReadSchedule:
             return self._plan_int4_stack(plan, prefix, ck, items)
         info0 = ck.info(gu0[0].name)
         fp8 = info0.dtype == "F8_E4M3"
+        fp4 = info0.dtype == "I8" and e8m0_scale_name(gu0[0].name) in ck
         parts, shapes, r = [], [], 0
         for src in gu0:
             _, _, shape = region(src)
@@ -316,9 +336,9 @@ class ReadSchedule:
         plan.field(prefix + "w2", info0.torch_dtype, (n, *d_shape))
         sparts: list[tuple[int, int]] | None = None
         whole = False
-        if fp8:
+        if fp8 or fp4:
             s_dtype, _, _ = region(gu0[0], scale=True)
-            s_torch = ck.info(scale_name(gu0[0].name)).torch_dtype
+            s_torch = ck.info(scale_of(gu0[0])).torch_dtype
             whole = s_dtype == "I32"  # SM100 scales: one packed block per expert, not per source
             if whole:
                 w_scale = Src(gu0[0].name, expert=gu0[0].expert)
@@ -333,7 +353,7 @@ class ReadSchedule:
                 s13_shape = [n, sr, *shape[1:]]
             _, _, s2_shape = region(d0, scale=True)
             plan.field(prefix + "s13", s_torch, s13_shape)
-            plan.field(prefix + "s2", ck.info(scale_name(d0.name)).torch_dtype, (n, *s2_shape))
+            plan.field(prefix + "s2", ck.info(scale_of(d0)).torch_dtype, (n, *s2_shape))
         for k, (_, gu, d) in enumerate(items):
             if len(gu) != len(parts):
                 raise InputError("experts of one layer differ in their sources", tensor=gu[0].name)
@@ -344,23 +364,23 @@ class ReadSchedule:
             if region(d)[2] != d_shape:
                 raise InputError("experts of one layer differ in shape", tensor=d.name)
             plan.read(prefix + "w2", ck, d.name, d.rows, expert=d.expert, at=k * math.prod(d_shape))
-            if not fp8:
+            if not (fp8 or fp4):
                 continue
             if whole:
                 f = plan.fields[prefix + "s13"]
                 per = math.prod(f.shape[1:])
-                plan.read(prefix + "s13", ck, scale_name(gu[0].name), expert=gu[0].expert, at=k * per)
+                plan.read(prefix + "s13", ck, scale_of(gu[0]), expert=gu[0].expert, at=k * per)
             else:
                 f = plan.fields[prefix + "s13"]
                 per, srow = math.prod(f.shape[1:]), math.prod(f.shape[2:])
                 for src, (s0, _) in zip(gu, sparts or []):
                     _, rows, _ = region(src, scale=True)
                     at = k * per + s0 * srow
-                    plan.read(prefix + "s13", ck, scale_name(src.name), rows, expert=src.expert, at=at)
+                    plan.read(prefix + "s13", ck, scale_of(src), rows, expert=src.expert, at=at)
             _, rows, _ = region(d, scale=True)
             at = k * math.prod(plan.fields[prefix + "s2"].shape[1:])
-            plan.read(prefix + "s2", ck, scale_name(d.name), rows, expert=d.expert, at=at)
-        return Stack(prefix, [e for e, _, _ in items], parts, sparts, fp8, whole)
+            plan.read(prefix + "s2", ck, scale_of(d), rows, expert=d.expert, at=at)
+        return Stack(prefix, [e for e, _, _ in items], parts, sparts, fp8, whole, fp4=fp4)
 
     def _plan_int4_stack(
         self, plan: ReadPlan, prefix: str, ck: Checkpoint, items: list[tuple[int, tuple[Src, ...], Src]]
@@ -500,6 +520,7 @@ class ReadSchedule:
                     view.arch.router_weight(layer),
                     view.arch.router_bias(layer),
                     view.arch.shared_gate_weight(layer),
+                    view.arch.hash_table(layer) if layer in view.info.hash_layers else None,
                 ):
                     if name and name in ck:
                         self._plan_whole(plan, side, name)
@@ -528,7 +549,7 @@ class ReadSchedule:
             need = sum(
                 ck.tensors[n].nbytes + prefetch.ALIGN
                 for ck in (self.o_ck, self.c_ck)
-                for n in (name, scale_name(name))
+                for n in (name, find_scale(ck.tensors, name) or scale_name(name))
                 if n in ck.tensors
             )
             if not others or size + need > budget:

@@ -156,6 +156,16 @@ class StructureCheck:
                 c.config.get(key)
             ):
                 continue  # a wrapper's text_config carries the quantization_config too (quantize.py)
+            if (
+                o.arch.fp4_spec
+                and key == o.arch.fp4_spec["expert_dtype_key"]
+                and (
+                    o.config.get(key),
+                    c.config.get(key),
+                )
+                in (("fp4", "fp8"), ("fp8", "fp8"))
+            ):
+                continue  # DeepSeek-V4's FP4 experts became FP8
             if o.config.get(key) != c.config.get(key):
                 problems.append(f"config.json key {key!r} differs from the original")
         has_fp8 = any(t.dtype in FP8_DTYPES for t in ctx.c_ck.tensors.values())

@@ -1,6 +1,10 @@
 """Check 2, tensors: each FP8 tensor equals the block-FP8 recipe applied to the original, byte for byte
 (scales bit for bit); copied and fused float tensors equal their source bytes. The other tensors
-(attention, norms, embeddings, ...) are compared the same way, outside the layer steps too."""
+(attention, norms, embeddings, ...) are compared the same way, outside the layer steps too.
+
+FP4 originals (DeepSeek-V4): each FP8 expert equals DeepSeek's cast of its FP4 source, byte for byte;
+its dequantized values equal the FP4 values bit for bit in every block the cast keeps exactly, and
+the blocks it does not keep are the ones moetool.json records (``fp4_lossy_blocks``)."""
 
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ class TensorsCheck:
         self._bad: str | None = None
         self._errs: list[float] = []
         self._others: dict[str, str | Exception | None] = {}
+        self._lossy = _recorded_lossy(ctx.conv.manifest)
 
     # -- the layer check ----------------------------------------------------------------------------
     def wants(self, step: LayerStep) -> bool:
@@ -170,6 +175,67 @@ class TensorsCheck:
             return None
         return first_diff(a, b)
 
+    def _expected_fp4(
+        self, src: Src, orig: tuple[torch.Tensor, torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DeepSeek's cast of an FP4 original region on the device (Triton on CUDA, the torch reference
+        on the CPU: same bytes): FP8 bytes, E8M0 scales and the changed elements per block."""
+        t, s = orig
+        assert s is not None
+        from moetool.kernels import dispatch
+
+        t, s = t.to(self.ctx.device).contiguous(), s.to(self.ctx.device).contiguous()
+        return dispatch.fp4_cast(t, s, name=src.describe())
+
+    def _compare_fp4(
+        self,
+        conv_src: Src,
+        orig_src: Src,
+        got: tuple[torch.Tensor, torch.Tensor],
+        orig: tuple[torch.Tensor, torch.Tensor | None],
+        errs: list[float] | None,
+    ) -> str | None:
+        """None when the converted FP8 region is DeepSeek's cast of its FP4 source, exact wherever the
+        cast is and lossy exactly where moetool.json says, else why."""
+        from moetool.kernels.fp4_cast_ref import FP8_BLOCK, dequant_fp4_ref
+
+        want_q, want_s, changed = self._expected_fp4(orig_src, orig)
+        got_q, got_s = got[0].to(want_q.device), got[1].to(want_q.device)
+        pos = self._first_diff(got_q, want_q)
+        if pos is not None:
+            return (
+                f"{region_name(conv_src)} FP8 bytes differ from DeepSeek's cast of {orig_src.describe()} "
+                f"at {list(pos)}"
+            )
+        pos = self._first_diff(got_s.float(), want_s.float())
+        if pos is not None:
+            return (
+                f"{region_name(conv_src, scale=True, tensors=self.ctx.c_ck.tensors)} differs from the cast "
+                f"at block {list(pos)} ({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
+            )
+        exact = dequant_fp4_ref(orig[0].to(want_q.device), orig[1].to(want_q.device))  # type: ignore[union-attr]
+        back = fp8_block.dequantize(got_q, got_s.float())
+        moved = (back != exact).unflatten(-1, (-1, FP8_BLOCK)).unflatten(-3, (-1, FP8_BLOCK))
+        moved = moved.sum(dim=(-3, -1), dtype=torch.int32)
+        if not torch.equal(moved, changed):
+            rb, cb = (int(i) for i in (moved != changed).nonzero()[0])
+            return (
+                f"{region_name(conv_src)}: dequantized values of block ({rb}, {cb}) differ from the FP4 "
+                f"original in {int(moved[rb, cb])} places, the cast changes {int(changed[rb, cb])}"
+            )
+        if self._lossy is not None:
+            listed, complete = self._lossy
+            found = {(int(r), int(c)): int(changed[r, c]) for r, c in changed.nonzero().tolist()}
+            recorded = listed.get(orig_src.describe(), {})
+            if found != recorded and (complete or any(recorded.get(k, v) != v for k, v in found.items())):
+                return (
+                    f"{region_name(conv_src)}: moetool.json records {len(recorded)} lossy FP4 blocks for "
+                    f"{orig_src.describe()}, the cast makes {len(found)}"
+                )
+        if errs is not None:
+            errs.append(float((back - exact).norm() / exact.norm().clamp_min(1e-30)))
+        return None
+
     def _compare(
         self,
         conv_src: Src,
@@ -185,6 +251,8 @@ class TensorsCheck:
             want = orig[0].to(got_q.device)
             pos = self._first_diff(got_q, want)
             return None if pos is None else f"{display} differs from {orig_src.describe()} at {list(pos)}"
+        if orig[0].dtype == torch.int8 and orig[1] is not None:  # DeepSeek-V4 FP4 experts
+            return self._compare_fp4(conv_src, orig_src, (got_q, got_s), orig, errs)
         want_q, want_s = self._expected_quant(orig_src, orig)
         got_q, got_s = got_q.to(want_q.device), got_s.to(want_q.device)
         pos = self._first_diff(got_q, want_q)
@@ -195,7 +263,8 @@ class TensorsCheck:
         pos = self._first_diff(got_s.float(), want_s.float())
         if pos is not None:
             return (
-                f"{region_name(conv_src, scale=True)} differs from the recipe at block {list(pos)} "
+                f"{region_name(conv_src, scale=True, tensors=self.ctx.c_ck.tensors)} differs from the recipe "
+                f"at block {list(pos)} "
                 f"({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
             )
         w = orig[0]
@@ -213,9 +282,16 @@ class TensorsCheck:
             expected = []
             for j in parts:
                 src, orig = self.ctx.orig_region(step, b, e, j)
-                expected.append(self._expected_quant(src, orig))
+                if orig[0].dtype == torch.int8:  # FP4: DeepSeek's cast, its E8M0 bytes packed as they are
+                    expected.append(self._expected_fp4(src, orig)[:2])
+                else:
+                    expected.append(self._expected_quant(src, orig))
             want_q = torch.cat([p[0] for p in expected])
-            want_s = fp8_block.sm100_pack(torch.cat([p[1] for p in expected]), want_q.shape[0])
+            scales = torch.cat([p[1] for p in expected])
+            if scales.dtype == torch.float8_e8m0fnu:
+                want_s = fp8_block.sm100_pack_exponents(scales.view(torch.uint8), want_q.shape[0])
+            else:
+                want_s = fp8_block.sm100_pack(scales, want_q.shape[0])
             got_q = b[f"c|{tag}"][k]
             got_s = b[f"c|{'s13' if tag == 'w13' else 's2'}"][k]
             pos = self._first_diff(got_q, want_q)
@@ -225,3 +301,16 @@ class TensorsCheck:
             if pos is not None:
                 return f"{names[tag + '_weight_scale_inv']}[{e}] packed scales differ at {list(pos)}"
         return None
+
+
+def _recorded_lossy(manifest: dict | None) -> tuple[dict[str, dict[tuple[int, int], int]], bool] | None:
+    """The lossy FP4 blocks moetool.json records, by source tensor, and whether the list is complete;
+    None when it records none (not an FP4 conversion)."""
+    rec = (manifest or {}).get("fp4_lossy_blocks")
+    if not isinstance(rec, dict):
+        return None
+    listed: dict[str, dict[tuple[int, int], int]] = {}
+    for item in rec.get("listed") or []:
+        block = tuple(int(v) for v in item["block"])
+        listed.setdefault(str(item["tensor"]), {})[block] = int(item["changed"])  # type: ignore[index]
+    return listed, len(rec.get("listed") or []) == int(rec.get("blocks", 0))
