@@ -189,6 +189,7 @@ def fp4_cast_ref(
     nb, kb = n // FP8_BLOCK, k // FP8_BLOCK
     device = packed.device
     pairs, counts, nonzero = cast_tables(device)
+    first_lossy = _first_lossy_d(device)
     u8 = packed.contiguous().view(torch.uint8).reshape(-1, n, k // 2)
     b = e8m0_bytes(scale).contiguous().reshape(-1, n, k // FP4_GROUP).to(torch.int32)
     num = u8.shape[0]
@@ -203,8 +204,11 @@ def fp4_cast_ref(
         d = (top - b[:, r0 : r0 + FP8_BLOCK]).clamp_max(CAST_TABLE_D)  # [num, 128, K/32]
         idx = (d * 256)[..., None] + u8[:, r0 : r0 + FP8_BLOCK].view(num, FP8_BLOCK, -1, FP4_GROUP // 2)
         qp[:, r0 : r0 + FP8_BLOCK] = pairs[idx]
-        lost = counts[idx].view(num, FP8_BLOCK, kb, -1)
         low = (e_max[:, rb] < MAX_OFFSET_BITS)[:, None, :, None]
+        if not bool(low.any()) and not bool((d >= first_lossy).any()):
+            changed[:, rb] = 0  # the table changes nothing this close to the block's largest scale
+            continue
+        lost = counts[idx].view(num, FP8_BLOCK, kb, -1)
         if bool(low.any()):
             # E < 6: byte 0 stands for 2**-127, not the 2**(E-133) the values were scaled for
             lost = torch.where(low, nonzero[u8[:, r0 : r0 + FP8_BLOCK].long()].view_as(lost), lost)
@@ -244,3 +248,16 @@ def cast_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch
             nonzero.to(torch.uint8).to(device),
         )
     return _TABLES[key]
+
+
+def _first_lossy_d(device: torch.device | str) -> int:
+    """The smallest distance ``d`` at which ``cast_tables``' counts are not all zero (15: the proof in
+    docs/formats.md, here read off the table itself)."""
+    key = str(device)
+    if key not in _FIRST_LOSSY:
+        counts = cast_tables(device)[1].view(CAST_TABLE_D + 1, 256)
+        _FIRST_LOSSY[key] = int(counts.any(dim=1).nonzero()[0, 0])
+    return _FIRST_LOSSY[key]
+
+
+_FIRST_LOSSY: dict[str, int] = {}

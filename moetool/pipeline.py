@@ -273,9 +273,10 @@ def _fp4_cast_pieces(
     from moetool.kernels.fp4_cast_ref import e8m0_to_float
 
     qs, ss = [], []
+    pin = quantizer.device.type == "cuda"  # page-locked reads let the copy to the GPU run asynchronously
     for src in job.sources:
-        packed = ckpt.read(src.name, rows=src.rows, expert=src.expert)
-        scale = ckpt.read(e8m0_scale_name(src.name), rows=src.rows, expert=src.expert)
+        packed = ckpt.read(src.name, rows=src.rows, expert=src.expert, pin=pin)
+        scale = ckpt.read(e8m0_scale_name(src.name), rows=src.rows, expert=src.expert, pin=pin)
         q, s, changed = quantizer.fp4_cast(packed, scale, name=src.describe())
         hit = changed.nonzero()
         if len(hit):
