@@ -181,3 +181,18 @@ def test_hash_layer_without_a_valid_table_is_refused(
     save_file(t, f, metadata={"format": "pt"})
     line = fails(capsys, "quantize", str(bad), str(tmp_path / "out"))
     assert name in line
+
+
+@pytest.mark.parametrize("layout", ["hf", "dg"])
+def test_transformers_refuses_what_it_would_misread(v4: dict[str, Path], tmp_path: Path, layout: str) -> None:
+    """The stacked layout and fused outputs carry the engines' refusal marker: transformers 5.24 refuses to
+    load them (at config time) instead of reading V4 with missing or extra experts."""
+    from transformers import AutoModelForCausalLM
+
+    fused = tmp_path / "fused"
+    run_json("fuse-shared", str(v4[layout]), str(fused))
+    for path in ([v4["dg"]] if layout == "dg" else []) + [fused]:
+        with pytest.raises(ValueError, match=r"(?i)activation scheme moetool"):
+            AutoModelForCausalLM.from_pretrained(path)
+    _, info = AutoModelForCausalLM.from_pretrained(v4["hf"], output_loading_info=True)  # the hf output loads
+    assert not any(info.values()), info
