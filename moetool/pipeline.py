@@ -27,8 +27,9 @@ from moetool.errors import EnvironmentError_, InputError, MoetoolError, UsageErr
 from moetool.hub import Source
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
 from moetool.io.fs import open_regular, real_path
+from moetool.io.hashing import sha256_file
 from moetool.io.safetensors_format import DTYPES
-from moetool.io.writer import OutputDir, ShardWriter, os_error, sha256_file, write_index
+from moetool.io.writer import OutputDir, ShardWriter, os_error, write_index
 from moetool.kernels import dispatch
 from moetool.model import e8m0_scale_name, find_scale
 from moetool.plan import Job, Plan, Shard, Src

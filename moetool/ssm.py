@@ -19,15 +19,12 @@ K = V = 128, so a k-first state read as k-last has the right shape and decodes s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,6 +32,7 @@ from safetensors.torch import save_file
 
 from moetool.errors import EnvironmentError_, InputError, UsageError
 from moetool.gdn import LAYOUTS, STATE_DTYPES, Layout
+from moetool.io.atomic import atomic_write, fsync_dir
 from moetool.io.fs import open_regular
 from moetool.io.safetensors_format import MAX_HEADER_BYTES
 
@@ -412,19 +410,6 @@ def read_state_header(path: str | os.PathLike[str]) -> dict[str, object]:
     return header
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _verify_written(tmp: str, tensors: Mapping[str, torch.Tensor], meta: StateMeta) -> None:
     with safe_open(tmp, framework="pt") as f:
         if dict(f.metadata() or {}) != meta.to_metadata():
@@ -459,20 +444,13 @@ def write_state_file(
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     check_state_tensors(cpu, meta, file=file)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(file).name}.", suffix=".partial", dir=folder)
-    os.close(fd)
     try:
-        save_file(cpu, tmp, metadata=meta.to_metadata())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _verify_written(tmp, cpu, meta)
-        os.replace(tmp, file)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, (OSError, SafetensorError)):
-            raise EnvironmentError_(
-                f"writing the state file failed ({err})", file=file, fix="check free space and permissions"
-            ) from err
-        raise
-    _fsync_dir(folder)
+        with atomic_write(file, fsync=True) as t:
+            t.file.close()  # safetensors writes the file by its name
+            save_file(cpu, str(t.path), metadata=meta.to_metadata())
+            _verify_written(str(t.path), cpu, meta)
+        fsync_dir(folder)
+    except (OSError, SafetensorError) as err:
+        raise EnvironmentError_(
+            f"writing the state file failed ({err})", file=file, fix="check free space and permissions"
+        ) from err

@@ -3,7 +3,7 @@
 The prefetcher (``moetool.io.prefetch``) reads every byte of its plans once and exactly, in pieces
 smaller than a tensor, into at most ``slots`` reused buffers, at most ``slots - 1`` batches ahead of
 the caller; a failing read or plan surfaces at its batch as an ``InputError`` naming the file and the
-tensor, and leaves no thread behind. ``sha256_of`` and ``FileHashes`` agree with hashlib.
+tensor, and leaves no thread behind.
 
 The validator reads each tensor byte of both checkpoints exactly once (all checks on, sampled experts
 or not, every layout), keeps at most two steps of a layer's size in its buffers whatever the number of
@@ -14,7 +14,6 @@ turns a failing read into exit 2 with one line naming the file.
 from __future__ import annotations
 
 import errno
-import hashlib
 import itertools
 import random
 import threading
@@ -29,7 +28,7 @@ from safetensors.torch import save_file
 from moetool.errors import InputError
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
-from moetool.io.prefetch import FileHashes, Prefetcher, ReadPlan, sha256_of
+from moetool.io.prefetch import Prefetcher, ReadPlan
 from moetool.testing.factory import DEEPGEMM_LEAVES, experts_prefix, make_checkpoint
 from moetool.validate import TIMING_KEYS, ValidateOptions, validate_checkpoints
 from moetool.validate import run as validate_mod
@@ -310,29 +309,6 @@ def test_error_building_a_plan_surfaces_at_its_batch(shards: Path) -> None:
             assert next(it).label == "first"
             with pytest.raises(InputError, match=r"no\.such\.tensor"):
                 next(it)
-    assert not _our_threads()
-
-
-@pytest.mark.parametrize(
-    "size", [0, 1, prefetch.HASH_CHUNK - 1, prefetch.HASH_CHUNK, 2 * prefetch.HASH_CHUNK + 5]
-)
-def test_sha256_of_matches_hashlib(tmp_path: Path, size: int) -> None:
-    data = random.Random(size).randbytes(size)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    assert sha256_of(path) == hashlib.sha256(data).hexdigest()
-
-
-def test_file_hashes_in_parallel(tmp_path: Path) -> None:
-    files = {}
-    for i, size in enumerate([3, prefetch.HASH_CHUNK + 17, 0, 100_003]):
-        p = tmp_path / f"f{i}"
-        p.write_bytes(random.Random(i).randbytes(size))
-        files[p] = hashlib.sha256(p.read_bytes()).hexdigest()
-    t0 = time.perf_counter()
-    with FileHashes(files) as hashes:
-        assert {p: hashes.result(p) for p in files} == files
-        assert hashes.done_at >= t0
     assert not _our_threads()
 
 

@@ -25,8 +25,9 @@ from safetensors import safe_open
 
 import moetool.io.writer as writer_mod
 from moetool.errors import InputError
+from moetool.io.hashing import sha256_file
 from moetool.io.safetensors_format import DTYPE_NAMES
-from moetool.io.writer import OutputDir, ShardWriter, sha256_file
+from moetool.io.writer import OutputDir, ShardWriter
 
 SEED = 20261126
 

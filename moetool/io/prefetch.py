@@ -1,5 +1,5 @@
 """Reading a checkpoint once, fast: parallel positioned reads into reused buffers, the next step's
-reads running while the caller works on the current one, and whole-file sha256 on threads.
+reads running while the caller works on the current one.
 
 A caller describes each step's reads as a :class:`ReadPlan`: named tensors (``Field``) laid out in one
 byte buffer, the file ranges (``Piece``) that fill them, and copies to run once they are read. A
@@ -17,7 +17,6 @@ is ``slots`` times the largest plan, whatever the size of the checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import queue
@@ -26,7 +25,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +34,6 @@ from moetool.io.checkpoint import Checkpoint
 
 CHUNK_BYTES = 32 << 20  # a piece per read call: large enough to amortise the call, small enough to spread
 ALIGN = 4096  # fields start on page boundaries: aligned views for every dtype, page-aligned reads
-HASH_CHUNK = 8 << 20
 MAX_READERS = 16
 
 
@@ -330,58 +327,6 @@ class Prefetcher:
                 item.release()
 
     def __enter__(self) -> Prefetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# -- hashing ----------------------------------------------------------------------------------
-def sha256_of(path: str | os.PathLike[str], stop: threading.Event | None = None) -> str:
-    """sha256 of a file, read into one reused buffer (hashlib releases the GIL on large updates, so
-    several files hash on several cores). Stops early, returning ``""``, once ``stop`` is set."""
-    h = hashlib.sha256()
-    buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            if stop is not None and stop.is_set():
-                return ""
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-class FileHashes:
-    """sha256 of several files at once, one thread per file (largest first), started on creation.
-
-    ``result(path)`` waits for one digest; ``done_at`` is the ``time.perf_counter()`` at which the last
-    digest finished. ``close()`` (or leaving the context) abandons hashes still running.
-    """
-
-    def __init__(self, paths: Iterable[Path], *, max_threads: int = MAX_READERS) -> None:
-        order = sorted(paths, key=lambda p: (-p.stat().st_size, str(p)))
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self.done_at = time.perf_counter()
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, min(len(order), max_threads)), thread_name_prefix="moetool-sha256"
-        )
-        self._futures: dict[Path, Future[str]] = {p: self._pool.submit(self._hash, p) for p in order}
-
-    def _hash(self, path: Path) -> str:
-        digest = sha256_of(path, self._stop)
-        with self._lock:
-            self.done_at = max(self.done_at, time.perf_counter())
-        return digest
-
-    def result(self, path: Path) -> str:
-        return self._futures[path].result()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> FileHashes:
         return self
 
     def __exit__(self, *exc: object) -> None:

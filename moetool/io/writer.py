@@ -14,16 +14,13 @@ as it grows and fsynced before its rename, and the folders are fsynced around th
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import stat
-import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -32,39 +29,18 @@ from typing import Any
 import torch
 
 from moetool.errors import EnvironmentError_, InputError, UsageError
+from moetool.io import atomic
 from moetool.io.checkpoint import truncated_shard
 from moetool.io.fs import input_roots, open_regular, real_path, refuse_into_input
+from moetool.io.hashing import ReadBack
 from moetool.io.safetensors_format import DTYPE_NAMES, build_header, read_header
 
 LOCK_NAME = ".moetool.lock"
 FLUSH_EVERY = 256 << 20
 _FLUSHER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moetool-flush")
-# Read back and hash in pieces that stay in the core's L2 cache between the read and the hash.
-HASH_CHUNK = 1 << 20
 COPY_CHUNK = 8 << 20
 # copy_file_range errors that mean "not between these two files": copy through memory instead.
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.ETXTBSY, errno.EBADF}
-
-
-def sha256_file(path: str | os.PathLike[str], *, follow: bool = True) -> str:
-    """sha256 (hex) of a file's bytes; with ``follow=False`` a link at ``path`` is an error (ELOOP)."""
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(HASH_CHUNK))
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
-    try:
-        while n := os.readv(fd, [buf]):
-            h.update(buf[:n])
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def os_error(e: OSError, path: Path) -> EnvironmentError_:
@@ -169,7 +145,7 @@ class OutputDir:
         try:
             for entry in os.scandir(self.partial):
                 if entry.name != LOCK_NAME:
-                    remove_entry(Path(entry.path))
+                    atomic.remove_entry(Path(entry.path))
         except OSError as e:
             self._unlock()
             raise os_error(e, self.partial) from None
@@ -196,14 +172,6 @@ class OutputDir:
     def path(self, rel: str) -> Path:
         return self.partial / rel
 
-    def create(self, rel: str) -> tuple[Path, int]:
-        """A new, empty ``<rel>.tmp`` in the work folder, open for writing: ``(its path, descriptor)``.
-        Whatever entry had that name (a file, a link) is removed first, never followed."""
-        dst = self.path(rel)
-        self._folders(dst.parent)
-        tmp = dst.with_name(dst.name + ".tmp")
-        return tmp, create_file(tmp)
-
     def _folders(self, folder: Path) -> None:
         """Create ``folder`` (inside OUT.partial) and its parents, refusing any that is a link."""
         rel = folder.relative_to(self.partial)
@@ -218,33 +186,27 @@ class OutputDir:
         """Deterministic JSON (sorted keys, 2-space indent, trailing newline), written atomically."""
         self.write_bytes(rel, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
+    def _atomic(self, rel: str) -> contextlib.AbstractContextManager[atomic.Temp]:
+        """Write ``rel`` atomically through ``<rel>.tmp`` (its folders made first, links refused)."""
         dst = self.path(rel)
+        self._folders(dst.parent)
+        return atomic.atomic_write(dst, fsync=self.fsync, tmp=dst.with_name(dst.name + ".tmp"))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
         try:
-            tmp, fd = self.create(rel)
-            with open(fd, "wb") as f:
-                f.write(data)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, dst)
+            with self._atomic(rel) as t:
+                t.file.write(data)
         except OSError as e:
-            raise os_error(e, dst) from None
+            raise os_error(e, self.path(rel)) from None
 
     def copy_file(self, src: Path, rel: str) -> None:
         """Copy the input's regular file ``src`` to ``rel`` (a FIFO or device is refused, not read)."""
-        dst = self.path(rel)
         sfd = open_regular(src, what="file")
         try:
-            tmp, fd = self.create(rel)
-            with open(sfd, "rb", closefd=False) as fi, open(fd, "wb") as fo:
-                shutil.copyfileobj(fi, fo, COPY_CHUNK)
-                if self.fsync:
-                    fo.flush()
-                    os.fsync(fo.fileno())
-            os.replace(tmp, dst)
+            with open(sfd, "rb", closefd=False) as fi, self._atomic(rel) as t:
+                shutil.copyfileobj(fi, t.file, COPY_CHUNK)
         except OSError as e:
-            raise os_error(e, dst) from None
+            raise os_error(e, self.path(rel)) from None
         finally:
             os.close(sfd)
 
@@ -262,7 +224,7 @@ class OutputDir:
                 if rel in folders and entry.is_dir(follow_symlinks=False):
                     walk(Path(entry.path))
                 else:
-                    remove_entry(Path(entry.path))
+                    atomic.remove_entry(Path(entry.path))
 
         try:
             walk(self.partial)
@@ -278,7 +240,7 @@ class OutputDir:
         """Remove this run's unfinished ``*.tmp`` files (entries only, never what a link points to)."""
         for p in self.partial.rglob("*.tmp"):
             with contextlib.suppress(OSError):
-                remove_entry(p)
+                atomic.remove_entry(p)
 
     def commit(self) -> Path:
         """Rename ``OUT.partial`` to OUT (replacing an old OUT only now, under --overwrite); with
@@ -288,7 +250,7 @@ class OutputDir:
             (self.partial / LOCK_NAME).unlink()
         self._remove_tmp()
         if self.fsync:
-            _fsync_dir(self.partial)
+            atomic.fsync_dir(self.partial)
         self._unlock()
         old = None
         if os.path.lexists(self.out):
@@ -300,16 +262,16 @@ class OutputDir:
             os.rename(self.out, old)
         os.rename(self.partial, self.out)
         if self.fsync:
-            _fsync_dir(self.out.parent)
+            atomic.fsync_dir(self.out.parent)
         if old is not None:
             with contextlib.suppress(OSError):
-                remove_entry(old)
+                atomic.remove_entry(old)
         return self.out
 
     def abort(self) -> None:
         """Remove everything this run wrote (the input and any old OUT are untouched)."""
         self._unlock()
-        if _is_folder(self.partial):
+        if atomic.is_folder(self.partial):
             shutil.rmtree(self.partial, ignore_errors=True)
 
     def release(self) -> None:
@@ -345,14 +307,6 @@ def _link_error(path: Path) -> UsageError:
     )
 
 
-def _is_folder(path: Path) -> bool:
-    """A real folder, not a link to one."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
 def _require_folder(path: Path, what: str) -> None:
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
@@ -363,148 +317,17 @@ def _require_folder(path: Path, what: str) -> None:
         )
 
 
-def remove_entry(path: Path) -> None:
-    """Remove ``path`` itself: a link or a file is unlinked (what a link points to is untouched), a
-    real folder is removed with its contents (``shutil.rmtree`` never follows links inside it)."""
-    if _is_folder(path):
-        shutil.rmtree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
 def write_file_atomic(path: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
     """Write ``data`` to ``path`` through a new temporary file beside it, renamed over ``path`` only once
     complete: a reader sees the old file or the new one, never a part, and a link at ``path`` is
     replaced, not followed. Returns the absolute path written. ``OSError`` as an ``EnvironmentError_``."""
     dst = Path(path).absolute()
     try:
-        # a name nothing else has (O_EXCL | O_NOFOLLOW): nothing already in the folder is touched
-        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-        tmp = Path(name)
-        try:
-            os.fchmod(fd, 0o644)
-            with open(fd, "wb") as f:
-                f.write(data)
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, dst)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        with atomic.atomic_write(dst, fsync=fsync) as t:
+            t.file.write(data)
     except OSError as e:
         raise os_error(e, dst) from None
     return dst
-
-
-def create_file(path: Path) -> int:
-    """A new, empty regular file at ``path`` opened read-write. An entry already there (a file, a link,
-    an unfinished file of an earlier run) is removed first, never followed or truncated through."""
-    remove_entry(path)
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-
-
-class _ReadBack:
-    """sha256 of a file that is still being written, taken from bytes read back from the file.
-
-    Writers report each byte range once it is written (``done``); a thread reads back and hashes the
-    file's complete prefix as it grows, so that when the last range arrives only the tail is left. A
-    range rewritten after the thread has read it makes the thread start again from byte 0, so the
-    digest is always that of the file's final bytes.
-    """
-
-    def __init__(self, path: Path, size: int) -> None:
-        self.path, self.size = path, size
-        self._cond = threading.Condition()
-        self._starts: list[int] = []  # disjoint, merged written ranges [start, end), sorted
-        self._ends: list[int] = []
-        self._claimed = 0  # the thread has read, or is reading, bytes [0, _claimed)
-        self._restart = False
-        self._closed = False
-        self._digest: str | None = None
-        self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._run, name="moetool-readback", daemon=True)
-        self._thread.start()
-
-    def done(self, start: int, end: int) -> None:
-        """Bytes ``[start, end)`` of the file hold their final contents."""
-        if end <= start:
-            return
-        with self._cond:
-            if start < self._claimed:
-                self._restart, self._digest = True, None
-            i = bisect.bisect_left(self._ends, start)  # first range that ends at or after start
-            j = bisect.bisect_right(self._starts, end)  # ranges [i, j) touch [start, end)
-            if i < j:
-                start, end = min(start, self._starts[i]), max(end, self._ends[j - 1])
-            self._starts[i:j] = [start]
-            self._ends[i:j] = [end]
-            self._cond.notify()
-
-    def _ready(self) -> int:
-        """End of the complete prefix (caller holds the lock)."""
-        return self._ends[0] if self._starts and self._starts[0] == 0 else 0
-
-    def _run(self) -> None:
-        buf = memoryview(bytearray(HASH_CHUNK))
-        h = hashlib.sha256()
-        pos = 0
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
-            return
-        with contextlib.suppress(OSError):
-            # What is read back was just written and is in the page cache; read-ahead would only fill
-            # the holes of the file not written yet with zero pages.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        try:
-            while True:
-                with self._cond:
-                    while not self._closed and not self._restart and self._ready() <= pos:
-                        self._cond.wait()
-                    if self._closed:
-                        return
-                    if self._restart:
-                        self._restart = False
-                        h, pos = hashlib.sha256(), 0
-                    end = min(self._ready(), pos + HASH_CHUNK)
-                    self._claimed = max(self._claimed, end)
-                n = os.preadv(fd, [buf[: end - pos]], pos)
-                if n <= 0:
-                    raise OSError(errno.EIO, f"file ended at byte {pos} of {self.size} on re-reading")
-                h.update(buf[:n])
-                pos += n
-                if pos == self.size:
-                    with self._cond:
-                        if not self._restart:
-                            self._digest = h.hexdigest()
-                            self._cond.notify_all()
-        except OSError as e:
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
-        finally:
-            os.close(fd)
-
-    def digest(self) -> str:
-        """The file's sha256, once every byte has been reported done (blocks until read back)."""
-        with self._cond:
-            while self._digest is None and self._error is None:
-                self._cond.wait()
-            if self._error is not None:
-                raise self._error
-            return self._digest
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join()
 
 
 class ShardWriter:
@@ -537,16 +360,16 @@ class ShardWriter:
         self._lock = threading.Lock()
         self._unsynced = 0
         self._flush: Future | None = None
-        self._readback: _ReadBack | None = None
+        self._readback: ReadBack | None = None
         self.fd = -1
         try:
-            self.fd = create_file(self.tmp)  # never through a link or into a file someone else made
+            self.fd = atomic.create_file(self.tmp)  # never through a link or into a file someone else made
             os.ftruncate(self.fd, self.size)
             self._pwrite(self.prefix, 0)
         except OSError as e:
             self._close_fd()
             raise os_error(e, self.path) from None
-        self._readback = _ReadBack(self.tmp, self.size)
+        self._readback = ReadBack(self.tmp, self.size)
         self._readback.done(0, len(self.prefix))
 
     def _pwrite(self, data: memoryview | bytes, offset: int) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from moetool.engines import declares_fp8, refusal, refusal_of
 from moetool.io.checkpoint import MANIFEST_NAME
-from moetool.io.prefetch import FileHashes
+from moetool.io.hashing import FileHashes
 from moetool.model import FP8_DTYPES
 from moetool.validate.protocol import Context
 from moetool.validate.report import Check
