@@ -48,7 +48,12 @@ class EnvironmentError_(MoetoolError):
     """The machine cannot do what was asked (no CUDA, Hub offline and nothing cached, ...)."""
 
 
-class ValidationFailure(MoetoolError):
-    """``validate`` found a mismatch; exit 1 and the report names it."""
+class InternalError(MoetoolError):
+    """A bug in moetool, not a problem with the input or the machine: exit 3, and the line asks for a
+    report."""
 
-    exit_code = 1
+    exit_code = 3
+    REPORT = "a bug in moetool: please report it with the traceback MOETOOL_DEBUG=1 prints"
+
+    def __init__(self, message: str, *, file: str | None = None, tensor: str | None = None) -> None:
+        super().__init__(f"internal: {message}", file=file, tensor=tensor, fix=self.REPORT)

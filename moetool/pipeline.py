@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from moetool import __version__
-from moetool.errors import EnvironmentError_, InputError, MoetoolError, UsageError
+from moetool.errors import EnvironmentError_, InputError, InternalError, MoetoolError, UsageError
 from moetool.hub import Source
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
 from moetool.io.fs import open_regular, real_path
@@ -112,7 +112,7 @@ def read_int4(ckpt: Checkpoint, src: Src) -> torch.Tensor:
     from moetool.transforms import int4
 
     if src.expert is not None:
-        raise InputError("internal: INT4 weights are per-expert tensors", tensor=src.name)
+        raise InternalError("INT4 weights are per-expert tensors", tensor=src.name)
     qc = int4.find_int4_config(ckpt.config)
     if qc is None:
         raise InputError("INT4 weight without a compressed-tensors quantization_config", tensor=src.name)
@@ -170,13 +170,6 @@ class Quantizer:
             packed.to(dev, non_blocking=True), scale.to(dev, non_blocking=True), name=name
         )
         return q.cpu(), s.cpu(), changed.cpu()
-
-
-def run_job(
-    ckpt: Checkpoint, job: Job, quantizer: Quantizer | None, lossy: list[dict[str, Any]] | None = None
-) -> list[torch.Tensor]:
-    """The tensors a job writes, in the order of ``job.writes``."""
-    return [p[0] if len(p) == 1 else torch.cat(p) for p in job_pieces(ckpt, job, quantizer, lossy=lossy)]
 
 
 class _BufferPool:
@@ -263,7 +256,7 @@ def job_pieces(
     if job.op == "fp4_cast":
         assert quantizer is not None
         return _fp4_cast_pieces(ckpt, job, quantizer, lossy)
-    raise InputError(f"internal: unknown job op {job.op!r}")
+    raise InternalError(f"unknown job op {job.op!r}")
 
 
 def _fp4_cast_pieces(
@@ -324,7 +317,7 @@ def _as_stored(t: torch.Tensor, dtype: str) -> torch.Tensor:
             "float32 block scales that are not all powers of two cannot join E8M0-scaled experts",
             fix="quantize with --scale-fmt ue8m0 first",
         )
-    raise InputError(f"internal: a {t.dtype} result for a {dtype} tensor")
+    raise InternalError(f"a {t.dtype} result for a {dtype} tensor")
 
 
 @dataclass(frozen=True)
@@ -504,7 +497,7 @@ def write_shard(
                     progress(results)
                 continue
             if len(results) != len(job.writes):
-                raise InputError(f"internal: job made {len(results)} tensors for {len(job.writes)} writes")
+                raise InternalError(f"job made {len(results)} tensors for {len(job.writes)} writes")
             for w, pieces in zip(job.writes, results):
                 start = w.start
                 for t in pieces:

@@ -11,7 +11,7 @@ import click
 from moetool import __version__
 from moetool.cli.common import INVOCATION, error_object
 from moetool.env import ENV
-from moetool.errors import MoetoolError
+from moetool.errors import InternalError, MoetoolError
 
 COMMANDS = (
     ("moetool.cli.inspect", "inspect"),
@@ -50,7 +50,8 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one clear line and an exit code for every failure (0 ok, 1 mismatch, 2 error)."""
+    """Entry point: one clear line and an exit code for every failure (0 ok, 1 mismatch, 2 bad input,
+    usage or environment, 3 a bug in moetool, 130 interrupted)."""
     if argv is None:
         # Importing torch allocates a few hundred thousand objects that live as long as the process;
         # with the default thresholds the collector runs hundreds of times over them (measured 0.4 to
@@ -83,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         first = str(e).splitlines()[0] if str(e) else ""
         line = f"internal error: {type(e).__name__}: {first}"
-        click.echo(f"moetool: {line} (MOETOOL_DEBUG=1 for the traceback)", err=True)
-        _json_error(error_object(line, 2, kind="internal"), args)
-        sys.exit(2)
+        click.echo(f"moetool: {line} ({InternalError.REPORT})", err=True)
+        _json_error(error_object(line, InternalError.exit_code, kind="internal"), args)
+        sys.exit(InternalError.exit_code)
     code = rv if isinstance(rv, int) else 0
     if argv is None:
         _exit_now(code)

@@ -187,7 +187,7 @@ class MoeCheck:
         """Add ``experts`` (consecutive ids, held by ``step``/``batch``) to both layers' sums: the
         original's through the float32 reference, the converted one's through the FP8 kernels (or
         float32 when it is not FP8). Parts in ascending order give the bits of one part."""
-        from moetool.errors import InputError
+        from moetool.errors import InternalError
         from moetool.moe import experts_reference_into
 
         run = self._run
@@ -196,7 +196,7 @@ class MoeCheck:
             return
         first = experts[0]
         if experts != list(range(first, first + len(experts))):
-            raise InputError("internal: the MoE check takes consecutive experts", tensor=str(experts[:4]))
+            raise InternalError("the MoE check takes consecutive experts", tensor=str(experts[:4]))
         dev = self.ctx.device
         routed = [e for e in experts if e < self.ctx.orig.info.num_experts]
         o_limit, c_limit = self.ctx.orig.info.swiglu_limit, self.ctx.conv.info.swiglu_limit

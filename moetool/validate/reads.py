@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moetool.errors import InputError, UsageError
+from moetool.errors import InputError, InternalError, UsageError
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
 from moetool.io.prefetch import Field, ReadPlan
@@ -151,7 +151,7 @@ class Stack:
             if not (self.fp8 or self.fp4):
                 return t, None
             if self.sparts is None:
-                raise InputError("internal: whole-expert scales have no per-source rows", tensor=p)
+                raise InternalError("whole-expert scales have no per-source rows", tensor=p)
             s0, s1 = self.sparts[j]
             return t, b[p + "s13"][k, s0:s1]
         return b[p + "w2"][k], b[p + "s2"][k] if self.fp8 or self.fp4 else None
@@ -297,7 +297,7 @@ class ReadSchedule:
 
         def region(src: Src, scale: bool = False) -> tuple[str, tuple[int, int] | None, list[int]]:
             if src.cols:
-                raise InputError("internal: a stacked expert source cannot slice columns", tensor=src.name)
+                raise InternalError("a stacked expert source cannot slice columns", tensor=src.name)
             name, rows = src.name, src.rows
             if scale:
                 found = find_scale(ck.tensors, src.name)
@@ -400,7 +400,7 @@ class ReadSchedule:
 
         def stored(src: Src) -> tuple[str, str]:
             if src.cols or src.expert is not None or src.rows:
-                raise InputError("internal: INT4 experts are read whole, per expert", tensor=src.name)
+                raise InternalError("INT4 experts are read whole, per expert", tensor=src.name)
             packed, scale, _ = int4.stored_names(src.name)
             for name in (packed, scale):
                 if name not in ck:
