@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moetool.kernels._device import require, require_launchable
 from moetool.kernels.fp4_cast_ref import (
     E8M0_NAN,
     FP8_BLOCK,
@@ -27,7 +28,7 @@ from moetool.kernels.fp4_cast_ref import (
     check_fp4_shapes,
     e8m0_bytes,
 )
-from moetool.kernels.fp8_quant import _check_device, _to_e4m3_bits
+from moetool.kernels.fp8_quant import _to_e4m3_bits
 
 _MAX_OFFSET_BITS = tl.constexpr(MAX_OFFSET_BITS)
 
@@ -160,8 +161,15 @@ def fp4_cast(
     ``changed`` int32 ``[..., N/128, K/128]``, contiguous. Raises :class:`moetool.errors.InputError`
     naming ``name`` for a shape outside the contract (before the launch) or a NaN scale (after it).
     """
-    _check_device(packed)
-    assert scale.device == packed.device, f"scale on {scale.device}, weights on {packed.device}"
+    require_launchable(
+        packed, "fp4_cast", tensor="packed", reference="moetool.kernels.fp4_cast_ref.fp4_cast_ref"
+    )
+    require(
+        scale.device == packed.device,
+        "fp4_cast",
+        f"on {scale.device}, weights on {packed.device}",
+        tensor="scale",
+    )
     n, k = check_fp4_shapes(packed, scale, name=name)
     lead = tuple(packed.shape[:-2])
     num_nb, num_kb = n // FP8_BLOCK, k // FP8_BLOCK

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from moetool.errors import InputError
-from moetool.kernels._device import hopper_or_later, interpreting
+from moetool.kernels._device import hopper_or_later, launch_error, require_launchable
 from moetool.kernels.fp8_quant_ref import BLOCK as SCALE_BLOCK
 
 try:  # host-side TMA descriptors (triton >= 3.4)
@@ -270,43 +270,58 @@ def select_config(
     return _COMPUTE_TMA if tma else _COMPUTE
 
 
-def _fail(fn: str, name: str, message: str) -> None:
-    raise InputError(f"{fn}: {message}", tensor=name)
-
-
 def _check_common(
     fn: str, a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor
 ) -> None:
     if a_q.dtype != _FP8 or b_q.dtype != _FP8:
-        _fail(fn, "a_q/b_q", f"operands must be float8_e4m3fn, got {a_q.dtype} and {b_q.dtype}")
+        raise launch_error(
+            fn, f"operands must be float8_e4m3fn, got {a_q.dtype} and {b_q.dtype}", tensor="a_q/b_q"
+        )
     if a_s.dtype != torch.float32 or b_s.dtype != torch.float32:
-        _fail(fn, "a_s/b_s", f"scales must be float32 (SM90 format), got {a_s.dtype} and {b_s.dtype}")
+        raise launch_error(
+            fn, f"scales must be float32 (SM90 format), got {a_s.dtype} and {b_s.dtype}", tensor="a_s/b_s"
+        )
     if b_q.dim() != 3:
-        _fail(fn, "b_q", f"weights must be [G, N, K], got {list(b_q.shape)}")
+        raise launch_error(fn, f"weights must be [G, N, K], got {list(b_q.shape)}", tensor="b_q")
     k = a_q.shape[-1]
     g, n, kb = b_q.shape
     if kb != k:
-        _fail(fn, "b_q", f"weights have K={kb}, activations K={k}")
+        raise launch_error(fn, f"weights have K={kb}, activations K={k}", tensor="b_q")
     if a_q.stride(-1) != 1 and k > 1:
-        _fail(fn, "a_q", f"activations must be K-major (stride(-1) == 1), got strides {a_q.stride()}")
+        raise launch_error(
+            fn, f"activations must be K-major (stride(-1) == 1), got strides {a_q.stride()}", tensor="a_q"
+        )
     if b_q.stride(-1) != 1 and k > 1:
-        _fail(fn, "b_q", f"weights must be K-major (stride(-1) == 1), got strides {b_q.stride()}")
+        raise launch_error(
+            fn, f"weights must be K-major (stride(-1) == 1), got strides {b_q.stride()}", tensor="b_q"
+        )
     want_as = (*a_q.shape[:-1], _cdiv(k, SCALE_BLOCK))
     if tuple(a_s.shape) != want_as:
-        _fail(fn, "a_s", f"activation scales must be {list(want_as)} (1×128 blocks), got {list(a_s.shape)}")
+        raise launch_error(
+            fn,
+            f"activation scales must be {list(want_as)} (1×128 blocks), got {list(a_s.shape)}",
+            tensor="a_s",
+        )
     want_bs = (g, _cdiv(n, SCALE_BLOCK), _cdiv(k, SCALE_BLOCK))
     if tuple(b_s.shape) != want_bs:
-        _fail(fn, "b_s", f"weight scales must be {list(want_bs)} (128×128 blocks), got {list(b_s.shape)}")
+        raise launch_error(
+            fn, f"weight scales must be {list(want_bs)} (128×128 blocks), got {list(b_s.shape)}", tensor="b_s"
+        )
     devices = {t.device for t in (a_q, a_s, b_q, b_s)}
     if len(devices) != 1:
-        _fail(fn, "a_q/a_s/b_q/b_s", f"tensors on different devices: {sorted(map(str, devices))}")
-    if a_q.device.type != "cuda" and not interpreting():
-        _fail(fn, "a_q", "CPU tensors need TRITON_INTERPRET=1 (or use the torch reference)")
+        raise launch_error(
+            fn, f"tensors on different devices: {sorted(map(str, devices))}", tensor="a_q/a_s/b_q/b_s"
+        )
+    require_launchable(
+        a_q, fn, tensor="a_q", reference="moetool.kernels.fp8_grouped_gemm_ref.grouped_gemm_ref"
+    )
 
 
 def _check_out(fn: str, out: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
     if out.dtype != torch.bfloat16 or tuple(out.shape) != shape or out.device != device:
-        _fail(fn, "out", f"must be bfloat16 {list(shape)} on {device}, got {out.dtype} {list(out.shape)}")
+        raise launch_error(
+            fn, f"must be bfloat16 {list(shape)} on {device}, got {out.dtype} {list(out.shape)}", tensor="out"
+        )
 
 
 def _tma_layout_ok(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
@@ -486,18 +501,18 @@ def m_grouped_fp8_gemm_nt_contiguous(
     """
     fn = "m_grouped_fp8_gemm_nt_contiguous"
     if a_q.dim() != 2:
-        _fail(fn, "a_q", f"activations must be [M, K], got {list(a_q.shape)}")
+        raise launch_error(fn, f"activations must be [M, K], got {list(a_q.shape)}", tensor="a_q")
     _check_common(fn, a_q, a_s, b_q, b_s)
     m, k = a_q.shape
     n = b_q.shape[1]
     if m_indices.shape != (m,) or m_indices.dtype != torch.int32 or not m_indices.is_contiguous():
-        _fail(
+        raise launch_error(
             fn,
-            "m_indices",
             f"must be contiguous int32 [M={m}], got {m_indices.dtype} {list(m_indices.shape)}",
+            tensor="m_indices",
         )
     if m_indices.device != a_q.device:
-        _fail(fn, "m_indices", f"on {m_indices.device}, activations on {a_q.device}")
+        raise launch_error(fn, f"on {m_indices.device}, activations on {a_q.device}", tensor="m_indices")
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=a_q.device)
     else:
@@ -536,18 +551,20 @@ def m_grouped_fp8_gemm_nt_masked(
     """
     fn = "m_grouped_fp8_gemm_nt_masked"
     if a_q.dim() != 3:
-        _fail(fn, "a_q", f"activations must be [G, M_max, K], got {list(a_q.shape)}")
+        raise launch_error(fn, f"activations must be [G, M_max, K], got {list(a_q.shape)}", tensor="a_q")
     _check_common(fn, a_q, a_s, b_q, b_s)
     g_a, m_max, k = a_q.shape
     g, n, _ = b_q.shape
     if g_a != g:
-        _fail(fn, "a_q", f"{g_a} groups of activations for {g} experts")
+        raise launch_error(fn, f"{g_a} groups of activations for {g} experts", tensor="a_q")
     if masked_m.shape != (g,) or masked_m.dtype != torch.int32 or not masked_m.is_contiguous():
-        _fail(
-            fn, "masked_m", f"must be contiguous int32 [G={g}], got {masked_m.dtype} {list(masked_m.shape)}"
+        raise launch_error(
+            fn,
+            f"must be contiguous int32 [G={g}], got {masked_m.dtype} {list(masked_m.shape)}",
+            tensor="masked_m",
         )
     if masked_m.device != a_q.device:
-        _fail(fn, "masked_m", f"on {masked_m.device}, activations on {a_q.device}")
+        raise launch_error(fn, f"on {masked_m.device}, activations on {a_q.device}", tensor="masked_m")
     if out is None:
         out = torch.empty(g, m_max, n, dtype=torch.bfloat16, device=a_q.device)
     else:

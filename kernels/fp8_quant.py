@@ -17,13 +17,13 @@ and raises the reference's :class:`moetool.errors.InputError` naming the block.
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
+from moetool.kernels._device import require, require_launchable
 from moetool.kernels.fp8_quant_ref import AMAX_FLOOR, BLOCK, FP8_MAX, cdiv, check_finite_scales
 
 _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -147,23 +147,31 @@ def token_quant_kernel(
     tl.store(q_ptr + offs, _to_e4m3_bits(y, EXACT_CVT), mask=mask)
 
 
-def _check_device(t: torch.Tensor) -> None:
-    assert t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", (
-        "Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors); "
-        "use moetool.kernels.fp8_quant_ref.block_quant_ref on CPU"
-    )
-
-
 def _out(
-    t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str
+    fn: str,
+    t: torch.Tensor | None,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device,
+    what: str,
 ) -> torch.Tensor:
     if t is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    assert tuple(t.shape) == shape and t.dtype == dtype and t.device == device, (
-        f"{what} must be {dtype} {list(shape)} on {device}, got {t.dtype} {list(t.shape)} on {t.device}"
+    require(
+        tuple(t.shape) == shape and t.dtype == dtype and t.device == device and t.is_contiguous(),
+        fn,
+        f"must be contiguous {dtype} {list(shape)} on {device}, got {t.dtype} {list(t.shape)} on {t.device}",
+        tensor=what,
     )
-    assert t.is_contiguous(), f"{what} must be contiguous"
     return t
+
+
+def _check_input(fn: str, x: torch.Tensor, dims: tuple[int, ...], what: str, layout: str) -> None:
+    """A launcher's float input: launchable, of an accepted dtype and rank, contiguous."""
+    require_launchable(x, fn, tensor=what, reference="moetool.kernels.fp8_quant_ref.block_quant_ref")
+    require(x.dtype in _INPUT_DTYPES, fn, f"takes {_INPUT_DTYPES}, got {x.dtype}", tensor=what)
+    require(x.dim() in dims, fn, f"takes {layout}, got {list(x.shape)}", tensor=what)
+    require(x.is_contiguous(), fn, "must be contiguous (K-major rows)", tensor=what, fix="call .contiguous()")
 
 
 def _launch_block_quant(
@@ -207,14 +215,11 @@ def block_quant(
     given. Returns ``(q, s)``. Raises :class:`moetool.errors.InputError` naming ``name``, the expert and
     the block when ``w`` holds NaN or inf (after one device sync).
     """
-    _check_device(w)
-    assert w.dtype in _INPUT_DTYPES, f"block_quant takes {_INPUT_DTYPES}, got {w.dtype}"
-    assert w.dim() in (2, 3), f"block_quant takes [N, K] or [E, N, K], got {list(w.shape)}"
-    assert w.is_contiguous(), "block_quant needs a contiguous w (K-major rows)"
+    _check_input("block_quant", w, (2, 3), "w", "[N, K] or [E, N, K]")
     n, k = w.shape[-2:]
     lead = tuple(w.shape[:-2])
-    q = _out(out_q, tuple(w.shape), torch.float8_e4m3fn, w.device, "out_q")
-    s = _out(out_s, (*lead, cdiv(n, BLOCK), cdiv(k, BLOCK)), torch.float32, w.device, "out_s")
+    q = _out("block_quant", out_q, tuple(w.shape), torch.float8_e4m3fn, w.device, "out_q")
+    s = _out("block_quant", out_s, (*lead, cdiv(n, BLOCK), cdiv(k, BLOCK)), torch.float32, w.device, "out_s")
     if w.numel() == 0:
         return q, s
     exact = (not w.is_cuda) if _exact_cvt is None else _exact_cvt
@@ -244,11 +249,8 @@ def token_quant(
     ``m_grouped_fp8_gemm_nt_*`` read fastest. Same values either way. Raises
     :class:`moetool.errors.InputError` on NaN or inf.
     """
-    _check_device(x)
-    assert x.dtype in _INPUT_DTYPES, f"token_quant takes {_INPUT_DTYPES}, got {x.dtype}"
-    assert x.dim() == 2, f"token_quant takes [M, K], got {list(x.shape)}"
-    assert x.is_contiguous(), "token_quant needs a contiguous x"
-    assert _block_m & (_block_m - 1) == 0, "_block_m must be a power of two"
+    _check_input("token_quant", x, (2,), "x", "[M, K]")
+    require(_block_m > 0 and _block_m & (_block_m - 1) == 0, "token_quant", "_block_m must be a power of two")
     m, k = x.shape
     num_bk = cdiv(k, BLOCK)
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from moetool.errors import InputError
-from moetool.kernels._device import hopper_or_later, interpreting
+from moetool.kernels._device import hopper_or_later, interpreting, launch_error
 
 try:  # grid dependency control, for programmatic dependent launch (triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -274,7 +274,9 @@ def _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out) -> Input
     """The precise complaint once the fast checks in ``gdn_decode_klast`` found something wrong."""
     for name, x, nd in (("q", q, 4), ("k", k, 4), ("v", v, 4), ("state_pool", state_pool, 4)):
         if x.dim() != nd:
-            return InputError(f"gdn_decode_klast: expected {nd}-D, got shape {list(x.shape)}", tensor=name)
+            return launch_error(
+                "gdn_decode_klast", f"expected {nd}-D, got shape {list(x.shape)}", tensor=name
+            )
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     expected = {
@@ -300,13 +302,14 @@ def _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out) -> Input
     for name, shape in expected.items():
         if list(tensors[name].shape) != shape:
             fix = "a k-first state must be transposed to [P+1, HV, V, K]" if name == "state_pool" else None
-            return InputError(
-                f"gdn_decode_klast: expected shape {shape}, got {list(tensors[name].shape)}",
+            return launch_error(
+                "gdn_decode_klast",
+                f"expected shape {shape}, got {list(tensors[name].shape)}",
                 tensor=name,
                 fix=fix,
             )
     if HV % H != 0:
-        return InputError(f"gdn_decode_klast: HV={HV} is not a multiple of H={H}", tensor="v")
+        return launch_error("gdn_decode_klast", f"HV={HV} is not a multiple of H={H}", tensor="v")
     allowed = {
         "q": _FLOATS,
         "k": _FLOATS,
@@ -322,17 +325,19 @@ def _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out) -> Input
     for name, dtypes in allowed.items():
         if tensors[name].dtype not in dtypes:
             want = " or ".join(sorted(str(d) for d in dtypes))
-            return InputError(f"gdn_decode_klast: dtype {tensors[name].dtype}, need {want}", tensor=name)
+            return launch_error("gdn_decode_klast", f"dtype {tensors[name].dtype}, need {want}", tensor=name)
     for name, x in tensors.items():
         if not x.is_contiguous():
-            return InputError("gdn_decode_klast: must be contiguous", tensor=name, fix="call .contiguous()")
+            return launch_error(
+                "gdn_decode_klast", "must be contiguous", tensor=name, fix="call .contiguous()"
+            )
     if out is not None:
-        return InputError(
-            f"gdn_decode_klast: expected contiguous {q.dtype} {[B, T, HV, V]}, got {out.dtype} "
-            f"{list(out.shape)}",
+        return launch_error(
+            "gdn_decode_klast",
+            f"expected contiguous {q.dtype} {[B, T, HV, V]}, got {out.dtype} {list(out.shape)}",
             tensor="out",
         )
-    return InputError("gdn_decode_klast: inconsistent arguments")
+    return launch_error("gdn_decode_klast", "inconsistent arguments")
 
 
 def gdn_decode_klast(
@@ -425,7 +430,7 @@ def gdn_decode_klast(
         cfg = config
     nv = triton.cdiv(V, cfg.block_v)
     if nv % cfg.tiles:
-        raise InputError(f"gdn_decode_klast: {cfg.tiles} tiles per program do not divide {nv} V tiles")
+        raise launch_error("gdn_decode_klast", f"{cfg.tiles} tiles per program do not divide {nv} V tiles")
     ng = nv // cfg.tiles
     if pdl is None:
         pdl = pdl_by_default(B * HV, state_pool.device)
