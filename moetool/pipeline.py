@@ -28,12 +28,11 @@ from moetool.hub import Source
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
 from moetool.io.fs import open_regular, real_path
 from moetool.io.hashing import sha256_file
-from moetool.io.safetensors_format import DTYPES
 from moetool.io.writer import OutputDir, ShardWriter, os_error, write_index
-from moetool.kernels import dispatch
 from moetool.model import e8m0_scale_name, find_scale
 from moetool.plan import Job, Plan, Shard, Src
 from moetool.transforms import fp8_block
+from moetool.transforms.quant_job import Quantizer, as_stored, fp4_cast_region, job_scales
 
 PROGRESS_NAME = ".moetool-progress.json"
 SHARD_WORKERS_PER_GPU = 4
@@ -136,42 +135,6 @@ def read_int4(ckpt: Checkpoint, src: Src) -> torch.Tensor:
     return w[:, src.cols[0] : src.cols[1]] if src.cols else w
 
 
-# -- transforms -------------------------------------------------------------------------------
-class Quantizer:
-    """The FP8 policy (``transforms/fp8_block.py``) and DeepSeek's FP4 cast applied on one device;
-    results come back on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def quant(
-        self, w: torch.Tensor, *, ue8m0: bool, name: str, pool: _BufferPool | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(q, s)`` of a float region ``w``; ``pool`` (a CPU quantizer's) gives the buffer for ``q``."""
-        out = pool.take(w.shape, torch.float8_e4m3fn) if pool is not None else None
-        q, s = fp8_block.quantize(w.to(self.device, non_blocking=True), ue8m0=ue8m0, name=name, out=out)
-        return q.cpu(), s.cpu()
-
-    def from_fp8(
-        self, q: torch.Tensor, s: torch.Tensor, *, ue8m0: bool, name: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the policy makes of an FP8 region (float32 or E8M0 scales): its bytes, or its
-        requantization (``fp8_block.expected_fp8``)."""
-        q, s = fp8_block.expected_fp8(q, s, ue8m0=ue8m0, name=name, device=self.device)
-        return q.cpu(), s.cpu()
-
-    def fp4_cast(
-        self, packed: torch.Tensor, scale: torch.Tensor, *, name: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DeepSeek's FP4 → FP8 cast (:func:`moetool.kernels.fp4_cast_ref.fp4_cast_ref`): ``(q, s E8M0,
-        changed per block)``."""
-        dev = self.device
-        q, s, changed = dispatch.fp4_cast(
-            packed.to(dev, non_blocking=True), scale.to(dev, non_blocking=True), name=name
-        )
-        return q.cpu(), s.cpu(), changed.cpu()
-
-
 class _BufferPool:
     """CPU buffers passed from the workers that fill them to the thread that writes them, and back:
     each expert's ``q`` reuses memory instead of paying page faults and zeroing for a fresh one."""
@@ -231,9 +194,7 @@ def job_pieces(
                 # page-locked reads let the copy to the GPU run asynchronously
                 t, s = read_source(ckpt, src, pin=quantizer.device.type == "cuda")
             try:
-                if s is None:
-                    q, s = quantizer.quant(t, ue8m0=job.ue8m0, name=src.describe(), pool=pool)
-                else:
+                if s is not None:
                     # a corrupt FP8 source is refused, whether its bytes would be kept or requantized
                     fp8_block.check_source(
                         t,
@@ -242,82 +203,35 @@ def job_pieces(
                         origin=(src.rows[0] if src.rows else 0, src.cols[0] if src.cols else 0),
                         expert=src.expert,
                     )
-                    q, s = quantizer.from_fp8(t, s, ue8m0=job.ue8m0, name=src.describe())
+                take = pool.take if pool is not None else None
+                q, s = quantizer.region(t, s, ue8m0=job.ue8m0, name=src.describe(), take=take)
             except InputError as e:
                 if e.file is None:  # the kernels know the tensor; the file is known here
                     e.file = ckpt.info(src.name).file
                 raise
             qs.append(q)
             ss.append(s)
-        if job.scale_layout == "sm100":
-            s = ss[0] if len(ss) == 1 else torch.cat(ss)
-            ss = [fp8_block.sm100_pack(s, sum(q.shape[0] for q in qs))]
-        return [qs, ss]
+        return [qs, job_scales(qs, ss, scale_layout=job.scale_layout)]
     if job.op == "fp4_cast":
         assert quantizer is not None
-        return _fp4_cast_pieces(ckpt, job, quantizer, lossy)
+        qs, ss = [], []
+        pin = quantizer.device.type == "cuda"  # page-locked reads let the copy to the GPU run asynchronously
+        for src in job.sources:
+            packed = ckpt.read(src.name, rows=src.rows, expert=src.expert, pin=pin)
+            scale = ckpt.read(e8m0_scale_name(src.name), rows=src.rows, expert=src.expert, pin=pin)
+            q, s = fp4_cast_region(
+                quantizer,
+                packed,
+                scale,
+                name=src.describe(),
+                file=str(ckpt.root),
+                lossless=job.lossless,
+                lossy=lossy,
+            )
+            qs.append(q)
+            ss.append(s)
+        return [qs, job_scales(qs, ss, scale_layout=job.scale_layout, scale_dtype=job.scale_dtype)]
     raise InternalError(f"unknown job op {job.op!r}")
-
-
-def _fp4_cast_pieces(
-    ckpt: Checkpoint, job: Job, quantizer: Quantizer, lossy: list[dict[str, Any]] | None
-) -> list[list[torch.Tensor]]:
-    """``[q pieces, scale pieces]`` of an ``fp4_cast`` job: each FP4 source (I8 weight and its E8M0
-    ``.scale``) cast to FP8; scales as E8M0 bytes, float32 or SM100-packed as the job writes them."""
-    from moetool.kernels.fp4_cast_ref import e8m0_to_float
-
-    qs, ss = [], []
-    pin = quantizer.device.type == "cuda"  # page-locked reads let the copy to the GPU run asynchronously
-    for src in job.sources:
-        packed = ckpt.read(src.name, rows=src.rows, expert=src.expert, pin=pin)
-        scale = ckpt.read(e8m0_scale_name(src.name), rows=src.rows, expert=src.expert, pin=pin)
-        q, s, changed = quantizer.fp4_cast(packed, scale, name=src.describe())
-        hit = changed.nonzero()
-        if len(hit):
-            rb, cb = (int(i) for i in hit[0])
-            if job.lossless:
-                raise InputError(
-                    f"the cast to FP8 changes {int(changed[rb, cb])} values of 128x128 block (row block "
-                    f"{rb}, column block {cb}); {int((changed > 0).sum())} blocks of this weight are lossy",
-                    file=str(ckpt.root),
-                    tensor=src.describe(),
-                    fix="its FP4 scales span more binades than e4m3 holds; drop --require-lossless to "
-                    "accept the rounding (it is counted in moetool.json)",
-                )
-            if lossy is not None:
-                lossy.extend(
-                    {"tensor": src.describe(), "block": [int(r), int(c)], "changed": int(changed[r, c])}
-                    for r, c in hit.tolist()
-                )
-        qs.append(q)
-        ss.append(s)
-    if job.scale_layout == "sm100":
-        s = ss[0] if len(ss) == 1 else torch.cat(ss)
-        rows = sum(q.shape[0] for q in qs)
-        return [qs, [fp8_block.sm100_pack_exponents(s.view(torch.uint8), rows)]]
-    if job.scale_dtype == "F32":
-        ss = [e8m0_to_float(s) for s in ss]
-    return [qs, ss]
-
-
-def _as_stored(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """``t`` in the output tensor's safetensors ``dtype``, where scales change convention: E8M0 scales
-    become float32 exactly (DeepSeek-V4's shared expert in a stacked layout); float32 scales become E8M0
-    when every one is a power of two E8M0 holds. Nothing else converts."""
-    want = DTYPES[dtype]
-    if t.dtype == want:
-        return t
-    if t.dtype == torch.float8_e8m0fnu and want == torch.float32:
-        return t.float()
-    if t.dtype == torch.float32 and want == torch.float8_e8m0fnu:
-        e8 = t.to(torch.float8_e8m0fnu)
-        if torch.equal(e8.float(), t):
-            return e8
-        raise InputError(
-            "float32 block scales that are not all powers of two cannot join E8M0-scaled experts",
-            fix="quantize with --scale-fmt ue8m0 first",
-        )
-    raise InternalError(f"a {t.dtype} result for a {dtype} tensor")
 
 
 @dataclass(frozen=True)
@@ -501,7 +415,7 @@ def write_shard(
             for w, pieces in zip(job.writes, results):
                 start = w.start
                 for t in pieces:
-                    t = _as_stored(t, out_dtypes[w.tensor])
+                    t = as_stored(t, out_dtypes[w.tensor])
                     writer.write(w.tensor, t, start)
                     nbytes = t.numel() * t.element_size()
                     start += nbytes
