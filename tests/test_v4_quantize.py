@@ -242,3 +242,20 @@ def test_targets_linear_is_refused(
 ) -> None:
     line = fails(capsys, "quantize", str(v4["native"]), str(tmp_path / "o"), "--targets", "linear")
     assert "--targets linear does not apply to deepseek_v4" in line
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "opts", [("--layout", "hf"), (), ("--scale-fmt", "ue8m0", "--scale-layout", "sm100")]
+)
+def test_gpu_quantize_equals_cpu_bytes(v4: dict[str, Path], tmp_path: Path, opts: tuple[str, ...]) -> None:
+    """quantize --device cuda (the Triton cast) writes the CPU run's shards byte for byte, lossy block
+    record included."""
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    a = quantize(v4["lossy"], cpu, *opts, "--device", "cpu")
+    b = quantize(v4["lossy"], gpu, *opts, "--device", "cuda")
+    assert a["fp4_lossy_blocks"] == b["fp4_lossy_blocks"] and a["fp4_lossy_blocks"]["blocks"] == 1
+    files = sorted(p.name for p in cpu.glob("*.safetensors"))
+    assert files == sorted(p.name for p in gpu.glob("*.safetensors"))
+    for name in [*files, "config.json"]:
+        assert (cpu / name).read_bytes() == (gpu / name).read_bytes(), name

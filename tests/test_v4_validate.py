@@ -132,3 +132,20 @@ def test_token_table_routing_elsewhere_fails(v4: dict[str, Path], ws: Workspace)
     assert not moe["layer 0"]["passed"] and "top-k ids differ" in moe["layer 0"]["detail"]
     assert all(moe[f"layer {n}"]["passed"] for n in (1, 2, 3))
     assert any(name in c["detail"] for c in checks(res, "tensors") if not c["passed"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("conv", ["hf", "dg", "lossy"])
+def test_gpu_validate_passes_and_catches_a_flipped_byte(
+    v4: dict[str, Path], tmp_path: Path, conv: str
+) -> None:
+    """validate on CUDA (Triton cast, FP8 grouped GEMM) agrees with the CPU run: clean passes, a flipped
+    FP8 byte fails naming its tensor."""
+    ws = Workspace(tmp_path, "cuda", tokens=64)
+    src = v4["lossy_src" if conv == "lossy" else "src"]
+    assert_passes(ws.validate(src, v4[conv]), LAYERS, fp8=True)
+    bad = edited(ws, v4[conv])
+    name, _ = _names(bad, 1)
+    flip_fp8_byte(bad, name, (2, 5, 7) if conv == "dg" else (5, 7))
+    refresh_manifest(bad)
+    assert_fails(ws.validate(src, bad), name, ("tensors",))
