@@ -33,6 +33,7 @@ grouped (L2-friendly) tile order. Activation scales are read MN-major there (``m
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,8 @@ import triton
 import triton.language as tl
 
 from moetool.errors import InputError
-from moetool.kernels._device import hopper_or_later, launch_error, require_launchable
+from moetool.kernels._device import hopper_or_later, interpreting, launch_error, require_launchable
+from moetool.kernels._launch import Launcher, rebased
 from moetool.kernels.fp8_quant_ref import BLOCK as SCALE_BLOCK
 
 try:  # host-side TMA descriptors (triton >= 3.4)
@@ -381,87 +383,13 @@ def mn_major_scales(a_s: torch.Tensor) -> torch.Tensor:
     4-8% faster on DeepSeek-V3's w13 (K = 7168) with MN-major scales, so configurations with ``mn_major``
     (the compute regime's) transpose row-major ones first (one small copy, ``M·K/128`` floats).
     Producers that can, write them MN-major to begin with (``token_quant(..., mn_major=True)``)."""
-    if a_s.shape[-2] <= 1 or a_s.stride(-2) == 1:
+    if _mn_major(a_s):
         return a_s
     return a_s.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
-def _launch_args(
-    cfg: GemmConfig,
-    a_q: torch.Tensor,
-    a_s: torch.Tensor,
-    b_q: torch.Tensor,
-    b_s: torch.Tensor,
-    out: torch.Tensor,
-    layout: torch.Tensor,
-    m: int,
-    masked: bool,
-) -> tuple[tuple, dict]:
-    """The positional and keyword arguments of ``fp8_grouped_gemm_kernel`` for one checked call (``_launch``
-    passes them on; ``scripts/bench_grouped_gemm.py`` times Triton's launch of them alone)."""
-    g, n, k = b_q.shape
-    a_desc = b_desc = None
-    if cfg.mn_major:
-        a_s = mn_major_scales(a_s)
-    if cfg.tma:
-        if not _tma_layout_ok(a_q, b_q):
-            raise InputError(
-                f"GemmConfig {cfg}: TMA needs contiguous 16-byte aligned operands with K % 16 == 0",
-                tensor="a_q/b_q",
-            )
-        a_desc = TensorDescriptor.from_tensor(a_q.view(-1, k), [cfg.block_m, BLOCK_K])
-        b_desc = TensorDescriptor.from_tensor(b_q.view(g * n, k), [cfg.block_n, BLOCK_K])
-    # The contiguous layout has no group dimension on A/D: stride 0 makes program_id(1) == 0 harmless.
-    sa = (a_q.stride(0), a_q.stride(1), a_q.stride(2)) if masked else (0, a_q.stride(0), a_q.stride(1))
-    ss = (a_s.stride(0), a_s.stride(1), a_s.stride(2)) if masked else (0, a_s.stride(0), a_s.stride(1))
-    sd = (out.stride(0), out.stride(1), out.stride(2)) if masked else (0, out.stride(0), out.stride(1))
-    args = (
-        a_desc,
-        b_desc,
-        a_q,
-        a_s,
-        b_q,
-        b_s,
-        out,
-        layout,
-        m,
-        n,
-        k,
-        g,
-        *sa,
-        *ss,
-        *b_q.stride(),
-        *b_s.stride(),
-        *sd,
-    )
-    kwargs = dict(
-        MASKED=masked,
-        EVEN_K=k % BLOCK_K == 0,
-        USE_TMA=cfg.tma,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=BLOCK_K,
-        GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return args, kwargs
-
-
-def _launch(
-    grid: tuple[int, int],
-    cfg: GemmConfig,
-    a_q: torch.Tensor,
-    a_s: torch.Tensor,
-    b_q: torch.Tensor,
-    b_s: torch.Tensor,
-    out: torch.Tensor,
-    layout: torch.Tensor,
-    m: int,
-    masked: bool,
-) -> None:
-    args, kwargs = _launch_args(cfg, a_q, a_s, b_q, b_s, out, layout, m, masked)
-    fp8_grouped_gemm_kernel[grid](*args, **kwargs)
+def _mn_major(a_s: torch.Tensor) -> bool:
+    return a_s.shape[-2] <= 1 or a_s.stride(-2) == 1
 
 
 def contiguous_grid(m: int, n: int, cfg: GemmConfig) -> tuple[int, int]:
@@ -472,6 +400,249 @@ def contiguous_grid(m: int, n: int, cfg: GemmConfig) -> tuple[int, int]:
 def masked_grid(g: int, m_max: int, n: int, cfg: GemmConfig) -> tuple[int, int]:
     """Programs of ``m_grouped_fp8_gemm_nt_masked`` for ``G`` groups of ``M_max`` rows, width ``n``."""
     return (_cdiv(m_max, cfg.block_m) * _cdiv(n, cfg.block_n), g)
+
+
+# Launches of fp8_grouped_gemm_kernel: through Triton's dispatch once per specialization, then directly.
+_GEMM = Launcher(fp8_grouped_gemm_kernel)
+_PLAN_IDS = itertools.count()
+_PLANS: dict = {}
+_MAX_PLANS = 512
+
+
+class _Plan:
+    """Everything about a call that follows from its plan key (``_plan_key``): the checks passed, the
+    configuration, grid, integer and constexpr arguments, TMA descriptors, and whether row-major activation
+    scales are made MN-major first. ``skip``: 1 nothing to compute (return ``out``), 2 K = 0 (zeros)."""
+
+    __slots__ = (
+        "a_desc",
+        "b_desc",
+        "copy_scales",
+        "device",
+        "grid",
+        "id",
+        "options",
+        "out_shape",
+        "skip",
+        "tail",
+    )
+
+    def __init__(self, skip: int, out_shape: tuple[int, ...], device: torch.device) -> None:
+        self.id = next(_PLAN_IDS)  # never reused: a launch key built on it names one specialization
+        self.skip = skip
+        self.out_shape = out_shape
+        self.device = device
+        self.grid: tuple[int, int, int] = (0, 0, 0)
+        self.tail: tuple = ()
+        self.options: dict = {}
+        self.copy_scales = False
+        self.a_desc = None
+        self.b_desc = None
+
+
+def _plan_key(
+    masked: bool,
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    layout: torch.Tensor,
+    out: torch.Tensor | None,
+    expected_m: int | None,
+    config: GemmConfig | None,
+) -> tuple:
+    """What a call's checks, configuration and launch depend on: every tensor's shape, strides, dtype,
+    device and 16-byte alignment (TMA needs it, and Triton specializes pointers on it), the options, and
+    for CPU tensors whether Triton's interpreter is on (they are refused without it)."""
+    return (
+        a_q.is_cuda or interpreting(),
+        masked,
+        expected_m,
+        config,
+        a_q.shape, a_q.stride(), a_q.dtype, a_q.device, a_q.data_ptr() & 15,
+        a_s.shape, a_s.stride(), a_s.dtype, a_s.device, a_s.data_ptr() & 15,
+        b_q.shape, b_q.stride(), b_q.dtype, b_q.device, b_q.data_ptr() & 15,
+        b_s.shape, b_s.stride(), b_s.dtype, b_s.device, b_s.data_ptr() & 15,
+        layout.shape, layout.stride(), layout.dtype, layout.device, layout.data_ptr() & 15,
+        None if out is None else (out.shape, out.stride(), out.dtype, out.device, out.data_ptr() & 15),
+    )  # fmt: skip
+
+
+def _make_plan(
+    fn: str,
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    layout: torch.Tensor,
+    out: torch.Tensor | None,
+    expected_m: int | None,
+    config: GemmConfig | None,
+    masked: bool,
+) -> _Plan:
+    """The checks of a call (``InputError`` on the first that fails) and its plan."""
+    if masked:
+        if a_q.dim() != 3:
+            raise launch_error(fn, f"activations must be [G, M_max, K], got {list(a_q.shape)}", tensor="a_q")
+        _check_common(fn, a_q, a_s, b_q, b_s)
+        g_a, m, k = a_q.shape
+        g, n, _ = b_q.shape
+        if g_a != g:
+            raise launch_error(fn, f"{g_a} groups of activations for {g} experts", tensor="a_q")
+        if layout.shape != (g,) or layout.dtype != torch.int32 or not layout.is_contiguous():
+            raise launch_error(
+                fn,
+                f"must be contiguous int32 [G={g}], got {layout.dtype} {list(layout.shape)}",
+                tensor="masked_m",
+            )
+        if layout.device != a_q.device:
+            raise launch_error(fn, f"on {layout.device}, activations on {a_q.device}", tensor="masked_m")
+        out_shape = (g, m, n)
+        empty = g == 0 or m == 0 or n == 0
+    else:
+        if a_q.dim() != 2:
+            raise launch_error(fn, f"activations must be [M, K], got {list(a_q.shape)}", tensor="a_q")
+        _check_common(fn, a_q, a_s, b_q, b_s)
+        m, k = a_q.shape
+        g, n, _ = b_q.shape
+        if layout.shape != (m,) or layout.dtype != torch.int32 or not layout.is_contiguous():
+            raise launch_error(
+                fn,
+                f"must be contiguous int32 [M={m}], got {layout.dtype} {list(layout.shape)}",
+                tensor="m_indices",
+            )
+        if layout.device != a_q.device:
+            raise launch_error(fn, f"on {layout.device}, activations on {a_q.device}", tensor="m_indices")
+        out_shape = (m, n)
+        empty = m == 0 or n == 0
+    if out is not None:
+        _check_out(fn, out, out_shape, a_q.device)
+    if empty or k == 0:
+        return _Plan(1 if empty else 2, out_shape, a_q.device)
+    if config is not None:
+        config.check()
+    cfg = config or (masked_config if masked else contiguous_config)(a_q, b_q, expected_m)
+    plan = _Plan(0, out_shape, a_q.device)
+    plan.grid = (*(masked_grid(g, m, n, cfg) if masked else contiguous_grid(m, n, cfg)), 1)
+    plan.copy_scales = cfg.mn_major and not _mn_major(a_s)
+    # Strides of the scales the kernel reads (those of mn_major_scales' copy, worked out on shapes alone)
+    # and of the output (contiguous when allocated here).
+    s_strides = a_s.stride()
+    if plan.copy_scales:
+        s_strides = mn_major_scales(torch.empty_strided(a_s.shape, s_strides, device="meta")).stride()
+    d_strides = out.stride() if out is not None else torch.empty(out_shape, device="meta").stride()
+    if cfg.tma:
+        if not _tma_layout_ok(a_q, b_q):
+            raise InputError(
+                f"GemmConfig {cfg}: TMA needs contiguous 16-byte aligned operands with K % 16 == 0",
+                tensor="a_q/b_q",
+            )
+        # Built (and checked) once; each call puts its own tensors under them (``rebased``). Without a
+        # base they keep no tensor alive.
+        plan.a_desc = TensorDescriptor(a_q, [a_q.numel() // k, k], [k, 1], [cfg.block_m, BLOCK_K])
+        plan.b_desc = TensorDescriptor(b_q, [g * n, k], [k, 1], [cfg.block_n, BLOCK_K])
+        plan.a_desc.base = plan.b_desc.base = None
+    # The contiguous layout has no group dimension on A/D: stride 0 makes program_id(1) == 0 harmless.
+    sa = a_q.stride() if masked else (0, *a_q.stride())
+    ss = s_strides if masked else (0, *s_strides)
+    sd = d_strides if masked else (0, *d_strides)
+    plan.tail = (
+        m, n, k, g, *sa, *ss, *b_q.stride(), *b_s.stride(), *sd,
+        masked, k % BLOCK_K == 0, cfg.tma, cfg.block_m, cfg.block_n, BLOCK_K, cfg.group_m,
+    )  # fmt: skip
+    plan.options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return plan
+
+
+def _plan(
+    fn: str,
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    layout: torch.Tensor,
+    out: torch.Tensor | None,
+    expected_m: int | None,
+    config: GemmConfig | None,
+    masked: bool,
+) -> _Plan:
+    """The plan of a call: looked up by its key, made (and checked) the first time."""
+    key = _plan_key(masked, a_q, a_s, b_q, b_s, layout, out, expected_m, config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(fn, a_q, a_s, b_q, b_s, layout, out, expected_m, config, masked)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _launch_parts(
+    plan: _Plan,
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    layout: torch.Tensor,
+    out: torch.Tensor,
+) -> tuple[tuple[int, int, int], tuple, tuple, dict]:
+    """``(grid, args, key, options)`` of the launch for a planned call writing ``out``: what ``_GEMM``
+    takes (the launch key is the plan's id and the alignment of the tensors made per call)."""
+    out_align = out.data_ptr() & 15
+    s_align = -1
+    if plan.copy_scales:
+        a_s = mn_major_scales(a_s)
+        s_align = a_s.data_ptr() & 15
+    a_desc = b_desc = None
+    if plan.a_desc is not None:
+        a_desc = rebased(plan.a_desc, a_q)
+        b_desc = rebased(plan.b_desc, b_q)
+    args = (a_desc, b_desc, a_q, a_s, b_q, b_s, out, layout, *plan.tail)
+    return plan.grid, args, (plan.id, out_align, s_align), plan.options
+
+
+def _launch_args(
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    layout: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    masked: bool,
+    expected_m: int | None = None,
+    config: GemmConfig | None = None,
+) -> tuple[tuple[int, int, int], tuple, tuple, dict]:
+    """``(grid, args, key, options)`` of the launch ``m_grouped_fp8_gemm_nt_masked`` / ``_contiguous``
+    makes for these arguments (``out`` given): ``fp8_grouped_gemm_kernel[grid](*args, **options)`` is
+    that launch through Triton's dispatch, ``_GEMM(grid, args, key, options)`` the one the call makes.
+    (``scripts/bench_grouped_gemm.py`` times them apart.)"""
+    fn = "m_grouped_fp8_gemm_nt_masked" if masked else "m_grouped_fp8_gemm_nt_contiguous"
+    plan = _plan(fn, a_q, a_s, b_q, b_s, layout, out, expected_m, config, masked)
+    if plan.skip:
+        raise launch_error(fn, "nothing to launch for these shapes", tensor="a_q/b_q")
+    return _launch_parts(plan, a_q, a_s, b_q, b_s, layout, out)
+
+
+def _call(
+    fn: str,
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    layout: torch.Tensor,
+    out: torch.Tensor | None,
+    expected_m: int | None,
+    config: GemmConfig | None,
+    masked: bool,
+) -> torch.Tensor:
+    plan = _plan(fn, a_q, a_s, b_q, b_s, layout, out, expected_m, config, masked)
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=torch.bfloat16, device=plan.device)
+    if plan.skip:
+        return out if plan.skip == 1 else out.zero_()
+    _GEMM(*_launch_parts(plan, a_q, a_s, b_q, b_s, layout, out))
+    return out
 
 
 def m_grouped_fp8_gemm_nt_contiguous(
@@ -497,35 +668,14 @@ def m_grouped_fp8_gemm_nt_contiguous(
 
     expected_m: rows per expert the caller expects (the layout's token counts; default ``M // G``, an
     overestimate when experts are padded), used only to pick the launch configuration. config: explicit
-    configuration (tuning). The call never syncs with the device.
+    configuration (tuning). The call never syncs with the device. Its host cost: the checks, configuration
+    and launch arguments are worked out once per combination of shapes, strides, dtypes, devices and
+    alignments (``_plan``), and the launch goes through Triton's dispatch only the first time
+    (``kernels/_launch.py``).
     """
-    fn = "m_grouped_fp8_gemm_nt_contiguous"
-    if a_q.dim() != 2:
-        raise launch_error(fn, f"activations must be [M, K], got {list(a_q.shape)}", tensor="a_q")
-    _check_common(fn, a_q, a_s, b_q, b_s)
-    m, k = a_q.shape
-    n = b_q.shape[1]
-    if m_indices.shape != (m,) or m_indices.dtype != torch.int32 or not m_indices.is_contiguous():
-        raise launch_error(
-            fn,
-            f"must be contiguous int32 [M={m}], got {m_indices.dtype} {list(m_indices.shape)}",
-            tensor="m_indices",
-        )
-    if m_indices.device != a_q.device:
-        raise launch_error(fn, f"on {m_indices.device}, activations on {a_q.device}", tensor="m_indices")
-    if out is None:
-        out = torch.empty(m, n, dtype=torch.bfloat16, device=a_q.device)
-    else:
-        _check_out(fn, out, (m, n), a_q.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.zero_()
-    if config is not None:
-        config.check()
-    cfg = config or contiguous_config(a_q, b_q, expected_m)
-    _launch(contiguous_grid(m, n, cfg), cfg, a_q, a_s, b_q, b_s, out, m_indices, m, masked=False)
-    return out
+    return _call(
+        "m_grouped_fp8_gemm_nt_contiguous", a_q, a_s, b_q, b_s, m_indices, out, expected_m, config, False
+    )
 
 
 def m_grouped_fp8_gemm_nt_masked(
@@ -547,34 +697,6 @@ def m_grouped_fp8_gemm_nt_masked(
     masked_m: ``[G]`` int32, contiguous, valid rows per group (values above M_max act as M_max).
     out: optional bfloat16 ``[G, M_max, N]`` (any strides). expected_m: typical ``masked_m`` (default
     M_max), used only to pick the configuration, as DeepGEMM's argument of that name. config: explicit
-    configuration. The call never syncs with the device.
+    configuration. The call never syncs with the device; host cost as the contiguous call's.
     """
-    fn = "m_grouped_fp8_gemm_nt_masked"
-    if a_q.dim() != 3:
-        raise launch_error(fn, f"activations must be [G, M_max, K], got {list(a_q.shape)}", tensor="a_q")
-    _check_common(fn, a_q, a_s, b_q, b_s)
-    g_a, m_max, k = a_q.shape
-    g, n, _ = b_q.shape
-    if g_a != g:
-        raise launch_error(fn, f"{g_a} groups of activations for {g} experts", tensor="a_q")
-    if masked_m.shape != (g,) or masked_m.dtype != torch.int32 or not masked_m.is_contiguous():
-        raise launch_error(
-            fn,
-            f"must be contiguous int32 [G={g}], got {masked_m.dtype} {list(masked_m.shape)}",
-            tensor="masked_m",
-        )
-    if masked_m.device != a_q.device:
-        raise launch_error(fn, f"on {masked_m.device}, activations on {a_q.device}", tensor="masked_m")
-    if out is None:
-        out = torch.empty(g, m_max, n, dtype=torch.bfloat16, device=a_q.device)
-    else:
-        _check_out(fn, out, (g, m_max, n), a_q.device)
-    if g == 0 or m_max == 0 or n == 0:
-        return out
-    if k == 0:
-        return out.zero_()
-    if config is not None:
-        config.check()
-    cfg = config or masked_config(a_q, b_q, expected_m)
-    _launch(masked_grid(g, m_max, n, cfg), cfg, a_q, a_s, b_q, b_s, out, masked_m, m_max, masked=True)
-    return out
+    return _call("m_grouped_fp8_gemm_nt_masked", a_q, a_s, b_q, b_s, masked_m, out, expected_m, config, True)

@@ -19,9 +19,10 @@ order and the bf16 rounding differ). Then each of the three is timed with the sa
 Bars: from 512 rows per expert our TFLOP/s ≥ 0.75 × DeepGEMM's; at ≤ 64 rows ≥ 1.0 × the cuBLAS loop's;
 everywhere our host time per call ≤ 2 × DeepGEMM's. Weight bytes per second against this card's
 device-to-device copy bandwidth (read + write, same timer) are printed at ≤ 64 rows as context. Once per
-regime the host time of our call is split into our Python wrapper and Triton's launch, the latter with
-and without TMA descriptors (the same tiles through pointer loads), so the cost of encoding descriptors at
-each launch shows.
+regime the host time of our call is split: the whole call as it runs (launching the compiled kernel
+directly once Triton has dispatched its specialization, ``kernels/_launch.py``) and with every launch
+through Triton's dispatch; the launch of the same arguments alone both ways; and Triton's launch without
+TMA descriptors (the same tiles through pointer loads), so the cost of encoding descriptors shows.
 
 DeepGEMM comes from ``scripts/build_deepgemm.sh`` (``eval "$(bash scripts/build_deepgemm.sh env)"``).
 It compiles a kernel the first time it sees a shape; ``--jit-workers N`` compiles every case's kernel
@@ -49,16 +50,16 @@ import torch
 import triton
 from host_timing import host_seconds
 
+from moetool.kernels._launch import triton_dispatch
 from moetool.kernels.fp8_grouped_gemm import (
+    _GEMM,
     GemmConfig,
     _launch_args,
     contiguous_config,
-    contiguous_grid,
     fp8_grouped_gemm_kernel,
     m_grouped_fp8_gemm_nt_contiguous,
     m_grouped_fp8_gemm_nt_masked,
     masked_config,
-    masked_grid,
     mn_major_scales,
 )
 from moetool.kernels.fp8_grouped_gemm_ref import calc_diff, contiguous_layout
@@ -239,7 +240,7 @@ class Case:
     cublas: Callable[[], list[torch.Tensor]]
     rows_of: Callable[[int], torch.Tensor]
     x_of: Callable[[int], torch.Tensor]
-    plan: Callable[[GemmConfig | None], tuple]  # (grid, args, kwargs) of our launch
+    plan: Callable[[GemmConfig | None], tuple]  # (grid, args, key, options) of our launch
     config: GemmConfig
 
 
@@ -286,9 +287,9 @@ def _build_case(
         ]
 
         def plan(config: GemmConfig | None) -> tuple:
-            c = config or cfg
-            args, kwargs = _launch_args(c, a_q, a_s, b_q, b_s, out, masked_m, m_max, True)
-            return masked_grid(g, m_max, n, c), args, kwargs
+            return _launch_args(
+                a_q, a_s, b_q, b_s, masked_m, out, masked=True, expected_m=rows, config=config
+            )
 
         def rows_of(e: int) -> torch.Tensor:
             return torch.arange(e * m_max, e * m_max + rows, device="cuda")
@@ -329,9 +330,9 @@ def _build_case(
             )
 
         def plan(config: GemmConfig | None) -> tuple:
-            c = config or cfg
-            args, kwargs = _launch_args(c, a_q, a_s, b_q, b_s, out, m_indices, a_q.shape[0], False)
-            return contiguous_grid(a_q.shape[0], n, c), args, kwargs
+            return _launch_args(
+                a_q, a_s, b_q, b_s, m_indices, out, masked=False, expected_m=rows, config=config
+            )
 
         def rows_of(e: int) -> torch.Tensor:
             return torch.arange(e * seg, e * seg + rows, device="cuda")
@@ -401,16 +402,28 @@ def _time(fn: Callable[[], object], streaming: bool, rep_ms: int, launches: int 
 
 
 def _host_breakdown(case: Case, label: str) -> None:
-    """Our host time per call, split: the whole call; Triton's launch of the same arguments alone; the
-    same tiles through pointer loads instead of TMA descriptors (Triton's launch alone)."""
-    grid, args, kwargs = case.plan(None)
+    """Our host time per call, split: the whole call; the whole call with every launch through Triton's
+    dispatch (``triton_dispatch``: what the call cost before it launched compiled kernels directly); the
+    launch of the same arguments alone, through Triton's dispatch and through the compiled kernel; the
+    same tiles through pointer loads instead of TMA descriptors (Triton's dispatch), so that encoding the
+    descriptors at each launch shows."""
+    grid, args, key, options = case.plan(None)
+
+    def whole_call_via_triton() -> None:
+        with triton_dispatch():
+            case.ours()
+
     parts = {
         "ours (whole call)": case.ours,
-        "Triton launch only": lambda: fp8_grouped_gemm_kernel[grid](*args, **kwargs),
+        "ours, launch through Triton's dispatch": whole_call_via_triton,
+        "launch alone through Triton's dispatch": lambda: fp8_grouped_gemm_kernel[grid](*args, **options),
+        "launch alone through the compiled kernel": lambda: _GEMM(grid, args, key, options),
     }
     if case.config.tma:
-        g2, a2, k2 = case.plan(replace(case.config, tma=False))
-        parts["Triton launch only, no TMA descriptors"] = lambda: fp8_grouped_gemm_kernel[g2](*a2, **k2)
+        g2, a2, _, o2 = case.plan(replace(case.config, tma=False))
+        parts["launch alone through Triton's dispatch, no TMA descriptors"] = lambda: fp8_grouped_gemm_kernel[
+            g2
+        ](*a2, **o2)
     if case.dg is not None:
         parts["DeepGEMM (whole call)"] = case.dg
     text = ", ".join(f"{name} {host_seconds(fn, HOST_CALLS) * 1e6:.1f}" for name, fn in parts.items())

@@ -15,4 +15,6 @@ and nothing else of moetool but its errors.
 - ``fp8.py``: the DeepSeek-V3 block-FP8 release format; other release formats get a module alike.
 - ``tokenizer.py``: a tokenizer and the other non-weight files.
 - ``hf_models.py``: the same checkpoints written by transformers' own classes (the reference).
+- ``triton_stub.py``: Triton's dispatch without a GPU (a stand-in driver and compiled kernels), for the
+  kernel launcher's tests and host-cost script.
 """
