@@ -17,6 +17,7 @@ float32 across the ``T`` tokens and stored once in the pool's dtype: per call th
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ import triton.language as tl
 
 from moetool.errors import InputError
 from moetool.kernels._device import hopper_or_later, interpreting, launch_error
+from moetool.kernels._launch import Launcher
 
 try:  # grid dependency control, for programmatic dependent launch (triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -340,41 +342,9 @@ def _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out) -> Input
     return launch_error("gdn_decode_klast", "inconsistent arguments")
 
 
-def gdn_decode_klast(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    state_pool: torch.Tensor,
-    slot_ids: torch.Tensor,
-    *,
-    scale: float | None = None,
-    out: torch.Tensor | None = None,
-    config: LaunchConfig | None = None,
-    pdl: bool | None = None,
-) -> torch.Tensor:
-    """``T`` GDN decode steps for ``B`` sequences on a K-last state pool, updated in place.
-
-    q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]`` (HV a multiple of H; value head ``hv`` uses key head
-    ``hv // (HV/H)``); a, b: ``[B, T, HV]`` raw gate inputs; q/k/v/a/b bfloat16 or float32, contiguous.
-    A_log, dt_bias: ``[HV]`` float32. state_pool: ``[P+1, HV, V, K]`` float32 or bfloat16, contiguous, row
-    0 the zero null slot; rows ``slot_ids[b]`` are read, advanced ``T`` tokens and written back in place.
-    slot_ids: ``[B]`` int32, distinct, each in ``[0, P]`` or ``-1`` (start from zeros, write nothing
-    back). Ids are not checked on the host (that would sync); an id outside ``[-1, P]`` reads zeros and
-    writes nothing. scale defaults to ``K ** -0.5``. Returns ``o [B, T, HV, V]`` in q's dtype, written
-    into ``out`` when given (contiguous, that shape and dtype).
-
-    ``config`` overrides the launch configuration (tuning; by default it follows ``B·HV`` and the state
-    dtype, ``launch_config``). ``pdl``: programmatic dependent launch (default: on Hopper and later from
-    ``B·HV`` = 2048, ``pdl_by_default``; FlashInfer launches its decode kernels so): the launch may begin
-    while the previous kernel of the stream finishes, every program waiting for that kernel before it
-    touches memory, so back-to-back steps lose less time between kernels; the same bytes either way. The launch allocates nothing but ``o``, never syncs, and checks shapes, dtypes and
-    contiguity with plain attribute reads (the detailed message is built only on failure), so a T=1
-    call costs little more on the host than Triton's own launch.
-    """
+def _check(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out) -> None:
+    """The launcher's argument check: plain attribute reads, the detailed message built only on failure
+    (``_diagnose``)."""
     qs = q.shape
     vs = v.shape
     ps = state_pool.shape
@@ -418,54 +388,153 @@ def gdn_decode_klast(
         or not slot_ids.is_contiguous()
     ):
         raise _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, None)
-    if out is None:
-        out = q.new_empty((B, T, HV, V))
-    elif out.shape != (B, T, HV, V) or out.dtype is not q.dtype or not out.is_contiguous():
+    if out is not None and (
+        out.shape != (B, T, HV, V) or out.dtype is not q.dtype or not out.is_contiguous()
+    ):
         raise _diagnose(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out)
-    if B == 0 or T == 0:
-        return out
 
-    bk, cfg = launch_config(B * HV, K, V, state_pool.dtype is _BF16)
+
+# Launches of gdn_decode_klast_kernel: through Triton's dispatch once per specialization, then directly.
+_GDN = Launcher(gdn_decode_klast_kernel)
+_PLAN_IDS = itertools.count()
+_PLANS: dict = {}
+_MAX_PLANS = 512
+
+
+class _Plan:
+    """What follows from a call's plan key (``_plan_key``): the check passed, the output's shape, the
+    grid, the scalar and constexpr arguments and the launch options. ``skip``: B = 0 or T = 0."""
+
+    __slots__ = ("grid", "id", "options", "out_shape", "skip", "tail")
+
+    def __init__(self, skip: bool, out_shape: tuple[int, ...]) -> None:
+        self.id = next(_PLAN_IDS)  # never reused: a launch key built on it names one specialization
+        self.skip = skip
+        self.out_shape = out_shape
+        self.grid: tuple[int, int, int] = (0, 1, 1)
+        self.tail: tuple = ()
+        self.options: dict = {}
+
+
+def _plan_key(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out, scale, config, pdl) -> tuple:
+    """What a call's check, configuration and launch depend on: every tensor's shape, dtype, contiguity
+    and 16-byte alignment (Triton specializes pointers on it), the pool's device, and the options."""
+    return (
+        q.shape, q.dtype, q.is_contiguous(), q.data_ptr() & 15,
+        k.shape, k.dtype, k.is_contiguous(), k.data_ptr() & 15,
+        v.shape, v.dtype, v.is_contiguous(), v.data_ptr() & 15,
+        a.shape, a.dtype, a.is_contiguous(), a.data_ptr() & 15,
+        b.shape, b.dtype, b.is_contiguous(), b.data_ptr() & 15,
+        A_log.shape, A_log.dtype, A_log.is_contiguous(), A_log.data_ptr() & 15,
+        dt_bias.shape, dt_bias.dtype, dt_bias.is_contiguous(), dt_bias.data_ptr() & 15,
+        state_pool.shape, state_pool.dtype, state_pool.is_contiguous(), state_pool.data_ptr() & 15,
+        slot_ids.shape, slot_ids.dtype, slot_ids.is_contiguous(), slot_ids.data_ptr() & 15,
+        state_pool.device,
+        None if out is None else (out.shape, out.dtype, out.is_contiguous(), out.data_ptr() & 15),
+        scale,
+        config,
+        pdl,
+    )  # fmt: skip
+
+
+def _make_plan(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out, scale, config, pdl) -> _Plan:
+    """The check of a call (``InputError`` if it fails) and its plan."""
+    _check(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    plan = _Plan(B == 0 or T == 0, (B, T, HV, V))
+    if plan.skip:
+        return plan
+    state_bf16 = state_pool.dtype is _BF16
+    bk, cfg = launch_config(B * HV, K, V, state_bf16)
     if config is not None:
         cfg = config
-    nv = triton.cdiv(V, cfg.block_v)
+    nv = -(-V // cfg.block_v)
     if nv % cfg.tiles:
         raise launch_error("gdn_decode_klast", f"{cfg.tiles} tiles per program do not divide {nv} V tiles")
     ng = nv // cfg.tiles
     if pdl is None:
         pdl = pdl_by_default(B * HV, state_pool.device)
-    gdn_decode_klast_kernel[(ng * B * HV,)](
-        q,
-        k,
-        v,
-        a,
-        b,
-        A_log,
-        dt_bias,
-        state_pool,
-        slot_ids,
-        out,
+    plan.grid = (ng * B * HV, 1, 1)
+    plan.tail = (
         T,
-        ps[0],
-        K**-0.5 if scale is None else scale,
-        H=H,
-        HV=HV,
-        K=K,
-        V=V,
-        BK=bk,
-        BV=cfg.block_v,
-        TILES=cfg.tiles,
-        NG=ng,
-        STAGES=cfg.stages,
-        SOFTPLUS_THRESHOLD=_SOFTPLUS_THRESHOLD,
-        EPS=1e-6,
-        STATE_BF16=state_pool.dtype is _BF16,
-        OUT_BF16=q.dtype is _BF16,
-        FULL_TILE=bk == K and V % cfg.block_v == 0,
-        SINGLE_TOKEN=T == 1,
-        KEEP_IN_L2=cfg.keep_in_l2,
-        PDL=pdl,
-        num_warps=cfg.num_warps,
-        **({"launch_pdl": True} if pdl else {}),
+        state_pool.shape[0],
+        K**-0.5 if scale is None else float(scale),  # one type, whatever number the caller gave
+        H,
+        HV,
+        K,
+        V,
+        bk,  # BK
+        cfg.block_v,  # BV
+        cfg.tiles,  # TILES
+        ng,  # NG
+        cfg.stages,  # STAGES
+        _SOFTPLUS_THRESHOLD,
+        1e-6,  # EPS
+        state_bf16,  # STATE_BF16
+        q.dtype is _BF16,  # OUT_BF16
+        bk == K and V % cfg.block_v == 0,  # FULL_TILE
+        T == 1,  # SINGLE_TOKEN
+        cfg.keep_in_l2,  # KEEP_IN_L2
+        pdl,  # PDL
+    )
+    plan.options = {"num_warps": cfg.num_warps, **({"launch_pdl": True} if pdl else {})}
+    return plan
+
+
+def gdn_decode_klast(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state_pool: torch.Tensor,
+    slot_ids: torch.Tensor,
+    *,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
+    pdl: bool | None = None,
+) -> torch.Tensor:
+    """``T`` GDN decode steps for ``B`` sequences on a K-last state pool, updated in place.
+
+    q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]`` (HV a multiple of H; value head ``hv`` uses key head
+    ``hv // (HV/H)``); a, b: ``[B, T, HV]`` raw gate inputs; q/k/v/a/b bfloat16 or float32, contiguous.
+    A_log, dt_bias: ``[HV]`` float32. state_pool: ``[P+1, HV, V, K]`` float32 or bfloat16, contiguous, row
+    0 the zero null slot; rows ``slot_ids[b]`` are read, advanced ``T`` tokens and written back in place.
+    slot_ids: ``[B]`` int32, distinct, each in ``[0, P]`` or ``-1`` (start from zeros, write nothing
+    back). Ids are not checked on the host (that would sync); an id outside ``[-1, P]`` reads zeros and
+    writes nothing. scale defaults to ``K ** -0.5``. Returns ``o [B, T, HV, V]`` in q's dtype, written
+    into ``out`` when given (contiguous, that shape and dtype).
+
+    ``config`` overrides the launch configuration (tuning; by default it follows ``B·HV`` and the state
+    dtype, ``launch_config``). ``pdl``: programmatic dependent launch (default: on Hopper and later from
+    ``B·HV`` = 2048, ``pdl_by_default``; FlashInfer launches its decode kernels so): the launch may begin
+    while the previous kernel of the stream finishes, every program waiting for that kernel before it
+    touches memory, so back-to-back steps lose less time between kernels; the same bytes either way.
+
+    The launch allocates nothing but ``o`` and never syncs. Its host cost: the check, configuration and
+    launch arguments are worked out once per combination of shapes, dtypes, contiguity, alignments and
+    options (``_plan_key``), and the launch goes through Triton's dispatch only the first time
+    (``kernels/_launch.py``).
+    """
+    key = _plan_key(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out, scale, config, pdl)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out, scale, config, pdl)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    if out is None:
+        out = q.new_empty(plan.out_shape)
+    if plan.skip:
+        return out
+    _GDN(
+        plan.grid,
+        (q, k, v, a, b, A_log, dt_bias, state_pool, slot_ids, out, *plan.tail),
+        (plan.id, out.data_ptr() & 15),
+        plan.options,
     )
     return out

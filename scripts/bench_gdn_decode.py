@@ -219,6 +219,7 @@ def main() -> int:
         log("no CUDA device: this benchmark runs on a GPU machine")
         return 2
     try:
+        from moetool.kernels._launch import triton_dispatch
         from moetool.kernels.gdn_decode import LaunchConfig, gdn_decode_klast, launch_config, pdl_by_default
     except ImportError as err:
         log(f"cannot import moetool.kernels ({err}): install the project first, pip install --no-deps -e .")
@@ -266,6 +267,13 @@ def main() -> int:
             )
             if B == 1:
                 host[(res["state"], "ours")] = host_seconds(ours)
+
+                def ours_via_triton(ours=ours):
+                    with triton_dispatch():
+                        return ours()
+
+                # what the call cost before it launched the compiled kernel directly (kernels/_launch.py)
+                host[(res["state"], "ours, launch through Triton's dispatch")] = host_seconds(ours_via_triton)
             if args.sweep:
                 best = None
                 for sweep_cfg in (LaunchConfig(*c) for c in SWEEP):

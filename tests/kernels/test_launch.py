@@ -3,8 +3,8 @@ the oracle.
 
 A stand-in driver and stand-in compiled kernels (``moetool/testing/triton_stub.py``: one per Triton cache
 key, each recording its launches) let Triton's real ``JITFunction.run`` run without a GPU: it binds,
-specializes and looks kernels up exactly as on a card. Every launch the grouped GEMM makes for a
-sequence of calls whose specializations change between calls (pointer alignment, M = 1,
+specializes and looks kernels up exactly as on a card. Every launch the grouped GEMM and the GDN
+decode make for a sequence of calls whose specializations change between calls (pointer alignment, M = 1,
 integers divisible by 16 or not, TMA descriptors or pointers, masked or contiguous, dtypes, devices, knobs)
 is replayed through our launcher and through Triton's dispatch: each must launch the kernel compiled for
 the same Triton cache key, with the same grid, stream and arguments, and the later calls of a
@@ -168,6 +168,54 @@ def test_gemm_launches_match_triton_dispatch(fake_gpu, monkeypatch):
     assert sum(o[4] is None and o[5] is None for o in ours) == launcher.fast_launches
 
 
+def test_gdn_launches_match_triton_dispatch(fake_gpu, monkeypatch):
+    launches = _record(monkeypatch, gdn_decode, "_GDN")
+    gen = torch.Generator().manual_seed(5)
+
+    def inputs(B, T, H, HV, K, V, io=torch.bfloat16, state=torch.float32, misalign=False, rows=None):
+        q = torch.randn(B, T, H, K, generator=gen).to(io)
+        if misalign:  # the same values 4 bytes off a 16-byte boundary, contiguous
+            flat = torch.zeros(q.numel() + 2, dtype=io)
+            flat[2:] = q.reshape(-1)
+            q = flat[2:].view(q.shape)
+        k = torch.randn(B, T, H, K, generator=gen).to(io)
+        v = torch.randn(B, T, HV, V, generator=gen).to(io)
+        a = torch.randn(B, T, HV, generator=gen).to(io)
+        b = torch.randn(B, T, HV, generator=gen).to(io)
+        A_log, dt_bias = torch.randn(HV, generator=gen), torch.randn(HV, generator=gen)
+        pool = torch.zeros(B + 1 if rows is None else rows, HV, V, K, dtype=state)
+        slots = (
+            torch.arange(1, B + 1, dtype=torch.int32)
+            if rows is None
+            else torch.full((B,), -1, dtype=torch.int32)
+        )
+        return q, k, v, a, b, A_log, dt_bias, pool, slots
+
+    base = inputs(2, 1, 1, 2, 16, 8)
+    calls = [
+        (base, {}),
+        (base, {}),
+        (inputs(2, 1, 1, 2, 16, 8, misalign=True), {}),
+        (base, {}),
+        (inputs(1, 1, 1, 2, 16, 8), {}),  # B = 1
+        (inputs(1, 1, 1, 2, 16, 8, rows=1), {}),  # a pool of one row: an integer argument of 1
+        (inputs(2, 3, 1, 2, 16, 8), {}),  # T = 3: a runtime integer, and SINGLE_TOKEN off
+        (inputs(2, 1, 1, 2, 16, 8, io=torch.float32, state=torch.bfloat16), {}),  # other dtypes
+        (base, {"scale": 0.5}),
+        (base, {"pdl": True}),
+        (base, {"config": gdn_decode.LaunchConfig(block_v=4, tiles=2, num_warps=1, stages=2)}),
+        (inputs(2, 1, 1, 2, 12, 24), {}),  # K, V not powers of two: masked tiles
+        (base, {}),
+    ]
+    for args, kw in calls:
+        gdn_decode.gdn_decode_klast(*args, **kw)
+    assert len(launches) == len(calls)
+    theirs, ours, launcher = _replay(gdn_decode.gdn_decode_klast_kernel.fn, launches, fake_gpu)
+    _assert_same_launches(theirs, ours)
+    assert launcher.fast_launches == _expected_fast(launches, [0] * len(launches)) >= 3
+    assert len({t[0].triton_key for t in theirs}) >= 8
+
+
 def test_state_changes_go_through_triton(fake_gpu, monkeypatch):
     """A knob Triton folds into the compile options, a launch hook, a pre-run hook, a changed global the
     kernel reads, or the switch: each sends the launch through Triton's dispatch."""
@@ -324,6 +372,34 @@ def test_gemm_plans_keep_every_check(monkeypatch):
     assert len(launches) == 2
 
 
+def test_gdn_plans_keep_every_check(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g_launches = _record(monkeypatch, gdn_decode, "_GDN")
+    B, T, H, HV, K, V = 2, 1, 1, 2, 16, 8
+    q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+    v, a, b = torch.randn(B, T, HV, V), torch.randn(B, T, HV), torch.randn(B, T, HV)
+    A_log, dt_bias, pool = torch.randn(HV), torch.randn(HV), torch.zeros(B + 1, HV, V, K)
+    ids = torch.tensor([1, 2], dtype=torch.int32)
+    gdn_decode.gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool, ids)
+    for args, match in (
+        ((q, k, v, a, b, A_log.bfloat16(), dt_bias, pool, ids), "A_log.*float32"),
+        ((q, k, v, a, b, A_log, dt_bias, pool, ids.long()), "slot_ids.*int32"),
+        ((q, k.transpose(0, 1).contiguous().transpose(0, 1), v, a, b, A_log, dt_bias, pool, ids), None),
+        ((q, k, v, a, b, A_log, dt_bias, torch.zeros(B + 1, HV, K, V).transpose(-1, -2), ids), "contiguous"),
+    ):
+        if match is None:  # B = 2, T = 1: a transposed copy that is contiguous again is fine
+            gdn_decode.gdn_decode_klast(*args)
+            continue
+        for _ in range(2):
+            with pytest.raises(InputError, match=match):
+                gdn_decode.gdn_decode_klast(*args)
+    with pytest.raises(InputError, match="tensor out"):
+        gdn_decode.gdn_decode_klast(
+            q, k, v, a, b, A_log, dt_bias, pool, ids, out=torch.empty(B, T, HV, V + 1)
+        )
+    assert len(g_launches) == 2
+
+
 # GPU: the bytes of both paths ---------------------------------------------------------------------------
 
 
@@ -391,3 +467,46 @@ def test_gpu_gemm_fast_path_same_bytes_as_triton_dispatch(seed):
         kept += [ref, got]
     # from the second round on every call was a fast launch (the first round met each key once or twice)
     assert fp8_grouped_gemm._GEMM.fast_launches - fast_before >= 2 * len(cases)
+
+
+@pytest.mark.gpu
+def test_gpu_gdn_fast_path_same_bytes_as_triton_dispatch(seed):
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(9)
+
+    def inputs(B, T, HV, K, V, io, state, misalign=False):
+        H = HV // 2
+        r = lambda *shape: torch.randn(*shape, generator=gen).to(dev)  # noqa: E731
+        q = r(B, T, H, K).to(io)
+        if misalign:
+            flat = torch.zeros(q.numel() + 2, dtype=io, device=dev)
+            flat[2:] = q.reshape(-1)
+            q = flat[2:].view(q.shape)
+        k, v = r(B, T, H, K).to(io), r(B, T, HV, V).to(io)
+        a, b = r(B, T, HV).to(io), r(B, T, HV).to(io)
+        pool = (0.1 * r(B + 1, HV, V, K)).to(state)
+        pool[0] = 0
+        slots = (torch.randperm(B, generator=gen) + 1).to(torch.int32).to(dev)
+        if B > 1:
+            slots[-1] = -1  # a sequence with no state yet
+        return q, k, v, a, b, 0.5 * r(HV), 0.5 * r(HV), pool, slots
+
+    bf, f32 = torch.bfloat16, torch.float32
+    cases = [
+        inputs(1, 1, 32, 128, 128, bf, f32),  # B = 1: host-bound
+        inputs(64, 1, 32, 128, 128, bf, bf),  # B·HV = 2048: launched with programmatic dependent launch
+        inputs(3, 2, 4, 128, 128, f32, f32),
+        inputs(3, 1, 4, 128, 128, bf, f32, misalign=True),
+        inputs(2, 1, 4, 100, 72, bf, bf),  # partial tiles
+    ]
+    fast_before = gdn_decode._GDN.fast_launches
+    for n_call, i in enumerate(list(range(len(cases))) * 3):
+        q, k, v, a, b, A_log, dt_bias, pool, slots = cases[i]
+        pool_ref, pool_got = pool.clone(), pool.clone()
+        with triton_dispatch():
+            o_ref = gdn_decode.gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool_ref, slots)
+        o_got = gdn_decode.gdn_decode_klast(q, k, v, a, b, A_log, dt_bias, pool_got, slots)
+        torch.cuda.synchronize()
+        assert not _same_bytes(pool_got, pool), f"call {n_call}: state not advanced"
+        assert _same_bytes(o_got, o_ref) and _same_bytes(pool_got, pool_ref), f"call {n_call} (case {i})"
+    assert gdn_decode._GDN.fast_launches - fast_before >= 2 * len(cases)
