@@ -9,12 +9,23 @@ Triton's interpreter on the CPU.)
 
 from __future__ import annotations
 
+import functools
+import importlib
+from collections.abc import Callable
+
 import torch
 
 
 def uses_kernels(device: torch.device) -> bool:
     """Whether tensors on ``device`` go to the Triton kernels (else to the torch references)."""
     return device.type == "cuda"
+
+
+@functools.cache
+def _kernel(module: str, name: str) -> Callable:
+    """The Triton launcher ``name`` of ``moetool.kernels.<module>``, imported on first use (Triton takes
+    seconds to import) and looked up once (an import statement costs about a µs at every call)."""
+    return getattr(importlib.import_module(f"moetool.kernels.{module}"), name)
 
 
 def block_quant(
@@ -24,9 +35,7 @@ def block_quant(
     :func:`moetool.kernels.fp8_quant_ref.block_quant_ref` defines them. ``out``: a contiguous
     float8_e4m3fn tensor of ``w``'s shape on its device to fill and return as ``q``."""
     if uses_kernels(w.device):
-        from moetool.kernels.fp8_quant import block_quant as kernel
-
-        return kernel(w.contiguous(), ue8m0=ue8m0, name=name, out_q=out)
+        return _kernel("fp8_quant", "block_quant")(w.contiguous(), ue8m0=ue8m0, name=name, out_q=out)
     from moetool.kernels.fp8_quant_ref import block_quant_ref
 
     return block_quant_ref(w, ue8m0=ue8m0, name=name, out=out)
@@ -37,9 +46,7 @@ def token_quant(x: torch.Tensor, *, mn_major: bool = False) -> tuple[torch.Tenso
     ``s [M, ceil(K/128)]`` (with ``mn_major`` the kernel stores ``s`` M-contiguous; the reference keeps
     it row-major, the same values)."""
     if uses_kernels(x.device):
-        from moetool.kernels.fp8_quant import token_quant as kernel
-
-        return kernel(x, mn_major=mn_major)
+        return _kernel("fp8_quant", "token_quant")(x, mn_major=mn_major)
     from moetool.kernels.fp8_quant_ref import BLOCK, block_quant_ref
 
     return block_quant_ref(x, block=(1, BLOCK))
@@ -50,9 +57,7 @@ def grouped_gemm(
 ) -> torch.Tensor:
     """DeepGEMM's contiguous-layout FP8 grouped GEMM ``d[m] = a[m] · b[m_indices[m]]ᵀ`` (bfloat16)."""
     if uses_kernels(a_q.device):
-        from moetool.kernels.fp8_grouped_gemm import m_grouped_fp8_gemm_nt_contiguous as kernel
-
-        return kernel(a_q, a_s, b_q, b_s, m_indices)
+        return _kernel("fp8_grouped_gemm", "m_grouped_fp8_gemm_nt_contiguous")(a_q, a_s, b_q, b_s, m_indices)
     from moetool.kernels.fp8_grouped_gemm_ref import grouped_gemm_ref
 
     return grouped_gemm_ref(a_q, a_s, b_q, b_s, m_indices)
@@ -63,9 +68,7 @@ def gdn_decode_klast(*args: torch.Tensor) -> torch.Tensor:
     dt_bias, state_pool, slot_ids)`` as :func:`moetool.kernels.gdn_decode_ref.gdn_decode_klast_ref`
     takes them; returns the outputs."""
     if uses_kernels(args[0].device):
-        from moetool.kernels.gdn_decode import gdn_decode_klast as kernel
-
-        return kernel(*args)
+        return _kernel("gdn_decode", "gdn_decode_klast")(*args)
     from moetool.kernels.gdn_decode_ref import gdn_decode_klast_ref
 
     return gdn_decode_klast_ref(*args)
@@ -77,9 +80,7 @@ def fp4_cast(
     """DeepSeek's FP4 → block-FP8 cast on ``packed``'s device: ``(q, s, changed)`` as
     :func:`moetool.kernels.fp4_cast_ref.fp4_cast_ref` defines them."""
     if uses_kernels(packed.device):
-        from moetool.kernels.fp4_cast import fp4_cast as kernel
-
-        return kernel(packed, scale, name=name)
+        return _kernel("fp4_cast", "fp4_cast")(packed, scale, name=name)
     from moetool.kernels.fp4_cast_ref import fp4_cast_ref
 
     return fp4_cast_ref(packed, scale, name=name)
