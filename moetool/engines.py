@@ -16,8 +16,7 @@ The marker is ``quantization_config.activation_scheme``: a sentence naming the l
 where every engine validates it before reading a weight and prints it in its error —
 transformers ``FineGrainedFP8Config.post_init`` ("Activation scheme ... not supported"), SGLang and vLLM
 ``Fp8Config.__init__`` ("Unsupported activation scheme ..."). An unknown ``quant_method`` would not do:
-transformers only warns about one, then loads the FP8 bytes as plain weights. docs/compat.md has the
-matrix, with engine versions and how each cell was established.
+transformers only warns about one, then loads the FP8 bytes as plain weights.
 """
 
 from __future__ import annotations

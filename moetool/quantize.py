@@ -24,7 +24,7 @@ from moetool.model import (
 from moetool.plan import Job, OutTensor, Plan, Src, Unit, Write, pack_shards
 from moetool.transforms.fp8_block import BLOCK, cdiv, sm100_stored_shape
 
-LAYOUTS = ("deepgemm", "hf")
+LAYOUTS = ("hf", "deepgemm")
 SCALE_FMTS = ("float", "ue8m0")
 SCALE_LAYOUTS = ("sm90", "sm100")
 TARGETS = ("experts", "linear")
@@ -32,7 +32,7 @@ TARGETS = ("experts", "linear")
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    layout: str = "deepgemm"
+    layout: str = "hf"
     scale_fmt: str = "float"
     scale_layout: str = "sm90"
     targets: str = "experts"

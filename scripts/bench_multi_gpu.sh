@@ -21,9 +21,9 @@ run() {  # name, command...
   echo "$name $(python3 -c "print(f'{$t1-$t0:.2f}')")"
 }
 {
-  run one moetool quantize "$dir/src" "$dir/one" --device cuda:0 --max-shard-size "$shard" -q
-  run two moetool quantize "$dir/src" "$dir/two" --devices cuda:0,cuda:1 --max-shard-size "$shard" -q
-  run ranks torchrun --nproc-per-node 2 -m moetool quantize "$dir/src" "$dir/ranks" --max-shard-size "$shard" -q
+  run one moetool quantize "$dir/src" "$dir/one" --layout deepgemm --device cuda:0 --max-shard-size "$shard" -q
+  run two moetool quantize "$dir/src" "$dir/two" --layout deepgemm --devices cuda:0,cuda:1 --max-shard-size "$shard" -q
+  run ranks torchrun --nproc-per-node 2 -m moetool quantize "$dir/src" "$dir/ranks" --layout deepgemm --max-shard-size "$shard" -q
 } | tee "$dir/multi.txt"
 for other in two ranks; do
   for f in "$dir"/one/*.safetensors "$dir/one/config.json" "$dir/one/model.safetensors.index.json"; do

@@ -89,20 +89,20 @@ PY
 out="$work/out"
 names=(moetool_deepgemm moetool_hf moetool_fsync moetool_sync llmc cp cp_sync)
 labels=(
-  "moetool quantize SRC OUT"
-  "moetool quantize SRC OUT --layout hf"
-  "moetool quantize SRC OUT --fsync"
-  "moetool quantize SRC OUT && sync"
+  "moetool quantize SRC OUT --layout deepgemm"
+  "moetool quantize SRC OUT (--layout hf)"
+  "moetool quantize SRC OUT --layout deepgemm --fsync"
+  "moetool quantize SRC OUT --layout deepgemm && sync"
   "llm-compressor model_free_ptq FP8_BLOCK (experts)"
   "cp -r SRC OUT"
   "cp -r SRC OUT && sync"
 )
 run_cmd() {
   case "$1" in
-    moetool_deepgemm) exec moetool quantize "$src" "$out" -q ;;
+    moetool_deepgemm) exec moetool quantize "$src" "$out" --layout deepgemm -q ;;
     moetool_hf) exec moetool quantize "$src" "$out" --layout hf -q ;;
-    moetool_fsync) exec moetool quantize "$src" "$out" --fsync -q ;;
-    moetool_sync) moetool quantize "$src" "$out" -q && sync ;;
+    moetool_fsync) exec moetool quantize "$src" "$out" --layout deepgemm --fsync -q ;;
+    moetool_sync) moetool quantize "$src" "$out" --layout deepgemm -q && sync ;;
     llmc) exec "$llmc_py" "$work/llmc_ptq.py" "$src" "$out" ;;
     cp) exec cp -r "$src" "$out" ;;
     cp_sync) cp -r "$src" "$out" && sync ;;

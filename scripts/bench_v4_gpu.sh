@@ -21,9 +21,9 @@ for i in 1 2; do
   rm -rf "$dir/cp" "$dir/q"; sync
   t0=$(secs); cp -r "$dir/src" "$dir/cp"; sync; t1=$(secs)
   rm -rf "$dir/cp"; sync
-  t2=$(secs); moetool quantize "$dir/src" "$dir/q" --device cuda --json -q >"$dir/quantize.json"; sync; t3=$(secs)
+  t2=$(secs); moetool quantize "$dir/src" "$dir/q" --layout deepgemm --device cuda --json -q >"$dir/quantize.json"; sync; t3=$(secs)
   cp_s=$(python3 -c "print(f'{$t1-$t0:.2f}')"); q_s=$(python3 -c "print(f'{$t3-$t2:.2f}')")
-  echo "run $i: cp -r + sync ${cp_s}s   moetool quantize --device cuda + sync ${q_s}s   ratio $(python3 -c "print(f'{$q_s/$cp_s:.2f}')")"
+  echo "run $i: cp -r + sync ${cp_s}s   moetool quantize --layout deepgemm --device cuda + sync ${q_s}s   ratio $(python3 -c "print(f'{$q_s/$cp_s:.2f}')")"
   best_cp="$best_cp $cp_s"; best_q="$best_q $q_s"
 done
 python3 -c "import json; print('lossy FP4 blocks:', json.load(open('$dir/quantize.json'))['fp4_lossy_blocks'])"

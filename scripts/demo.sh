@@ -13,6 +13,6 @@ make_checkpoint("deepseek_v3", sys.argv[1], num_layers=3, hidden_size=512, moe_i
 PY
 set -x
 moetool inspect "$dir/model"
-moetool quantize "$dir/model" "$dir/fp8" --scale-fmt ue8m0
+moetool quantize "$dir/model" "$dir/fp8" --layout deepgemm --scale-fmt ue8m0
 moetool fuse-shared "$dir/fp8" "$dir/fp8-fused"
 moetool validate "$dir/model" "$dir/fp8-fused" --report "$dir/validate.json"

@@ -255,7 +255,7 @@ def test_fp8_release_requantizes_to_ue8m0_in_the_deepgemm_layout(
     report = json.loads(_ok("inspect", str(src), "--json"))
     assert report["expert_dtypes"] == ["F8_E4M3"] and report["quantization"]["scale_fmt"] == "float"
     out = tmp_path / "dg"
-    _ok("quantize", str(src), str(out), "--scale-fmt", "ue8m0", "-q")
+    _ok("quantize", str(src), str(out), "--layout", "deepgemm", "--scale-fmt", "ue8m0", "-q")
     layer = hf.FAMILIES[family].moe_layers[-1]
     got, orig = unpack_to_hf(out, layer), read_dir(src)
     for name, q in got.items():

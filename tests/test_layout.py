@@ -49,9 +49,9 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         seed=21,
     )
     runs = {
-        "dg-float": (),
-        "dg-ue8m0": ("--scale-fmt", "ue8m0"),
-        "dg-sm100": ("--scale-fmt", "ue8m0", "--scale-layout", "sm100"),
+        "dg-float": ("--layout", "deepgemm"),
+        "dg-ue8m0": ("--layout", "deepgemm", "--scale-fmt", "ue8m0"),
+        "dg-sm100": ("--layout", "deepgemm", "--scale-fmt", "ue8m0", "--scale-layout", "sm100"),
         "hf-float": ("--layout", "hf"),
         "hf-ue8m0": ("--layout", "hf", "--scale-fmt", "ue8m0"),
     }

@@ -251,6 +251,9 @@ def fmt_opts(fmt: str) -> tuple[str, ...]:
     return ("--scale-fmt", fmt)
 
 
+DG = ("--layout", "deepgemm")  # the default is hf
+
+
 # -- expert bytes -----------------------------------------------------------------------------------
 def expert_names(prefix: str, e: int) -> tuple[str, str, str]:
     return tuple(f"{prefix}.{e}.{p}_proj.weight" for p in ("gate", "up", "down"))  # type: ignore[return-value]
@@ -258,7 +261,7 @@ def expert_names(prefix: str, e: int) -> tuple[str, str, str]:
 
 @pytest.mark.parametrize("fmt", ["float", "ue8m0"])
 def test_deepgemm_experts_follow_the_recipe(src: Source, quantized: Runs, fmt: str) -> None:
-    out = read_dir(quantized(src, *fmt_opts(fmt)))
+    out = read_dir(quantized(src, *DG, *fmt_opts(fmt)))
     ue8m0 = fmt == "ue8m0"
     for layer in MOE_LAYERS:
         p = f"model.layers.{layer}.mlp.experts"
@@ -308,7 +311,7 @@ def _check_non_expert(
 
 @pytest.mark.parametrize("fmt", ["float", "ue8m0"])
 def test_deepgemm_output_tensors(src: Source, quantized: Runs, fmt: str) -> None:
-    out = read_dir(quantized(src, *fmt_opts(fmt)))
+    out = read_dir(quantized(src, *DG, *fmt_opts(fmt)))
     shared = {n for n in src.tensors if ".shared_experts." in n}
     routed = {n for n in src.tensors if ".mlp.experts." in n}
     stacked = {
@@ -370,7 +373,7 @@ def check_quantization_config(
 @pytest.mark.parametrize("fmt", ["float", "ue8m0"])
 def test_quantization_config(src: Source, quantized: Runs, layout: str, fmt: str) -> None:
     out = (
-        quantized(src, *fmt_opts(fmt))
+        quantized(src, *DG, *fmt_opts(fmt))
         if layout == "deepgemm"
         else quantized(src, "--layout", "hf", *fmt_opts(fmt))
     )
@@ -421,7 +424,7 @@ def test_targets_linear(src: Source, next_src: Source, quantized: Runs, family: 
 
 # -- files, manifest, determinism -------------------------------------------------------------------
 def test_output_files_and_manifest(src: Source, quantized: Runs) -> None:
-    out, report = quantized.run(src, *fmt_opts("ue8m0"))
+    out, report = quantized.run(src, *DG, *fmt_opts("ue8m0"))
     src_files = {p.relative_to(src.path).as_posix() for p in src.path.rglob("*") if p.is_file()}
     copied = {f for f in src_files if not f.endswith(".safetensors") and f not in ("config.json", INDEX)}
     assert copied >= {
@@ -525,7 +528,7 @@ def test_fp8_input_float_keeps_bytes(fp8_src: Source, quantized: Runs) -> None:
         2,
         5,
     )
-    out_dir = quantized(fp8_src)
+    out_dir = quantized(fp8_src, *DG)
     out = read_dir(out_dir)
     for layer in MOE_LAYERS:
         p = f"model.layers.{layer}.mlp.experts"
@@ -568,8 +571,8 @@ def test_fp8_input_with_fitting_ue8m0_scales_is_kept(src: Source, quantized: Run
     """An hf ue8m0 output fed back in: its power-of-two scales fit, so restacking keeps every byte, and
     the result equals quantizing the BF16 source straight to deepgemm ue8m0."""
     hf = Source(quantized(src, "--layout", "hf", *fmt_opts("ue8m0")))
-    direct = quantized(src, *fmt_opts("ue8m0"))
-    restacked = quantized(hf, *fmt_opts("ue8m0"))
+    direct = quantized(src, *DG, *fmt_opts("ue8m0"))
+    restacked = quantized(hf, *DG, *fmt_opts("ue8m0"))
     a, b = read_dir(direct), read_dir(restacked)
     assert set(a) == set(b)
     for name in a:
@@ -617,7 +620,7 @@ def test_packed_mixtral_is_read(packed_pairs: Callable, quantized: Runs) -> None
     """transformers v5 saves packed Mixtral experts under ``mlp.experts`` (its in-memory block name)."""
     flat, packed = packed_pairs("mixtral", False)
     assert "model.layers.0.mlp.experts.gate_up_proj" in packed.tensors
-    a, b = read_dir(quantized(flat)), read_dir(quantized(packed))
+    a, b = read_dir(quantized(flat, *DG)), read_dir(quantized(packed, *DG))
     for layer in (0, 1):
         for t in DEEPGEMM_LEAVES.values():
             assert_bytes(
@@ -642,8 +645,8 @@ def sm100_storage(s: torch.Tensor, mn: int) -> torch.Tensor:
 
 
 def test_sm100_scale_layout(src: Source, quantized: Runs) -> None:
-    sm90 = read_dir(quantized(src, *fmt_opts("ue8m0")))
-    sm100 = read_dir(quantized(src, *fmt_opts("ue8m0"), "--scale-layout", "sm100"))
+    sm90 = read_dir(quantized(src, *DG, *fmt_opts("ue8m0")))
+    sm100 = read_dir(quantized(src, *DG, *fmt_opts("ue8m0"), "--scale-layout", "sm100"))
     assert set(sm90) == set(sm100)
     for layer in MOE_LAYERS:
         p = f"model.layers.{layer}.mlp.experts"
@@ -735,7 +738,7 @@ def test_deepgemm_needs_intermediate_multiple_of_128(
         )
     )
     out = tmp_path / "out"
-    line = moetool_fails(capsys, "quantize", str(source.path), str(out))
+    line = moetool_fails(capsys, "quantize", str(source.path), str(out), *DG)
     assert "moe_intermediate_size" in line and "96" in line and "--layout hf" in line
     assert_no_output(out)
     source.assert_unchanged()

@@ -695,9 +695,9 @@ def test_quantizing_an_fp8_checkpoint_keeps_its_bytes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["float", "ue8m0"])
 def test_requantizing_deepgemm_output_keeps_its_bytes(base: Path, tmp_path: Path, fmt: str) -> None:
     first, second = tmp_path / "once", tmp_path / "twice"
-    assert run_cli("quantize", base, first, "--scale-fmt", fmt, "-q")[0] == 0
+    assert run_cli("quantize", base, first, "--layout", "deepgemm", "--scale-fmt", fmt, "-q")[0] == 0
     before = tree_digest(first)
-    code, _, err = run_cli("quantize", first, second, "--scale-fmt", fmt, "-q")
+    code, _, err = run_cli("quantize", first, second, "--layout", "deepgemm", "--scale-fmt", fmt, "-q")
     assert code == 0, err
     assert tree_digest(first) == before
     a = {k: v for f in first.glob("*.safetensors") for k, v in load_file(f).items()}

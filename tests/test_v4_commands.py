@@ -34,7 +34,7 @@ def v4(v4_float: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     out = {"native": native, "lossy": lossy}
     for name, src, opts in (
         ("hf", native, ("--layout", "hf")),
-        ("dg", native, ()),
+        ("dg", native, ("--layout", "deepgemm")),
         ("lossy_hf", lossy, ("--layout", "hf")),
     ):
         result = CliRunner().invoke(cli, ["quantize", str(src), str(root / name), *opts, "-q"])

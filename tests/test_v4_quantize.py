@@ -129,7 +129,7 @@ def test_hf_layout_is_deepseeks_cast_and_loads_with_identical_logits(
 )
 def test_deepgemm_layout_stacks_the_cast(v4: dict[str, Path], tmp_path: Path, opts: tuple[str, ...]) -> None:
     src, out = v4["native"], tmp_path / "dg"
-    quantize(src, out, *opts)
+    quantize(src, out, "--layout", "deepgemm", *opts)
     inp, got = read_dir(src), read_dir(out)
     with Checkpoint(out) as ck:
         view = analyze(ck)

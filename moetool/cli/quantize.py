@@ -13,11 +13,12 @@ from moetool.cli.writing import parse_shard_size, run_plan, shared_write_options
 @click.argument("out_dir", metavar="OUT")
 @click.option(
     "--layout",
-    type=click.Choice(["deepgemm", "hf"]),
-    default="deepgemm",
+    type=click.Choice(["hf", "deepgemm"]),
+    default="hf",
     show_default=True,
-    help="deepgemm: stacked w13/w2 [E, N, K] as DeepGEMM's grouped GEMM reads them; "
-    "hf: per-expert tensors that SGLang, vLLM and transformers load unchanged.",
+    help="hf: per-expert tensors that SGLang, vLLM and transformers load; deepgemm: stacked "
+    "gate_up_proj/down_proj [E, N, K] as DeepGEMM's grouped GEMM reads them, for moetool.layout and "
+    "DeepGEMM runtimes (engines refuse it at load, naming this flag).",
 )
 @click.option(
     "--scale-fmt",
@@ -70,11 +71,11 @@ def quantize(
 
     \b
     Examples:
-      moetool quantize ./DeepSeek-V2-Lite ./dsv2-lite-fp8
-      moetool quantize ./Qwen3-30B-A3B ./q3-fp8-hf --layout hf --targets linear
-      moetool quantize ./DeepSeek-V3 ./dsv3-ue8m0 --scale-fmt ue8m0 --device cuda:0
+      moetool quantize ./DeepSeek-V2-Lite ./dsv2-lite-fp8           # vllm serve / sglang load it
+      moetool quantize ./Qwen3-30B-A3B ./q3-fp8 --targets linear
+      moetool quantize ./DeepSeek-V3 ./dsv3-dg --layout deepgemm --scale-fmt ue8m0 --device cuda:0
       moetool quantize ./Mixtral-8x7B ./mixtral-fp8 --dry-run
-      moetool quantize ./DeepSeek-V4-Flash ./dsv4-fp8 --layout hf --require-lossless
+      moetool quantize ./DeepSeek-V4-Flash ./dsv4-fp8 --require-lossless
 
     FP4 experts (DeepSeek-V4) become FP8 by DeepSeek's own cast, exact wherever a block's FP4 scales span
     at most 14 binades; a block it changes is counted and named in moetool.json.
