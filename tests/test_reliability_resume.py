@@ -195,7 +195,7 @@ def test_a_resume_from_another_input_is_refused_and_keeps_the_work(
 # -- other options: refused, kept, and the right resume still works ----------------------------------
 OTHER_OPTIONS = {
     "scale_fmt": ["--scale-fmt", "ue8m0"],
-    "layout": ["--layout", "hf"],
+    "layout": ["--layout", "deepgemm"],  # the other layout (hf is the default)
     "shard_size": ["--max-shard-size", "150KB"],
     "targets": ["--targets", "linear"],
 }
