@@ -787,9 +787,9 @@ def test_sm100_needs_ue8m0_deepgemm(
 
 # -- GPU: the same bytes whichever device computed them (SPEC §2) -----------------------------------
 def _gpu_cases() -> Iterator[tuple[str, ...]]:
-    yield ()
-    yield ("--scale-fmt", "ue8m0")
-    yield ("--scale-fmt", "ue8m0", "--scale-layout", "sm100")
+    yield DG
+    yield (*DG, "--scale-fmt", "ue8m0")
+    yield (*DG, "--scale-fmt", "ue8m0", "--scale-layout", "sm100")
     yield ("--layout", "hf", "--targets", "linear")
 
 

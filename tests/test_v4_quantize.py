@@ -246,7 +246,12 @@ def test_targets_linear_is_refused(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "opts", [("--layout", "hf"), (), ("--scale-fmt", "ue8m0", "--scale-layout", "sm100")]
+    "opts",
+    [
+        ("--layout", "hf"),
+        ("--layout", "deepgemm"),
+        ("--layout", "deepgemm", "--scale-fmt", "ue8m0", "--scale-layout", "sm100"),
+    ],
 )
 def test_gpu_quantize_equals_cpu_bytes(v4: dict[str, Path], tmp_path: Path, opts: tuple[str, ...]) -> None:
     """quantize --device cuda (the Triton cast) writes the CPU run's shards byte for byte, lossy block

@@ -44,8 +44,8 @@ def v4(v4_float: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     }
     for name, src, opts in (
         ("hf", "src", ("--layout", "hf")),
-        ("dg", "src", ()),
-        ("sm100", "src", ("--scale-fmt", "ue8m0", "--scale-layout", "sm100")),
+        ("dg", "src", ("--layout", "deepgemm")),
+        ("sm100", "src", ("--layout", "deepgemm", "--scale-fmt", "ue8m0", "--scale-layout", "sm100")),
         ("lossy", "lossy_src", ("--layout", "hf")),
     ):
         result = CliRunner().invoke(cli, ["quantize", str(out[src]), str(root / name), *opts, "-q"])

@@ -229,7 +229,7 @@ def test_validate_on_cuda_holds_chunks_not_a_layer(tmp_path: Path) -> None:
 
     src = _large_checkpoint(tmp_path / "src", num_layers=2, seed=6)
     fp8 = tmp_path / "fp8"
-    tv.run_ok("quantize", src, fp8, "--device", "cuda")
+    tv.run_ok("quantize", src, fp8, "--layout", "deepgemm", "--device", "cuda")
     with Checkpoint(src) as o, Checkpoint(fp8) as c:
         layer = sum(t.nbytes for ck in (o, c) for n, t in ck.tensors.items() if ".experts." in n)
     budget = 256 << 20
