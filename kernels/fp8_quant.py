@@ -1,4 +1,4 @@
-"""Block-FP8 quantization (SPEC §3) in Triton, byte-identical to :mod:`moetool.kernels.fp8_quant_ref`.
+"""Block-FP8 quantization (docs/contract.md §6) in Triton, byte-identical to :mod:`moetool.kernels.fp8_quant_ref`.
 
 ``block_quant``: 128 × 128 weight blocks of ``[N, K]`` or stacked ``[E, N, K]`` (one program per block);
 ``token_quant``: DeepGEMM's 1 × 128 per-token activation blocks of ``[M, K]``.

@@ -1,4 +1,4 @@
-"""Block-FP8 quantization (SPEC §3) as a torch reference: the specification of the Triton kernels in
+"""Block-FP8 quantization (docs/contract.md §6) as a torch reference: the specification of the Triton kernels in
 ``fp8_quant.py`` and the CPU path of ``moetool quantize``.
 
 Recipe, for ``w [N, K]`` (or each expert of ``w [E, N, K]``) and ``bn × bk`` blocks (128 × 128 for
@@ -64,7 +64,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 def ceil_to_ue8m0(s: torch.Tensor) -> torch.Tensor:
-    """Round float32 scales up to a power of two on their bits (SPEC §3 step 3).
+    """Round float32 scales up to a power of two on their bits (docs/contract.md §6, UE8M0 scales).
 
     ``s``: any shape, any device, float32 (other float dtypes are converted first). The exponent field
     of ``|s|`` is incremented when the mantissa is non-zero, clamped to ``[1, 254]`` and the mantissa
@@ -180,7 +180,7 @@ def block_quant_ref(
     name: str | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``w`` to block FP8 by the recipe of SPEC §3, byte for byte.
+    """Quantize ``w`` to block FP8 by the recipe of docs/contract.md §6, byte for byte.
 
     ``w``: ``[N, K]`` or ``[E, N, K]`` (experts quantized independently), any float dtype, any device,
     any N and K. ``block=(bn, bk)``: ``(128, 128)`` for weights, ``(1, 128)`` for DeepGEMM's per-token

@@ -1,4 +1,4 @@
-"""Every error moetool raises on purpose. Each knows its exit code (SPEC §1); the CLI funnel prints
+"""Every error moetool raises on purpose. Each knows its exit code (docs/contract.md §3); the CLI funnel prints
 ``str(err)`` as one line and exits with ``err.exit_code``."""
 
 from __future__ import annotations

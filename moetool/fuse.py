@@ -1,4 +1,4 @@
-"""``moetool fuse-shared``: the plan that folds shared experts into the routed-expert tensors (SPEC §4).
+"""``moetool fuse-shared``: the plan that folds shared experts into the routed-expert tensors (docs/contract.md §7).
 
 A shared expert of intermediate ``S`` becomes ``m = S / I`` slots; with ``R`` replicas, slot index
 ``idx = r·m + j`` (replica-major) is stored as expert ``E + idx`` and takes gate/up rows and down
@@ -199,7 +199,7 @@ def plan_fuse(view: CheckpointView, opts: FuseOptions) -> Plan:
     for name in ckpt.tensors:
         if name in consumed:
             continue
-        units.append(_copy(name, view))  # shared_expert_gate.weight stays (SPEC §4)
+        units.append(_copy(name, view))  # shared_expert_gate.weight stays (docs/contract.md §7)
     units.sort(key=lambda u: natural_key(u.tensors[0].name))
     cfg = fused_config(copy.deepcopy(view.config), n_routed, m, reps, arch.slot_weight or "one")
     cfg = marked(cfg, refusal(view.layout, fused=True))  # no engine adds fused slots as the contract says

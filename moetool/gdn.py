@@ -1,4 +1,4 @@
-"""Gated DeltaNet (Qwen3-Next linear attention) decode step: the torch reference (SPEC §5).
+"""Gated DeltaNet (Qwen3-Next linear attention) decode step: the torch reference (docs/contract.md §8).
 
 Per value head ``hv`` with key head ``h = hv // (HV / H)`` and one token::
 

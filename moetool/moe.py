@@ -40,7 +40,7 @@ and the float32 choice is the reference. Within the routing rules the fill value
 The layer output is the routed experts' weighted sum plus the shared expert: weight 1 for
 DeepSeek/GLM/Kimi (it is added after ``routed_scaling_factor``), ``sigmoid(x · shared_expert_gate)`` for
 Qwen2-MoE/Qwen3-Next/Qwen3.5-MoE. After ``moetool fuse-shared`` the shared expert lives on as ``m · R`` extra expert
-slots (SPEC §4, ``FusedSlots``); ``moe_forward`` runs either form, and both must agree.
+slots (docs/contract.md §7, ``FusedSlots``); ``moe_forward`` runs either form, and both must agree.
 
 Expert weights use DeepGEMM's stacking: ``w13 [E, 2I, H]`` with gate_proj rows ``[0, I)`` and up_proj
 rows ``[I, 2I)``, ``w2 [E, H, I]`` (the same as transformers v5's packed ``gate_up_proj``/``down_proj``).
@@ -297,7 +297,7 @@ def experts_reference_into(
 
 @dataclass(frozen=True)
 class FusedSlots:
-    """Where a fused shared expert lives in the routed-expert tensors (SPEC §4).
+    """Where a fused shared expert lives in the routed-expert tensors (docs/contract.md §7).
 
     The shared expert was split into ``num_slots`` (m) slots of ``moe_intermediate_size`` each, repeated
     ``replicas`` (R) times, and appended after the E routed experts. Order is replica-major: slot j of

@@ -1,5 +1,5 @@
 """Executes a ``Plan``: per output shard, read → transform → write, overlapped, then index, config and
-manifest last. The output protocol of SPEC §2 lives here: ``OUT.partial/``, atomic shards with sha256,
+manifest last. The output protocol of docs/contract.md §4 lives here: ``OUT.partial/``, atomic shards with sha256,
 ``--resume`` reusing finished shards whose recorded hash still matches, and rename to OUT at the end.
 """
 
@@ -654,7 +654,7 @@ def execute(
     argv: list[str] | None = None,
     progress_factory: Callable[[int], Any] | None = None,
 ) -> RunResult:
-    """Run ``plan`` into ``out_path`` under the output protocol (SPEC §2).
+    """Run ``plan`` into ``out_path`` under the output protocol (docs/contract.md §4).
 
     ``fsync`` (``--fsync``) puts every file on disk before the renames that publish it; without it the
     output is complete and checked when OUT appears, and reaches the disk when the kernel writes it back.

@@ -1,5 +1,5 @@
 """``moetool quantize``: the plan that turns a checkpoint's experts (or every Linear) into block FP8,
-laid out for DeepGEMM (stacked ``[E, N, K]``) or as Hugging Face per-expert tensors (SPEC §3)."""
+laid out for DeepGEMM (stacked ``[E, N, K]``) or as Hugging Face per-expert tensors (docs/contract.md §6)."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def release_quant_config(view: CheckpointView, layout: str, scale_layout: str = 
 def quant_config(
     view: CheckpointView, quantized: set[str], ue8m0: bool, layout: str, scale_layout: str = "sm90"
 ) -> dict[str, Any]:
-    """config.json with ``quantization_config`` (SPEC §3): DeepSeek-V3's format, and every Linear left
+    """config.json with ``quantization_config`` (docs/contract.md §6): DeepSeek-V3's format, and every Linear left
     unquantized named in ``modules_to_not_convert`` and ``ignored_layers``. An output engines must not
     load (deepgemm layout, fused shared experts) carries the refusal marker of ``moetool.engines``."""
     cfg = copy.deepcopy(view.config)

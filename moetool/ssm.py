@@ -1,4 +1,4 @@
-"""SSM (Gated DeltaNet) state files: names, header metadata, checks, atomic read and write (SPEC §5).
+"""SSM (Gated DeltaNet) state files: names, header metadata, checks, atomic read and write (docs/contract.md §8).
 
 A state file is safetensors holding, per linear-attention layer ``L``:
 

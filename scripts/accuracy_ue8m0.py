@@ -2,7 +2,7 @@
 
 On DeepSeek-V3-sized expert weights (random bf16 ``[7168, 2048]`` and ``[2048, 7168]``: normal with std
 0.02, one row in 64 eight times wider, a few isolated outliers), compare three block-FP8 versions of each
-weight W (128 × 128 blocks, the recipe of SPEC §3, ``block_quant_ref``):
+weight W (128 × 128 blocks, the recipe of docs/contract.md §6, ``block_quant_ref``):
 
 - (a) moetool: UE8M0 (power-of-two) scales, quantized straight from the BF16 weight;
 - (b) engines at load time (SGLang's ``requant_weight_ue8m0`` on Blackwell): the float-scale FP8

@@ -19,8 +19,9 @@ rotated over several copies. Memory traffic counts the state read and written, `
 final state in float32 even from a bf16 state, so its bf16 runs move 1.5x these bytes). Copy bandwidth
 (read + write) is measured in the same run.
 
-Bars (docs BENCHMARKS.md): ours ≥ 1.0x fla K-last and ≥ 1.3x fla K-first at every B, ≥ 85% of copy
-bandwidth at B ≥ 256, ≥ 2x fla at B = 1 (loop timings).
+Bars (docs/contract.md §11): ours ≥ 1.0x fla K-last at every B; ≥ 1.3x fla K-first where fla K-first is
+under 77% of copy bandwidth, else ≥ 95% of copy bandwidth; ≥ 85% of copy bandwidth at B ≥ 256; ≥ 2x fla at
+B = 1 (loop timings).
 
 fla-core 0.6.0 needs einops; from a folder of wheels: ``pip install --no-index --no-deps DIR/*.whl``.
 Run: ``python scripts/bench_gdn_decode.py`` (``--sweep`` also times other tile shapes of our kernel).
@@ -40,7 +41,16 @@ from host_timing import host_seconds
 
 H, HV, K, V = 16, 32, 128, 128
 DEVICE = "cuda"
-BARS = {"vs_klast": 1.0, "vs_kfirst": 1.3, "copy_frac": 0.85, "b1": 2.0}
+# vs_kfirst holds where fla K-first reaches under kfirst_frac of copy bandwidth; where it reaches more,
+# ours must reach copy_frac_fast of copy bandwidth instead (1.3x of a near-copy anchor is unreachable).
+BARS = {
+    "vs_klast": 1.0,
+    "vs_kfirst": 1.3,
+    "kfirst_frac": 0.77,
+    "copy_frac_fast": 0.95,
+    "copy_frac": 0.85,
+    "b1": 2.0,
+}
 # (block_v, tiles per program, num_warps, stages[, keep_in_l2])
 SORTED_SLOTS = False  # --sorted-slots: sequence b uses pool row b + 1, fla's h0 order
 SWEEP = [
@@ -356,8 +366,12 @@ def main() -> int:
             xklp = r["fla_kl_loop"] / r["plain_loop"]
             if xkl < BARS["vs_klast"]:
                 notes.append(f"xKL<{BARS['vs_klast']}")
-            if xkf < BARS["vs_kfirst"]:
-                notes.append(f"xKF<{BARS['vs_kfirst']}")
+            kf_frac = r["bytes"] / r["fla_kf_loop"] / copy_bw
+            if kf_frac < BARS["kfirst_frac"]:
+                if xkf < BARS["vs_kfirst"]:
+                    notes.append(f"xKF<{BARS['vs_kfirst']}")
+            elif frac < BARS["copy_frac_fast"]:
+                notes.append(f"copy<{BARS['copy_frac_fast']:.0%} (fla K-first at {kf_frac:.0%})")
             if r["B"] == 1 and min(xkl, xkf) < BARS["b1"]:
                 notes.append(f"B=1 <{BARS['b1']}x")
         else:

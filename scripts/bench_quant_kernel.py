@@ -14,7 +14,7 @@ turn, each far larger than L2) of:
 - the torch reference on the GPU, for information.
 
 Bandwidth counts bytes read (the bf16 stack) plus bytes written (e4m3 bytes and float32 scales).
-Bar (docs BENCHMARKS.md): ``block_quant`` ≥ 70% of the copy bandwidth measured in this run.
+Bar (docs/contract.md §11): ``block_quant`` ≥ 70% of the copy bandwidth measured in this run.
 
 Usage: python scripts/bench_quant_kernel.py [--experts 64] [--shapes 2048x7168,7168x2048]
 Exit status: 0 when every correctness check passed, 1 when one failed, 2 when no GPU is usable.

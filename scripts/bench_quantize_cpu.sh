@@ -139,7 +139,7 @@ for n in "${names[@]}"; do
   fi
 done
 
-# Correctness before any figure: an expert of each output against the recipe of SPEC section 3 written
+# Correctness before any figure: an expert of each output against the recipe of docs/contract.md §6 written
 # out here from scratch (float32, amax floor 1e-4, s = amax / 448, q = clamp(W / s) as e4m3), and
 # llm-compressor's dequantized weights close to it.
 python - "$src" "$work" <<'PY'

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU quantize of a >= 20 GB synthetic DeepSeek-V3-style checkpoint against `cp -r` of the same
-# checkpoint on the same machine, in the same run (BENCHMARKS.md: bar <= 1.0x).
+# checkpoint on the same machine, in the same run (docs/contract.md §11: bar <= 1.0x).
 # Usage: bash scripts/bench_quantize_gpu.sh [WORKDIR] [EXPERTS]   (DeepSeek-V3 dims:
 # 4 MoE layers x 56 experts of 3 x 2048x7168 BF16, plus embeddings, make ~23 GB)
 set -euo pipefail

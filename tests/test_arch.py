@@ -357,7 +357,7 @@ def _check_info(info: ModelInfo, cfg: dict[str, Any], truth: dict[str, Any], fam
 
 
 def _expected_routing(family: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Each family's router as its modeling code defines it (SPEC §7), read from the config values."""
+    """Each family's router as its modeling code defines it (docs/contract.md §10), read from the config values."""
     naming = family_defaults(family).naming
     if naming in ("deepseek", "glm"):
         sigmoid = family != "deepseek_v2"
@@ -411,7 +411,7 @@ def test_model_info_from_transformers_written_config(
 
 
 def test_shared_slots_of_the_flagships() -> None:
-    """SPEC §4: DeepSeek-V2-Lite 2 slots, Qwen1.5-MoE 4 (5632 = 4·1408), DeepSeek-V3 1, none for Qwen3-MoE."""
+    """docs/contract.md §7: DeepSeek-V2-Lite 2 slots, Qwen1.5-MoE 4 (5632 = 4·1408), DeepSeek-V3 1, none for Qwen3-MoE."""
     expected = {
         "deepseek_v2": 2,
         "qwen2_moe": 4,

@@ -1,4 +1,4 @@
-"""``moetool fuse-shared`` end to end (SPEC §4) on tiny real-named checkpoints of every family with
+"""``moetool fuse-shared`` end to end (docs/contract.md §7) on tiny real-named checkpoints of every family with
 shared experts: exact slot slices (BF16 values, FP8 bytes and 128×128 scale blocks), routed experts
 and every other tensor unchanged, config, commutation with ``quantize``, the MoE layer's output through
 ``moetool.moe``, and the refusals.

@@ -1,5 +1,5 @@
 """Checkpoint I/O: the safetensors header parser and builder, the offset shard writer, the index, the
-lazy reader and its refusals of corrupt or hostile input, and the output protocol of SPEC §2
+lazy reader and its refusals of corrupt or hostile input, and the output protocol of docs/contract.md §4
 (``OUT.partial``, lock, commit/abort, a killed run leaving no OUT, ``--resume``)."""
 
 from __future__ import annotations

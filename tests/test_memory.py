@@ -1,4 +1,4 @@
-"""Memory stays bounded by the tensors in flight, not by the checkpoint (SPEC §2, BENCHMARKS.md: peak
+"""Memory stays bounded by the tensors in flight, not by the checkpoint (docs/contract.md §4 and §11: peak
 ≤ largest tensor × 4 + 1 GB): quantize a checkpoint several times larger than a much tighter bound and
 measure the process's peak resident set."""
 
@@ -64,7 +64,7 @@ def test_quantize_peak_memory_is_bounded_by_the_largest_tensor(tmp_path: Path) -
     peak = _peak_rss(sys.executable, "-m", "moetool", "quantize", str(src), str(tmp_path / "out"), "-q")
     assert (tmp_path / "out" / "moetool.json").is_file()
     assert peak - baseline <= bound, f"peak {peak / MIB:.0f} MiB over a {baseline / MIB:.0f} MiB baseline"
-    assert peak <= 4 * largest + 1024 * MIB  # the bar as BENCHMARKS.md states it
+    assert peak <= 4 * largest + 1024 * MIB  # the bar as docs/contract.md §11 states it
 
 
 def test_validate_on_the_cpu_holds_its_read_buffers_not_a_layer(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""``moetool quantize`` end to end on tiny real-named checkpoints: every FP8 byte against SPEC §3's recipe
+"""``moetool quantize`` end to end on tiny real-named checkpoints: every FP8 byte against the recipe of docs/contract.md §6
 (computed here by a plain implementation of its five steps), both layouts, both scale formats, SM100
 scale packing, config and manifest, sharding, resume, FP8 and packed inputs, and the error paths.
 
@@ -43,13 +43,13 @@ MANIFEST = "moetool.json"
 EXTRA_FILES = {"chat_template.jinja": b"{{ messages }}\n", "original/README.txt": b"kept as is\n"}
 
 
-# -- the recipe of SPEC §3, written out step by step ------------------------------------------------
+# -- the recipe of docs/contract.md §6, written out step by step ------------------------------------------------
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 def ue8m0_bits(s: torch.Tensor) -> torch.Tensor:
-    """SPEC §3 step 3 on the float32 bits: exponent += (mantissa != 0), clamped to [1, 254], mantissa 0."""
+    """The UE8M0 rounding of docs/contract.md §6 on the float32 bits: exponent += (mantissa != 0), clamped to [1, 254], mantissa 0."""
     bits = s.view(torch.int32)
     exponent = (bits >> 23) & 0xFF
     mantissa = bits & 0x7FFFFF
@@ -85,7 +85,7 @@ def is_pow2(s: torch.Tensor) -> bool:
 
 
 def expected_from(src: dict[str, torch.Tensor], name: str, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """What SPEC §3 makes of source tensor ``name``: BF16 → recipe; FP8 whose scales satisfy the request →
+    """What docs/contract.md §6 makes of source tensor ``name``: BF16 → recipe; FP8 whose scales satisfy the request →
     its bytes kept; other FP8 → recipe of its float32 dequantization."""
     w = src[name]
     if w.dtype != FP8:
@@ -510,7 +510,7 @@ def test_small_shards_and_index(src: Source, quantized: Runs) -> None:
 
 
 def test_workers_give_the_same_bytes(src: Source, quantized: Runs, tmp_path: Path) -> None:
-    """SPEC §2: the bytes do not depend on how many workers wrote the shards."""
+    """docs/contract.md §4: the bytes do not depend on how many workers wrote the shards."""
     opts = (*fmt_opts("ue8m0"), "--max-shard-size", SMALL_SHARD)
     out = tmp_path / "two"
     moetool_ok("quantize", str(src.path), str(out), *opts, "--devices", "cpu,cpu")
@@ -785,7 +785,7 @@ def test_sm100_needs_ue8m0_deepgemm(
     src.assert_unchanged()
 
 
-# -- GPU: the same bytes whichever device computed them (SPEC §2) -----------------------------------
+# -- GPU: the same bytes whichever device computed them (docs/contract.md §4) -----------------------------------
 def _gpu_cases() -> Iterator[tuple[str, ...]]:
     yield DG
     yield (*DG, "--scale-fmt", "ue8m0")

@@ -1,4 +1,4 @@
-"""Bad checkpoints, faults and hostile files never cost the user data (SPEC §1, §2).
+"""Bad checkpoints, faults and hostile files never cost the user data (docs/contract.md §3, §4).
 
 Every refusal here is checked the same way, through the real command line (``moetool.cli.main.main``,
 the one error funnel) or a real ``python -m moetool`` process: the exit code, one line on stderr naming

@@ -122,7 +122,7 @@ def test_fp8_split_keeps_bytes_and_scales(s: int, i: int, h: int, seed: int) -> 
 
 
 def test_fp8_split_is_quantize_of_bf16_split(seed: int) -> None:
-    """Slicing quantized bytes equals quantizing the slices (SPEC §3 recipe, 128×128 blocks)."""
+    """Slicing quantized bytes equals quantizing the slices (docs/contract.md §6 recipe, 128×128 blocks)."""
     gen = torch.Generator().manual_seed(seed)
     s, i, h = 256, 128, 200
 

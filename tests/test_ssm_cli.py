@@ -1,4 +1,4 @@
-"""``moetool convert-ssm`` and ``moetool capture-ssm`` end to end (SPEC §5).
+"""``moetool convert-ssm`` and ``moetool capture-ssm`` end to end (docs/contract.md §8).
 
 convert-ssm: k-first → k-last → k-first is byte-identical (dense and through a pool), the pool layout
 (zero null slot 0, ``slot_ids``), ``--dtype``, ``--trim-conv``, files without layout metadata, and

@@ -1,4 +1,4 @@
-"""``moetool validate`` can pass and can fail (SPEC §6), on the torch references (``--device cpu``).
+"""``moetool validate`` can pass and can fail (docs/contract.md §9), on the torch references (``--device cpu``).
 
 Clean conversions (quantize in both layouts and scale formats, quantize then fuse-shared with 1 and 2
 replicas, fuse-shared on BF16) of six families pass with every check PASS. Then each planted defect —

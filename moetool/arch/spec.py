@@ -83,7 +83,7 @@ class ModelInfo:
 
     @property
     def shared_slots(self) -> int:
-        """Fused slots a shared expert would make (SPEC §4); 0 without shared experts or when S % I != 0."""
+        """Fused slots a shared expert would make (docs/contract.md §7); 0 without shared experts or when S % I != 0."""
         s, i = self.shared_intermediate_size, self.moe_intermediate_size
         return s // i if s and i and s % i == 0 else 0
 
@@ -152,7 +152,7 @@ class ArchSpec:
         return f"{self.moe_prefix(layer)}.{self.hash_spec['table']}" if self.hash_spec else None
 
     def experts_prefix(self, layer: int) -> str:
-        """The expert container, ``P`` in SPEC §3 (``model.layers.{L}.mlp.experts``)."""
+        """The expert container, ``P`` in docs/contract.md §6 (``model.layers.{L}.mlp.experts``)."""
         return f"{self.moe_prefix(layer)}.{self.tensors['experts']}"
 
     def expert_weight(self, layer: int, expert: int, proj: str) -> str:

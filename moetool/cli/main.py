@@ -1,4 +1,4 @@
-"""The ``moetool`` command group and the one place that turns errors into exit codes (SPEC §1)."""
+"""The ``moetool`` command group and the one place that turns errors into exit codes (docs/contract.md §3)."""
 
 from __future__ import annotations
 

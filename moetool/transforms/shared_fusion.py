@@ -1,4 +1,4 @@
-"""Shared-expert fusion (SPEC §4): a shared expert of intermediate size S becomes m = S / I routed-expert
+"""Shared-expert fusion (docs/contract.md §7): a shared expert of intermediate size S becomes m = S / I routed-expert
 slots of ``moe_intermediate_size`` I, optionally repeated R times. Pure functions, no I/O.
 
 SwiGLU is elementwise in the intermediate dimension, so splitting gate/up rows and down columns into

@@ -1,4 +1,4 @@
-"""Block FP8 (SPEC §3): the torch reference against a naive re-implementation written here, the Triton
+"""Block FP8 (docs/contract.md §6): the torch reference against a naive re-implementation written here, the Triton
 kernels against the reference byte for byte (interpreter on CPU, real sizes on GPU), UE8M0 bit rounding,
 non-finite input errors, SM100 scale packing and the dequantization error bound."""
 
