@@ -85,24 +85,60 @@ class Backend:
             self.gemm = dg
 
     def grouped(
-        self, x: torch.Tensor, ids: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor
+        self, x: torch.Tensor, ids: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, *, parts: int = 1
     ) -> torch.Tensor:
-        """``y[t] = x[t] @ W[ids[t]]ᵀ`` through the FP8 path: x [T, K] float, ids [T]; returns [T, N] f32."""
+        """``y[t] = x[t] @ W[ids[t]]ᵀ`` through the FP8 path: x [T, K] float, ids [T]; returns [T, N] f32.
+
+        ``parts``: W's N rows are that many equal parts, each quantized on its own 128-row grid with its
+        scale rows stored after the previous part's (w13's gate then up rows when the intermediate size
+        is not a multiple of 128: part j's row blocks do not line up with one grid over all N rows).
+        Each part then runs as a GEMM of its own.
+
+        A row whose activations are not finite (a converted expert upstream gave NaN or infinity) is not
+        quantized: its output is NaN, for the check comparing it to report against the converted side.
+        """
+        if parts > 1:
+            n, sp = w_q.shape[1] // parts, w_s.shape[1] // parts
+            return torch.cat(
+                [
+                    self.grouped(
+                        x,
+                        ids,
+                        w_q[:, j * n : (j + 1) * n].contiguous(),
+                        w_s[:, j * sp : (j + 1) * sp].contiguous(),
+                    )
+                    for j in range(parts)
+                ],
+                dim=1,
+            )
         dev = self.device
-        x, ids = x.to(dev), ids.to(dev)
-        a, m_idx, rows = self.layout(x.float(), ids, w_q.shape[0])
+        x, ids = x.to(dev).float(), ids.to(dev)
+        finite = torch.isfinite(x).all(dim=1)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            x = torch.where(finite[:, None], x, 0.0)
+        a, m_idx, rows = self.layout(x, ids, w_q.shape[0])
         a_q, a_s = self.act_quant(a)
-        d = self.gemm(a_q, a_s, w_q.to(dev), w_s.to(dev), m_idx)
-        return d.float()[rows]
+        d = self.gemm(a_q, a_s, w_q.to(dev), w_s.to(dev), m_idx).float()[rows]
+        if not all_finite:
+            d[~finite] = float("nan")
+        return d
 
     def expert_rows(self, x, ids, w13_q, w13_s, w2_q, w2_s, limit: float | None = None) -> torch.Tensor:
         """``y[r] = expert_{ids[r]}(x[r])`` through the FP8 path for rows x [P, H] float, ids [P] into the
         stacked experts (w13 [E, 2I, H], w2 [E, H, I]); returns [P, H] float32. Each row's result depends
         only on the row and its expert, not on which other rows share the call. ``limit``: the SwiGLU
-        clamp of ``moetool.moe.expert_mlp`` (DeepSeek-V4's swiglu_limit)."""
+        clamp of ``moetool.moe.expert_mlp`` (DeepSeek-V4's swiglu_limit). With I not a multiple of 128,
+        w13's gate and up rows each have their own scale grid (``grouped(parts=2)``)."""
         inter = w13_q.shape[1] // 2
-        h = self.grouped(x, ids, w13_q, w13_s)
+        h = self.grouped(x, ids, w13_q, w13_s, parts=w13_parts(inter))
         gate, up = h[:, :inter], h[:, inter:]
         if limit is not None:
             gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
         return self.grouped(F.silu(gate) * up, ids, w2_q, w2_s)
+
+
+def w13_parts(inter: int) -> int:
+    """How many scale grids a stacked w13 ``[E, 2I, H]`` holds: one when I is a multiple of 128 (the
+    deepgemm layout requires it), else gate's and up's (what the hf layout's per-expert tensors give)."""
+    return 1 if inter % 128 == 0 else 2

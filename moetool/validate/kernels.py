@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from moetool import tolerances as tol
-from moetool.validate.backend import calc_diff
+from moetool.validate.backend import calc_diff, w13_parts
 from moetool.validate.protocol import Context, Tensors
 from moetool.validate.reads import LayerStep
 from moetool.validate.report import Check
@@ -78,7 +78,8 @@ class KernelsCheck:
         be = self.ctx.backend()
         for tag, wq, ws, wf in (("w13", q13, s13, w13), ("w2", q2, s2, w2)):
             x = run.x[tag]
-            run.got[tag][rows] = be.grouped(x[rows], lid[rows], wq, ws).cpu()
+            parts = w13_parts(wq.shape[1] // 2) if tag == "w13" else 1
+            run.got[tag][rows] = be.grouped(x[rows], lid[rows], wq, ws, parts=parts).cpu()
             xd = x.to(wf.device)
             for i in lid[rows].unique().tolist():  # float32 GEMM per expert on the original weights
                 sel = lid == i
@@ -88,11 +89,15 @@ class KernelsCheck:
         run = self._run
         assert run is not None
         self._run = None
-        worst = (0.0, "")
         for tag in ("w13", "w2"):
-            diff = calc_diff(run.got[tag], run.ref[tag])
-            if diff > worst[0] or not worst[1]:
-                worst = (diff, tag)
+            bad = ~torch.isfinite(run.ref[tag]).all(dim=1)
+            if bool(bad.any()):  # the original's own GEMM overflows: its defect, not the conversion's
+                e = run.experts[int(run.ids[bad.nonzero()[0, 0]])]
+                raise self.ctx.original_overflows(step.layer, e, f"the {tag} GEMM")
+        diffs = {tag: calc_diff(run.got[tag], run.ref[tag]) for tag in ("w13", "w2")}
+        # NaN (a converted expert gave NaN or infinity) ranks worst, never hides behind a finite value
+        tag = max(diffs, key=lambda k: diffs[k] if diffs[k] == diffs[k] else math.inf)
+        worst = (diffs[tag], tag)
         ok = worst[0] < tol.GEMM_CALC_DIFF
         prefix = self.ctx.conv.stores[step.layer].prefix
         detail = ""

@@ -239,6 +239,8 @@ class MoeCheck:
             swiglu_limit=ctx.orig.info.swiglu_limit,
             hash_ids=run.o_hash,
         )
+        if not bool(torch.isfinite(ref).all()):  # the original's own layer overflows: its defect
+            raise ctx.original_overflows(layer, None, "the MoE layer output")
         if run.fp8:
             t, k = run.c_ids.shape
             summed = weighted_sum(run.got.reshape(t, k, -1), run.c_wts).to(run.x.device)
@@ -257,17 +259,17 @@ class MoeCheck:
         same_ids = torch.equal(torch.sort(got_ids.cpu(), 1).values, torch.sort(ref_ids.cpu(), 1).values)
         diff = calc_diff(got.cpu(), ref.cpu())
         ok = same_ids and diff < tol.MOE_CALC_DIFF and not run.bad_table
-        why = (
-            ""
-            if ok
-            else (
-                f"{ctx.conv.arch.hash_table(layer)}: {run.bad_table}"
-                if run.bad_table
-                else f"{store.prefix}: top-k ids differ from the original's routing"
+        why = ""
+        if run.bad_table:
+            why = f"{ctx.conv.arch.hash_table(layer)}: {run.bad_table}"
+        elif not ok:
+            why = (
+                f"{store.prefix}: top-k ids differ from the original's routing"
                 if not same_ids
                 else f"{store.prefix}: layer output disagrees with the original layer"
             )
-        )
+            if not bool(torch.isfinite(got).all()):
+                why = f"{store.prefix}: " + _non_finite_experts(run)
         return Check(
             "moe",
             f"layer {layer}",
@@ -277,3 +279,15 @@ class MoeCheck:
             ok,
             why,
         )
+
+
+def _non_finite_experts(run: _MoeRun) -> str:
+    """Which converted experts give NaN or infinite outputs (for the per-expert FP8 rows), in words."""
+    if not run.fp8:
+        return "the converted layer's output is not finite (NaN or infinity in its experts)"
+    bad = ~torch.isfinite(run.got).all(dim=1)
+    experts = sorted({int(e) for e in run.c_ids.reshape(-1)[bad.to(run.c_ids.device)].tolist()})
+    listed = ", ".join(str(e) for e in experts[:8]) + (
+        f" and {len(experts) - 8} more" if len(experts) > 8 else ""
+    )
+    return f"converted expert(s) {listed} give NaN or infinite outputs"

@@ -25,6 +25,7 @@ from moetool.model import CheckpointView
 from moetool.validate.options import ValidateOptions
 
 if TYPE_CHECKING:
+    from moetool.errors import InputError
     from moetool.plan import Src
     from moetool.validate.backend import Backend
     from moetool.validate.reads import LayerStep
@@ -80,6 +81,29 @@ class Context:
 
             self._backend = Backend(self.device, self.opts.backend)
         return self._backend
+
+    def original_overflows(self, layer: int, e: int | None, what: str) -> InputError:
+        """The error for an original whose own float32 output is not finite (weights so large a GEMM
+        with unit-scale activations overflows): no conversion can be checked against it, and it is the
+        original's defect (exit 2), named by its expert tensor and file."""
+        from moetool.errors import InputError
+        from moetool.validate.reads import expected_sources
+
+        if e is None:
+            name, file = self.orig.stores[layer].prefix, str(self.o_ck.root)
+        else:
+            gu, _ = expected_sources(self.orig, self.conv, layer, e)
+            name = gu[0].name
+            file = self.o_ck.info(name).file if name in self.o_ck else str(self.o_ck.root)
+        return InputError(
+            f"{what} of the original is not finite in float32 (layer {layer}"
+            + (f", expert {e}" if e is not None else "")
+            + "): it holds NaN, or weights so large that a GEMM with unit-scale activations overflows, "
+            "so nothing can be checked against it",
+            file=file,
+            tensor=name,
+            fix="the original checkpoint is corrupt",
+        )
 
     def forget_layer(self) -> None:
         """Drop the cached original weights (views of a batch about to be reused)."""

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from moetool.errors import MoetoolError
+from moetool.errors import InputError, MoetoolError
 from moetool.plan import Src
 from moetool.transforms import fp8_block
 from moetool.validate.protocol import Context, Tensors
@@ -164,9 +164,21 @@ class TensorsCheck:
         for an FP8 region its own bytes or its requantization (``fp8_block.expected_fp8``)."""
         dev, ue8m0 = self.ctx.device, self.ctx.ue8m0
         t, s = orig
-        if s is None:
-            return fp8_block.quantize(t.to(dev), ue8m0=ue8m0, name=src.describe())
-        return fp8_block.expected_fp8(t.to(dev), s.to(dev), ue8m0=ue8m0, name=src.describe(), device=dev)
+        try:
+            if s is None:
+                return fp8_block.quantize(t.to(dev), ue8m0=ue8m0, name=src.describe())
+            # a corrupt FP8 original is refused, as quantize refuses it
+            origin = (src.rows[0] if src.rows else 0, src.cols[0] if src.cols else 0)
+            fp8_block.check_source(t, s, name=src.name, origin=origin, expert=src.expert)
+            return fp8_block.expected_fp8(t.to(dev), s.to(dev), ue8m0=ue8m0, name=src.describe(), device=dev)
+        except InputError as e:
+            if e.file is None:  # the original's defect (exit 2), named with its file
+                e.file = (
+                    self.ctx.o_ck.info(src.name).file
+                    if src.name in self.ctx.o_ck
+                    else str(self.ctx.o_ck.root)
+                )
+            raise
 
     def _first_diff(self, a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...] | None:
         if a.shape != b.shape:
