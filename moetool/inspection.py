@@ -125,11 +125,13 @@ def inspect_checkpoint(view: CheckpointView) -> dict[str, Any]:
         ),
         "manifest": (
             {k: view.manifest.get(k) for k in ("moetool_version", "command", "layout")}
-            if view.manifest
+            if isinstance(view.manifest, dict)
             else None
         ),
         # FP4 blocks the cast to FP8 changed, as the conversion that made this checkpoint recorded them
-        "fp4_lossy_blocks": view.manifest.get("fp4_lossy_blocks") if view.manifest else None,
+        "fp4_lossy_blocks": view.manifest.get("fp4_lossy_blocks")
+        if isinstance(view.manifest, dict)
+        else None,
     }
     would: dict[str, Any] = {}
     for layout in ("deepgemm", "hf"):

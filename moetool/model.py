@@ -18,6 +18,7 @@ store's sources keep the logical ``...weight`` names, which ``pipeline.read_sour
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -318,7 +319,7 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
         layout = "hf"
     manifest = None
     mpath = ckpt.root / MANIFEST_NAME
-    if mpath.exists():
+    if os.path.lexists(mpath):  # one that cannot be read is an error, never taken as absent
         manifest = read_json(mpath, what="manifest")
     q = ckpt.config.get("quantization_config")
     return CheckpointView(

@@ -141,14 +141,11 @@ def release_quant_config(view: CheckpointView, layout: str, scale_layout: str = 
     return marked(cfg, refusal(layout, fused=view.fused is not None, scale_layout=scale_layout))
 
 
-def quant_config(
-    view: CheckpointView, quantized: set[str], ue8m0: bool, layout: str, scale_layout: str = "sm90"
-) -> dict[str, Any]:
-    """config.json with ``quantization_config`` (docs/contract.md §6): DeepSeek-V3's format, and every Linear left
-    unquantized named in ``modules_to_not_convert`` and ``ignored_layers``. An output engines must not
-    load (deepgemm layout, fused shared experts) carries the refusal marker of ``moetool.engines``."""
-    cfg = copy.deepcopy(view.config)
-    skipped = sorted(
+def unconverted_linears(view: CheckpointView, quantized: set[str]) -> list[str]:
+    """The modules whose Linear weight stays unquantized (not in ``quantized``, not FP8): what
+    ``modules_to_not_convert`` and ``ignored_layers`` must name, so that no engine expects FP8 bytes and
+    scales for them. Routers and lm_head included; stacked experts are no Linear's ``.weight``."""
+    return sorted(
         (
             n[: -len(".weight")]
             for n, t in view.ckpt.tensors.items()
@@ -160,6 +157,16 @@ def quant_config(
         ),
         key=natural_key,
     )
+
+
+def quant_config(
+    view: CheckpointView, quantized: set[str], ue8m0: bool, layout: str, scale_layout: str = "sm90"
+) -> dict[str, Any]:
+    """config.json with ``quantization_config`` (docs/contract.md §6): DeepSeek-V3's format, and every Linear left
+    unquantized named in ``modules_to_not_convert`` and ``ignored_layers``. An output engines must not
+    load (deepgemm layout, fused shared experts) carries the refusal marker of ``moetool.engines``."""
+    cfg = copy.deepcopy(view.config)
+    skipped = unconverted_linears(view, quantized)
     qc: dict[str, Any] = {
         "quant_method": "fp8",
         "fmt": "e4m3",

@@ -4,11 +4,14 @@ on threads while the other checks run)."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from moetool.engines import declares_fp8, refusal, refusal_of
-from moetool.io.checkpoint import MANIFEST_NAME
+from moetool.errors import InputError
+from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, _inside
 from moetool.io.hashing import FileHashes
 from moetool.model import FP8_DTYPES
 from moetool.validate.protocol import Context
@@ -27,15 +30,28 @@ class StructureCheck:
         self._hashes: FileHashes | None = None
         self._recorded: list[tuple[str, Any, dict, bool]] = []
         self._t0 = 0.0
+        self._problem: str | None = None
+        self._undescribed: list[str] = []
 
     def start(self) -> None:
-        """Hash every file moetool.json records whose size is right (nothing without a manifest)."""
+        """Hash every file moetool.json records whose size is right (nothing without a manifest, with a
+        malformed one, or with one that does not describe the checkpoint's files)."""
         manifest = self.ctx.conv.manifest
         if manifest is None:
             return
-        self._t0 = time.perf_counter()
-        files = manifest.get("files") or {}
         root = self.ctx.c_ck.root
+        self._problem = manifest_problem(manifest, root)
+        if self._problem is not None:
+            return
+        files = manifest["files"]
+        here = [*self.ctx.c_ck.shard_files, *([INDEX_NAME] if os.path.lexists(root / INDEX_NAME) else [])]
+        self._undescribed = [
+            f"it lists {r}, which is not here" for r in sorted(files) if not os.path.lexists(root / r)
+        ]
+        self._undescribed += [f"{r} is here but not listed" for r in here if r not in files]
+        if self._undescribed:
+            return
+        self._t0 = time.perf_counter()
         for rel, rec in sorted(files.items()):
             p = root / rel
             self._recorded.append((rel, p, rec, p.is_file() and p.stat().st_size == rec.get("size")))
@@ -65,6 +81,31 @@ class StructureCheck:
                 False,
                 f"{ctx.c_ck.root / MANIFEST_NAME} not found: not a moetool output",
             )
+        elif self._problem is not None:
+            add(
+                "manifest",
+                "moetool.json",
+                "malformed",
+                "well-formed",
+                False,
+                f"{ctx.c_ck.root / MANIFEST_NAME}: {self._problem}",
+            )
+        elif self._undescribed:
+            # re-sharded or edited after moetool wrote it: the file hashes prove nothing, the tensor checks
+            # (every tensor against the original, unless sampled) prove or refute it on their own
+            o_pts = ctx.opts
+            whole = o_pts.layers is None and o_pts.experts is None and "tensors" in o_pts.checks
+            add(
+                "files",
+                "described by moetool.json",
+                "not described",
+                "described",
+                whole,
+                f"manifest does not describe these files ({self._undescribed[0]}): re-sharded or edited "
+                "after moetool wrote it; file hashes not checked, every tensor checked against the original "
+                "instead"
+                + ("" if whole else ", but --layers/--experts sampled them: run without to prove the rest"),
+            )
         else:
             bad = []
             waited = 0.0
@@ -88,6 +129,7 @@ class StructureCheck:
                 not bad,
                 f"file {bad[0]} does not match its recorded sha256" if bad else "",
             )
+        if manifest is not None and self._problem is None:
             listed = set(manifest.get("tensors") or {})
             extra = sorted(set(ctx.c_ck.tensors) - listed)
             missing = sorted(listed - set(ctx.c_ck.tensors))
@@ -179,6 +221,7 @@ class StructureCheck:
                 if must_refuse
                 else "config.json carries a refusal marker but engines load this layout"
             )
+        problems += declared_problems(ctx)
         add("tensors & config", "problems", len(problems), "0", not problems, problems[0] if problems else "")
         self.seconds += time.perf_counter() - t_start
         return out
@@ -188,3 +231,88 @@ def _without_quant(text: object) -> object:
     if isinstance(text, dict):
         return {k: v for k, v in text.items() if k != "quantization_config"}
     return text
+
+
+def declared_problems(ctx: Context) -> list[str]:
+    """What config.json, the shards' metadata and moetool.json declare about the stored tensors must be
+    true of them: engines and ``moetool.layout`` read the declaration, not the bytes. (The refusal
+    marker and the presence of FP8 are checked above; ``scale_fmt`` by the tensors check, whose recipe
+    follows it.)"""
+    from moetool.quantize import unconverted_linears
+    from moetool.transforms.fp8_block import BLOCK
+
+    c = ctx.conv
+    problems: list[str] = []
+    fp8 = {n for n, t in ctx.c_ck.tensors.items() if t.dtype in FP8_DTYPES}
+    qc = c.config.get("quantization_config")
+    if declares_fp8(c.config) and isinstance(qc, dict):
+        if qc.get("quant_method") != "fp8":
+            problems.append(f"quantization_config.quant_method is {qc.get('quant_method')!r}, not 'fp8'")
+        if qc.get("fmt", "e4m3") != "e4m3":
+            problems.append(f"quantization_config.fmt is {qc.get('fmt')!r}; the weights are e4m3")
+        block = qc.get("weight_block_size")
+        if not isinstance(block, list) or block != [BLOCK, BLOCK]:
+            problems.append(
+                f"quantization_config.weight_block_size is {block!r:.40}; the stored scales are one per "
+                f"{BLOCK}x{BLOCK} block, and a loader would apply them to other blocks"
+            )
+        if refusal_of(c.config) is None and qc.get("activation_scheme") != "dynamic":
+            problems.append(
+                f"quantization_config.activation_scheme is {qc.get('activation_scheme')!r:.60}; the weights "
+                "are for dynamic per-token activation scales"
+            )
+        want = set(unconverted_linears(c, fp8))
+        for key in ("modules_to_not_convert", "ignored_layers"):
+            listed = qc.get(key)
+            names = {m for m in listed if isinstance(m, str)} if isinstance(listed, list) else set()
+            quantized = sorted(m for m in names if m + ".weight" in fp8)
+            left_out = sorted(want - names)
+            if quantized:
+                problems.append(
+                    f"quantization_config.{key} names {quantized[0]}, whose weight is stored FP8: a loader "
+                    "would read its FP8 bytes as plain weights"
+                )
+            elif left_out:
+                problems.append(
+                    f"quantization_config.{key} leaves out {left_out[0]}, whose weight is stored "
+                    "unquantized: a loader would expect FP8 bytes and scales for it"
+                )
+    if c.layout not in ("mixed", "none"):
+        shard_layout = "deepgemm" if c.layout == "deepgemm" else "hf"
+        for rel, header in sorted(ctx.c_ck.headers.items()):
+            said = header.metadata.get("moetool.layout")
+            if said is not None and said != shard_layout:
+                problems.append(
+                    f"{rel} declares moetool.layout={said!r:.40} but the checkpoint stores the {c.layout} layout"
+                )
+                break
+        said = (c.manifest or {}).get("layout") if isinstance(c.manifest, dict) else None
+        if said is not None and said != c.layout:
+            problems.append(
+                f"{MANIFEST_NAME} declares layout {said!r:.40} but the checkpoint stores {c.layout}"
+            )
+    return problems
+
+
+def manifest_problem(manifest: Any, root: Path) -> str | None:
+    """What makes ``moetool.json`` unusable, in words, or None: an object whose ``files`` maps plain file
+    names inside the checkpoint to ``{sha256, size}`` records and whose ``tensors`` (if any) is a mapping."""
+    if not isinstance(manifest, dict):
+        return f"is a JSON {type(manifest).__name__}, not an object"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"'files' is a {type(files).__name__}, not a mapping of file names to records"
+    for rel, rec in files.items():
+        try:
+            _inside(root, rel, file=str(root / MANIFEST_NAME))
+        except InputError:
+            return f"'files' names {rel!r:.80}, which is not a file inside the checkpoint"
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("sha256"), str)
+            or not isinstance(rec.get("size"), int)
+        ):
+            return f"the 'files' record of {rel} is not {{sha256, size}}"
+    if not isinstance(manifest.get("tensors", {}), dict):
+        return "'tensors' is not a mapping of tensor names to records"
+    return None
