@@ -318,11 +318,14 @@ class TensorsCheck:
 def _recorded_lossy(manifest: dict | None) -> tuple[dict[str, dict[tuple[int, int], int]], bool] | None:
     """The lossy FP4 blocks moetool.json records, by source tensor, and whether the list is complete;
     None when it records none (not an FP4 conversion)."""
-    rec = (manifest or {}).get("fp4_lossy_blocks")
+    rec = manifest.get("fp4_lossy_blocks") if isinstance(manifest, dict) else None
     if not isinstance(rec, dict):
         return None
     listed: dict[str, dict[tuple[int, int], int]] = {}
-    for item in rec.get("listed") or []:
-        block = tuple(int(v) for v in item["block"])
-        listed.setdefault(str(item["tensor"]), {})[block] = int(item["changed"])  # type: ignore[index]
-    return listed, len(rec.get("listed") or []) == int(rec.get("blocks", 0))
+    try:
+        for item in rec.get("listed") or []:
+            block = tuple(int(v) for v in item["block"])
+            listed.setdefault(str(item["tensor"]), {})[block] = int(item["changed"])  # type: ignore[index]
+        return listed, len(rec.get("listed") or []) == int(rec.get("blocks", 0))
+    except (KeyError, TypeError, ValueError):  # a malformed record records nothing: every block is judged
+        return None
