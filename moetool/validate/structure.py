@@ -262,11 +262,24 @@ def declared_problems(ctx: Context) -> list[str]:
                 "are for dynamic per-token activation scales"
             )
         want = set(unconverted_linears(c, fp8))
+        o_qc = ctx.orig.config.get("quantization_config") if declares_fp8(ctx.orig.config) else None
         for key in ("modules_to_not_convert", "ignored_layers"):
             listed = qc.get(key)
             names = {m for m in listed if isinstance(m, str)} if isinstance(listed, list) else set()
             quantized = sorted(m for m in names if m + ".weight" in fp8)
-            left_out = sorted(want - names)
+            left_out = want - names
+            if isinstance(o_qc, dict):
+                # a release's own quantization_config kept as it is (DeepSeek-V4): a module it leaves out
+                # and ships unquantized is the release's declaration, which its loaders follow
+                theirs = o_qc.get(key) if isinstance(o_qc.get(key), list) else []
+                left_out -= {
+                    m
+                    for m in left_out
+                    if m not in theirs
+                    and ctx.o_ck.tensors.get(m + ".weight") is not None
+                    and ctx.o_ck.tensors[m + ".weight"].dtype not in FP8_DTYPES
+                }
+            left_out = sorted(left_out)
             if quantized:
                 problems.append(
                     f"quantization_config.{key} names {quantized[0]}, whose weight is stored FP8: a loader "
