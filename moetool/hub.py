@@ -10,6 +10,7 @@ from pathlib import Path
 
 from moetool.env import ENV
 from moetool.errors import EnvironmentError_, InputError
+from moetool.io.fs import kind_of
 
 # Weights, JSON and tokenizer files only: never pickles, never code.
 ALLOW_PATTERNS = ("*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja", "LICENSE*")
@@ -45,7 +46,8 @@ def resolve(model: str) -> Source:
         raise InputError("MODEL is a link to nothing", file=model, fix="point it at a checkpoint directory")
     if st is not None:
         if not stat.S_ISDIR(st.st_mode):
-            raise InputError("MODEL is a file, not a checkpoint directory", file=model)
+            what = "a file" if stat.S_ISREG(st.st_mode) else kind_of(st.st_mode)
+            raise InputError(f"MODEL is {what}, not a checkpoint directory", file=model)
         return Source(p.absolute())
     if not REPO_ID.match(model) or model.startswith((".", "/", "~")):
         raise InputError("no such directory, and not a Hub repo id (org/name[@revision])", file=model)

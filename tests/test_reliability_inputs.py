@@ -367,8 +367,11 @@ def test_a_state_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, how:
     src = tmp_path / "state.safetensors"
     (_fifo if how == "fifo" else _dev_zero)(src)
     dst = tmp_path / "out.safetensors"
+    word = "FIFO" if how == "fifo" else "device"
     with time_limit(TIME_LIMIT_S):
-        refused(["convert-ssm", src, dst, "-q"], [str(src)], inputs=[src])
+        refused(["convert-ssm", src, dst, "-q"], [str(src), word], inputs=[src])
+        # validate given two of them takes them for checkpoints: still refused, saying what they are
+        refused(["validate", src, src, "-q"], [str(src), word], inputs=[src])
     assert not dst.exists()
 
 
