@@ -187,6 +187,28 @@ class TensorsCheck:
             return None
         return first_diff(a, b)
 
+    def _fp8_differs(
+        self,
+        conv_src: Src,
+        got: tuple[torch.Tensor, torch.Tensor],
+        want: tuple[torch.Tensor, torch.Tensor],
+        source: str,
+        recipe: str,
+    ) -> str | None:
+        """None when FP8 bytes and scales are ``want``'s, else where the first differ (the bytes made
+        from ``source``; the scales by ``recipe``)."""
+        (got_q, got_s), (want_q, want_s) = got, want
+        pos = self._first_diff(got_q, want_q)
+        if pos is not None:
+            return f"{region_name(conv_src)} FP8 bytes differ from {source} at {list(pos)}"
+        pos = self._first_diff(got_s.float(), want_s.float())
+        if pos is not None:
+            return (
+                f"{region_name(conv_src, scale=True, tensors=self.ctx.c_ck.tensors)} differs from {recipe} "
+                f"at block {list(pos)} ({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
+            )
+        return None
+
     def _expected_fp4(
         self, src: Src, orig: tuple[torch.Tensor, torch.Tensor | None]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -213,18 +235,15 @@ class TensorsCheck:
 
         want_q, want_s, changed = self._expected_fp4(orig_src, orig)
         got_q, got_s = got[0].to(want_q.device), got[1].to(want_q.device)
-        pos = self._first_diff(got_q, want_q)
-        if pos is not None:
-            return (
-                f"{region_name(conv_src)} FP8 bytes differ from DeepSeek's cast of {orig_src.describe()} "
-                f"at {list(pos)}"
-            )
-        pos = self._first_diff(got_s.float(), want_s.float())
-        if pos is not None:
-            return (
-                f"{region_name(conv_src, scale=True, tensors=self.ctx.c_ck.tensors)} differs from the cast "
-                f"at block {list(pos)} ({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
-            )
+        why = self._fp8_differs(
+            conv_src,
+            (got_q, got_s),
+            (want_q, want_s),
+            f"DeepSeek's cast of {orig_src.describe()}",
+            "the cast",
+        )
+        if why is not None:
+            return why
         exact = dequant_fp4_ref(orig[0].to(want_q.device), orig[1].to(want_q.device))  # type: ignore[union-attr]
         back = fp8_block.dequantize(got_q, got_s.float())
         moved = (back != exact).unflatten(-1, (-1, FP8_BLOCK)).unflatten(-3, (-1, FP8_BLOCK))
@@ -267,18 +286,15 @@ class TensorsCheck:
             return self._compare_fp4(conv_src, orig_src, (got_q, got_s), orig, errs)
         want_q, want_s = self._expected_quant(orig_src, orig)
         got_q, got_s = got_q.to(want_q.device), got_s.to(want_q.device)
-        pos = self._first_diff(got_q, want_q)
-        if pos is not None:
-            return (
-                f"{display} FP8 bytes differ from the recipe applied to {orig_src.describe()} at {list(pos)}"
-            )
-        pos = self._first_diff(got_s.float(), want_s.float())
-        if pos is not None:
-            return (
-                f"{region_name(conv_src, scale=True, tensors=self.ctx.c_ck.tensors)} differs from the recipe "
-                f"at block {list(pos)} "
-                f"({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
-            )
+        why = self._fp8_differs(
+            conv_src,
+            (got_q, got_s),
+            (want_q, want_s),
+            f"the recipe applied to {orig_src.describe()}",
+            "the recipe",
+        )
+        if why is not None:
+            return why
         w = orig[0]
         if errs is not None and w.dtype != torch.float8_e4m3fn:  # quantization error for the report
             wf = w.to(self.ctx.device).float()
