@@ -57,6 +57,16 @@ def find_scale(tensors: Mapping[str, Any], weight: str) -> str | None:
     return None
 
 
+def require_scale(tensors: Mapping[str, Any], weight: str, *, file: str, what: str = "FP8 tensor") -> str:
+    """``find_scale``, or an ``InputError`` naming ``weight`` in ``file`` when it has no block scales."""
+    name = find_scale(tensors, weight)
+    if name is None:
+        raise InputError(
+            f"{what} without its block scales (weight_scale_inv or scale)", file=file, tensor=weight
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class ExpertStore:
     layer: int
@@ -296,12 +306,8 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
                         _check_fp4_expert(ckpt, name, n, k)
                         continue
                     _expect(t[name], (n, k), ckpt)
-                    if fp8 and find_scale(t, name) is None:
-                        raise InputError(
-                            "FP8 weight without its block scales (weight_scale_inv or scale)",
-                            file=str(ckpt.root),
-                            tensor=name,
-                        )
+                    if fp8:
+                        require_scale(t, name, file=str(ckpt.root), what="FP8 weight")
         if not fp4 and dtype not in FP8_DTYPES + FLOAT_DTYPES:
             raise InputError(f"unsupported expert dtype {dtype}", file=str(ckpt.root), tensor=names[0])
         _check_count(n_exp, info.num_experts, extra_slots, layer, cfg_file, prefix)
@@ -578,11 +584,7 @@ def check_fp8_scale(ckpt: Checkpoint, weight: str) -> None:
     ``weight_scale_inv`` (DeepSeek-V3) or E8M0 ``scale`` (DeepSeek-V4). Anything else would be read with
     the wrong block scales: an ``InputError`` naming the scale and the grid the weight needs."""
     w = ckpt.info(weight)
-    sname = find_scale(ckpt.tensors, weight)
-    if sname is None:
-        raise InputError(
-            "F8_E4M3 tensor without its block scales (weight_scale_inv or scale)", file=w.file, tensor=weight
-        )
+    sname = require_scale(ckpt.tensors, weight, file=w.file, what="F8_E4M3 tensor")
     s = ckpt.info(sname)
     if len(w.shape) not in (2, 3):
         raise InputError(

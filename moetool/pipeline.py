@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
-import json
-import math
 import os
 import queue
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,22 +18,29 @@ from typing import Any
 
 import torch
 
-from moetool import __version__
-from moetool.errors import EnvironmentError_, InputError, InternalError, MoetoolError, UsageError
+from moetool import __version__, resume
+from moetool.errors import EnvironmentError_, InternalError, MoetoolError, UsageError
 from moetool.hub import Source
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
-from moetool.io.fs import open_regular, real_path
 from moetool.io.hashing import sha256_file
 from moetool.io.writer import OutputDir, ShardWriter, os_error, write_index
-from moetool.model import e8m0_scale_name, find_scale
-from moetool.plan import Job, Plan, Shard, Src
-from moetool.transforms import fp8_block
-from moetool.transforms.quant_job import Quantizer, as_stored, fp4_cast_region, job_scales
+from moetool.jobs import BufferPool, SourceFiles, copy_regions, job_pieces, read_source
+from moetool.plan import Job, Plan, Shard
+from moetool.resume import PROGRESS_NAME, input_files
+from moetool.transforms.quant_job import Quantizer, as_stored
 
-PROGRESS_NAME = ".moetool-progress.json"
+__all__ = [
+    "PROGRESS_NAME",
+    "RunResult",
+    "execute",
+    "input_files",
+    "pick_device",
+    "read_source",
+    "write_shard",
+]
+
 SHARD_WORKERS_PER_GPU = 4
 QUEUE_DEPTH = 2
-FP8 = torch.float8_e4m3fn
 
 
 MAX_LOSSY_RECORDS = 10_000  # lossy FP4 blocks listed by name in moetool.json (all are counted)
@@ -80,231 +83,7 @@ def pick_device(device: str) -> torch.device:
     return d
 
 
-# -- reading sources --------------------------------------------------------------------------
-def read_source(ckpt: Checkpoint, src: Src, *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A source region as ``(tensor, None)`` for floats, or ``(q, scales)`` for FP8 (scales sliced by
-    128-blocks in their stored dtype, float32 or E8M0; the planner guarantees region edges on block
-    boundaries). An INT4 weight (compressed-tensors ``weight_packed``, named by its logical ``...weight``)
-    comes as its exact float32 values."""
-    if src.name not in ckpt and f"{src.name}_packed" in ckpt:  # int4.stored_names
-        return read_int4(ckpt, src), None
-    info = ckpt.info(src.name)
-    t = ckpt.read(src.name, rows=src.rows, expert=src.expert, pin=pin)  # only the region's rows
-    if src.cols:
-        t = t[:, src.cols[0] : src.cols[1]]
-    if info.dtype != "F8_E4M3":
-        return t, None
-    sname = find_scale(ckpt.tensors, src.name)
-    if sname is None:
-        raise InputError(
-            "FP8 tensor without its block scales (weight_scale_inv or scale)",
-            file=str(ckpt.root),
-            tensor=src.name,
-        )
-    s = ckpt.read(sname, rows=fp8_block.scale_span(src.rows), expert=src.expert)
-    return t, fp8_block.slice_scales(s, cols=src.cols)
-
-
-def read_int4(ckpt: Checkpoint, src: Src) -> torch.Tensor:
-    """The exact float32 values of a region of an INT4 weight ``src.name`` (``moetool.transforms.int4``),
-    its ``weight_shape`` checked against the packed and scale tensors."""
-    from moetool.transforms import int4
-
-    if src.expert is not None:
-        raise InternalError("INT4 weights are per-expert tensors", tensor=src.name)
-    qc = int4.find_int4_config(ckpt.config)
-    if qc is None:
-        raise InputError("INT4 weight without a compressed-tensors quantization_config", tensor=src.name)
-    group = int4.Int4Scheme.from_config(qc, file=str(ckpt.root / "config.json")).group_size
-    packed_name, scale_name_, shape_name = int4.stored_names(src.name)
-    for name in (scale_name_, shape_name):
-        if name not in ckpt:
-            raise InputError("INT4 weight without its companion tensor", file=str(ckpt.root), tensor=name)
-    n_rows = ckpt.info(packed_name).shape[0]
-    shape = [int(v) for v in ckpt.read(shape_name).tolist()]
-    k = ckpt.info(scale_name_).shape[1] * group
-    if shape != [n_rows, k]:
-        raise InputError(
-            f"weight_shape says {shape}, the packed weight and its scales make [{n_rows}, {k}]",
-            file=str(ckpt.root),
-            tensor=shape_name,
-        )
-    packed = ckpt.read(packed_name, rows=src.rows)
-    scale = ckpt.read(scale_name_, rows=src.rows)
-    w = int4.dequantize(packed, scale, k, group)
-    return w[:, src.cols[0] : src.cols[1]] if src.cols else w
-
-
-class _BufferPool:
-    """CPU buffers passed from the workers that fill them to the thread that writes them, and back:
-    each expert's ``q`` reuses memory instead of paying page faults and zeroing for a fresh one."""
-
-    def __init__(self) -> None:
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._lent: set[int] = set()
-        self._lock = threading.Lock()
-
-    def take(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous ``dtype`` tensor of ``shape`` (contents undefined)."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        with self._lock:
-            free = self._free.get(nbytes)
-            buf = free.pop() if free else torch.empty(nbytes, dtype=torch.uint8)
-            self._lent.add(buf.data_ptr())
-        return buf.view(dtype).view(shape)
-
-    def give(self, t: torch.Tensor) -> None:
-        """Take back ``t`` if it came from ``take`` (anything else is left alone); it must be unused."""
-        with self._lock:
-            if t.data_ptr() in self._lent and t.is_contiguous():
-                self._lent.discard(t.data_ptr())
-                self._free.setdefault(t.numel() * t.element_size(), []).append(
-                    t.reshape(-1).view(torch.uint8)
-                )
-
-
-def job_pieces(
-    ckpt: Checkpoint,
-    job: Job,
-    quantizer: Quantizer | None,
-    sources: _SourceFiles | None = None,
-    pool: _BufferPool | None = None,
-    lossy: list[dict[str, Any]] | None = None,
-) -> list[list[torch.Tensor]]:
-    """Per entry of ``job.writes``, the tensors whose bytes, back to back, are that write: a job that
-    concatenates sources along rows (gate and up into ``w13``) hands over its parts uncopied. With
-    ``sources`` a CPU quantizer reads float sources into this thread's reused buffer; with ``pool`` it
-    quantizes into buffers of the pool (hand them back with ``pool.give`` once written). An
-    ``fp4_cast`` appends to ``lossy`` one record per 128x128 block whose values the cast changed (or
-    raises, for a ``lossless`` job)."""
-    if job.op == "copy":
-        (src,) = job.sources
-        t, s = read_source(ckpt, src)
-        # an FP8 region travels with its scale blocks when the job writes both
-        return [[t], [s]] if len(job.writes) == 2 and s is not None else [[t]]
-    if job.op == "quant":
-        assert quantizer is not None
-        qs, ss = [], []
-        reuse = sources is not None and quantizer.device.type == "cpu"
-        for src in job.sources:
-            t = _read_reused(ckpt, src) if reuse else None
-            if t is not None:
-                s = None
-            else:
-                # page-locked reads let the copy to the GPU run asynchronously
-                t, s = read_source(ckpt, src, pin=quantizer.device.type == "cuda")
-            try:
-                if s is not None:
-                    # a corrupt FP8 source is refused, whether its bytes would be kept or requantized
-                    fp8_block.check_source(
-                        t,
-                        s,
-                        name=src.name,
-                        origin=(src.rows[0] if src.rows else 0, src.cols[0] if src.cols else 0),
-                        expert=src.expert,
-                    )
-                take = pool.take if pool is not None else None
-                q, s = quantizer.region(t, s, ue8m0=job.ue8m0, name=src.describe(), take=take)
-            except InputError as e:
-                if e.file is None:  # the kernels know the tensor; the file is known here
-                    e.file = ckpt.info(src.name).file
-                raise
-            qs.append(q)
-            ss.append(s)
-        return [qs, job_scales(qs, ss, scale_layout=job.scale_layout)]
-    if job.op == "fp4_cast":
-        assert quantizer is not None
-        qs, ss = [], []
-        pin = quantizer.device.type == "cuda"  # page-locked reads let the copy to the GPU run asynchronously
-        for src in job.sources:
-            packed = ckpt.read(src.name, rows=src.rows, expert=src.expert, pin=pin)
-            scale = ckpt.read(e8m0_scale_name(src.name), rows=src.rows, expert=src.expert, pin=pin)
-            q, s = fp4_cast_region(
-                quantizer,
-                packed,
-                scale,
-                name=src.describe(),
-                file=str(ckpt.root),
-                lossless=job.lossless,
-                lossy=lossy,
-            )
-            qs.append(q)
-            ss.append(s)
-        return [qs, job_scales(qs, ss, scale_layout=job.scale_layout, scale_dtype=job.scale_dtype)]
-    raise InternalError(f"unknown job op {job.op!r}")
-
-
-@dataclass(frozen=True)
-class _Region:
-    """Bytes of one source tensor that lie back to back in its file, holding a ``shape`` tensor."""
-
-    name: str
-    dtype: str  # safetensors dtype name
-    file: str
-    offset: int
-    nbytes: int
-    shape: tuple[int, ...]
-
-
-# Largest source read into a worker's reused buffer (a routed expert's matrix); larger ones, rarer, get a
-# buffer of their own, so that what workers keep stays small whatever the core count.
-SCRATCH_MAX = 64 << 20
-_scratch = threading.local()
-
-
-def _read_reused(ckpt: Checkpoint, src: Src) -> torch.Tensor | None:
-    """A float source region read into this thread's reused buffer (valid until its next call), or None
-    where that does not apply (FP8 with scales, a column slice, over ``SCRATCH_MAX``). Reusing the buffer
-    spares the page faults and zeroing of a fresh allocation per expert."""
-    if src.cols or src.name not in ckpt:
-        return None
-    r = _file_region(ckpt, src.name, src.expert, src.rows)
-    if r.dtype == "F8_E4M3" or r.nbytes > SCRATCH_MAX or r.nbytes == 0:
-        return None
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < r.nbytes:
-        buf = _scratch.buf = torch.empty(r.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy()).cast("B")[: r.nbytes]
-    ckpt.pread_into(r.file, r.offset, view, tensor=src.name)
-    return buf[: r.nbytes].view(ckpt.info(src.name).torch_dtype).reshape(r.shape)
-
-
-def _file_region(ckpt: Checkpoint, name: str, expert: int | None, rows: tuple[int, int] | None) -> _Region:
-    """Where ``name`` (or ``name[expert]``, and/or its rows ``[r0, r1)``) lies in its file; the same
-    selection ``Checkpoint.read`` makes."""
-    info, offset, nbytes, shape = ckpt.region(name, rows, expert=expert)
-    return _Region(name, info.dtype, info.file, offset, nbytes, tuple(shape))
-
-
-def copy_regions(
-    ckpt: Checkpoint, job: Job, out_dtypes: dict[str, str] | None = None
-) -> list[_Region] | None:
-    """For a copy job whose source bytes lie back to back in the file (no column slice) and whose
-    output tensors have the sources' dtypes (``out_dtypes``, by output name), one region per entry of
-    ``job.writes``; None when the job must go through memory."""
-    if job.op != "copy" or len(job.sources) != 1 or job.sources[0].cols:
-        return None
-    src = job.sources[0]
-    regions = [_file_region(ckpt, src.name, src.expert, src.rows)]
-    if len(job.writes) == 2:
-        if regions[0].dtype != "F8_E4M3":
-            return None
-        sname = find_scale(ckpt.tensors, src.name)
-        if sname is None:
-            raise InputError(
-                "FP8 tensor without its block scales (weight_scale_inv or scale)",
-                file=str(ckpt.root),
-                tensor=src.name,
-            )
-        regions.append(_file_region(ckpt, sname, src.expert, fp8_block.scale_span(src.rows)))
-    if out_dtypes is not None and any(
-        out_dtypes.get(w.tensor, r.dtype) != r.dtype for w, r in zip(job.writes, regions)
-    ):
-        return None
-    return regions if len(regions) == len(job.writes) else None
-
-
-# -- execution --------------------------------------------------------------------------------
+# -- execution
 def _pipelined(
     items: list[Job], produce: Callable[[Job], list[torch.Tensor]], producers: int = 1
 ) -> Iterator[tuple[Job, list[torch.Tensor]]]:
@@ -349,27 +128,6 @@ def single_threaded_ops() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-class _SourceFiles:
-    """Read-only descriptors of the source shards a shard writer copies from, opened on first use."""
-
-    def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def fd(self, file: str) -> int:
-        with self._lock:
-            fd = self._fds.get(file)
-            if fd is None:
-                fd = self._fds[file] = open_regular(file, what="shard")
-            return fd
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
-
-
 def write_shard(
     ckpt: Checkpoint,
     shard: Shard,
@@ -387,8 +145,8 @@ def write_shard(
     found: list[dict[str, Any]] = []
     lock = threading.Lock()
     writer = ShardWriter(out.path(shard.file), entries, metadata, fsync=out.fsync)
-    sources = _SourceFiles()
-    pool = _BufferPool() if quantizer is not None and quantizer.device.type == "cpu" else None
+    sources = SourceFiles()
+    pool = BufferPool() if quantizer is not None and quantizer.device.type == "cpu" else None
 
     def produce(job: Job) -> list[list[torch.Tensor]] | int:
         regions = copy_regions(ckpt, job, out_dtypes)
@@ -434,80 +192,6 @@ def write_shard(
         sources.close()
 
 
-def _load_progress(out: OutputDir, name: str) -> dict[str, Any]:
-    """The progress record an interrupted run left, or ``{}`` when there is none or it is unreadable
-    (then no shard is reused). A link in its place is refused: nothing in the work folder is followed."""
-    p = out.path(name)
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UsageError(
-                "is a symbolic link in the output's work folder",
-                file=str(p),
-                fix="remove it; moetool never follows a link it did not create",
-            ) from None
-        return {}
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return {}
-        with open(fd, "rb", closefd=False) as f:
-            raw = f.read(MAX_PROGRESS_BYTES + 1)
-        data = json.loads(raw) if len(raw) <= MAX_PROGRESS_BYTES else None
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError, RecursionError):
-        return {}
-    finally:
-        os.close(fd)
-
-
-def input_files(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
-    """What binds a progress record to the input it was written from: per input shard, its size,
-    modification and change times (ns), inode and device, as the kernel reports them for the real file.
-
-    A file with other values under the same name — another checkpoint with the same headers, or the
-    same file rewritten, truncated, or replaced by a download — changes its inode or its change time,
-    which the kernel sets on every write and no unprivileged call can set back. Hashing the input bytes
-    instead would cost every run a second pass over the input (sha256 runs at about the speed the CPU
-    quantizes) and every ``--resume`` a full re-read; these values cost one ``stat`` per file. A
-    checkpoint copied elsewhere between the kill and the resume has new inodes and is refused, which
-    is safe: ``--overwrite`` converts it again."""
-    out = {}
-    for rel in ckpt.shard_files:
-        st = os.stat(real_path(ckpt.root / rel))
-        out[rel] = {
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-            "ctime_ns": st.st_ctime_ns,
-            "inode": st.st_ino,
-            "device": st.st_dev,
-        }
-    return out
-
-
-def _check_inputs(recorded: Any, now: dict[str, dict[str, int]], ckpt: Checkpoint, out: OutputDir) -> None:
-    """Refuse a resume whose input is not the one ``OUT.partial`` was written from, naming the file."""
-    fix = "resume with the input OUT.partial was written from, or pass --overwrite to start again"
-    if not isinstance(recorded, dict):
-        raise UsageError("OUT.partial records no input to resume from", file=str(out.partial), fix=fix)
-    for rel in sorted(set(recorded) | set(now)):
-        was, is_ = recorded.get(rel), now.get(rel)
-        if was == is_:
-            continue
-        if is_ is None:
-            what = "was read by the interrupted run but is not in this input"
-        elif not isinstance(was, dict):
-            what = "was not read by the interrupted run"
-        else:
-            changed = [
-                k for k in ("size", "inode", "device", "mtime_ns", "ctime_ns") if was.get(k) != is_.get(k)
-            ]
-            what = f"is not the file OUT.partial was written from ({', '.join(changed)} changed)"
-        raise UsageError(what, file=str(ckpt.root / rel), fix=fix)
-
-
 class _Dist:
     """torchrun's world (RANK / WORLD_SIZE set): a gloo group for the few control messages moetool
     exchanges (setup status, per-rank results); tensors never travel between ranks."""
@@ -539,35 +223,6 @@ class _Dist:
         return box[0]
 
 
-PLAN_KEY = "__plan__"
-INPUTS_KEY = "__inputs__"
-MAX_PROGRESS_BYTES = 64 << 20
-
-
-def _reusable(path: Path, rec: dict[str, Any]) -> bool:
-    """Whether the shard at ``path`` is the one the progress record describes: a regular file this run's
-    predecessor created (not a link, no other name for it), of the recorded size and sha256."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != rec.get("size"):
-        return False
-    try:
-        return sha256_file(path, follow=False) == rec.get("sha256")
-    except OSError:
-        return False
-
-
-def plan_fingerprint(plan: Plan) -> str:
-    """sha256 of everything that decides the output bytes (shards, tensors, jobs, config, metadata):
-    ``--resume`` reuses shards only under the same fingerprint."""
-    import hashlib
-
-    text = repr((plan.shards, sorted(plan.shard_metadata.items()), json.dumps(plan.config, sort_keys=True)))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _convert_shards(
     plan: Plan,
     ckpt: Checkpoint,
@@ -582,25 +237,13 @@ def _convert_shards(
     record and which were reused from an earlier run (``--resume``). Lossy FP4 blocks of every shard,
     written now or reused (its progress record keeps them), are appended to ``lossy``."""
     needs_quant = any(j.op in ("quant", "fp4_cast") for s in shards for j in s.jobs)
-    done = _load_progress(out, progress_name) if out.resumed else {}
-    fingerprint = plan_fingerprint(plan)
-    inputs = input_files(ckpt)
-    if done:
-        if done.get(PLAN_KEY) != fingerprint:
-            raise UsageError(
-                "OUT.partial was written from another input or with other options",
-                file=str(out.partial),
-                fix="pass --overwrite to start again (or resume with the same command)",
-            )
-        _check_inputs(done.get(INPUTS_KEY), inputs, ckpt, out)
-    done[PLAN_KEY] = fingerprint
-    done[INPUTS_KEY] = inputs
+    done = resume.start_record(out, progress_name, plan, ckpt)
     files: dict[str, dict[str, Any]] = {}
     reused: list[str] = []
     todo: list[Shard] = []
     for shard in shards:
         rec = done.get(shard.file) if isinstance(done.get(shard.file), dict) else None
-        if rec and _reusable(out.path(shard.file), rec):
+        if rec and resume.reusable(out.path(shard.file), rec):
             files[shard.file] = {"sha256": rec["sha256"], "size": rec["size"]}
             reused.append(shard.file)
             if lossy is not None:

@@ -25,7 +25,7 @@ from moetool.errors import InputError, InternalError, UsageError
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
 from moetool.io.prefetch import Field, ReadPlan
-from moetool.model import CheckpointView, e8m0_scale_name, find_scale, scale_name
+from moetool.model import CheckpointView, e8m0_scale_name, find_scale, require_scale, scale_name
 from moetool.plan import Src
 from moetool.transforms import fp8_block
 from moetool.validate.options import ValidateOptions, default_read_budget
@@ -300,14 +300,7 @@ class ReadSchedule:
                 raise InternalError("a stacked expert source cannot slice columns", tensor=src.name)
             name, rows = src.name, src.rows
             if scale:
-                found = find_scale(ck.tensors, src.name)
-                if found is None:
-                    raise InputError(
-                        "quantized expert without its block scales (weight_scale_inv or scale)",
-                        file=str(ck.root),
-                        tensor=src.name,
-                    )
-                name = found
+                name = require_scale(ck.tensors, src.name, file=str(ck.root), what="quantized expert")
                 if not fp4:  # FP4 scales have a row per weight row; FP8's one per 128
                     rows = fp8_block.scale_span(rows)
             info, _, _, shape = ck.region(name, rows, expert=src.expert)
