@@ -37,18 +37,38 @@ def _deepgemm_importable() -> bool:
     return True
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def deepgemm_takes(dims: tuple[int, ...]) -> bool:
+    """Whether DeepGEMM's grouped GEMM takes operands of these N and K sizes: its TMA descriptors need
+    the FP8 rows' byte strides aligned, and a 200-wide K makes the driver reject them (CUDA
+    ``INVALID_VALUE``). We ask for whole 128-blocks, the sizes every released MoE has."""
+    return all(d % 128 == 0 for d in dims)
+
+
+def model_dims(info) -> tuple[int, int]:
+    """The GEMM sizes (N and K) of a model's experts: hidden and expert intermediate size."""
+    return (info.hidden_size, info.moe_intermediate_size)
+
+
+def resolve_backend(name: str, device: torch.device, dims: tuple[int, ...] = ()) -> str:
     """The GEMM the kernels and MoE checks run on ``device``: ``torch`` (the references) on the CPU; on
-    CUDA ``triton`` or ``deepgemm`` as asked, and for ``auto`` DeepGEMM where ``deep_gemm`` is importable
-    and the card is SM90 (Hopper), else Triton. (DeepGEMM's SM100 kernels take scales as UE8M0 only, so
-    float32 scales would be rounded there: ``--backend deepgemm`` is for UE8M0 outputs on such a card.)"""
+    CUDA ``triton`` or ``deepgemm`` as asked, and for ``auto`` DeepGEMM where ``deep_gemm`` is importable,
+    the card is SM90 (Hopper) and every GEMM size in ``dims`` (hidden and expert intermediate size) is a
+    multiple of 128, else Triton. (DeepGEMM's SM100 kernels take scales as UE8M0 only, so float32 scales
+    would be rounded there: ``--backend deepgemm`` is for UE8M0 outputs on such a card.) Asking for
+    ``deepgemm`` on sizes it does not take is a usage error naming them."""
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}", fix=f"one of {', '.join(BACKENDS)}")
     if not dispatch.uses_kernels(device):
         return "torch"
+    if name == "deepgemm" and not deepgemm_takes(dims):
+        raise UsageError(
+            f"--backend deepgemm: DeepGEMM's grouped GEMM takes sizes that are multiples of 128, this model's "
+            f"hidden and expert intermediate sizes are {', '.join(map(str, dims))}",
+            fix="use --backend auto or triton",
+        )
     if name != "auto":
         return name
-    if torch.cuda.get_device_capability(device)[0] == 9 and _deepgemm_importable():
+    if torch.cuda.get_device_capability(device)[0] == 9 and deepgemm_takes(dims) and _deepgemm_importable():
         return "deepgemm"
     return "triton"
 
@@ -56,9 +76,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
 class Backend:
     """Per-token activation quantization and the FP8 grouped GEMM on one device."""
 
-    def __init__(self, device: torch.device, name: str) -> None:
-        """``name``: as :func:`resolve_backend` gives it (``auto`` is resolved here too)."""
-        self.device, self.name = device, resolve_backend(name, device)
+    def __init__(self, device: torch.device, name: str, dims: tuple[int, ...] = ()) -> None:
+        """``name``: as :func:`resolve_backend` gives it for the model's ``dims`` (``auto`` is resolved
+        here too)."""
+        self.device, self.name = device, resolve_backend(name, device, dims)
         name = self.name
         from moetool.kernels.fp8_grouped_gemm_ref import contiguous_layout
 

@@ -77,9 +77,9 @@ class Context:
 
     def backend(self) -> Backend:
         if self._backend is None:
-            from moetool.validate.backend import Backend
+            from moetool.validate.backend import Backend, model_dims
 
-            self._backend = Backend(self.device, self.opts.backend)
+            self._backend = Backend(self.device, self.opts.backend, model_dims(self.orig.info))
         return self._backend
 
     def original_overflows(self, layer: int, e: int | None, what: str) -> InputError:

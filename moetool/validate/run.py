@@ -26,7 +26,7 @@ from moetool.io.checkpoint import Checkpoint
 from moetool.io.prefetch import Batch, Field, Prefetcher, reader_threads
 from moetool.model import CheckpointView, analyze
 from moetool.pipeline import pick_device
-from moetool.validate.backend import resolve_backend
+from moetool.validate.backend import model_dims, resolve_backend
 from moetool.validate.kernels import KernelsCheck
 from moetool.validate.moe import MoeCheck
 from moetool.validate.options import ValidateOptions
@@ -103,7 +103,7 @@ class Validator:
             str(orig.ckpt.root),
             str(conv.ckpt.root),
             str(self.ctx.device),
-            resolve_backend(opts.backend, self.ctx.device),
+            resolve_backend(opts.backend, self.ctx.device, model_dims(orig.info)),
         )
         self.timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
         self.tensors = TensorsCheck(self.ctx)
@@ -263,7 +263,9 @@ def validate_checkpoints(original: str | Path, converted: str | Path, opts: Vali
             # the converted checkpoint contradicts itself (e.g. a fused slot dropped but still in
             # config.json): that is what validate exists to find, so it is a failed check (exit 1)
             dev = pick_device(opts.device)
-            report = Report(str(o.root), str(c.root), str(dev), resolve_backend(opts.backend, dev))
+            report = Report(
+                str(o.root), str(c.root), str(dev), resolve_backend(opts.backend, dev, model_dims(orig.info))
+            )
             report.checks.append(
                 Check(
                     "structure",
