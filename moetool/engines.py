@@ -80,3 +80,27 @@ def declares_fp8(config: Mapping[str, Any]) -> bool:
     ``weight_block_size``), as opposed to carrying no quantization or only a refusal marker."""
     qc = config.get("quantization_config")
     return isinstance(qc, Mapping) and qc.get("weight_block_size") is not None
+
+
+def transformers_cpu_reading(shape: tuple[int, ...] | list[int]) -> str:
+    """How transformers 5.24 dequantizes a block-FP8 weight ``[..., N, K]`` stored with its 128x128 ceil
+    scale grid ``[ceil(N/128), ceil(K/128)]`` when it loads on CPU (``Fp8Dequantize._dequantize_one``):
+    it derives the block from the grid, ``N // ceil(N/128)`` rows by ``K // ceil(K/128)`` columns.
+
+    - ``"right"``: both dimensions are multiples of 128, or one block covers the whole dimension;
+    - ``"raises"``: a dimension is not a multiple of its grid (DeepSeek's 576-row ``kv_a_proj_with_mqa``:
+      5 row blocks) — transformers refuses the checkpoint ("not divisible by scale grid");
+    - ``"misreads"``: the grid divides a dimension into blocks of other than 128 (192 rows: 2 blocks of
+      96) — transformers loads it and applies scales to the wrong rows, silently.
+
+    SGLang, vLLM and transformers on GPU take the block size from ``weight_block_size`` and read all three
+    right.
+    """
+    result = "right"
+    for d in tuple(shape)[-2:]:
+        grid = -(-d // 128)
+        if d % grid:
+            return "raises"
+        if grid > 1 and d // grid != 128:
+            result = "misreads"
+    return result

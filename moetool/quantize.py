@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from moetool import __version__
-from moetool.engines import marked, refusal
+from moetool.engines import marked, refusal, transformers_cpu_reading
 from moetool.errors import PlanError, UsageError
 from moetool.model import (
     E8M0_DTYPE,
@@ -205,6 +205,22 @@ def plan_quantize(
             file=str(ckpt.root / "config.json"),
             fix="use --layout hf",
         )
+    float_experts = [s for s in view.stores.values() if not (s.fp8 or s.fp4 or s.int4_group)]
+    if (
+        opts.layout == "hf"
+        and view.fused is None
+        and float_experts
+        and "misreads"
+        in {transformers_cpu_reading((inter, hidden)), transformers_cpu_reading((hidden, inter))}
+    ):
+        s0 = float_experts[0]
+        raise PlanError(
+            f"experts of [{inter}, {hidden}] and [{hidden}, {inter}] make scale grids that transformers reads "
+            "with blocks of other than 128 (it would load this output wrong)",
+            file=str(ckpt.root),
+            tensor=s0.gate_up(0, inter)[0].name,
+            fix="use --layout deepgemm (for moetool.layout and DeepGEMM runtimes)",
+        )
     if view.arch.fp4_spec and opts.targets == "linear":
         raise PlanError(
             f"--targets linear does not apply to {view.arch.family}: it ships its Linears in FP8 already, "
@@ -292,6 +308,26 @@ def plan_quantize(
         targets |= {n for n in ckpt.tensors if view.is_linear_target(n)}
     targets |= {n for n, t in ckpt.tensors.items() if t.dtype in FP8_DTYPES}
     targets -= consumed
+    engine_checkpoint = opts.layout == "hf" and view.fused is None
+    misread = sorted(
+        n
+        for n in targets
+        if engine_checkpoint
+        and ckpt.tensors[n].dtype not in FP8_DTYPES
+        and transformers_cpu_reading(ckpt.tensors[n].shape) == "misreads"
+    )
+    shared_names = {n for sh in view.shared.values() for n in (sh.gate, sh.up, sh.down)}
+    if misread and misread[0] in shared_names:
+        raise PlanError(
+            f"shape {list(ckpt.tensors[misread[0]].shape)} makes a scale grid that transformers reads "
+            "with blocks of other than 128 (it would load this output wrong)",
+            file=str(ckpt.root),
+            tensor=misread[0],
+            fix="use --layout deepgemm (for moetool.layout and DeepGEMM runtimes)",
+        )
+    # a Linear whose 128x128 ceil grid transformers' CPU loader would apply to the wrong rows stays in
+    # its own precision (named in modules_to_not_convert); SGLang and vLLM read it either way
+    targets -= set(misread)
     # FP8 with E8M0 scales (DeepSeek-V4's Linears): powers of two satisfy a float and a UE8M0 request
     # alike, so weight and .scale stay as they are, under their names
     targets -= {
@@ -317,6 +353,12 @@ def plan_quantize(
     else:
         cfg = quant_config(view, consumed, ue8m0, opts.layout, opts.scale_layout)
     notes = []
+    if misread:
+        notes.append(
+            f"{len(misread)} Linear weights left in {ckpt.tensors[misread[0]].dtype} (e.g. {misread[0]} "
+            f"{list(ckpt.tensors[misread[0]].shape)}): transformers' CPU loader would read their 128x128 "
+            "ceil scale grids with other blocks"
+        )
     fp4_names = {n for s in view.stores.values() if s.fp4 for n in s.names}
     odd = sorted(
         n
@@ -327,9 +369,15 @@ def plan_quantize(
         and any(d % BLOCK for d in ckpt.tensors[n].shape[-2:])
     )
     if odd:
+        refused = [n for n in odd if transformers_cpu_reading(ckpt.tensors[n].shape) == "raises"]
         notes.append(
             f"{len(odd)} quantized weights have a dimension not divisible by 128 (e.g. {odd[0]}): their "
-            "scale grids are ceil grids, which some loaders (transformers' CPU dequantizer) mis-read"
+            "scale grids are ceil grids, which SGLang, vLLM and transformers on GPU read"
+            + (
+                f"; transformers on CPU refuses {len(refused)} of them (e.g. {refused[0]}) when it loads"
+                if refused and opts.layout == "hf"
+                else ""
+            )
         )
     return Plan(
         command="quantize",

@@ -92,10 +92,12 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 # -- 8. dimensions that are not multiples of 128 ---------------------------------------------------------
+# (hf: dimensions whose ceil grids transformers refuses on CPU rather than misreads, which moetool refuses
+# to write in the hf layout; see moetool.engines.transformers_cpu_reading)
 ODD = {
-    "I200_H200": (200, 200, "hf"),
-    "H192_I320": (192, 320, "hf"),
+    "I320_H320": (320, 320, "hf"),
     "H200_I256_deepgemm": (200, 256, "deepgemm"),
+    "H192_I384_deepgemm": (192, 384, "deepgemm"),
 }
 
 
