@@ -7,14 +7,19 @@ A state file is safetensors holding, per linear-attention layer ``L``:
   hold ``[P+1, HV, V, K]`` (always k-last) with row 0 all zeros, the null slot;
 - ``model.layers.{L}.linear_attn.slot_ids``: int32 ``[N]``, pooled files only: sequence ``n`` lives in
   pool row ``slot_ids[n]`` (``1..P``; ``-1`` would mean "no state");
-- optionally ``model.layers.{L}.linear_attn.conv_state``: ``[N, conv_dim, W]`` (pooled: ``[P+1, conv_dim,
-  W]``, same slots) with ``conv_dim = 2·H·K + HV·V`` (the q, k, v channels of the short convolution, in
-  that order) and ``W`` the kept input columns, oldest first (see ``trim_conv_state``).
+- optionally ``model.layers.{L}.linear_attn.conv_state``: ``[N, conv_dim, W]`` (``dim-first``:
+  transformers, SGLang, vLLM with ``VLLM_SSM_CONV_STATE_LAYOUT=DS``) or ``[N, W, conv_dim]``
+  (``dim-last``: vLLM's default ``SD`` layout, ``(state_len, dim)`` per sequence); pooled: ``[P+1, ...]``,
+  same slots; ``conv_dim = 2·H·K + HV·V`` (the q, k, v channels of the short convolution, in that order)
+  and ``W`` the kept input columns, oldest first (see ``trim_conv_state``).
 
 Header metadata (all strings): ``format=moetool-ssm-state``, ``version``, ``state_layout``
-(``k-first``|``k-last``), ``pooled`` (``true``|``false``), ``num_key_heads``, ``num_value_heads``,
-``head_k_dim``, ``head_v_dim``, ``model_type``. The layout must always be recorded: for Qwen3-Next
-K = V = 128, so a k-first state read as k-last has the right shape and decodes silently wrong.
+(``k-first``|``k-last``), ``conv_layout`` (``dim-first``|``dim-last``; a file without it is
+``dim-first``, the only conv layout moetool wrote before), ``pooled`` (``true``|``false``),
+``num_key_heads``, ``num_value_heads``, ``head_k_dim``, ``head_v_dim``, ``model_type``. The layout must
+always be recorded: for Qwen3-Next K = V = 128, so a k-first state read as k-last has the right shape and
+decodes silently wrong. A conv_state's two orientations always differ in shape (``conv_dim`` is never
+``W``), so a mislabelled conv layout is refused by the shape check, naming the label as the cause.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -39,12 +45,16 @@ from moetool.io.safetensors_format import MAX_HEADER_BYTES
 FORMAT = "moetool-ssm-state"
 FORMAT_VERSION = 1
 CONV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: conv_state orientation: ``dim-first`` ``[N, conv_dim, W]``, ``dim-last`` ``[N, W, conv_dim]``
+ConvLayout = Literal["dim-first", "dim-last"]
+CONV_LAYOUTS: tuple[ConvLayout, ...] = ("dim-first", "dim-last")
 
 _NAME = re.compile(r"^model\.layers\.(\d+)\.linear_attn\.(recurrent_state|conv_state|slot_ids)$")
 _METADATA_KEYS = (
     "format",
     "version",
     "state_layout",
+    "conv_layout",
     "pooled",
     "num_key_heads",
     "num_value_heads",
@@ -77,8 +87,9 @@ def parse_state_name(name: str) -> tuple[int, str] | None:
 class StateMeta:
     """What a state file's header says about its tensors.
 
-    layout: ``k-first`` (``[N, HV, K, V]``) or ``k-last`` (``[N, HV, V, K]``); pooled: recurrent states
-    are ``[P+1, HV, V, K]`` pools with ``slot_ids`` (k-last only). num_key_heads is None when unknown (a
+    layout: ``k-first`` (``[N, HV, K, V]``) or ``k-last`` (``[N, HV, V, K]``); conv_layout: ``dim-first``
+    (``[N, conv_dim, W]``) or ``dim-last`` (``[N, W, conv_dim]``); pooled: recurrent states are
+    ``[P+1, HV, V, K]`` pools with ``slot_ids`` (k-last only). num_key_heads is None when unknown (a
     file without metadata read with ``assume_layout``); it is then not checked against conv_state.
     """
 
@@ -90,10 +101,15 @@ class StateMeta:
     pooled: bool = False
     model_type: str = "unknown"
     version: int = FORMAT_VERSION
+    conv_layout: ConvLayout = "dim-first"
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
             raise InputError(f"unknown state layout {self.layout!r}", fix=f"use one of {', '.join(LAYOUTS)}")
+        if self.conv_layout not in CONV_LAYOUTS:
+            raise InputError(
+                f"unknown conv layout {self.conv_layout!r}", fix=f"use one of {', '.join(CONV_LAYOUTS)}"
+            )
         if self.pooled and self.layout != "k-last":
             raise InputError("a pooled state is k-last by definition", fix="convert to k-last before pooling")
         for name in ("num_value_heads", "head_k_dim", "head_v_dim"):
@@ -127,6 +143,7 @@ class StateMeta:
             "format": FORMAT,
             "version": str(self.version),
             "state_layout": self.layout,
+            "conv_layout": self.conv_layout,
             "pooled": "true" if self.pooled else "false",
             "num_value_heads": str(self.num_value_heads),
             "head_k_dim": str(self.head_k_dim),
@@ -275,13 +292,23 @@ def check_state_tensors(tensors: Mapping[str, torch.Tensor], meta: StateMeta, *,
         if conv_name in tensors:
             conv = tensors[conv_name]
             conv_dim = meta.conv_dim()
+            dim_axis = 1 if meta.conv_layout == "dim-first" else 2
             if (
                 conv.dim() != 3
                 or conv.shape[0] != rows
-                or (conv_dim is not None and conv.shape[1] != conv_dim)
+                or (conv_dim is not None and conv.shape[dim_axis] != conv_dim)
             ):
-                want = f"[{rows}, {conv_dim if conv_dim is not None else 'conv_dim'}, W]"
-                raise InputError(f"expected {want}, got {list(conv.shape)}", file=file, tensor=conv_name)
+                d = conv_dim if conv_dim is not None else "conv_dim"
+                want = f"[{rows}, {d}, W]" if meta.conv_layout == "dim-first" else f"[{rows}, W, {d}]"
+                hint = ""
+                if conv.dim() == 3 and conv.shape[0] == rows and conv.shape[3 - dim_axis] == conv_dim:
+                    other = "dim-last" if meta.conv_layout == "dim-first" else "dim-first"
+                    hint = f": the shape is that of a {other} conv_state, the conv_layout label is wrong"
+                raise InputError(
+                    f"expected {want} ({meta.conv_layout}), got {list(conv.shape)}{hint}",
+                    file=file,
+                    tensor=conv_name,
+                )
             if conv.dtype not in CONV_DTYPES:
                 raise InputError(f"dtype {conv.dtype} is not a float type", file=file, tensor=conv_name)
             if meta.pooled and bool(conv[0].any()):
@@ -333,6 +360,11 @@ def _meta_from_header(
         )
     hv, d2, d3 = (int(x) for x in first.shape[1:])
     k_dim, v_dim = (d2, d3) if layout == "k-first" else (d3, d2)
+    conv_layout = md.get("conv_layout", "dim-first") if has_meta else "dim-first"
+    if conv_layout not in CONV_LAYOUTS:
+        raise InputError(
+            f"header metadata conv_layout={conv_layout[:40]!r} is not dim-first or dim-last", file=file
+        )
     pooled_md = md.get("pooled") if has_meta else None
     if pooled_md is None:
         pooled = slot_ids_name(layers[0]) in tensors
@@ -350,6 +382,7 @@ def _meta_from_header(
             head_v_dim=(_int_field(md, "head_v_dim", file) if has_meta else None) or v_dim,
             model_type=md.get("model_type", "unknown") if has_meta else "unknown",
             version=version,
+            conv_layout=conv_layout,  # type: ignore[arg-type]
         )
     except InputError as err:
         if err.file:

@@ -354,6 +354,7 @@ metadata_values = st.one_of(
                 "format",
                 "version",
                 "state_layout",
+                "conv_layout",
                 "pooled",
                 "num_key_heads",
                 "num_value_heads",

@@ -84,6 +84,7 @@ def test_header_metadata_golden(tmp_path):
         "format": "moetool-ssm-state",
         "version": "1",
         "state_layout": "k-first",
+        "conv_layout": "dim-first",
         "pooled": "false",
         "num_key_heads": str(H),
         "num_value_heads": str(HV),

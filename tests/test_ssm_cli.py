@@ -251,6 +251,59 @@ def test_trim_conv_refuses_too_few_columns(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.parametrize("via", ["dense", "pool"])
+def test_conv_layout_dim_last_is_an_exact_transpose_and_round_trips(tmp_path: Path, via: str) -> None:
+    """vLLM 0.33 keeps conv state ``(state_len, dim)`` per sequence by default: ``--conv-layout dim-last``
+    writes ``[N, W, conv_dim]`` (after --trim-conv: ``W = kernel - 1``), records it, and converts back
+    byte for byte."""
+    src, last, back = (tmp_path / f"{n}.safetensors" for n in ("s", "last", "back"))
+    tensors = k_first(torch.float32, seed=11, conv_dtype=torch.bfloat16)
+    write_state_file(src, tensors, meta("k-first"))
+    pool = ["--pool"] if via == "pool" else []
+    ok("convert-ssm", src, last, "--trim-conv", "--conv-layout", "dim-last", *pool)
+    got, md = read(last)
+    assert md["conv_layout"] == "dim-last"
+    for layer in LAYERS:
+        name = conv_state_name(layer)
+        want = tensors[name][..., 1:].transpose(-1, -2).contiguous()  # the newest W - 1 columns
+        assert want.shape == (N, W - 1, CONV_DIM)
+        assert_bytes(got[name][1:] if pool else got[name], want, name)
+    ok("convert-ssm", last, back, "--to", "k-first", "--conv-layout", "dim-first")
+    got, md = read(back)
+    assert md["conv_layout"] == "dim-first"
+    for layer in LAYERS:
+        name = conv_state_name(layer)
+        assert_bytes(got[name], tensors[name][..., 1:].contiguous(), name)
+        assert_bytes(got[recurrent_state_name(layer)], tensors[recurrent_state_name(layer)], name)
+
+
+@pytest.mark.parametrize("label", ["dim-first", "dim-last"])
+def test_a_mislabelled_conv_layout_is_refused(tmp_path: Path, label: str) -> None:
+    """conv_dim is never W, so a conv_state stored in the other orientation than its label contradicts the
+    metadata's conv_dim: refused with one line naming the tensor and the label."""
+    src, out = tmp_path / "s.safetensors", tmp_path / "o.safetensors"
+    tensors = k_first(torch.float32, seed=12)
+    if label == "dim-first":  # the tensors are dim-last, the label says dim-first
+        tensors = {n: t.transpose(-1, -2).contiguous() if "conv" in n else t for n, t in tensors.items()}
+    save_file(tensors, src, metadata=meta("k-first", conv_layout=label).to_metadata())
+    before = folder_state(tmp_path)
+    line = fails("convert-ssm", src, out)
+    assert conv_state_name(LAYERS[0]) in line and "conv_layout label is wrong" in line, line
+    assert folder_state(tmp_path) == before
+
+
+def test_a_file_of_earlier_versions_without_conv_layout_is_dim_first(tmp_path: Path) -> None:
+    src, out = tmp_path / "s.safetensors", tmp_path / "o.safetensors"
+    tensors = k_first(torch.float32, seed=13)
+    md = meta("k-first").to_metadata()
+    del md["conv_layout"]
+    save_file(tensors, src, metadata=md)
+    ok("convert-ssm", src, out, "--conv-layout", "dim-last")
+    got, _ = read(out)
+    name = conv_state_name(LAYERS[0])
+    assert_bytes(got[name], tensors[name].transpose(-1, -2).contiguous(), name)
+
+
 @pytest.mark.parametrize("assume", ["k-first", "k-last"])
 def test_file_without_metadata_needs_assume_layout(tmp_path: Path, assume: str) -> None:
     src, out = tmp_path / "raw.safetensors", tmp_path / "o.safetensors"
@@ -366,12 +419,32 @@ def test_capture_metadata_carries_the_config(qwen3_next: Path, captured: Path) -
     cfg = json.loads((qwen3_next / "config.json").read_text())
     _, md = read(captured)
     assert md["format"] == "moetool-ssm-state"
-    assert md["state_layout"] == "k-first" and md["pooled"] == "false"
+    assert md["state_layout"] == "k-first" and md["pooled"] == "false" and md["conv_layout"] == "dim-first"
     assert md["model_type"] == cfg["model_type"] == "qwen3_next"
     assert md["num_key_heads"] == str(cfg["linear_num_key_heads"])
     assert md["num_value_heads"] == str(cfg["linear_num_value_heads"])
     assert md["head_k_dim"] == str(cfg["linear_key_head_dim"]) == str(QN_K)
     assert md["head_v_dim"] == str(cfg["linear_value_head_dim"]) == str(QN_V)
+
+
+def test_capture_conv_layout_dim_last(qwen3_next: Path, captured: Path, tmp_path: Path) -> None:
+    out = tmp_path / "state.safetensors"
+    ok(
+        "capture-ssm",
+        qwen3_next,
+        out,
+        "--token-ids",
+        ",".join(map(str, TOKEN_IDS)),
+        "--conv-layout",
+        "dim-last",
+    )
+    got, md = read(out)
+    want, _ = read(captured)
+    assert md["conv_layout"] == "dim-last"
+    for layer in linear_layers(qwen3_next):
+        name = conv_state_name(layer)
+        assert_bytes(got[name], want[name].transpose(-1, -2).contiguous(), name)
+        assert_bytes(got[recurrent_state_name(layer)], want[recurrent_state_name(layer)], name)
 
 
 def test_captured_state_decodes_alike_in_both_layouts(

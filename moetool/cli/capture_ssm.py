@@ -13,10 +13,24 @@ from moetool.cli.common import Output, common_options
 @click.option("--prompt", default=None, help="Text to run through the model (uses its tokenizer).")
 @click.option("--token-ids", default=None, help="Comma-separated token ids, for models without a tokenizer.")
 @click.option("--device", default="cpu", show_default=True, help="Where transformers runs the model.")
+@click.option(
+    "--conv-layout",
+    type=click.Choice(["dim-first", "dim-last"]),
+    default="dim-first",
+    show_default=True,
+    help="conv_state as [N, conv_dim, W] (transformers, SGLang) or [N, W, conv_dim] (vLLM's default).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @common_options
 def capture_ssm(
-    model: str, dst: str, prompt: str | None, token_ids: str | None, device: str, overwrite: bool, out: Output
+    model: str,
+    dst: str,
+    prompt: str | None,
+    token_ids: str | None,
+    device: str,
+    conv_layout: str,
+    overwrite: bool,
+    out: Output,
 ) -> None:
     """Run a Gated DeltaNet model (Qwen3-Next) on a prompt and save its linear-attention state (k-first).
 
@@ -34,6 +48,7 @@ def capture_ssm(
     from moetool.hub import resolve
     from moetool.io.fs import input_roots, refuse_into_input
     from moetool.ssm import write_state_file
+    from moetool.transforms.ssm_layout import convert_conv_layout
 
     if Path(dst).exists() and not overwrite:  # before loading a model that may take minutes
         raise UsageError("exists already", file=dst, fix="pass --overwrite or choose another OUT")
@@ -47,8 +62,9 @@ def capture_ssm(
     source = resolve(model).path
     refuse_into_input(dst, input_roots(source), what="OUT")  # never write into the model's folder
     tensors, meta = capture_state(source, prompt=prompt, token_ids=ids, device=device)
+    tensors, meta = convert_conv_layout(tensors, meta, conv_layout)  # type: ignore[arg-type]
     write_state_file(dst, tensors, meta, overwrite=overwrite)
     out.result(
-        {"out": dst, "layers": len(tensors), "layout": meta.layout},
-        f"wrote {dst}: {len(tensors)} tensors ({meta.layout})",
+        {"out": dst, "layers": len(tensors), "layout": meta.layout, "conv_layout": meta.conv_layout},
+        f"wrote {dst}: {len(tensors)} tensors ({meta.layout}, conv {meta.conv_layout})",
     )

@@ -39,6 +39,13 @@ from moetool.cli.common import Output, common_options
     help="Short-convolution width for --trim-conv (linear_conv_kernel_dim).",
 )
 @click.option(
+    "--conv-layout",
+    type=click.Choice(["dim-first", "dim-last"]),
+    default=None,
+    help="conv_state as [N, conv_dim, W] (dim-first: transformers, SGLang) or [N, W, conv_dim] (dim-last: "
+    "vLLM's default); default: keep.",
+)
+@click.option(
     "--assume-layout",
     type=click.Choice(["k-first", "k-last"]),
     default=None,
@@ -54,6 +61,7 @@ def convert_ssm(
     pool: bool,
     trim_conv: bool,
     conv_kernel: int,
+    conv_layout: str | None,
     assume_layout: str | None,
     overwrite: bool,
     out: Output,
@@ -64,6 +72,7 @@ def convert_ssm(
     Examples:
       moetool convert-ssm state.safetensors state-klast.safetensors
       moetool convert-ssm state.safetensors pool.safetensors --pool --dtype bfloat16 --trim-conv
+      moetool convert-ssm state.safetensors vllm.safetensors --trim-conv --conv-layout dim-last
       moetool convert-ssm raw.safetensors state.safetensors --assume-layout k-first
     """
     from moetool.errors import UsageError
@@ -79,10 +88,23 @@ def convert_ssm(
         raise UsageError("--pool needs --to k-last", fix="a pool is k-last by definition")
     tensors, meta = read_state_file(src, assume_layout=assume_layout)
     tensors, meta = convert_state(
-        tensors, meta, layout=to, dtype=dtype, pool=pool, conv_kernel_size=conv_kernel if trim_conv else None
+        tensors,
+        meta,
+        layout=to,
+        dtype=dtype,
+        pool=pool,
+        conv_kernel_size=conv_kernel if trim_conv else None,
+        conv_layout=conv_layout,
     )
     write_state_file(dst, tensors, meta, overwrite=overwrite)
     out.result(
-        {"out": dst, "layout": meta.layout, "pooled": meta.pooled, "tensors": len(tensors)},
-        f"wrote {dst}: {len(tensors)} tensors, {meta.layout}{' pooled' if meta.pooled else ''}",
+        {
+            "out": dst,
+            "layout": meta.layout,
+            "conv_layout": meta.conv_layout,
+            "pooled": meta.pooled,
+            "tensors": len(tensors),
+        },
+        f"wrote {dst}: {len(tensors)} tensors, {meta.layout}, conv {meta.conv_layout}"
+        f"{' pooled' if meta.pooled else ''}",
     )

@@ -2,7 +2,7 @@
 
 Each function takes ``(tensors, meta)`` and returns a new ``(tensors, meta)``; inputs are never modified
 and untouched tensors are passed through as they are. ``convert_state`` chains them in the order
-``moetool convert-ssm`` applies: unpool → layout → dtype → conv trim → pool.
+``moetool convert-ssm`` applies: unpool → layout → dtype → conv trim → conv layout → pool.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import torch
 from moetool.errors import InputError, UsageError
 from moetool.gdn import LAYOUTS, Layout
 from moetool.ssm import (
+    CONV_LAYOUTS,
+    ConvLayout,
     StateMeta,
     check_state_tensors,
     conv_state_name,
@@ -52,6 +54,25 @@ def convert_layout(
         for name, t in tensors.items()
     }
     return out, meta.replace(layout=to)
+
+
+def convert_conv_layout(
+    tensors: Mapping[str, torch.Tensor], meta: StateMeta, to: ConvLayout
+) -> tuple[Tensors, StateMeta]:
+    """conv_states to orientation ``to``: an exact transpose of the last two dims, made contiguous
+    (``[N, conv_dim, W]`` dim-first ↔ ``[N, W, conv_dim]`` dim-last, pools alike). vLLM 0.33 keeps its
+    conv state ``(state_len, dim)`` per sequence unless ``VLLM_SSM_CONV_STATE_LAYOUT=DS``: dim-last.
+    Same orientation: returned unchanged. The label changes with the tensors, also for a file without
+    conv_state (it says how one would be stored)."""
+    if to not in CONV_LAYOUTS:
+        raise UsageError(f"unknown conv layout {to!r}", fix=f"use one of {', '.join(CONV_LAYOUTS)}")
+    if to == meta.conv_layout:
+        return dict(tensors), meta
+    out = {
+        name: t.transpose(-1, -2).contiguous() if _kind(name) == "conv_state" else t
+        for name, t in tensors.items()
+    }
+    return out, meta.replace(conv_layout=to)
 
 
 def convert_dtype(
@@ -132,8 +153,8 @@ def trim_conv_state(
 ) -> tuple[Tensors, StateMeta]:
     """Keep the last ``kernel_size − 1`` columns of every conv_state, as the engines store it.
 
-    conv_state is ``[N, conv_dim, W]``: channels (q, k, v of the short causal convolution) by the last
-    ``W`` inputs, oldest first. transformers' Qwen3-Next cache keeps ``W = kernel_size`` columns (its
+    conv_state is ``[N, conv_dim, W]`` (dim-first; dim-last ``[N, W, conv_dim]``): channels (q, k, v of
+    the short causal convolution) by the last ``W`` inputs, oldest first. transformers' Qwen3-Next cache keeps ``W = kernel_size`` columns (its
     ``causal_conv1d_update`` concatenates the new token and keeps the last ``state_len`` columns);
     vLLM/SGLang and the causal-conv1d kernels keep ``W = kernel_size − 1``, since the oldest of
     ``kernel_size`` columns never enters the next output. A conv_state with fewer columns is refused.
@@ -141,16 +162,17 @@ def trim_conv_state(
     if kernel_size < 2:
         raise UsageError(f"conv kernel size {kernel_size} must be at least 2")
     keep = kernel_size - 1
+    axis = -1 if meta.conv_layout == "dim-first" else -2  # the W axis
     out: Tensors = {}
     for name, t in tensors.items():
         if _kind(name) == "conv_state":
-            if t.shape[-1] < keep:
+            if t.shape[axis] < keep:
                 raise InputError(
-                    f"has {t.shape[-1]} columns, fewer than kernel_size − 1 = {keep}",
+                    f"has {t.shape[axis]} columns, fewer than kernel_size − 1 = {keep}",
                     tensor=name,
                     fix="check linear_conv_kernel_dim",
                 )
-            out[name] = t[..., t.shape[-1] - keep :].contiguous()
+            out[name] = t.narrow(axis, t.shape[axis] - keep, keep).contiguous()
         else:
             out[name] = t
     return out, meta
@@ -164,10 +186,12 @@ def convert_state(
     dtype: StateDtype = "keep",
     pool: bool = False,
     conv_kernel_size: int | None = None,
+    conv_layout: ConvLayout | None = None,
 ) -> tuple[Tensors, StateMeta]:
     """Everything ``moetool convert-ssm`` does between reading and writing, in order.
 
-    layout None keeps the current one (k-last when ``pool``); a pooled input is unpooled first unless
+    layout None keeps the current one (k-last when ``pool``), conv_layout None the current conv_state
+    orientation; a pooled input is unpooled first unless
     the result is pooled k-last again. ``pool`` with ``layout='k-first'`` is refused. The result is
     checked (``check_state_tensors``) before it is returned.
     """
@@ -181,6 +205,8 @@ def convert_state(
     out, meta = convert_dtype(out, meta, dtype)
     if conv_kernel_size is not None:
         out, meta = trim_conv_state(out, meta, conv_kernel_size)
+    if conv_layout is not None:
+        out, meta = convert_conv_layout(out, meta, conv_layout)
     if pool:
         out, meta = to_pool(out, meta)
     result = dict(out)
