@@ -217,3 +217,31 @@ def test_experts_transformers_would_misread_are_refused_in_the_hf_layout(tmp_pat
     assert not (tmp_path / "hf").exists()
     code, err = run_moetool("quantize", str(src), str(tmp_path / "dg"), "--layout", "deepgemm")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_transformers_on_cpu_misreads_the_stacked_layout_without_its_marker(
+    cells: Cells, reference: dict[str, torch.Tensor], tmp_path: Path, family: str
+) -> None:
+    """Why the deepgemm layout keeps its refusal marker in transformers although its names are those of
+    transformers' FP8Experts (read right on CUDA, tests/test_engine_gpu.py): on CPU transformers
+    dequantizes at load, pairs only ``weight`` with ``weight_scale_inv``, casts the stacked FP8 experts
+    unscaled and only warns about the unexpected scales. A config cannot tell where it will be loaded."""
+    import json
+    import shutil
+
+    cell = cells.output(family, "deepgemm", "float")
+    assert cell.path is not None, cell.refusal
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(cell.path, unmarked)
+    cfg = json.loads((unmarked / "config.json").read_text())
+    assert REFUSED in cfg["quantization_config"]["activation_scheme"]
+    cfg["quantization_config"]["activation_scheme"] = "dynamic"
+    (unmarked / "config.json").write_text(json.dumps(cfg))
+    model, info = TABLE[family].load(unmarked, output_loading_info=True)
+    assert any(k.endswith("experts.gate_up_proj_scale_inv") for k in info["unexpected_keys"]), info
+    got = logits(model, token_ids(TABLE[family].vocab))
+    gap = 1 - float(torch.nn.functional.cosine_similarity(got.flatten(), reference[family].flatten(), dim=0))
+    assert gap > 0.3, (
+        f"transformers now reads the stacked layout on CPU (1 - cos {gap:.3g}): revisit the marker"
+    )

@@ -44,7 +44,7 @@ class Source:
 
     family: str
     build: Callable[[Path], Path]
-    load: Callable[[Path], Any]  # from_pretrained; raises where transformers refuses
+    load: Callable[..., Any]  # (path, **from_pretrained kwargs); raises where transformers refuses
     vocab: int
     shared: bool  # the original has shared experts (fuse-shared applies)
     # the hf output holds exactly the original's values (DeepSeek-V4's FP4 -> FP8 cast), so its logits
@@ -93,10 +93,10 @@ def _deepseek_v4() -> dict[str, Source]:
         flt = make_deepseek_v4_checkpoint(out.parent / f"{out.name}-float", seed=31)
         return write_deepseek_v4_release(flt, out)
 
-    def load(path: Path) -> Any:
+    def load(path: Path, **kwargs: Any) -> Any:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(path))
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
     return {"deepseek_v4": Source("deepseek_v4", build, load, 64, True, exact=True, fp8_linears=True)}
 

@@ -1,0 +1,146 @@
+"""transformers on CUDA: the outputs engines load (``--layout hf``, with and without ``--targets linear``)
+load with transformers' FP8 kernels and compute what their FP8 weights say, for every family of the
+engine matrix; the stacked layout is refused there too.
+
+On a GPU of compute capability >= 8.9 transformers 5.24 keeps block-FP8 weights as FP8 and runs its own
+kernels (it dequantizes only on CPU, on older GPUs or when asked to). Its ``FP8Experts`` hold stacked
+experts as ``gate_up_proj [E, 2I, H]`` with ``gate_up_proj_scale_inv`` — the deepgemm layout's names —
+so :func:`test_the_stacked_layout_is_native_on_cuda_but_not_on_cpu` records what transformers makes of a
+deepgemm output with moetool's refusal marker taken away: right on CUDA, wrong on CPU. A config cannot
+tell the two apart when it is loaded, which is why the deepgemm layout keeps the marker (docs/compat.md).
+
+Needs a CUDA GPU of compute capability >= 8.9, transformers >= 5.24, accelerate, and transformers' FP8
+kernels (the ``kernels`` package with ``kernels-community/finegrained-fp8`` in the Hugging Face cache):
+``pytest -m gpu tests/test_engine_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moetool.engines import REFUSED
+from moetool.testing.engine_matrix import Cells, dequantized_copy, logits, sources, token_ids
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("transformers", minversion="5.24")
+pytest.importorskip("accelerate")
+
+TABLE = sources()
+#: 1 - cosine of CUDA logits (FP8 weights, FP8 activations per 128-column group) to the CPU logits of
+#: the same weights dequantized: activation rounding and a few routing flips of the tiny models; a
+#: weight or scale grid read wrongly gives 0.3 and more
+GAP = 5e-2
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory: pytest.TempPathFactory) -> Cells:
+    assert torch.cuda.is_available(), "these tests need a CUDA GPU (run them on the GPU machine)"
+    major, minor = torch.cuda.get_device_capability()
+    assert (major, minor) >= (8, 9), "transformers runs block FP8 from compute capability 8.9 on"
+    from transformers.integrations.finegrained_fp8 import load_finegrained_fp8_kernel
+
+    try:  # transformers' FP8 matmuls come from the `kernels` package and the Hugging Face Hub
+        load_finegrained_fp8_kernel()
+    except ImportError as exc:
+        pytest.fail(
+            f"transformers' FP8 kernels are unavailable ({exc}): install `kernels` and have "
+            "kernels-community/finegrained-fp8 in the Hugging Face cache (HF_HUB_OFFLINE=1 on the GPU machine)"
+        )
+    return Cells(tmp_path_factory.mktemp("engine_gpu"), TABLE)
+
+
+def _fp8(path: Path) -> bool:
+    cfg = json.loads((path / "config.json").read_text())
+    qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config") or {}
+    return qc.get("quant_method") == "fp8"
+
+
+def load_cuda(family: str, path: Path) -> Any:
+    """``from_pretrained`` onto the GPU with FP8 kept as FP8 (transformers' own kernels)."""
+    kwargs: dict[str, Any] = {"device_map": "cuda"}
+    if _fp8(path):
+        from transformers import FineGrainedFP8Config
+
+        # only the loading attribute ``dequantize`` is taken from here; the rest is the checkpoint's
+        kwargs["quantization_config"] = FineGrainedFP8Config(dequantize=False)
+    return TABLE[family].load(path, **kwargs)
+
+
+def cuda_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    assert any(p.dtype == torch.float8_e4m3fn for p in model.parameters()), "FP8 weights were dequantized"
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    return logits(model, ids.cuda()).cpu()
+
+
+def gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 1 - float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def weights_logits(cells: Cells, family: str, out: Path, tmp: Path, ids: torch.Tensor) -> torch.Tensor:
+    """CPU logits of the weights ``out`` stores: the original's (exact casts) or its dequantized copy."""
+    src = TABLE[family]
+    if src.exact:
+        return logits(src.load(cells.original(family)), ids)
+    copy = tmp / "dequantized"
+    shutil.rmtree(copy, ignore_errors=True)
+    assert dequantized_copy(cells.original(family), out, copy) > 0
+    return logits(src.load(copy), ids)
+
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+@pytest.mark.parametrize("variant", ["hf", "linear"])
+@pytest.mark.parametrize("family", sorted(TABLE))
+def test_engine_layouts_load_right_on_cuda(
+    cells: Cells, tmp_path: Path, family: str, variant: str, scale_fmt: str
+) -> None:
+    cell = cells.output(family, variant, scale_fmt)
+    if cell.path is None:  # --targets linear on a release whose Linears are FP8 already
+        assert variant == "linear" and TABLE[family].fp8_linears, cell.refusal
+        return
+    ids = token_ids(TABLE[family].vocab)
+    got = cuda_logits(load_cuda(family, cell.path), ids)
+    want = weights_logits(cells, family, cell.path, tmp_path, ids)
+    assert gap(got, want) < GAP, f"{family} {variant} {scale_fmt}: 1 - cos {gap(got, want):.3g}"
+
+
+@pytest.mark.parametrize("variant", ["deepgemm", "sm100", "fused-hf", "fused-deepgemm"])
+def test_refused_layouts_are_refused_on_cuda(cells: Cells, variant: str) -> None:
+    family = "deepseek_v3"
+    cell = cells.output(family, variant, "ue8m0")
+    assert cell.path is not None, cell.refusal
+    with pytest.raises(Exception, match=REFUSED):
+        load_cuda(family, cell.path)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral", "qwen3_5_moe"])
+def test_the_stacked_layout_is_native_on_cuda_but_not_on_cpu(
+    cells: Cells, tmp_path: Path, family: str
+) -> None:
+    cell = cells.output(family, "deepgemm", "float")
+    assert cell.path is not None, cell.refusal
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(cell.path, unmarked)
+    cfg = json.loads((unmarked / "config.json").read_text())
+    for c in (cfg, cfg.get("text_config") or {}):
+        if "quantization_config" in c:
+            assert REFUSED in c["quantization_config"]["activation_scheme"]
+            c["quantization_config"]["activation_scheme"] = "dynamic"
+    (unmarked / "config.json").write_text(json.dumps(cfg))
+    ids = token_ids(TABLE[family].vocab)
+    want = weights_logits(cells, family, cell.path, tmp_path, ids)
+    on_cuda = cuda_logits(load_cuda(family, unmarked), ids)
+    assert gap(on_cuda, want) < GAP, f"{family}: 1 - cos {gap(on_cuda, want):.3g} on CUDA"
+    on_cpu = logits(TABLE[family].load(unmarked, quantization_config=_dequantize()), ids)
+    assert gap(on_cpu, want) > 0.2, "transformers now dequantizes stacked experts: revisit the marker"
+
+
+def _dequantize() -> Any:
+    from transformers import FineGrainedFP8Config
+
+    return FineGrainedFP8Config(dequantize=True)
