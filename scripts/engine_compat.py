@@ -1,0 +1,492 @@
+"""The engine-compatibility matrix: SGLang's and vLLM's own code run on every output moetool writes.
+
+    python scripts/engine_compat.py [--dir DIR] [--families a,b] [--detail]
+
+Installs the pinned engine wheels with ``--no-deps`` (and the few light packages their configuration and
+weight-loading modules import) into ``DIR`` (default ``/tmp/moetool-engines``), never into this
+environment, then runs a child Python with them on its path. For every family of the engine matrix
+(:mod:`moetool.testing.engine_matrix`: the tiny transformers-made originals) x variant x scale format
+it writes the output with moetool and asks each engine:
+
+- **config**: the engine's quantization registry resolves ``quant_method`` and its ``Fp8Config.from_config``
+  parses the output's ``quantization_config`` — the step that refuses moetool's refusal marker before
+  any weight is read;
+- **experts**: where the config is accepted, every expert tensor name of the output goes through the
+  engine's own expert-parameter mapping (``FusedMoE.make_expert_params_mapping`` in SGLang,
+  ``RoutedExperts.build_expert_params_mapping`` in vLLM) the way their ``load_weights`` loops use it
+  (first entry whose checkpoint name is a substring; the name rewritten to the parameter's), and must land
+  on the FP8 MoE parameter of its role (``w13_weight``/``w13_weight_scale_inv`` for gate and up with the
+  expert id and shard of its name, ``w2_*`` for down).
+
+This runs on CPU. It does not build an engine model or copy tensors into its parameters (their model
+constructors need the engines' distributed and device setup); the transformers column of docs/compat.md
+is established by loading and running (``tests/test_engine_matrix.py``).
+
+torchvision is the one module replaced by an empty stand-in: SGLang's multimodal config helpers import it
+at module load, and no torchvision wheel on PyPI matches a CPU torch of another release; nothing on the
+paths exercised here calls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ENGINES = ("sglang==0.5.23", "vllm==0.33.0")
+#: what the engines' config and loader modules import, pinned, installed without their dependencies
+LIGHT = [
+    "aiohappyeyeballs==2.7.1",
+    "aiohttp==3.14.5",
+    "aiosignal==1.4.0",
+    "apache-tvm-ffi==0.1.15.post2",
+    "attrs==26.1.0",
+    "cachetools==8.0.2",
+    "cbor2==6.3.0",
+    "certifi==2026.10.19.post1",
+    "cloudpickle==3.1.3",
+    "compressed-tensors",
+    "dill",
+    "einops==0.8.2",
+    "fastapi==0.165.0",
+    "frozenlist==1.8.0",
+    "gguf",
+    "ipython==9.18.1",
+    "llguidance==1.9.1",
+    "loguru",
+    "msgspec==0.23.0",
+    "multidict==7.2.1",
+    "openai==3.57.0",
+    "openai-harmony==0.0.8",
+    "opentelemetry-api==1.45.2",
+    "orjson==3.13.0",
+    "partial-json-parser==0.2.1.1.post7",
+    "pillow==13.0.0",
+    "prometheus-client==0.26.0",
+    "propcache==0.5.4",
+    "py-cpuinfo==9.0.0",
+    "pybase64==1.5.1",
+    "pyzmq==27.3.0",
+    "requests==2.34.2",
+    "sentencepiece",
+    "sniffio==1.3.1",
+    "starlette==1.10.0",
+    "traitlets==5.16.1",
+    "urllib3==2.8.0",
+    "uvloop==0.23.0",
+    "xgrammar==0.2.9",
+    "yarl==1.25.1",
+]
+STUBBED = ("torchvision",)
+
+
+def install(root: Path) -> list[Path]:
+    site, deps = root / "site", root / "deps"
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-compile",
+        "--disable-pip-version-check",
+    ]
+    for target, pkgs in ((site, ENGINES), (deps, LIGHT)):
+        if not (target / ".done").exists():
+            subprocess.run([*pip, "--target", str(target), *pkgs], check=True)
+            (target / ".done").write_text(" ".join(pkgs))
+    return [site, deps]
+
+
+# -- in the child ---------------------------------------------------------------------------------
+def _stub(names: tuple[str, ...]) -> None:
+    """An empty stand-in module for each of ``names`` (attribute access and calls give more stand-ins)."""
+    import importlib.abc
+    import importlib.machinery
+    import types
+
+    class Any_(type):
+        def __getattr__(cls, name: str) -> type:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Any_(name, (), {})
+
+        def __call__(cls, *a: object, **k: object) -> type:
+            return cls
+
+    class Module(types.ModuleType):
+        def __init__(self, name: str) -> None:
+            super().__init__(name)
+            self.__path__: list[str] = []
+
+        def __getattr__(self, name: str) -> type:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Any_(name, (), {})
+
+    class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path, target=None):
+            if fullname.split(".")[0] not in names:
+                return None
+            # only for the engines' own imports: transformers probes torchvision and must not find it
+            f = sys._getframe(1)
+            while f is not None and (
+                "importlib" in f.f_code.co_filename or f.f_code.co_filename.startswith("<")
+            ):
+                f = f.f_back
+            caller = f.f_code.co_filename if f is not None else ""
+            if "/sglang/" not in caller and "/vllm/" not in caller:
+                return None
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+        def create_module(self, spec):
+            return Module(spec.name)
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.append(Finder())
+
+
+def _qc(config: dict) -> dict | None:
+    return config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+
+
+def _expert_names(path: Path) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(n for n in json.loads(index.read_text())["weight_map"] if ".experts." in n)
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            names += [n for n in h.keys() if ".experts." in n]  # noqa: SIM118
+    return sorted(names)
+
+
+_PER_EXPERT = re.compile(r"\.experts\.(\d+)\.(\w+)\.(weight|weight_scale_inv)$")
+_ROLE = {
+    "gate_proj": ("w13", "w1"),
+    "up_proj": ("w13", "w3"),
+    "down_proj": ("w2", "w2"),
+}
+_ROLE.update({"w1": _ROLE["gate_proj"], "w3": _ROLE["up_proj"], "w2": _ROLE["down_proj"]})
+
+
+def _route(names: list[str], mapping: list[tuple]) -> str:
+    """Every expert tensor through an engine's expert mapping as its load_weights loop does."""
+    wrong = []
+    for name in names:
+        m = _PER_EXPERT.search(name)
+        if m is None:
+            wrong.append(f"{name}: no per-expert name")
+            continue
+        expert, proj, suffix = int(m.group(1)), m.group(2), m.group(3)
+        hit = next((e for e in mapping if e[1] in name), None)
+        if hit is None:
+            wrong.append(f"{name}: unmatched")
+            continue
+        param, _, expert_id, shard = hit
+        mapped = name.replace(hit[1], param)
+        want_param, want_shard = _ROLE[proj]
+        if not mapped.endswith(f".experts.{want_param}_{suffix}") or (
+            expert_id,
+            shard,
+        ) != (expert, want_shard):
+            wrong.append(f"{name} -> {mapped} expert {expert_id} shard {shard}")
+    if (
+        wrong
+        and all(n.endswith(".scale") or n.endswith(".weight") for n in names)
+        and any(n.endswith(".scale") for n in names)
+    ):
+        # DeepSeek-V4's release names (ffn.experts.E.w1.weight + .scale): read by the engines' own V4
+        # loaders, whose renaming this mapping does not cover
+        return "not checked (DeepSeek-V4 release names)"
+    if wrong:
+        return f"WRONG ({len(wrong)}: {wrong[0]})"
+    return f"routed ({len(names)} tensors)"
+
+
+def child(root: Path, families: list[str] | None) -> list[dict]:
+    _stub(STUBBED)
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    from importlib.metadata import version
+
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE as SglFusedMoE
+    from sglang.srt.layers.quantization import get_quantization_config as sgl_quant
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.layers.quantization import (
+        get_quantization_config as vllm_quant,
+    )
+
+    from moetool.testing.engine_matrix import (
+        SCALE_FMTS,
+        VARIANTS,
+        Cells,
+        config_of,
+        sources,
+    )
+
+    table = sources()
+    if families:
+        table = {f: table[f] for f in families}
+    work = root / "cells"
+    if work.exists():
+        shutil.rmtree(work)
+    cells = Cells(work, table)
+    versions = {"sglang": version("sglang"), "vllm": version("vllm")}
+    rows = []
+    for family in sorted(table):
+        for variant in VARIANTS:
+            for fmt in SCALE_FMTS:
+                row = {
+                    "family": family,
+                    "variant": variant,
+                    "scale_fmt": fmt,
+                    **versions,
+                }
+                cell = cells.output(family, variant, fmt)
+                if cell.path is None:
+                    row["moetool"] = "not written: " + (cell.refusal or "")
+                    rows.append(row)
+                    continue
+                row["moetool"] = "written"
+                qc = _qc(config_of(cell.path))
+                names = _expert_names(cell.path)
+                per_expert = [n for n in names if _PER_EXPERT.search(n)]
+                num_experts = 1 + max(
+                    (int(_PER_EXPERT.search(n).group(1)) for n in per_expert),
+                    default=-1,
+                )
+                projs = {_PER_EXPERT.search(n).group(2) for n in per_expert}
+                g, d, u = ("w1", "w2", "w3") if "w1" in projs else ("gate_proj", "down_proj", "up_proj")
+                mappings = {
+                    "sglang": SglFusedMoE.make_expert_params_mapping(g, d, u, num_experts),
+                    "vllm": RoutedExperts.build_expert_params_mapping(
+                        g, d, u, num_experts, routed_experts_prefix="", include_fused=True
+                    ),
+                }
+                for engine, resolve in (("sglang", sgl_quant), ("vllm", vllm_quant)):
+                    try:
+                        resolve(qc["quant_method"]).from_config(qc)
+                    except Exception as exc:  # the engine refuses the checkpoint here
+                        row[f"{engine}_config"] = f"refused: {type(exc).__name__}: {str(exc)[:90]}"
+                        row[f"{engine}_experts"] = "-"
+                        continue
+                    row[f"{engine}_config"] = "accepted"
+                    row[f"{engine}_experts"] = _route(names, mappings[engine]) if names else "no experts"
+                rows.append(row)
+    return rows
+
+
+def ssm_rows() -> list[dict]:
+    """The Gated DeltaNet state shapes each engine allocates per sequence (its own shape code, tensor
+    parallel size 1) against what ``convert-ssm --trim-conv`` writes for the same config."""
+    import torch
+
+    from moetool.ssm import conv_state_name, meta_from_config, recurrent_state_name
+    from moetool.transforms.ssm_layout import convert_state
+
+    cfg = {
+        "model_type": "qwen3_next",
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 32,
+        "linear_value_head_dim": 48,
+        "linear_conv_kernel_dim": 4,
+    }
+    meta = meta_from_config(cfg)
+    kernel = cfg["linear_conv_kernel_dim"]
+    conv_dim = meta.conv_dim()
+    state = {
+        recurrent_state_name(0): torch.zeros(1, meta.num_value_heads, meta.head_k_dim, meta.head_v_dim),
+        conv_state_name(0): torch.zeros(1, conv_dim, kernel),
+    }
+
+    def ours(conv_layout: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out, _ = convert_state(state, meta, layout="k-last", conv_kernel_size=kernel, conv_layout=conv_layout)
+        return tuple(out[recurrent_state_name(0)].shape[1:]), tuple(out[conv_state_name(0)].shape[1:])
+
+    rows = []
+    from vllm.model_executor.layers.mamba import mamba_utils as vm
+
+    for env, conv_layout in (("SD (default)", "dim-last"), ("DS", "dim-first")):
+        os.environ["VLLM_SSM_CONV_STATE_LAYOUT"] = env.split()[0]
+        vm.get_conv_state_layout.cache_clear()
+        conv, temporal = vm.MambaStateShapeCalculator.gated_delta_net_state_shape(1, 2, 4, 32, 48, kernel)
+        rows.append(
+            {
+                "engine": f"vLLM, VLLM_SSM_CONV_STATE_LAYOUT={env}",
+                "engine_conv": tuple(conv),
+                "engine_state": tuple(temporal),
+                "flags": f"--to k-last --trim-conv --conv-layout {conv_layout}",
+                "ours": ours(conv_layout),
+            }
+        )
+    os.environ.pop("VLLM_SSM_CONV_STATE_LAYOUT", None)
+    import sglang.srt.configs.qwen3_next as sq
+
+    sq._is_cpu = False  # its CPU branch asks the distributed state for a TP size; ours is 1
+    sq.linear_attn_tp_size = lambda: 1
+    from transformers import Qwen3NextConfig
+
+    hf = Qwen3NextConfig(
+        num_hidden_layers=2,
+        layer_types=["linear_attention", "full_attention"],
+        **{k: v for k, v in cfg.items() if k != "model_type"},
+    )
+    sgl_cfg = sq.Qwen3NextConfig(**{**hf.to_dict(), "full_attention_interval": 2})
+    shape = sgl_cfg.mamba2_cache_params.shape
+    rows.append(
+        {
+            "engine": "SGLang",
+            "engine_conv": tuple(shape.conv[0]),
+            "engine_state": tuple(shape.temporal),
+            "flags": "--to k-last --trim-conv --conv-layout dim-first",
+            "ours": ours("dim-first"),
+        }
+    )
+    for r in rows:
+        r["match"] = r["ours"] == (r["engine_state"], r["engine_conv"])
+        r["ours"] = [list(x) for x in r["ours"]]
+        r["engine_conv"], r["engine_state"] = list(r["engine_conv"]), list(r["engine_state"])
+    return rows
+
+
+def ssm_markdown(rows: list[dict]) -> str:
+    out = [
+        "Qwen3-Next-shaped GDN layer (H=2, HV=4, K=32, V=48, kernel 4), per sequence:",
+        "",
+        "| engine | its recurrent state | its conv state | moetool convert-ssm | moetool's shapes | same |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['engine']} | {r['engine_state']} | {r['engine_conv']} | `{r['flags']}` | "
+            f"{r['ours'][0]}, {r['ours'][1]} | {'yes' if r['match'] else 'NO'} |"
+        )
+    return "\n".join(out)
+
+
+def _cell(r: dict, engine: str) -> str:
+    """One engine's verdict on one output, in a word."""
+    if r["moetool"] != "written":
+        return "not written"
+    config, experts = r[f"{engine}_config"], r[f"{engine}_experts"]
+    if config.startswith("refused: ValueError: Unsupported activation scheme"):
+        return "refused"
+    if config.startswith("refused"):
+        return "refused (" + config.removeprefix("refused: ")[:40] + ")"
+    if experts.startswith("WRONG"):
+        return "WRONG"
+    if experts.startswith("not checked"):
+        return "config accepted"
+    return "read" if experts.startswith("routed") else experts
+
+
+def markdown(rows: list[dict], detail: bool = False) -> str:
+    """One row per family, one column per variant: ``SGLang / vLLM`` (float and ue8m0 scales alike unless
+    shown as ``float: ...; ue8m0: ...``). ``detail``: one row per output with the engines' messages."""
+    out = [f"SGLang {rows[0]['sglang']}, vLLM {rows[0]['vllm']}", ""]
+    if detail:
+        out += [
+            "| family | variant | scale | moetool | SGLang config | SGLang experts | vLLM config | vLLM experts |"
+        ]
+        out += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            keys = ("sglang_config", "sglang_experts", "vllm_config", "vllm_experts")
+            cols = [r["moetool"][:80], *(r.get(k, "") for k in keys)]
+            out.append(f"| {r['family']} | {r['variant']} | {r['scale_fmt']} | " + " | ".join(cols) + " |")
+        return "\n".join(out)
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    out += [
+        "| family | " + " | ".join(variants) + " |",
+        "| --- |" + " --- |" * len(variants),
+    ]
+    for family in dict.fromkeys(r["family"] for r in rows):
+        cols = []
+        for v in variants:
+            per = {
+                r["scale_fmt"]: "not written"
+                if r["moetool"] != "written"
+                else f"{_cell(r, 'sglang')} / {_cell(r, 'vllm')}"
+                for r in rows
+                if (r["family"], r["variant"]) == (family, v)
+            }
+            vals = set(per.values())
+            cols.append(vals.pop() if len(vals) == 1 else "; ".join(f"{k}: {x}" for k, x in per.items()))
+        out.append(f"| {family} | " + " | ".join(cols) + " |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/moetool-engines"))
+    ap.add_argument("--families", default="")
+    ap.add_argument(
+        "--detail",
+        action="store_true",
+        help="one row per output, with the engines' messages",
+    )
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    families = [f for f in args.families.split(",") if f] or None
+    if args.child:
+        rows = child(args.dir, families)
+        print(json.dumps({"outputs": rows, "ssm": ssm_rows()}))
+        return 0
+    paths = install(args.dir)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([*map(str, paths), os.environ.get("PYTHONPATH", "")]),
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--dir",
+        str(args.dir),
+        "--families",
+        args.families,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        return proc.returncode
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows, ssm = result["outputs"], result["ssm"]
+    print(markdown(rows, args.detail))
+    print()
+    print(ssm_markdown(ssm))
+    bad = [r for r in rows if "WRONG" in r.get("sglang_experts", "") + r.get("vllm_experts", "")]
+    loadable = {"hf", "linear"}
+    leaks = [
+        r
+        for r in rows
+        if r["moetool"] == "written"
+        and r["variant"] not in loadable
+        and "accepted" in (r.get("sglang_config"), r.get("vllm_config"))
+    ]
+    for r in bad + leaks:
+        print(f"PROBLEM: {r}", file=sys.stderr)
+    for r in ssm:
+        if not r["match"]:
+            print(f"PROBLEM: {r}", file=sys.stderr)
+    return 1 if bad or leaks or not all(r["match"] for r in ssm) else 0
+
+
+if __name__ == "__main__":
+    importlib.invalidate_caches()
+    sys.exit(main())
