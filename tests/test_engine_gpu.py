@@ -43,16 +43,21 @@ def cells(tmp_path_factory: pytest.TempPathFactory) -> Cells:
     assert torch.cuda.is_available(), "these tests need a CUDA GPU (run them on the GPU machine)"
     major, minor = torch.cuda.get_device_capability()
     assert (major, minor) >= (8, 9), "transformers runs block FP8 from compute capability 8.9 on"
+    return Cells(tmp_path_factory.mktemp("engine_gpu"), TABLE)
+
+
+@pytest.fixture(scope="module")
+def fp8_kernels() -> None:
+    """transformers' FP8 matmuls come from the ``kernels`` package and the Hugging Face Hub."""
     from transformers.integrations.finegrained_fp8 import load_finegrained_fp8_kernel
 
-    try:  # transformers' FP8 matmuls come from the `kernels` package and the Hugging Face Hub
+    try:
         load_finegrained_fp8_kernel()
     except ImportError as exc:
         pytest.fail(
             f"transformers' FP8 kernels are unavailable ({exc}): install `kernels` and have "
             "kernels-community/finegrained-fp8 in the Hugging Face cache (HF_HUB_OFFLINE=1 on the GPU machine)"
         )
-    return Cells(tmp_path_factory.mktemp("engine_gpu"), TABLE)
 
 
 def _fp8(path: Path) -> bool:
@@ -61,9 +66,9 @@ def _fp8(path: Path) -> bool:
     return qc.get("quant_method") == "fp8"
 
 
-def load_cuda(family: str, path: Path) -> Any:
+def load_cuda(family: str, path: Path, **extra: Any) -> Any:
     """``from_pretrained`` onto the GPU with FP8 kept as FP8 (transformers' own kernels)."""
-    kwargs: dict[str, Any] = {"device_map": "cuda"}
+    kwargs: dict[str, Any] = {"device_map": "cuda", **extra}
     if _fp8(path):
         from transformers import FineGrainedFP8Config
 
@@ -97,7 +102,7 @@ def weights_logits(cells: Cells, family: str, out: Path, tmp: Path, ids: torch.T
 @pytest.mark.parametrize("variant", ["hf", "linear"])
 @pytest.mark.parametrize("family", sorted(TABLE))
 def test_engine_layouts_load_right_on_cuda(
-    cells: Cells, tmp_path: Path, family: str, variant: str, scale_fmt: str
+    cells: Cells, fp8_kernels: None, tmp_path: Path, family: str, variant: str, scale_fmt: str
 ) -> None:
     cell = cells.output(family, variant, scale_fmt)
     if cell.path is None:  # --targets linear on a release whose Linears are FP8 already
@@ -144,3 +149,48 @@ def _dequantize() -> Any:
     from transformers import FineGrainedFP8Config
 
     return FineGrainedFP8Config(dequantize=True)
+
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral", "qwen3_5_moe", "glm4_moe"])
+def test_the_stacked_layout_fills_fp8experts_on_cuda(
+    cells: Cells, tmp_path: Path, family: str, scale_fmt: str
+) -> None:
+    """No kernel needed: with the marker removed, every stacked tensor of the deepgemm layout lands, byte
+    for byte, in the FP8Experts parameter of the same name on the GPU (nothing missing, nothing
+    unexpected); the forward is transformers' own (test above)."""
+    from safetensors import safe_open
+
+    cell = cells.output(family, "deepgemm", scale_fmt)
+    assert cell.path is not None, cell.refusal
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(cell.path, unmarked)
+    cfg = json.loads((unmarked / "config.json").read_text())
+    for c in (cfg, cfg.get("text_config") or {}):
+        if "quantization_config" in c:
+            c["quantization_config"]["activation_scheme"] = "dynamic"
+    (unmarked / "config.json").write_text(json.dumps(cfg))
+    model, info = load_cuda(family, unmarked, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    import re
+
+    def tail(name: str) -> str:
+        return re.search(r"layers\.\d+\..*", name).group(0)  # type: ignore[union-attr]
+
+    params = {tail(n): p for n, p in model.named_parameters() if ".experts." in n}
+    checked = 0
+    for f in sorted(unmarked.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                if ".experts.gate_up_proj" not in name and ".experts.down_proj" not in name:
+                    continue
+                stored = h.get_tensor(name)
+                held = params[tail(name)].detach()
+                assert held.device.type == "cuda" and held.shape == stored.shape, name
+                if stored.dtype == torch.float8_e4m3fn:
+                    assert held.dtype == stored.dtype, name
+                    assert torch.equal(held.cpu().view(torch.uint8), stored.view(torch.uint8)), name
+                else:  # scales: float32, or E8M0 where transformers holds UE8M0 scales (powers of two: exact)
+                    assert torch.equal(held.cpu().float(), stored.float()), name
+                checked += 1
+    assert checked >= 4
