@@ -205,15 +205,16 @@ def plan_quantize(
             file=str(ckpt.root / "config.json"),
             fix="use --layout hf",
         )
-    float_experts = [s for s in view.stores.values() if not (s.fp8 or s.fp4 or s.int4_group)]
+    # whatever the experts' source format (an FP8 release's grids are the same ceil grids)
+    stores = list(view.stores.values())
     if (
         opts.layout == "hf"
         and view.fused is None
-        and float_experts
+        and stores
         and "misreads"
         in {transformers_cpu_reading((inter, hidden)), transformers_cpu_reading((hidden, inter))}
     ):
-        s0 = float_experts[0]
+        s0 = stores[0]
         raise PlanError(
             f"experts of [{inter}, {hidden}] and [{hidden}, {inter}] make scale grids that transformers reads "
             "with blocks of other than 128 (it would load this output wrong)",

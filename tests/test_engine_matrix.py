@@ -196,9 +196,11 @@ def test_targets_linear_on_ceil_grids_loads_right_or_is_refused(
     assert torch.equal(logits(load_hf_model(out), ids), logits(load_hf_model(copy), ids))
 
 
-def test_experts_transformers_would_misread_are_refused_in_the_hf_layout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fp8", [False, True])
+def test_experts_transformers_would_misread_are_refused_in_the_hf_layout(tmp_path: Path, fp8: bool) -> None:
     """Experts of [128, 192]: transformers would read their 2-block K grids as 96-column blocks. The hf
-    layout is refused in one line naming the tensor; the deepgemm layout (refused by engines) is written."""
+    layout is refused in one line naming the tensor, from BF16 and from an FP8 release alike; the deepgemm
+    layout (refused by engines) is written."""
     from moetool.testing.engine_matrix import run_moetool
     from moetool.testing.factory import make_checkpoint
 
@@ -210,6 +212,7 @@ def test_experts_transformers_would_misread_are_refused_in_the_hf_layout(tmp_pat
         moe_intermediate_size=128,
         num_experts=4,
         seed=4,
+        fp8=fp8,
     )
     code, err = run_moetool("quantize", str(src), str(tmp_path / "hf"))
     assert code == 2 and len(err.splitlines()) == 1, err
