@@ -11,8 +11,9 @@ Arithmetic: each program owns a ``[BLOCK_M, BLOCK_N]`` output tile of one expert
 128, one scale block: ``acc += dot(a_q tile, b_q tileᵀ) · (a_s[:, k] · b_s[k])``. The FP8 products are
 exact and the dot sums 128 of them on the tensor cores; promoting every 128-deep partial sum into a
 float32 accumulator is DeepGEMM's fix for the limited accumulation precision of Hopper's FP8 MMA, and it is
-what makes the block scales applicable at all. BLOCK_N divides 128, so a tile's weight scale is one
-scalar per K step and the rescale is one FMA per accumulator element.
+what makes the block scales applicable at all. Where BLOCK_N divides 128 a tile's weight scale is one
+scalar per K step; a 256-wide tile reads one per column (two distinct values). Either way each element's
+rescale is the same float32 product ``a_s · b_s`` and one FMA, so every tile shape gives the same bits.
 
 Layout rules (as DeepGEMM on SM90): in the contiguous layout every expert's rows start at a multiple of
 128 and are followed by ``-1`` padding rows, so a tile of ``BLOCK_M ≤ 128`` rows belongs to one expert.
@@ -84,6 +85,17 @@ def _store_tile(
 
 
 @triton.jit
+def _step_scale(sa, sb, BLOCK_N: tl.constexpr):
+    """The scale of one K step's partial sums, ``a_s[m, k] · b_s[n // 128, k]``, shaped to broadcast over
+    the ``[BLOCK_M, BLOCK_N]`` tile: ``[BLOCK_M, 1]`` when the tile lies in one weight-scale block (``sb``
+    a scalar), ``[BLOCK_M, BLOCK_N]`` when it spans several (``sb`` one scale per column)."""
+    if BLOCK_N > 128:
+        return sa[:, None] * sb[None, :]
+    else:
+        return (sa * sb)[:, None]
+
+
+@triton.jit
 def fp8_grouped_gemm_kernel(
     a_desc,  # TMA descriptor of a as [G?·M, K] with [BLOCK_M, BLOCK_K] boxes (USE_TMA), else None
     b_desc,  # TMA descriptor of b as [G·N, K] with [BLOCK_N, BLOCK_K] boxes (USE_TMA), else None
@@ -119,8 +131,12 @@ def fp8_grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PIPE_DOT: tl.constexpr = False,
 ):
-    tl.static_assert(128 % BLOCK_N == 0, "BLOCK_N must divide the 128-wide weight scale block")
+    tl.static_assert(
+        (128 % BLOCK_N == 0) | (BLOCK_N % 128 == 0),
+        "BLOCK_N must divide the 128-wide weight scale block or be a multiple of it",
+    )
     tl.static_assert(BLOCK_K == 128, "one K step is one 128-deep scale block")
 
     # Grouped tile order: GROUP_M consecutive M tiles (rows of one expert in the contiguous layout) sweep
@@ -163,7 +179,12 @@ def fp8_grouped_gemm_kernel(
     a_ptrs = a_ptr + grp64 * stride_ag + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + e64 * stride_bg + cols[None, :] * stride_bn + offs_k[:, None] * stride_bk
     a_s_ptrs = a_s_ptr + grp64 * stride_asg + rows * stride_asm
-    b_s_ptrs = b_s_ptr + e64 * stride_bsg + ((pid_n * BLOCK_N) // 128) * stride_bsn
+    if BLOCK_N > 128:
+        # A tile spans BLOCK_N // 128 weight-scale blocks: one scale per column, read per K step (each
+        # column's product with the row's scale is the same float32 multiply as the scalar case's).
+        b_s_ptrs = b_s_ptr + e64 * stride_bsg + (cols // 128) * stride_bsn
+    else:
+        b_s_ptrs = b_s_ptr + e64 * stride_bsg + ((pid_n * BLOCK_N) // 128) * stride_bsn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_TMA:
@@ -172,12 +193,32 @@ def fp8_grouped_gemm_kernel(
         # layout) or columns past this expert's N read the neighbour's data and are never stored.
         a_row = (grp * M + pid_m * BLOCK_M).to(tl.int32)
         b_row = (expert * N + pid_n * BLOCK_N).to(tl.int32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            a = a_desc.load([a_row, kb * BLOCK_K])
-            b = b_desc.load([b_row, kb * BLOCK_K]).T
-            sa = tl.load(a_s_ptrs + kb * stride_ask)
-            sb = tl.load(b_s_ptrs + kb * stride_bsk)
-            acc += tl.dot(a, b) * (sa * sb)[:, None]
+        if PIPE_DOT:
+            # The MMA of step kb + 1 is issued before step kb's partial sum is rescaled into the
+            # accumulator, so the rescale can overlap the tensor cores. The same operations in the same
+            # order as below: acc = (((0 + p0·s0) + p1·s1) + ...), bit for bit.
+            # The previous step's scales are carried (not their [BLOCK_M, BLOCK_N] product).
+            part = tl.dot(a_desc.load([a_row, 0]), b_desc.load([b_row, 0]).T)
+            sa = tl.load(a_s_ptrs)
+            sb = tl.load(b_s_ptrs)
+            for kb in range(1, tl.cdiv(K, BLOCK_K)):
+                a = a_desc.load([a_row, kb * BLOCK_K])
+                b = b_desc.load([b_row, kb * BLOCK_K]).T
+                sa_next = tl.load(a_s_ptrs + kb * stride_ask)
+                sb_next = tl.load(b_s_ptrs + kb * stride_bsk)
+                part_next = tl.dot(a, b)
+                acc += part * _step_scale(sa, sb, BLOCK_N)
+                sa = sa_next
+                sb = sb_next
+                part = part_next
+            acc += part * _step_scale(sa, sb, BLOCK_N)
+        else:
+            for kb in range(0, tl.cdiv(K, BLOCK_K)):
+                a = a_desc.load([a_row, kb * BLOCK_K])
+                b = b_desc.load([b_row, kb * BLOCK_K]).T
+                sa = tl.load(a_s_ptrs + kb * stride_ask)
+                sb = tl.load(b_s_ptrs + kb * stride_bsk)
+                acc += tl.dot(a, b) * _step_scale(sa, sb, BLOCK_N)
     else:
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
@@ -189,7 +230,7 @@ def fp8_grouped_gemm_kernel(
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             sa = tl.load(a_s_ptrs + kb * stride_ask)
             sb = tl.load(b_s_ptrs + kb * stride_bsk)
-            acc += tl.dot(a, b) * (sa * sb)[:, None]
+            acc += tl.dot(a, b) * _step_scale(sa, sb, BLOCK_N)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
@@ -198,12 +239,15 @@ def fp8_grouped_gemm_kernel(
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch configuration. ``block_m`` and ``block_n`` are powers of two in [16, 128] (so a tile
-    stays inside one expert's 128-aligned segment and one weight-scale block column); ``group_m`` M tiles
-    share their weight tiles through L2; ``num_warps``/``num_stages`` as in Triton; ``tma`` loads the
-    operand tiles through TMA tensor descriptors (Hopper's copy engine; contiguous operands, K a multiple
-    of 16, 16-byte aligned); ``mn_major`` makes row-major activation scales MN-major before the launch
-    (``mn_major_scales``: one small transposing copy, worth it where the GEMM is compute-bound)."""
+    """One launch configuration. ``block_m`` is a power of two in [16, 128] (so a tile stays inside one
+    expert's 128-aligned segment); ``block_n`` a power of two in [16, 256] (up to 128 a tile lies in one
+    weight-scale block column and takes one weight scale per K step, at 256 it takes one per column);
+    ``group_m`` M tiles share their weight tiles through L2; ``num_warps``/``num_stages`` as in Triton;
+    ``tma`` loads the operand tiles through TMA tensor descriptors (Hopper's copy engine; contiguous
+    operands, K a multiple of 16, 16-byte aligned); ``mn_major`` makes row-major activation scales
+    MN-major before the launch (``mn_major_scales``: one small transposing copy, worth it where the GEMM is
+    compute-bound); ``pipe_dot`` (TMA only) issues each K step's MMA before the previous step's partial
+    sum is rescaled, the same arithmetic in the same order. Every configuration gives the same bits."""
 
     block_m: int
     block_n: int
@@ -212,13 +256,16 @@ class GemmConfig:
     num_stages: int
     tma: bool = False
     mn_major: bool = False
+    pipe_dot: bool = False
 
     def check(self) -> None:
-        for name, v in (("block_m", self.block_m), ("block_n", self.block_n)):
-            if v < 16 or v > 128 or v & (v - 1):
-                raise InputError(f"GemmConfig.{name}={v}: must be a power of two in [16, 128]")
+        for name, v, top in (("block_m", self.block_m, 128), ("block_n", self.block_n, 256)):
+            if v < 16 or v > top or v & (v - 1):
+                raise InputError(f"GemmConfig.{name}={v}: must be a power of two in [16, {top}]")
         if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise InputError(f"GemmConfig {self}: group_m ≥ 1, num_warps a power of two ≤ 16, stages ≥ 1")
+        if self.pipe_dot and not self.tma:
+            raise InputError(f"GemmConfig {self}: pipe_dot needs tma=True (only the TMA loop has it)")
 
 
 # Rows per expert at or below which the GEMM is bound by reading weights (see module docstring).
@@ -548,7 +595,7 @@ def _make_plan(
     sd = d_strides if masked else (0, *d_strides)
     plan.tail = (
         m, n, k, g, *sa, *ss, *b_q.stride(), *b_s.stride(), *sd,
-        masked, k % BLOCK_K == 0, cfg.tma, cfg.block_m, cfg.block_n, BLOCK_K, cfg.group_m,
+        masked, k % BLOCK_K == 0, cfg.tma, cfg.block_m, cfg.block_n, BLOCK_K, cfg.group_m, cfg.pipe_dot,
     )  # fmt: skip
     plan.options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return plan

@@ -352,8 +352,10 @@ def _build_case(
 
 
 def _config_text(cfg: GemmConfig) -> str:
-    return f"{cfg.block_m}x{cfg.block_n} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}" + (
-        " tma" if cfg.tma else ""
+    return (
+        f"{cfg.block_m}x{cfg.block_n} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
+        + (" tma" if cfg.tma else "")
+        + (" pipe" if cfg.pipe_dot else "")
     )
 
 

@@ -282,6 +282,65 @@ def test_tma_operand_path_masked(seed):
     assert calc_diff(outs[0][~pad], ref32[~pad]) < SAME_INPUTS_BAR
 
 
+# Tiles 256 wide (two weight-scale blocks per tile: one weight scale per column) and the loop that issues
+# each K step's MMA before rescaling the previous one. N = 384: the last 256-wide tile wraps past N.
+_WIDE = GemmConfig(64, 256, 2, 4, 2, tma=True)
+_WIDE_PIPE = GemmConfig(64, 256, 2, 4, 2, tma=True, pipe_dot=True)
+_PIPE = GemmConfig(64, 128, 2, 4, 2, tma=True, pipe_dot=True)
+
+
+def test_wide_tiles_and_pipelined_dot_contiguous(seed):
+    p = _make_problem([67, 1, 0, 3, 130], 384, 384)
+    runs = {
+        "wide": _run_contiguous(p, config=_WIDE),
+        "wide pipe": _run_contiguous(p, config=_WIDE_PIPE),
+        "wide pointers": _run_contiguous(p, config=GemmConfig(64, 256, 2, 4, 2)),
+        "pipe": _run_contiguous(p, config=_PIPE),
+        "plain": _run_contiguous(p, config=GemmConfig(64, 128, 2, 4, 2, tma=True)),
+    }
+    for d in runs.values():
+        _check_contiguous(p, d, ACCUM_EPS_CPU)
+    # Same tile, same K order, same scale products: the same bytes.
+    bits = {name: d.view(torch.int16) for name, d in runs.items()}
+    assert torch.equal(bits["wide pipe"], bits["wide"])
+    assert torch.equal(bits["wide pointers"], bits["wide"])
+    assert torch.equal(bits["pipe"], bits["plain"])
+
+
+def test_wide_tiles_k_not_multiple_of_128(seed):
+    # The pointer path's masked K tail with per-column weight scales.
+    p = _make_problem([67, 1, 0, 3], 384, 130)
+    _check_contiguous(p, _run_contiguous(p, config=GemmConfig(64, 256, 1, 4, 2)), ACCUM_EPS_CPU)
+
+
+def test_wide_tiles_and_pipelined_dot_masked(seed):
+    g, m_max, n, k = 3, 70, 384, 256
+    masked_m = torch.tensor([67, 0, 3], dtype=torch.int32)
+    a_q, a_s = block_quant_ref(torch.randn(g * m_max, k), block=(1, 128))
+    a_q, a_s = a_q.view(g, m_max, k), a_s.view(g, m_max, -1)
+    b_q, b_s = block_quant_ref(torch.randn(g, n, k) * 0.05)
+    b_s[1, 2] *= 64.0  # the third weight-scale block column differs from its neighbours
+    pad = torch.arange(m_max)[None, :] >= masked_m[:, None]
+    _poison_padding(a_q, a_s, pad)
+    outs = []
+    for config in (_WIDE, _WIDE_PIPE):
+        out = torch.full((g, m_max, n), _NAN, dtype=torch.bfloat16)
+        outs.append(m_grouped_fp8_gemm_nt_masked(a_q, a_s, b_q, b_s, masked_m, out=out, config=config))
+    assert not bool(torch.isnan(outs[0]).any())
+    assert bool((outs[0][pad] == 0).all())
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    ref32 = masked_grouped_gemm_ref(a_q, a_s, b_q, b_s, masked_m, out_dtype=torch.float32)
+    assert calc_diff(outs[0][~pad], ref32[~pad]) < SAME_INPUTS_BAR
+
+
+def test_config_checks_new_switches():
+    GemmConfig(64, 256, 1, 8, 4, tma=True, pipe_dot=True).check()
+    with pytest.raises(InputError, match="block_n"):
+        GemmConfig(64, 512, 1, 4, 2).check()
+    with pytest.raises(InputError, match="pipe_dot"):
+        GemmConfig(64, 128, 1, 4, 2, pipe_dot=True).check()
+
+
 def test_tma_needs_k_multiple_of_16(seed):
     p = _make_problem([3, 5], 64, 130, adversarial=False, pad_tile=False)
     with pytest.raises(InputError, match="TMA"):
@@ -394,7 +453,7 @@ def test_launcher_rejects_bad_inputs(seed):
 def test_config_table():
     for cfg in (_STREAMING, _COMPUTE, _COMPUTE_TMA, select_config(1, 1536, 2048, 8, 132)):
         cfg.check()
-        assert 128 % cfg.block_m == 0 and 128 % cfg.block_n == 0
+        assert 128 % cfg.block_m == 0 and (128 % cfg.block_n == 0 or cfg.block_n % 128 == 0)
     assert select_config(64, 4096, 7168, 256, 132).block_m == 64
     assert select_config(512, 4096, 7168, 256, 132).block_m == 128
     assert select_config(512, 4096, 7168, 256, 132, tma=True).tma
@@ -448,6 +507,32 @@ def test_gpu_tma_and_pointer_paths_agree(seed, ieee_fp32, shape):
     _check_contiguous(p, d_tma, ACCUM_EPS_GPU)
     _check_contiguous(p, d_ptr, ACCUM_EPS_GPU)
     assert calc_diff(d_tma, d_ptr) < SAME_INPUTS_BAR
+
+
+# Configurations the compute regime may take (scripts/tune_grouped_gemm.py times them): each must give the
+# default configuration's bytes on the card (same MMAs per 128-deep K block, same scale products).
+_GPU_CANDIDATES = [
+    GemmConfig(128, 128, 8, 8, 4, tma=True, mn_major=True),
+    GemmConfig(64, 256, 8, 8, 4, tma=True, mn_major=True),
+    GemmConfig(128, 256, 8, 8, 3, tma=True, mn_major=True),
+    GemmConfig(64, 128, 32, 4, 3, tma=True, mn_major=True, pipe_dot=True),
+    GemmConfig(64, 256, 8, 8, 4, tma=True, mn_major=True, pipe_dot=True),
+    GemmConfig(64, 256, 8, 8, 4),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", ["dsv3-w13", "dsv3-w2", "qwen3-30b-w2"])
+def test_gpu_compute_configs_bit_identical(seed, ieee_fp32, shape):
+    n, k = _GPU_SHAPES[shape]
+    p = _make_problem([640, 0, 129, 512], n, k, device="cuda")
+    base = _run_contiguous(p, expected_m=512)
+    torch.cuda.synchronize()
+    _check_contiguous(p, base, ACCUM_EPS_GPU)
+    for cfg in _GPU_CANDIDATES:
+        d = _run_contiguous(p, expected_m=512, config=cfg)
+        torch.cuda.synchronize()
+        assert torch.equal(d.view(torch.int16), base.view(torch.int16)), f"{cfg} changed output bits"
 
 
 @pytest.mark.gpu

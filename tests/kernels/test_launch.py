@@ -356,7 +356,7 @@ def test_gemm_plans_keep_every_check(monkeypatch):
         ((a_q, a_s, b_q, b_s, torch.stack([layout, layout], 1)[:, 0]), {}, "contiguous int32"),
         ((a_q, a_s, b_q, b_s, layout.long()), {}, "int32"),
         ((a_q, a_s, b_q, b_s, layout), {"out": torch.empty(128, 128)}, "bfloat16"),
-        ((a_q, a_s, b_q, b_s, layout), {"config": GemmConfig(64, 256, 1, 4, 2)}, "block_n"),
+        ((a_q, a_s, b_q, b_s, layout), {"config": GemmConfig(64, 512, 1, 4, 2)}, "block_n"),
         ((a_q, a_s, b_q, b_s, layout), {"config": GemmConfig(64, 128, 1, 4, 2, tma=True)}, None),  # fine
     ]
     for args, kw, match in bad:
