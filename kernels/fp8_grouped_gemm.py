@@ -132,6 +132,7 @@ def fp8_grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     PIPE_DOT: tl.constexpr = False,
+    SCALES_AHEAD: tl.constexpr = False,
 ):
     tl.static_assert(
         (128 % BLOCK_N == 0) | (BLOCK_N % 128 == 0),
@@ -212,6 +213,21 @@ def fp8_grouped_gemm_kernel(
                 sb = sb_next
                 part = part_next
             acc += part * _step_scale(sa, sb, BLOCK_N)
+        elif SCALES_AHEAD:
+            # Each step's scales are loaded one step ahead (the last step reloads its own), so their
+            # latency never waits behind the MMA. Same arithmetic as below.
+            k_steps = tl.cdiv(K, BLOCK_K)
+            sa = tl.load(a_s_ptrs)
+            sb = tl.load(b_s_ptrs)
+            for kb in range(0, k_steps):
+                a = a_desc.load([a_row, kb * BLOCK_K])
+                b = b_desc.load([b_row, kb * BLOCK_K]).T
+                k_next = tl.minimum(kb + 1, k_steps - 1)
+                sa_next = tl.load(a_s_ptrs + k_next * stride_ask)
+                sb_next = tl.load(b_s_ptrs + k_next * stride_bsk)
+                acc += tl.dot(a, b) * _step_scale(sa, sb, BLOCK_N)
+                sa = sa_next
+                sb = sb_next
         else:
             for kb in range(0, tl.cdiv(K, BLOCK_K)):
                 a = a_desc.load([a_row, kb * BLOCK_K])
@@ -247,7 +263,8 @@ class GemmConfig:
     operands, K a multiple of 16, 16-byte aligned); ``mn_major`` makes row-major activation scales
     MN-major before the launch (``mn_major_scales``: one small transposing copy, worth it where the GEMM is
     compute-bound); ``pipe_dot`` (TMA only) issues each K step's MMA before the previous step's partial
-    sum is rescaled, the same arithmetic in the same order. Every configuration gives the same bits."""
+    sum is rescaled, ``scales_ahead`` (TMA only) loads each step's scales one step early, both the same
+    arithmetic in the same order. Every configuration gives the same bits."""
 
     block_m: int
     block_n: int
@@ -257,6 +274,7 @@ class GemmConfig:
     tma: bool = False
     mn_major: bool = False
     pipe_dot: bool = False
+    scales_ahead: bool = False
 
     def check(self) -> None:
         for name, v, top in (("block_m", self.block_m, 128), ("block_n", self.block_n, 256)):
@@ -264,8 +282,10 @@ class GemmConfig:
                 raise InputError(f"GemmConfig.{name}={v}: must be a power of two in [16, {top}]")
         if self.group_m < 1 or self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise InputError(f"GemmConfig {self}: group_m ≥ 1, num_warps a power of two ≤ 16, stages ≥ 1")
-        if self.pipe_dot and not self.tma:
-            raise InputError(f"GemmConfig {self}: pipe_dot needs tma=True (only the TMA loop has it)")
+        if (self.pipe_dot or self.scales_ahead) and not self.tma:
+            raise InputError(f"GemmConfig {self}: pipe_dot and scales_ahead need tma=True (TMA loop only)")
+        if self.pipe_dot and self.scales_ahead:
+            raise InputError(f"GemmConfig {self}: pipe_dot already loads scales a step ahead; pick one")
 
 
 # Rows per expert at or below which the GEMM is bound by reading weights (see module docstring).
@@ -291,6 +311,11 @@ _COMPUTE = GemmConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stag
 _COMPUTE_TMA = GemmConfig(
     block_m=64, block_n=128, group_m=32, num_warps=4, num_stages=3, tma=True, mn_major=True
 )
+# Depth at or below which the compute regime takes _COMPUTE_TMA_SHORT_K instead (DeepSeek-V3's w2 has K =
+# 2048, its w13 7168): with few K steps per tile the prologue and epilogue weigh more, so the best tiles
+# may differ. The same configuration until measured otherwise (scripts/tune_grouped_gemm.py).
+_SHORT_K = 2048
+_COMPUTE_TMA_SHORT_K = _COMPUTE_TMA
 
 
 @functools.lru_cache(maxsize=16)
@@ -309,14 +334,16 @@ def select_config(
     Streaming regime (≤ 64 rows): 64×128 tiles (TMA-fed where available); 64×64 when 128-wide tiles would
     leave SMs without a program (few experts times a narrow N). Narrower tiles are not the default
     because every N tile re-reads the expert's activation rows from L2: at 64×64 that is as many bytes as
-    the weights. Compute regime: 64×128 TMA-fed tiles where TMA is available, else 128×128; grouped order.
+    the weights. Compute regime: TMA-fed tiles where TMA is available (``_COMPUTE_TMA``, or
+    ``_COMPUTE_TMA_SHORT_K`` at K ≤ ``_SHORT_K``), else 128×128; grouped order.
     """
-    del k  # K only sets the loop length; both regimes pipeline it the same way
     if rows_per_expert <= _STREAMING_ROWS:
         if m_tiles * _cdiv(n, _STREAMING.block_n) < sm_count:
             return _STREAMING_NARROW
         return _STREAMING_TMA if tma else _STREAMING
-    return _COMPUTE_TMA if tma else _COMPUTE
+    if not tma:
+        return _COMPUTE
+    return _COMPUTE_TMA_SHORT_K if k <= _SHORT_K else _COMPUTE_TMA
 
 
 def _check_common(
@@ -596,6 +623,7 @@ def _make_plan(
     plan.tail = (
         m, n, k, g, *sa, *ss, *b_q.stride(), *b_s.stride(), *sd,
         masked, k % BLOCK_K == 0, cfg.tma, cfg.block_m, cfg.block_n, BLOCK_K, cfg.group_m, cfg.pipe_dot,
+        cfg.scales_ahead,
     )  # fmt: skip
     plan.options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     return plan

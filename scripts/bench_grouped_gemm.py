@@ -356,6 +356,7 @@ def _config_text(cfg: GemmConfig) -> str:
         f"{cfg.block_m}x{cfg.block_n} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
         + (" tma" if cfg.tma else "")
         + (" pipe" if cfg.pipe_dot else "")
+        + (" ahead" if cfg.scales_ahead else "")
     )
 
 

@@ -15,6 +15,7 @@ from moetool.errors import InputError
 from moetool.kernels.fp8_grouped_gemm import (
     _COMPUTE,
     _COMPUTE_TMA,
+    _COMPUTE_TMA_SHORT_K,
     _STREAMING,
     GemmConfig,
     contiguous_config,
@@ -287,6 +288,8 @@ def test_tma_operand_path_masked(seed):
 _WIDE = GemmConfig(64, 256, 2, 4, 2, tma=True)
 _WIDE_PIPE = GemmConfig(64, 256, 2, 4, 2, tma=True, pipe_dot=True)
 _PIPE = GemmConfig(64, 128, 2, 4, 2, tma=True, pipe_dot=True)
+_AHEAD = GemmConfig(64, 128, 2, 4, 2, tma=True, scales_ahead=True)
+_WIDE_AHEAD = GemmConfig(64, 256, 2, 4, 2, tma=True, scales_ahead=True)
 
 
 def test_wide_tiles_and_pipelined_dot_contiguous(seed):
@@ -296,6 +299,8 @@ def test_wide_tiles_and_pipelined_dot_contiguous(seed):
         "wide pipe": _run_contiguous(p, config=_WIDE_PIPE),
         "wide pointers": _run_contiguous(p, config=GemmConfig(64, 256, 2, 4, 2)),
         "pipe": _run_contiguous(p, config=_PIPE),
+        "ahead": _run_contiguous(p, config=_AHEAD),
+        "wide ahead": _run_contiguous(p, config=_WIDE_AHEAD),
         "plain": _run_contiguous(p, config=GemmConfig(64, 128, 2, 4, 2, tma=True)),
     }
     for d in runs.values():
@@ -305,6 +310,8 @@ def test_wide_tiles_and_pipelined_dot_contiguous(seed):
     assert torch.equal(bits["wide pipe"], bits["wide"])
     assert torch.equal(bits["wide pointers"], bits["wide"])
     assert torch.equal(bits["pipe"], bits["plain"])
+    assert torch.equal(bits["ahead"], bits["plain"])
+    assert torch.equal(bits["wide ahead"], bits["wide"])
 
 
 def test_wide_tiles_k_not_multiple_of_128(seed):
@@ -323,12 +330,13 @@ def test_wide_tiles_and_pipelined_dot_masked(seed):
     pad = torch.arange(m_max)[None, :] >= masked_m[:, None]
     _poison_padding(a_q, a_s, pad)
     outs = []
-    for config in (_WIDE, _WIDE_PIPE):
+    for config in (_WIDE, _WIDE_PIPE, _WIDE_AHEAD):
         out = torch.full((g, m_max, n), _NAN, dtype=torch.bfloat16)
         outs.append(m_grouped_fp8_gemm_nt_masked(a_q, a_s, b_q, b_s, masked_m, out=out, config=config))
     assert not bool(torch.isnan(outs[0]).any())
     assert bool((outs[0][pad] == 0).all())
     assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    assert torch.equal(outs[0].view(torch.int16), outs[2].view(torch.int16))
     ref32 = masked_grouped_gemm_ref(a_q, a_s, b_q, b_s, masked_m, out_dtype=torch.float32)
     assert calc_diff(outs[0][~pad], ref32[~pad]) < SAME_INPUTS_BAR
 
@@ -337,8 +345,13 @@ def test_config_checks_new_switches():
     GemmConfig(64, 256, 1, 8, 4, tma=True, pipe_dot=True).check()
     with pytest.raises(InputError, match="block_n"):
         GemmConfig(64, 512, 1, 4, 2).check()
+    GemmConfig(64, 128, 1, 4, 3, tma=True, scales_ahead=True).check()
     with pytest.raises(InputError, match="pipe_dot"):
         GemmConfig(64, 128, 1, 4, 2, pipe_dot=True).check()
+    with pytest.raises(InputError, match="scales_ahead"):
+        GemmConfig(64, 128, 1, 4, 2, scales_ahead=True).check()
+    with pytest.raises(InputError, match="pick one"):
+        GemmConfig(64, 128, 1, 4, 2, tma=True, pipe_dot=True, scales_ahead=True).check()
 
 
 def test_tma_needs_k_multiple_of_16(seed):
@@ -443,7 +456,7 @@ def test_launcher_rejects_bad_inputs(seed):
     with pytest.raises(InputError, match="out"):
         run(a_q, a_s, b_q, b_s, m_indices, out=torch.empty(m, n, dtype=torch.float32))
     with pytest.raises(InputError, match="block_n"):
-        run(a_q, a_s, b_q, b_s, m_indices, config=GemmConfig(64, 256, 1, 4, 2))
+        run(a_q, a_s, b_q, b_s, m_indices, config=GemmConfig(64, 512, 1, 4, 2))
     with pytest.raises(InputError, match="masked_m"):
         m_grouped_fp8_gemm_nt_masked(
             a_q.view(g, m // g, k), a_s.view(g, m // g, -1), b_q, b_s, torch.zeros(g + 1, dtype=torch.int32)
@@ -451,13 +464,22 @@ def test_launcher_rejects_bad_inputs(seed):
 
 
 def test_config_table():
-    for cfg in (_STREAMING, _COMPUTE, _COMPUTE_TMA, select_config(1, 1536, 2048, 8, 132)):
+    for cfg in (
+        _STREAMING,
+        _COMPUTE,
+        _COMPUTE_TMA,
+        _COMPUTE_TMA_SHORT_K,
+        select_config(1, 1536, 2048, 8, 132),
+    ):
         cfg.check()
         assert 128 % cfg.block_m == 0 and (128 % cfg.block_n == 0 or cfg.block_n % 128 == 0)
     assert select_config(64, 4096, 7168, 256, 132).block_m == 64
     assert select_config(512, 4096, 7168, 256, 132).block_m == 128
     assert select_config(512, 4096, 7168, 256, 132, tma=True).tma
     assert select_config(512, 4096, 7168, 256, 132, tma=True).mn_major  # compute-bound: scales MN-major
+    assert select_config(512, 4096, 7168, 256, 132, tma=True) == _COMPUTE_TMA
+    assert select_config(512, 7168, 2048, 256, 132, tma=True) == _COMPUTE_TMA_SHORT_K
+    assert _COMPUTE_TMA_SHORT_K.tma and _COMPUTE_TMA_SHORT_K.mn_major
     streaming = select_config(64, 4096, 7168, 256, 132, tma=True)
     assert streaming.tma and not streaming.mn_major  # streaming reads the caller's scales as given
     assert not select_config(64, 4096, 7168, 256, 132).tma
@@ -517,6 +539,7 @@ _GPU_CANDIDATES = [
     GemmConfig(128, 256, 8, 8, 3, tma=True, mn_major=True),
     GemmConfig(64, 128, 32, 4, 3, tma=True, mn_major=True, pipe_dot=True),
     GemmConfig(64, 256, 8, 8, 4, tma=True, mn_major=True, pipe_dot=True),
+    GemmConfig(64, 128, 32, 4, 3, tma=True, mn_major=True, scales_ahead=True),
     GemmConfig(64, 256, 8, 8, 4),
 ]
 
