@@ -423,7 +423,7 @@ def _host_breakdown(case: Case, label: str) -> None:
         "launch alone through the compiled kernel": lambda: _GEMM(grid, args, key, options),
     }
     if case.config.tma:
-        g2, a2, _, o2 = case.plan(replace(case.config, tma=False))
+        g2, a2, _, o2 = case.plan(replace(case.config, tma=False, pipe_dot=False, scales_ahead=False))
         parts["launch alone through Triton's dispatch, no TMA descriptors"] = lambda: fp8_grouped_gemm_kernel[
             g2
         ](*a2, **o2)
