@@ -283,8 +283,9 @@ def run_case(
     return all_same
 
 
-class _Stopped(Exception):
-    """SIGTERM (``timeout``): stop measuring and report what was measured."""
+class _Stopped(BaseException):
+    """SIGTERM (``timeout``): stop measuring and report what was measured. A BaseException, as
+    KeyboardInterrupt, so that no ``except Exception`` (a candidate that fails, Triton's) swallows it."""
 
 
 def _stop(signum, frame) -> None:
@@ -418,10 +419,14 @@ def _rank(
             if r is None or r.status != "ok":
                 vals = None
                 break
+            dflt = cr.results.get(cr.default_name)
             if have_dg and cr.dg_ms:
                 vals.append(cr.ratio(r.ms))
-            else:
-                vals.append(cr.results[cr.default_name].ms / r.ms)
+            elif dflt is not None and dflt.status == "ok":
+                vals.append(dflt.ms / r.ms)
+            else:  # a case stopped before its default was timed: nothing to compare with
+                vals = None
+                break
         if vals:
             scores.append((min(vals), math.exp(sum(map(math.log, vals)) / len(vals)), name))
     return sorted(scores, reverse=True)
@@ -441,7 +446,12 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma list of candidate names (default: all)")
     parser.add_argument("--rep-ms", type=int, default=60, help="do_bench measuring time per figure (ms)")
     parser.add_argument("--rounds", type=int, default=2, help="timing rounds per candidate (fastest kept)")
-    parser.add_argument("--budget-s", type=float, default=300, help="start no new case after this many s")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new case after this many s (300; dry run: none)",
+    )
     parser.add_argument(
         "--jit-workers",
         type=int,
@@ -497,6 +507,8 @@ def main() -> int:
 
         _warm_deepgemm(cases, args.jit_workers)
     shape_nk = DRY_SHAPES if args.dry_run else SHAPES
+    if args.budget_s is None:
+        args.budget_s = math.inf if args.dry_run else 300.0
     if args.jit_workers > 0:
         # Triton specializes integer arguments on divisibility by 16, so each (shape, G) of the cases may
         # be its own compilation of every candidate: done first, in parallel.
