@@ -4,7 +4,9 @@ This package is an oracle for the rest of moetool: it knows each family from its
 (``families.py``), read from transformers' modeling files, and never imports ``moetool.arch`` or reads
 ``configs/``. A mistake in ``configs/<family>.toml`` then shows up as a test failure instead of being
 copied into the fixtures that test it. It may use the kernels' torch references (``fp8.py`` says why)
-and nothing else of moetool but its errors.
+and nothing else of moetool but its errors — save the benchmark-sized DeepSeek-V4 release
+(``release_formats.write_v4_synthetic``, an input for scripts, never for tests), which streams its
+shards through ``moetool.io``'s writer.
 
 - ``factory.py``: ``make_checkpoint`` — a family's checkpoint of any size, seeded, optionally packed,
   FP8 or sharded; the one import most callers need (it re-exports the names below).
