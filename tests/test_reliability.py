@@ -49,7 +49,6 @@ from reliability_helpers import (
 )
 from safetensors.torch import load_file, save_file
 
-from moetool.io.writer import LOCK_NAME
 from moetool.pipeline import PROGRESS_NAME
 from moetool.ssm import StateMeta, write_state_file
 from moetool.testing.factory import DEEPGEMM_LEAVES, make_checkpoint
@@ -783,7 +782,7 @@ def test_validate_manifest_listing_a_tensor_not_stored(base: Path, converted: Pa
 # -- faults in real processes -----------------------------------------------------------------------
 KILL_SHARD = "300KB"
 KILL_POINTS = ("early", "first_shard", "near_end")
-NEAR_END_LEFT = 4
+NEAR_END_LEFT = 2
 
 
 def recorded_shards(partial: Path) -> int:
@@ -800,18 +799,29 @@ def quantize_argv(src: Path, out: Path, *extra: str) -> list[str]:
     return ["quantize", str(src), str(out), "--layout", "hf", "--max-shard-size", KILL_SHARD, "-q", *extra]
 
 
+STOP_POINT = Path(__file__).with_name("stop_point.py")
+
+
 def spawn(
-    args: list[str], *, env: dict[str, str] | None = None, fsize: int | None = None
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    fsize: int | None = None,
+    stop_at: str | None = None,
 ) -> subprocess.Popen:
+    """``python -m moetool ARGS`` in a new process; with ``stop_at`` it stops itself at that point (see
+    ``stop_point.py``) for the supervisor to kill it there: the kill lands where the test says even when
+    the loaded machine lets the run go faster than the supervisor looks."""
+
     def setup() -> None:
-        # Below the supervising loop's priority: eight CPU-bound runs on a small machine must not starve
-        # the loop that watches for their kill points (it would miss the last shards' window).
+        # Below the supervising loop's priority, so the loop is not starved by the runs it watches.
         os.nice(10)
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
+    head = [str(STOP_POINT), stop_at] if stop_at else ["-m", "moetool"]
     return subprocess.Popen(
-        [sys.executable, "-m", "moetool", *args],
+        [sys.executable, *head, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -820,15 +830,26 @@ def spawn(
     )
 
 
+def is_stopped(proc: subprocess.Popen) -> bool:
+    """Whether the live process ``proc`` is stopped (SIGSTOP)."""
+    try:
+        stat_line = Path(f"/proc/{proc.pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat_line.rpartition(")")[2].split()[0] in ("T", "t")
+
+
 @dataclass
 class Run:
-    """One supervised process: how it ended, what it printed, and what was seen while it ran."""
+    """One supervised process: how it ended, what it printed, and what was seen while it ran.
+    ``kill_at`` is how many shards the progress record lists when it stops for its SIGKILL (None: it
+    runs to its end)."""
 
     proc: subprocess.Popen
     out: Path
     src: Path
     src_digest: dict[str, str]
-    kill_when: Callable[[], bool] | None = None
+    kill_at: int | None = None
     killed_at_recorded: int | None = None
     returncode: int | None = None
     stdout: str = ""
@@ -854,10 +875,12 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Faults:
       after its first shard is recorded, or with all shards but the last two recorded;
     - ``kill/other_options``: a ``--scale-fmt ue8m0`` run killed with all shards but two recorded
       (resumed later with the default options);
-    - ``lock``: a plain run; once it has recorded a shard, every process is frozen (SIGSTOP, so none
-      can finish or pass its kill point meanwhile; the frozen run still holds its lock, as a slow run
-      would) while a second run tries the same OUT plain, with ``--overwrite`` and with ``--resume``,
-      then thawed (SIGCONT) to complete;
+    - ``lock``: a plain run that stops (SIGSTOP) once it has recorded a shard, still holding its lock
+      as a slow run would, while a second run tries the same OUT plain, with ``--overwrite`` and with
+      ``--resume``; then continued (SIGCONT) to complete;
+
+    Each killed run stops itself at its point (``stop_point.py``) and is killed there while stopped, so
+    the point is exact on any machine: a loaded one cannot let a run past it before the loop looks.
     - ``disk_full/<stage>``: RLIMIT_FSIZE below the first shard, or above every shard but below a large
       extra file copied at the end;
     - ``hub_offline``: ``inspect org/name`` with HF_HUB_OFFLINE=1 and an empty HF_HOME.
@@ -877,32 +900,35 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Faults:
     runs: dict[str, Run] = {}
 
     def add(key: str, args: list[str], src: Path, out: Path, **kw: Any) -> Run:
-        kill_when = kw.pop("kill_when", None)
+        kill_at = kw.pop("kill_at", None)
+        if kill_at is not None:
+            kw["stop_at"] = f"shards:{kill_at}" if kill_at else "lock"
         digest = tree_digest(src)
-        runs[key] = Run(spawn(args, **kw), out, src, digest, kill_when=kill_when)
+        runs[key] = Run(spawn(args, **kw), out, src, digest, kill_at=kill_at)
         return runs[key]
 
-    def kill_point(out: Path, point: str) -> Callable[[], bool]:
-        partial = partial_of(out)
-        if point == "early":
-            return lambda: (partial / LOCK_NAME).exists()
-        # near the end: every shard but the last NEAR_END_LEFT (a margin the supervising loop can catch
-        # before a fast run commits)
-        least = 1 if point == "first_shard" else n_shards - NEAR_END_LEFT
-        return lambda: recorded_shards(partial) >= least
-
+    # early: OUT.partial just made and locked; then after the first recorded shard; near the end: every
+    # shard but the last NEAR_END_LEFT recorded. Each run stops itself there and is killed while stopped.
+    kill_at = {"early": 0, "first_shard": 1, "near_end": n_shards - NEAR_END_LEFT}
     for point in KILL_POINTS:
         out = root / f"kill_{point}"
-        add(f"kill/{point}", quantize_argv(kill_src, out), kill_src, out, kill_when=kill_point(out, point))
+        add(f"kill/{point}", quantize_argv(kill_src, out), kill_src, out, kill_at=kill_at[point])
     out = root / "kill_other_options"
     add(
         "kill/other_options",
         quantize_argv(kill_src, out, "--scale-fmt", "ue8m0"),
         kill_src,
         out,
-        kill_when=kill_point(out, "near_end"),
+        kill_at=kill_at["near_end"],
     )
-    lock = add("lock", quantize_argv(kill_src, root / "lock_out"), kill_src, root / "lock_out")
+    # stops once its first shard is recorded, still holding its lock, and goes on when continued
+    lock = add(
+        "lock",
+        quantize_argv(kill_src, root / "lock_out"),
+        kill_src,
+        root / "lock_out",
+        stop_at="once:shards:1",
+    )
     add(
         "disk_full/first_shard",
         quantize_argv(full_src, root / "full_a"),
@@ -930,23 +956,20 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Faults:
     try:
         while time.monotonic() < deadline and any(r.proc.poll() is None for r in runs.values()):
             for r in runs.values():
-                armed = r.kill_when is not None and r.killed_at_recorded is None and r.proc.poll() is None
-                if armed and r.kill_when():
+                armed = r.kill_at is not None and r.killed_at_recorded is None and r.proc.poll() is None
+                if armed and is_stopped(r.proc):
+                    r.killed_at_recorded = recorded_shards(partial_of(r.out))
                     os.kill(r.proc.pid, signal.SIGKILL)
                     r.proc.wait()
-                    r.killed_at_recorded = recorded_shards(partial_of(r.out))
-            if not attempts and lock.proc.poll() is None and recorded_shards(partial_of(lock.out)) >= 1:
-                frozen = [r.proc for r in runs.values() if r.proc.poll() is None]
-                for proc in frozen:
-                    os.kill(proc.pid, signal.SIGSTOP)
+            if not attempts and lock.proc.poll() is None and is_stopped(lock.proc):
+                # the first run is stopped after its first shard, holding OUT.partial's lock
                 try:
                     for extra in ([], ["--overwrite"], ["--resume"]):
                         code, _, err = run_cli(*quantize_argv(kill_src, lock.out), *extra)
                         attempts.append((" ".join(extra) or "plain", code, err, lock.proc.poll() is None))
                 finally:
-                    for proc in frozen:
-                        os.kill(proc.pid, signal.SIGCONT)
-            time.sleep(0.0005)
+                    os.kill(lock.proc.pid, signal.SIGCONT)
+            time.sleep(0.01)
     finally:
         for r in runs.values():
             if r.proc.poll() is None:
@@ -980,11 +1003,11 @@ def kill_clean(faults: Faults) -> Path:
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_sigkill_then_resume_gives_the_clean_bytes(faults: Faults, kill_clean: Path, point: str) -> None:
     run = faults.runs[f"kill/{point}"]
-    n = faults.n_shards
     assert run.killed_at_recorded is not None, (
         f"the run ended (rc {run.returncode}) before the kill point; nothing was tested\n{run.stderr}"
     )
     assert run.returncode == -signal.SIGKILL
+    assert run.killed_at_recorded == run.kill_at, f"killed with {run.killed_at_recorded} shards recorded"
     assert not run.out.exists(), "a killed run left OUT"
     assert partial_of(run.out).is_dir(), "a killed run must leave OUT.partial for --resume"
     assert tree_digest(run.src) == run.src_digest, "the input was modified"
@@ -992,11 +1015,7 @@ def test_sigkill_then_resume_gives_the_clean_bytes(faults: Faults, kill_clean: P
     code, stdout, err = run_cli(*quantize_argv(run.src, run.out), "--resume", "--json")
     assert code == 0, err
     reused = json.loads(stdout)["reused_shards"]
-    if point == "first_shard":
-        assert len(reused) >= 1, "--resume rewrote the recorded shard"
-    if point == "near_end":
-        want = n - NEAR_END_LEFT
-        assert len(reused) >= want, f"--resume reused {len(reused)} of the {want} recorded shards"
+    assert len(reused) == run.kill_at, f"--resume reused {len(reused)} of the {run.kill_at} recorded shards"
     assert run.out.is_dir() and not partial_of(run.out).exists()
     assert_same_checkpoint(run.out, kill_clean)
     assert tree_digest(run.src) == run.src_digest
@@ -1008,10 +1027,13 @@ def test_resume_with_other_options_never_mixes_shards(faults: Faults, kill_clean
     kept) or its output equals a clean float run."""
     run = faults.runs["kill/other_options"]
     assert run.killed_at_recorded is not None, f"the run ended before its kill point\n{run.stderr}"
+    assert run.killed_at_recorded == run.kill_at, f"killed with {run.killed_at_recorded} shards recorded"
+    work = tree_digest(partial_of(run.out))
     code, _, err = run_cli(*quantize_argv(run.src, run.out), "--resume")
     if code == 2:
         one_error_line(err)
         assert not run.out.exists()
+        assert tree_digest(partial_of(run.out)) == work, "a refused resume changed OUT.partial"
         return
     assert code == 0, err
     assert_same_checkpoint(run.out, kill_clean)
