@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from moetool import pipeline
-from moetool.cli.main import main
+from moetool.cli.main import cli, main
 
 INDEX = "model.safetensors.index.json"
 MANIFEST = "moetool.json"
@@ -54,15 +55,41 @@ def partial_of(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def run_cli(*args: Any) -> tuple[int, str, str]:
-    """``moetool ARGS`` in this process through the real entry point: (exit code, stdout, stderr)."""
+INPUT_ARGUMENTS = ("model", "src", "original", "converted")  # MODEL, IN, ORIGINAL, CONVERTED
+
+
+def input_paths(args: list[str]) -> list[Path]:
+    """The local paths ``moetool ARGS`` reads as its inputs (MODEL, IN, ORIGINAL, CONVERTED), as the
+    command's own parser reads its arguments; a Hub repo id or a missing path is none."""
+    cmd = cli.commands.get(args[0]) if args else None
+    if cmd is None:
+        return []
+    try:
+        ctx = cmd.make_context(args[0], list(args[1:]), resilient_parsing=True)
+    except click.exceptions.ClickException:
+        return []
+    found = [ctx.params.get(k) for k in INPUT_ARGUMENTS]
+    return [Path(p) for p in found if isinstance(p, str) and os.path.lexists(p)]
+
+
+def run_cli(*args: Any, guard_inputs: bool = True) -> tuple[int, str, str]:
+    """``moetool ARGS`` in this process through the real entry point: (exit code, stdout, stderr).
+
+    Whatever it does, its inputs (files, links and folders) must hash the same before and after: every
+    command run here, writing or not, refused or not, is held to never touching its input
+    (``guard_inputs=False`` only where the test itself changes the input while the command runs)."""
+    argv = [str(a) for a in args]
+    inputs = input_paths(argv) if guard_inputs else []
+    before = [tree_digest(p) for p in inputs]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            main([str(a) for a in args])
+            main(argv)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 2
+    for p, was in zip(inputs, before, strict=True):
+        assert tree_digest(p) == was, f"moetool {' '.join(argv)} modified its input {p}"
     return code, out.getvalue(), err.getvalue()
 
 
