@@ -16,7 +16,6 @@ import torch
 
 from moetool.errors import InputError, InternalError
 from moetool.io.checkpoint import Checkpoint
-from moetool.io.fs import open_regular
 from moetool.model import e8m0_scale_name, require_scale
 from moetool.plan import Job, Src
 from moetool.transforms import fp8_block
@@ -235,9 +234,11 @@ def copy_regions(
 
 
 class SourceFiles:
-    """Read-only descriptors of the source shards a shard writer copies from, opened on first use."""
+    """Read-only descriptors of the source shards a shard writer copies from, opened on first use (each
+    still the file whose header was read: ``Checkpoint.open_shard``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self._ckpt = ckpt
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -245,7 +246,7 @@ class SourceFiles:
         with self._lock:
             fd = self._fds.get(file)
             if fd is None:
-                fd = self._fds[file] = open_regular(file, what="shard")
+                fd = self._fds[file] = self._ckpt.open_shard(file)
             return fd
 
     def close(self) -> None:

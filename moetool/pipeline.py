@@ -22,6 +22,7 @@ from moetool import __version__, resume
 from moetool.errors import EnvironmentError_, InternalError, MoetoolError, UsageError
 from moetool.hub import Source
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
+from moetool.io.fs import input_roots
 from moetool.io.hashing import sha256_file
 from moetool.io.writer import OutputDir, ShardWriter, os_error, write_index
 from moetool.jobs import BufferPool, SourceFiles, copy_regions, job_pieces, read_source
@@ -145,7 +146,7 @@ def write_shard(
     found: list[dict[str, Any]] = []
     lock = threading.Lock()
     writer = ShardWriter(out.path(shard.file), entries, metadata, fsync=out.fsync)
-    sources = SourceFiles()
+    sources = SourceFiles(ckpt)
     pool = BufferPool() if quantizer is not None and quantizer.device.type == "cpu" else None
 
     def produce(job: Job) -> list[list[torch.Tensor]] | int:
@@ -347,6 +348,7 @@ def execute(
             cpu_only = all(d.type == "cpu" for d in devs)
             with single_threaded_ops() if cpu_only else contextlib.nullcontext():
                 files, reused = _convert_shards(plan, ckpt, out, mine, devs, progress_name, bar, lossy)
+            ckpt.check_unchanged()  # nothing was replaced or rewritten while it was read
         except MoetoolError as e:
             error = e
         finally:
@@ -369,7 +371,7 @@ def execute(
             write_index(out, plan.weight_map(), plan.total_bytes)
             out.write_json("config.json", plan.config)
             for rel in plan.copy_files:
-                out.copy_file(ckpt.root / rel, rel)
+                out.copy_file(ckpt.root / rel, rel, within=input_roots(ckpt.root))
             for rel in (INDEX_NAME, "config.json", *plan.copy_files):
                 p = out.path(rel)
                 files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}

@@ -14,7 +14,7 @@ from typing import Any
 
 from moetool.errors import UsageError
 from moetool.io.checkpoint import Checkpoint
-from moetool.io.fs import real_path
+from moetool.io.fs import changed_keys
 from moetool.io.hashing import sha256_file
 from moetool.io.writer import OutputDir
 from moetool.plan import Plan
@@ -78,8 +78,10 @@ def load_progress(out: OutputDir, name: str) -> dict[str, Any]:
 
 
 def input_files(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
-    """What binds a progress record to the input it was written from: per input shard, its size,
-    modification and change times (ns), inode and device, as the kernel reports them for the real file.
+    """What binds a progress record to the input it was written from: per input shard, the file its
+    header was read from, as the kernel reports it (``moetool.io.fs.file_identity``: size, inode,
+    device, modification and change times, in ns); the run reads data only from those same files
+    (``Checkpoint.open_shard``).
 
     A file with other values under the same name — another checkpoint with the same headers, or the
     same file rewritten, truncated, or replaced by a download — changes its inode or its change time,
@@ -88,17 +90,7 @@ def input_files(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
     quantizes) and every ``--resume`` a full re-read; these values cost one ``stat`` per file. A
     checkpoint copied elsewhere between the kill and the resume has new inodes and is refused, which
     is safe: ``--overwrite`` converts it again."""
-    out = {}
-    for rel in ckpt.shard_files:
-        st = os.stat(real_path(ckpt.root / rel))
-        out[rel] = {
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-            "ctime_ns": st.st_ctime_ns,
-            "inode": st.st_ino,
-            "device": st.st_dev,
-        }
-    return out
+    return ckpt.input_identity()
 
 
 def check_inputs(recorded: Any, now: dict[str, dict[str, int]], ckpt: Checkpoint, out: OutputDir) -> None:
@@ -115,9 +107,7 @@ def check_inputs(recorded: Any, now: dict[str, dict[str, int]], ckpt: Checkpoint
         elif not isinstance(was, dict):
             what = "was not read by the interrupted run"
         else:
-            changed = [
-                k for k in ("size", "inode", "device", "mtime_ns", "ctime_ns") if was.get(k) != is_.get(k)
-            ]
+            changed = changed_keys(was, is_)
             what = f"is not the file OUT.partial was written from ({', '.join(changed)} changed)"
         raise UsageError(what, file=str(ckpt.root / rel), fix=fix)
 

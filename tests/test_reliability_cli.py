@@ -27,6 +27,7 @@ from reliability_helpers import (
     partial_of,
     refused,
     run_cli,
+    shards_of,
     tree_digest,
 )
 
@@ -75,11 +76,21 @@ REPORT_INTO_INPUT = {
     "through_a_linked_folder": lambda o, c, t: _link(t / "alias", o) / "report.json",
     "a_link_to_a_file_in_the_original": lambda o, c, t: _link(t / "report.json", o / "config.json"),
     "a_dangling_link_into_the_converted": lambda o, c, t: _link(t / "report.json", c / "new.json"),
+    "a_hard_link_of_a_file_of_the_original": lambda o, c, t: _hard_link(t / "report.json", o / "config.json"),
+    "a_hard_link_of_a_shard_of_the_converted": lambda o, c, t: _hard_link(
+        t / "report.json", c / shards_of(c)[0]
+    ),
 }
 
 
 def _link(path: Path, target: Path) -> Path:
     path.symlink_to(target)
+    return path
+
+
+def _hard_link(path: Path, target: Path) -> Path:
+    """Another name of ``target``'s file: replacing it would change the file's link count."""
+    os.link(target, path)
     return path
 
 
@@ -99,7 +110,7 @@ def test_a_report_path_inside_a_checkpoint_is_refused_before_any_work(
 
 def test_a_report_path_equal_to_a_state_file_is_refused(tmp_path: Path) -> None:
     a, b = _states(tmp_path)
-    for target in (a, b):
+    for target in (a, b, _hard_link(tmp_path / "c.safetensors", a)):
         refused(["validate", a, b, "--report", target], [str(target)], inputs=[a, b])
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from reliability_helpers import (
     DIMS,
     FAMILY,
@@ -32,8 +33,10 @@ from reliability_helpers import (
     tree_digest,
 )
 
+from moetool import pipeline
 from moetool.io.writer import LOCK_NAME
 from moetool.pipeline import PROGRESS_NAME
+from moetool.ssm import StateMeta, write_state_file
 
 FLAGS = {"plain": [], "overwrite": ["--overwrite"], "resume": ["--resume"]}
 
@@ -127,6 +130,30 @@ def inside_a_hub_blob_store(area: Path, base: Path) -> tuple[Path, Path, Path]:
     return repo, snap, repo / "blobs" / "fp8"
 
 
+def out_equals_the_input_through_a_linked_parent(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    """OUT names the input itself, through a link to the folder that holds it."""
+    model = Path(shutil.copytree(base, area / "model"))
+    (area / "alias").symlink_to(area)
+    return model, model, area / "alias" / "model"
+
+
+# Relative paths are taken from the current folder, which the test makes ``area``.
+def relative_out_equal_to_the_input(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    model = Path(shutil.copytree(base, area / "model"))
+    return model, Path("model"), Path("model")
+
+
+def relative_out_inside_the_input(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    model = Path(shutil.copytree(base, area / "model"))
+    return model, Path("model"), Path("model") / "fp8"
+
+
+def relative_out_above_the_input(area: Path, base: Path) -> tuple[Path, Path, Path]:
+    """``OUT=model/..``: the folder holding the input, which --overwrite would replace."""
+    model = Path(shutil.copytree(base, area / "model"))
+    return model, Path("model"), Path("model") / ".."
+
+
 INTO_INPUT: dict[str, Callable[[Path, Path], tuple[Path, Path, Path]]] = {
     "named_like_the_partial": named_like_the_partial,
     "inside_the_partial": inside_the_partial,
@@ -139,18 +166,38 @@ INTO_INPUT: dict[str, Callable[[Path, Path], tuple[Path, Path, Path]]] = {
     "partial_name_is_a_link_to_the_input": partial_name_is_a_link_to_the_input,
     "out_spelled_with_dotdot": out_spelled_with_dotdot,
     "inside_a_hub_blob_store": inside_a_hub_blob_store,
+    "out_equals_the_input_through_a_linked_parent": out_equals_the_input_through_a_linked_parent,
+    "relative_out_equal_to_the_input": relative_out_equal_to_the_input,
+    "relative_out_inside_the_input": relative_out_inside_the_input,
+    "relative_out_above_the_input": relative_out_above_the_input,
 }
 
 
+@pytest.fixture(scope="module")
+def shared_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model with a shared expert, for fuse-shared to have work."""
+    return hf_checkpoint("deepseek_v3", tmp_path_factory.mktemp("shared") / "model", **DIMS)
+
+
+@pytest.mark.parametrize("command", ["quantize", "fuse-shared"])
 @pytest.mark.parametrize("flags", list(FLAGS))
 @pytest.mark.parametrize("case", list(INTO_INPUT))
-def test_nothing_is_written_into_the_input(base: Path, tmp_path: Path, case: str, flags: str) -> None:
+def test_nothing_is_written_into_the_input(
+    base: Path,
+    shared_base: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    flags: str,
+    command: str,
+) -> None:
     """Every writing command goes through the same output protocol (``moetool.io.writer.OutputDir``)."""
     area = tmp_path / "fs"
     area.mkdir()
-    _, model_arg, out = INTO_INPUT[case](area, base)
+    monkeypatch.chdir(area)
+    _, model_arg, out = INTO_INPUT[case](area, shared_base if command == "fuse-shared" else base)
     before = tree_digest(area)  # the input, the links, and everything next to them
-    code, _, err = run_cli("quantize", model_arg, out, "-q", *FLAGS[flags])
+    code, _, err = run_cli(command, model_arg, out, "-q", *FLAGS[flags])
     line = one_error_line(err)
     assert code == 2 and "input" in line, line
     assert str(out) in line or str(partial_of(out)) in line, line
@@ -186,15 +233,42 @@ def test_overwrite_replaces_a_linked_out_not_what_it_points_to(base: Path, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "model", "out"], "OUT.old-* left"
 
 
-@pytest.mark.parametrize("where", ["inside", "link_into_the_model", "through_a_linked_folder"])
-def test_capture_ssm_never_writes_into_the_model(base: Path, tmp_path: Path, where: str) -> None:
+CAPTURE_OUT = [
+    "inside",
+    "link_into_the_model",
+    "through_a_linked_folder",
+    "link_in_the_model_pointing_out",
+    "relative_inside",
+    "link_to_a_model_file",
+    "hard_link_of_a_model_file",
+]
+
+
+@pytest.mark.parametrize("where", CAPTURE_OUT)
+def test_capture_ssm_never_writes_into_the_model(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """OUT is refused when what a link there points to, or the entry itself (which the new file would
+    replace), lies in the model, however it is spelled."""
     model = Path(shutil.copytree(base, tmp_path / "model"))
+    monkeypatch.chdir(tmp_path)
     if where == "through_a_linked_folder":
         (tmp_path / "alias").symlink_to(model)
         dst = tmp_path / "alias" / "state.safetensors"
     elif where == "link_into_the_model":
         dst = tmp_path / "state.safetensors"
         dst.symlink_to(model / "state.safetensors")
+    elif where == "link_in_the_model_pointing_out":
+        dst = model / "state.safetensors"
+        dst.symlink_to(tmp_path / "elsewhere.safetensors")
+    elif where == "relative_inside":
+        dst = Path("model") / "state.safetensors"
+    elif where == "link_to_a_model_file":
+        dst = tmp_path / "state.safetensors"
+        dst.symlink_to(model / "config.json")
+    elif where == "hard_link_of_a_model_file":
+        dst = tmp_path / "state.safetensors"
+        os.link(model / "config.json", dst)
     else:
         dst = model / "state.safetensors"
     before = tree_digest(tmp_path)
@@ -202,6 +276,104 @@ def test_capture_ssm_never_writes_into_the_model(base: Path, tmp_path: Path, whe
     line = one_error_line(err)
     assert code == 2 and "input" in line, line
     assert tree_digest(tmp_path) == before
+
+
+def _state(path: Path) -> Path:
+    meta = StateMeta(layout="k-first", num_value_heads=4, head_k_dim=8, head_v_dim=6, num_key_heads=2)
+    g = torch.Generator().manual_seed(3)
+    write_state_file(
+        path, {"model.layers.0.linear_attn.recurrent_state": torch.randn(2, 4, 8, 6, generator=g)}, meta
+    )
+    return path
+
+
+def _same_name(area: Path, src: Path) -> Path:
+    return src
+
+
+def _link_to_it(area: Path, src: Path) -> Path:
+    (area / "link.safetensors").symlink_to(src)
+    return area / "link.safetensors"
+
+
+def _through_a_linked_folder(area: Path, src: Path) -> Path:
+    (area / "alias").symlink_to(area)
+    return area / "alias" / src.name
+
+
+def _spelled_with_dotdot(area: Path, src: Path) -> Path:
+    (area / "sub").mkdir()
+    return area / "sub" / ".." / src.name
+
+
+def _relative(area: Path, src: Path) -> Path:
+    return Path(src.name)
+
+
+def _hard_link(area: Path, src: Path) -> Path:
+    """Another name of IN's file: replacing it would change IN's link count and change time."""
+    os.link(src, area / "other-name.safetensors")
+    return area / "other-name.safetensors"
+
+
+CONVERT_OUT_IS_IN: dict[str, Callable[[Path, Path], Path]] = {
+    "same_name": _same_name,
+    "link_to_it": _link_to_it,
+    "through_a_linked_folder": _through_a_linked_folder,
+    "spelled_with_dotdot": _spelled_with_dotdot,
+    "relative": _relative,
+    "hard_link": _hard_link,
+}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("case", list(CONVERT_OUT_IS_IN))
+def test_convert_ssm_never_writes_its_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, overwrite: bool
+) -> None:
+    """OUT that resolves to IN (the same name, a link to it, a linked folder, ``..``, relative) or is
+    another name of its file (a hard link) is refused, with or without --overwrite; the folder is
+    byte-identical afterwards, and IN's link count and change time are as they were."""
+    area = tmp_path / "fs"
+    area.mkdir()
+    monkeypatch.chdir(area)
+    src = _state(area / "state.safetensors")
+    dst = CONVERT_OUT_IS_IN[case](area, src)
+    before = (tree_digest(area), _meta(src))
+    code, _, err = run_cli("convert-ssm", src, dst, "-q", *(["--overwrite"] if overwrite else []))
+    line = one_error_line(err)
+    assert code == 2 and ("input" in line or "exists" in line), line
+    assert (tree_digest(area), _meta(src)) == before
+
+
+def _meta(path: Path) -> tuple[int, int, int]:
+    """What replacing or removing another name of the file would change: link count, inode, change time."""
+    st = os.stat(path)
+    return st.st_nlink, st.st_ino, st.st_ctime_ns
+
+
+def test_an_extra_file_swapped_for_a_link_out_of_the_checkpoint_is_not_copied(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Extra files (tokenizer, license) are checked when planned and copied at the end: one replaced
+    meanwhile by a link to a file outside the checkpoint is refused when opened, not copied into OUT."""
+    model = Path(shutil.copytree(base, tmp_path / "model"))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("never to be copied")
+    out = tmp_path / "out"
+    extra = model / "LICENSE"
+    real_execute = pipeline.execute
+
+    def swap_then_execute(*args, **kwargs):
+        extra.unlink()
+        extra.symlink_to(secret)
+        return real_execute(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "execute", swap_then_execute)
+    code, _, err = run_cli("quantize", model, out, "-q", guard_inputs=False)
+    line = one_error_line(err)
+    assert code == 2 and str(extra) in line and "outside" in line, line
+    assert not out.exists() and not partial_of(out).exists()
 
 
 # -- 2. no link in the work area is followed ---------------------------------------------------------
@@ -269,17 +441,6 @@ def plant_link_as_recorded_shard(partial: Path, model: Path, victim: Path, names
     return None
 
 
-def plant_hard_link_of_an_input_shard(
-    partial: Path, model: Path, victim: Path, names: list[str]
-) -> str | None:
-    """A shard's name is a second name of an input shard (a hard link, made before the first run, since
-    a new link changes the input file's change time and a resume would rightly refuse it): writing the
-    shard must replace the name, never write into the input's file."""
-    partial.mkdir()
-    os.link(model / shards_of(model)[0], partial / names[2])
-    return None
-
-
 def plant_stray_entries(partial: Path, model: Path, victim: Path, names: list[str]) -> str | None:
     """Files, a folder and a link in the work folder that are no part of the output: OUT holds exactly
     what its manifest lists, and removing them removes the link, not what it points to."""
@@ -318,12 +479,10 @@ def _unrecorded_shards(partial: Path) -> list[str]:
     return left
 
 
-PLANT_FIRST = {"hard_link_of_an_input_shard"}
 PLANTED: dict[str, Callable[[Path, Path, Path, list[str]], str | None]] = {
     "link_as_next_tmp": plant_link_as_next_tmp,
     "link_as_next_shard": plant_link_as_next_shard,
     "link_as_recorded_shard": plant_link_as_recorded_shard,
-    "hard_link_of_an_input_shard": plant_hard_link_of_an_input_shard,
     "stray_entries": plant_stray_entries,
     "link_as_lock": plant_link_as_lock,
     "link_as_progress": plant_link_as_progress,
@@ -340,12 +499,8 @@ def test_links_planted_in_the_work_folder_are_never_followed(
     victim.mkdir()
     (victim / "data.bin").write_bytes(os.urandom(4096))
     out = tmp_path / "out"
-    if case in PLANT_FIRST:
-        refused_name = PLANTED[case](partial_of(out), model, victim, shards_of(clean))
-        interrupt(model, out, 2, monkeypatch, "--resume")
-    else:
-        interrupt(model, out, 2, monkeypatch)
-        refused_name = PLANTED[case](partial_of(out), model, victim, shards_of(clean))
+    interrupt(model, out, 2, monkeypatch)
+    refused_name = PLANTED[case](partial_of(out), model, victim, shards_of(clean))
     untouched(model, victim)
     code, _, err = run_cli("quantize", model, out, "--max-shard-size", SHARD, "-q", *FLAGS[flags])
     if refused_name == LOCK_NAME or (refused_name is not None and flags == "resume"):
@@ -358,3 +513,32 @@ def test_links_planted_in_the_work_folder_are_never_followed(
     assert code == 0, err
     same_output(out, clean)
     assert not partial_of(out).exists()
+
+
+SECOND_NAMES = {
+    "a_shard_name_in_the_work_folder": ("resume", lambda out, names: partial_of(out) / names[2]),
+    "a_stray_name_in_the_work_folder": ("overwrite", lambda out, names: partial_of(out) / "sub" / "x.bin"),
+    "a_file_of_the_old_out": ("overwrite", lambda out, names: out / names[0]),
+}
+
+
+@pytest.mark.parametrize("command", ["quantize", "fuse-shared"])
+@pytest.mark.parametrize("case", list(SECOND_NAMES))
+def test_a_second_name_of_an_input_file_is_never_replaced_or_removed(
+    base: Path, shared_base: Path, tmp_path: Path, case: str, command: str
+) -> None:
+    """A name in what the run would replace or remove (OUT.partial with --resume or --overwrite, the
+    old OUT with --overwrite) that is a hard link of an input file: removing it would change that
+    file's link count and change time (and a resume bound to the input would then refuse it). Refused
+    before anything, naming the entry; the input's bytes, link counts and change times unchanged."""
+    model = Path(shutil.copytree(shared_base if command == "fuse-shared" else base, tmp_path / "model"))
+    out = tmp_path / "out"
+    flag, where = SECOND_NAMES[case]
+    entry = where(out, shards_of(model))
+    entry.parent.mkdir(parents=True)
+    os.link(model / shards_of(model)[0], entry)
+    before = (tree_digest(tmp_path), [_meta(p) for p in sorted(model.iterdir())])
+    code, _, err = run_cli(command, model, out, "-q", f"--{flag}")
+    line = one_error_line(err)
+    assert code == 2 and str(entry) in line and "hard link" in line, line
+    assert (tree_digest(tmp_path), [_meta(p) for p in sorted(model.iterdir())]) == before

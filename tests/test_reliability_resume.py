@@ -17,6 +17,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from reliability_helpers import (
     tree_digest,
 )
 
+from moetool import pipeline
 from moetool.pipeline import PROGRESS_NAME
 
 RECORDED = 3  # shards written before the interruption
@@ -258,3 +260,127 @@ def test_a_resume_that_runs_out_of_disk_keeps_the_work(
     record = json.loads((partial_of(out) / PROGRESS_NAME).read_text())
     assert len([k for k in record if k.endswith(".safetensors")]) == RECORDED
     assert_resumes_cleanly(model, out, clean)
+
+
+# -- an input changed while a run reads it ------------------------------------------------------------
+# Kernel timestamps advance by scheduler ticks (1 to 10 ms): a write this long after the header was read
+# is sure to give the file a new change time.
+TICK_S = 0.05
+
+
+@pytest.fixture(scope="module")
+def shared_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A deepseek_v3 model (a shared expert, so fuse-shared has work) and the same model with other
+    values: identical headers."""
+    root = tmp_path_factory.mktemp("shared")
+    a = hf_checkpoint("deepseek_v3", root / "a", **DIMS)
+    b = hf_checkpoint("deepseek_v3", root / "b", seed=1, **DIMS)
+    assert headers(a) == headers(b)
+    return a, b
+
+
+def replaced(model: Path, other: Path) -> None:
+    """Every shard replaced (renamed over) by the other model's file."""
+    for s in shards_of(model):
+        shutil.copyfile(other / s, model / f".{s}.new")
+        os.replace(model / f".{s}.new", model / s)
+
+
+def rewritten_in_place(model: Path, other: Path) -> None:
+    """The other model's bytes written into every shard file (same inodes, same sizes, same headers)."""
+    time.sleep(TICK_S)
+    for s in shards_of(model):
+        with open(model / s, "r+b") as f:
+            f.write((other / s).read_bytes())
+
+
+CHANGES: dict[str, Callable[[Path, Path], None]] = {
+    "replaced": replaced,
+    "rewritten_in_place": rewritten_in_place,
+}
+
+
+def change_during(when: str, change: Callable[[], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apply ``change`` once the plan is made from the headers and before any data is read
+    (``before_any_data``), or once the first output shard is written (``after_a_shard``)."""
+    if when == "before_any_data":
+        real_execute = pipeline.execute
+
+        def execute(*args, **kwargs):
+            change()
+            return real_execute(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "execute", execute)
+        return
+    real_write = pipeline.write_shard
+    done = [0]
+
+    def write_shard(*args, **kwargs):
+        result = real_write(*args, **kwargs)
+        done[0] += 1
+        if done[0] == 1:
+            change()
+        return result
+
+    monkeypatch.setattr(pipeline, "write_shard", write_shard)
+
+
+@pytest.mark.parametrize("command", ["quantize", "fuse-shared"])
+@pytest.mark.parametrize("how", list(CHANGES))
+@pytest.mark.parametrize("when", ["before_any_data", "after_a_shard", "during_a_resume"])
+def test_an_input_changed_while_it_is_read_is_refused(
+    shared_pair: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    how: str,
+    when: str,
+) -> None:
+    """Headers are read (and the plan made) before the data: a shard replaced or rewritten in between,
+    or while the run converts, would be read at the old header's offsets and mix two models. It is
+    refused naming the file, whether it changed before its first byte was read or after; a fresh run
+    leaves nothing, a resumed one keeps OUT.partial, and the next resume refuses the changed input."""
+    a, b = shared_pair
+    model = Path(shutil.copytree(a, tmp_path / "model"))
+    out = tmp_path / "out"
+    args = [command, model, out, "--max-shard-size", SHARD, "-q"]
+    if when == "during_a_resume":
+        with monkeypatch.context() as m:
+            m.setattr(pipeline, "write_shard", _stop_after(pipeline.write_shard, 1))
+            code, _, err = run_cli(*args)
+        assert code == 130, err
+        args.append("--resume")
+    with monkeypatch.context() as m:
+        change_during(
+            "before_any_data" if when == "before_any_data" else "after_a_shard",
+            lambda: CHANGES[how](model, b),
+            m,
+        )
+        code, _, err = run_cli(*args, guard_inputs=False)  # the test itself changes the input
+    line = one_error_line(err)
+    assert code == 2, line
+    assert "changed since its header was read" in line, line
+    assert any(str(model / s) in line for s in shards_of(model)), line
+    assert not out.exists()
+    if when != "during_a_resume":
+        assert not partial_of(out).exists(), "a failed fresh run left OUT.partial"
+        return
+    assert "OUT.partial is kept" in line and partial_of(out).is_dir(), line
+    kept = tree_digest(partial_of(out))
+    code, _, err = run_cli(*args)
+    line = one_error_line(err)
+    assert code == 2 and "is not the file OUT.partial was written from" in line, line
+    assert tree_digest(partial_of(out)) == kept
+
+
+def _stop_after(real: Callable, n: int) -> Callable:
+    """``real`` (``write_shard``) that is interrupted (Ctrl-C) once ``n`` shards are written."""
+    done = [0]
+
+    def write_shard(*args, **kwargs):
+        if done[0] >= n:
+            raise KeyboardInterrupt
+        done[0] += 1
+        return real(*args, **kwargs)
+
+    return write_shard

@@ -454,3 +454,29 @@ def test_a_resharded_checkpoint_is_not_described_and_the_tensors_decide(
     name = edit_tensor(conv, _is_expert_weight, _byte(0x11))
     code, checks, _ = validate(pair["orig"], conv)
     assert code == 1 and any(name.split(".experts.")[0] in f for f in failed(checks)), failed(checks)
+
+
+# -- a checkpoint changed while validate reads it -------------------------------------------------------
+@pytest.mark.parametrize("side", ["orig", "hf"])
+def test_a_shard_replaced_while_validate_reads_it_is_exit_2_naming_it(
+    pair: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side: str
+) -> None:
+    """Each side's headers are read before its data: a shard replaced in between (here by a
+    byte-identical copy, so the result would otherwise pass) is not the file whose header was read, and
+    the report would describe no one checkpoint. Exit 2 naming the file, whichever side it is on."""
+    from moetool.validate import run
+
+    orig = Path(shutil.copytree(pair["orig"], tmp_path / "orig"))
+    conv = Path(shutil.copytree(pair["hf"], tmp_path / "conv"))
+    victim = (orig if side == "orig" else conv) / shards_of(orig if side == "orig" else conv)[0]
+    real_run = run.Validator.run
+
+    def replace_then_run(self: Any) -> Any:
+        shutil.copyfile(victim, tmp_path / "copy")
+        shutil.move(tmp_path / "copy", victim)
+        return real_run(self)
+
+    monkeypatch.setattr(run.Validator, "run", replace_then_run)
+    code, _, err = run_cli("validate", orig, conv, *FAST, guard_inputs=False)
+    line = one_error_line(err)
+    assert code == 2 and str(victim) in line and "changed since its header was read" in line, line

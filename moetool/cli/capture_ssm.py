@@ -41,16 +41,16 @@ def capture_ssm(
       moetool capture-ssm Qwen/Qwen3-Next-80B-A3B-Instruct state.safetensors --prompt "Hello" --device cuda
       moetool capture-ssm ./tiny-qwen3-next state.safetensors --token-ids 1,2,3,4
     """
-    from pathlib import Path
+    import os
 
     from moetool.capture import capture_state
     from moetool.errors import UsageError
     from moetool.hub import resolve
-    from moetool.io.fs import input_roots, refuse_into_input
+    from moetool.io.fs import input_inodes, input_roots, refuse_into_input, refuse_other_names
     from moetool.ssm import write_state_file
     from moetool.transforms.ssm_layout import convert_conv_layout
 
-    if Path(dst).exists() and not overwrite:  # before loading a model that may take minutes
+    if os.path.lexists(dst) and not overwrite:  # before loading a model that may take minutes
         raise UsageError("exists already", file=dst, fix="pass --overwrite or choose another OUT")
 
     ids = None
@@ -60,7 +60,10 @@ def capture_ssm(
         except ValueError:
             raise click.BadParameter("comma-separated integers", param_hint="--token-ids") from None
     source = resolve(model).path
-    refuse_into_input(dst, input_roots(source), what="OUT")  # never write into the model's folder
+    roots = input_roots(source)
+    for follow in (True, False):  # where a link at OUT points (written through), and the entry itself
+        refuse_into_input(dst, roots, what="OUT", follow_last=follow)  # (replaced by the new file)
+    refuse_other_names(dst, input_inodes(roots), what="OUT")
     tensors, meta = capture_state(source, prompt=prompt, token_ids=ids, device=device)
     tensors, meta = convert_conv_layout(tensors, meta, conv_layout)  # type: ignore[arg-type]
     write_state_file(dst, tensors, meta, overwrite=overwrite)

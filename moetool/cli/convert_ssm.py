@@ -75,8 +75,10 @@ def convert_ssm(
       moetool convert-ssm state.safetensors vllm.safetensors --trim-conv --conv-layout dim-last
       moetool convert-ssm raw.safetensors state.safetensors --assume-layout k-first
     """
+    import os
+
     from moetool.errors import UsageError
-    from moetool.io.fs import real_path
+    from moetool.io.fs import real_path, refuse_other_names
     from moetool.ssm import read_state_file, write_state_file
     from moetool.transforms.ssm_layout import convert_state
 
@@ -84,6 +86,9 @@ def convert_ssm(
         raise UsageError(
             "OUT is the input file", file=dst, fix="write to a new file; the input is never modified"
         )
+    if os.path.isfile(src):  # OUT another name (a hard link) of IN's file: replacing it changes IN
+        st = os.stat(src)
+        refuse_other_names(dst, {(st.st_dev, st.st_ino): real_path(src)}, what="OUT")
     if pool and to != "k-last":
         raise UsageError("--pool needs --to k-last", fix="a pool is k-last by definition")
     tensors, meta = read_state_file(src, assume_layout=assume_layout)

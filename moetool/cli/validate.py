@@ -174,7 +174,7 @@ def report_target(path: str, inputs: tuple[Path, Path]) -> Path:
     neither the file nor the folder it lands in resolves into either checkpoint (or equals a state
     file) — a report never replaces a file of what it checks."""
     from moetool.errors import UsageError
-    from moetool.io.fs import input_roots, real_path, refuse_into_input
+    from moetool.io.fs import input_inodes, input_roots, real_path, refuse_into_input, refuse_other_names
 
     p = Path(path).absolute()
     if not p.name or p.name in (".", ".."):
@@ -187,6 +187,7 @@ def report_target(path: str, inputs: tuple[Path, Path]) -> Path:
     roots = [r for q in inputs for r in (input_roots(q) if q.is_dir() else [real_path(q)])]
     for follow in (True, False):  # where a link at p points, and where the entry p itself lies
         refuse_into_input(p, roots, what="--report", shown=path, follow_last=follow)
+    refuse_other_names(p, input_inodes(roots), what="--report")  # nor another name of one of their files
     if p.is_dir():
         raise UsageError("--report is a folder", file=path, fix="name a file")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -21,7 +21,16 @@ from typing import Any
 import torch
 
 from moetool.errors import InputError
-from moetool.io.fs import input_roots, is_within, kind_of, open_regular, read_small, real_path
+from moetool.io.fs import (
+    changed_keys,
+    file_identity,
+    input_roots,
+    is_within,
+    kind_of,
+    open_regular,
+    read_small,
+    real_path,
+)
 from moetool.io.safetensors_format import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -38,6 +47,17 @@ def truncated_shard(file: str | Path, tensor: str | None, done: int, nbytes: int
         file=str(file),
         tensor=tensor,
         fix="the shard is truncated; re-download it",
+    )
+
+
+_CHANGED_FIX = "something replaced or rewrote the input during the run; run again once nothing writes to it"
+
+
+def _changed(file: str, changed: list[str]) -> InputError:
+    return InputError(
+        f"shard changed since its header was read ({', '.join(changed)} changed)",
+        file=os.fspath(file),
+        fix=_CHANGED_FIX,
     )
 
 
@@ -152,6 +172,12 @@ class Checkpoint:
                 )
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
+        # each shard's file as its header was read: data is read only from that file, unchanged
+        self._identity: dict[str, dict[str, int]] = {
+            os.fspath(real_path(self.root / rel)): h.identity
+            for rel, h in self.headers.items()
+            if h.identity is not None
+        }
 
     def _find_shards(self) -> tuple[list[str], dict[str, Any]]:
         index_path = self.root / INDEX_NAME
@@ -214,9 +240,39 @@ class Checkpoint:
         with self._fd_lock:  # shard workers share the reader; positioned reads need no other lock
             fd = self._fds.get(file)
             if fd is None:
-                fd = open_regular(file, what="shard")
+                fd = self.open_shard(file)
                 self._fds[file] = fd
             return fd
+
+    def open_shard(self, file: str) -> int:
+        """A read-only descriptor of shard ``file`` (a ``TensorInfo.file``), refused (``InputError``
+        naming it) unless it is still the file whose header was read: a shard replaced or rewritten
+        since would be read at the old header's offsets."""
+        fd = open_regular(file, what="shard")
+        want = self._identity.get(os.fspath(file))
+        changed = changed_keys(want, file_identity(os.fstat(fd))) if want is not None else []
+        if changed:
+            os.close(fd)
+            raise _changed(file, changed)
+        return fd
+
+    def input_identity(self) -> dict[str, dict[str, int]]:
+        """Each shard (relative path) as its header was read (``moetool.io.fs.file_identity``)."""
+        return {rel: dict(h.identity) for rel, h in self.headers.items() if h.identity is not None}
+
+    def check_unchanged(self) -> None:
+        """Refuse (``InputError`` naming the file) when a shard is no longer the file whose header was
+        read: replaced, or written in place, while moetool read it."""
+        for file, want in self._identity.items():
+            try:
+                now = file_identity(os.stat(file))
+            except OSError as e:
+                raise InputError(
+                    f"shard disappeared while it was read ({e.strerror})", file=file, fix=_CHANGED_FIX
+                ) from None
+            changed = changed_keys(want, now)
+            if changed:
+                raise _changed(file, changed)
 
     def region(
         self, name: str, rows: tuple[int, int] | None = None, *, expert: int | None = None

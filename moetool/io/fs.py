@@ -85,6 +85,54 @@ def refuse_into_input(
         )
 
 
+def input_inodes(roots: Iterable[Path]) -> dict[tuple[int, int], Path]:
+    """Every regular file under the real folders ``roots`` (or a root that is itself a file) by
+    (device, inode): what another name of an input file, anywhere, would share."""
+    found: dict[tuple[int, int], Path] = {}
+    for root in roots:
+        files = [root] if not stat.S_ISDIR(_lstat_mode(root)) else []
+        files += [Path(f) / n for f, _, names in os.walk(root) for n in names]
+        for p in files:
+            try:
+                st = os.lstat(p)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.setdefault((st.st_dev, st.st_ino), p)
+    return found
+
+
+def refuse_other_names(
+    path: str | os.PathLike[str], inodes: dict[tuple[int, int], Path], *, what: str, tree: bool = False
+) -> None:
+    """``UsageError`` when the entry ``path`` (with ``tree``, any entry under it, links not followed) is
+    another name — a hard link — of an input file: replacing or removing a name of a file changes that
+    file's link count and change time, and moetool changes nothing of its input."""
+    p = Path(path)
+    entries = [p]
+    if tree and stat.S_ISDIR(_lstat_mode(p)):
+        entries += [Path(f) / n for f, dirs, names in os.walk(p) for n in (*names, *dirs)]
+    for e in entries:
+        try:
+            st = os.lstat(e)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and (st.st_dev, st.st_ino) in inodes:
+            raise UsageError(
+                f"{what} holds another name (a hard link) of the input file {inodes[(st.st_dev, st.st_ino)]}",
+                file=str(e),
+                fix="remove that name yourself, or choose another path; moetool changes nothing of its "
+                "input, not even its link count",
+            )
+
+
+def _lstat_mode(p: Path) -> int:
+    try:
+        return os.lstat(p).st_mode
+    except OSError:
+        return 0
+
+
 def open_regular(path: str | os.PathLike[str], *, what: str = "file") -> int:
     """A read-only descriptor of ``path`` (links followed), refused with an ``InputError`` naming it
     unless it is a regular file. The type is checked before opening (opening a FIFO blocks, opening
@@ -109,6 +157,38 @@ def open_regular(path: str | os.PathLike[str], *, what: str = "file") -> int:
         os.close(fd)
         raise InputError(f"{what} is {kind_of(st.st_mode)}, not a regular file", file=p)
     return fd
+
+
+IDENTITY_KEYS = ("size", "inode", "device", "mtime_ns", "ctime_ns")
+
+
+def file_identity(st: os.stat_result) -> dict[str, int]:
+    """What tells one file's bytes from another's under the same name, cheaply: size, inode, device,
+    modification and change times. Another file put in its place has another inode; the same file
+    written in place has a new change time, which the kernel sets on every write and no unprivileged
+    call can set back (``touch`` restores the modification time only)."""
+    return {
+        "size": st.st_size,
+        "inode": st.st_ino,
+        "device": st.st_dev,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
+
+
+def changed_keys(was: dict[str, int], now: dict[str, int]) -> list[str]:
+    """Which of ``file_identity``'s values differ."""
+    return [k for k in IDENTITY_KEYS if was.get(k) != now.get(k)]
+
+
+def opened_path(fd: int, path: str | os.PathLike[str]) -> Path:
+    """The real path of the file open on ``fd`` (opened as ``path``): what the kernel opened, whatever
+    ``path`` pointed to a moment before or after (``/proc/self/fd``; ``real_path(path)`` without it)."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return real_path(path)
+    return Path(target) if os.path.isabs(target) else real_path(path)
 
 
 def read_small(path: str | os.PathLike[str], limit: int, *, what: str = "file") -> bytes:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moetool.errors import InputError
-from moetool.io.fs import open_regular
+from moetool.io.fs import file_identity, open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit safetensors itself enforces
 HEADER_ALIGN = 8
@@ -68,6 +68,9 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_start: int
+    # the file the header was read from (``moetool.io.fs.file_identity``): its data is read only from
+    # that same file, unchanged
+    identity: dict[str, int] | None = None
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
@@ -76,7 +79,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     fd = open_regular(path, what="shard")  # never a FIFO or a device: those would block or never end
     try:
         with open(fd, "rb", closefd=False) as f:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise InputError(
@@ -156,7 +160,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     for (_, e0, n0), (b1, _, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise InputError(f"tensors {n0} and {n1} overlap", file=path, fix="the file is corrupt")
-    return Header(tensors, dict(metadata), data_start)
+    return Header(tensors, dict(metadata), data_start, file_identity(st))
 
 
 def build_header(

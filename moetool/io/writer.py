@@ -31,7 +31,16 @@ import torch
 from moetool.errors import EnvironmentError_, InputError, UsageError
 from moetool.io import atomic
 from moetool.io.checkpoint import truncated_shard
-from moetool.io.fs import input_roots, open_regular, real_path, refuse_into_input
+from moetool.io.fs import (
+    input_inodes,
+    input_roots,
+    is_within,
+    open_regular,
+    opened_path,
+    real_path,
+    refuse_into_input,
+    refuse_other_names,
+)
 from moetool.io.hashing import ReadBack
 from moetool.io.safetensors_format import DTYPE_NAMES, build_header, read_header
 
@@ -90,6 +99,12 @@ class OutputDir:
             raise UsageError(
                 "OUT already exists", file=str(self.out), fix="pass --overwrite or choose another OUT"
             )
+        if source is not None and (resume or overwrite):
+            # what this run may replace or remove: no name in it may be a second name of an input file
+            inodes = input_inodes(roots)
+            refuse_other_names(self.partial, inodes, what="OUT.partial", tree=True)
+            if overwrite:
+                refuse_other_names(self.out, inodes, what="OUT", tree=True)
         if os.path.lexists(self.out) and not self.out.is_dir():
             raise UsageError("OUT exists and is not a directory", file=str(self.out))
         self.resumed = False
@@ -199,9 +214,18 @@ class OutputDir:
         except OSError as e:
             raise os_error(e, self.path(rel)) from None
 
-    def copy_file(self, src: Path, rel: str) -> None:
-        """Copy the input's regular file ``src`` to ``rel`` (a FIFO or device is refused, not read)."""
+    def copy_file(self, src: Path, rel: str, *, within: list[Path] | None = None) -> None:
+        """Copy the input's regular file ``src`` to ``rel`` (a FIFO or device is refused, not read).
+        With ``within`` (real folders), the file actually opened must lie in one of them: a link put in
+        its place after the plan checked it, pointing out of the checkpoint, is refused, not copied."""
         sfd = open_regular(src, what="file")
+        if within is not None and not is_within(opened_path(sfd, src), within):
+            os.close(sfd)
+            raise InputError(
+                "symbolic link points outside the checkpoint",
+                file=str(src),
+                fix="replace it with the file it points to",
+            )
         try:
             with open(sfd, "rb", closefd=False) as fi, self._atomic(rel) as t:
                 shutil.copyfileobj(fi, t.file, COPY_CHUNK)
