@@ -145,6 +145,7 @@ def write_shard(
     out_dtypes = {t.name: t.dtype for t in shard.tensors}
     found: list[dict[str, Any]] = []
     lock = threading.Lock()
+    out.check()  # OUT.partial is still the folder this run locked
     writer = ShardWriter(out.path(shard.file), entries, metadata, fsync=out.fsync)
     sources = SourceFiles(ckpt)
     pool = BufferPool() if quantizer is not None and quantizer.device.type == "cpu" else None

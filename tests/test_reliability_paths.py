@@ -542,3 +542,68 @@ def test_a_second_name_of_an_input_file_is_never_replaced_or_removed(
     line = one_error_line(err)
     assert code == 2 and str(entry) in line and "hard link" in line, line
     assert (tree_digest(tmp_path), [_meta(p) for p in sorted(model.iterdir())]) == before
+
+
+# -- OUT.partial swapped while the run works ---------------------------------------------------------
+def _swap_for_a_link_to_the_input(partial: Path, model: Path, area: Path) -> Path:
+    os.rename(partial, area / "moved-away")
+    partial.symlink_to(model)
+    return model
+
+
+def _swap_for_another_folder(partial: Path, model: Path, area: Path) -> Path:
+    os.rename(partial, area / "moved-away")
+    partial.mkdir()
+    (partial / "theirs.txt").write_text("another process's file")
+    (partial / "model-00001-of-00002.safetensors.tmp").write_text("not this run's to remove")
+    return partial
+
+
+SWAPS: dict[str, Callable[[Path, Path, Path], Path]] = {
+    "a_link_to_the_input": _swap_for_a_link_to_the_input,
+    "another_folder": _swap_for_another_folder,
+}
+
+
+@pytest.mark.parametrize("when", ["after_a_shard", "before_the_commit"])
+@pytest.mark.parametrize("swap", list(SWAPS))
+def test_a_work_folder_swapped_during_the_run_is_neither_written_nor_emptied(
+    base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, swap: str, when: str
+) -> None:
+    """OUT.partial replaced while the run works (moved away, and a link to the input or another
+    folder put under its name): every file is created, and anything removed, only in the folder the run
+    locked, so the run stops naming OUT.partial; what was put there is byte-identical afterwards."""
+    from moetool.io.writer import OutputDir
+
+    model = Path(shutil.copytree(base, tmp_path / "model"))
+    out = tmp_path / "out"
+    swapped: list[Path] = []
+    before: list[dict[str, str]] = []
+
+    def do_swap() -> None:
+        if not swapped:
+            swapped.append(SWAPS[swap](partial_of(out), model, tmp_path))
+            before.append(tree_digest(swapped[0]))
+
+    if when == "after_a_shard":
+        real_write = pipeline.write_shard
+
+        def write_shard(*args, **kwargs):
+            result = real_write(*args, **kwargs)
+            do_swap()
+            return result
+
+        monkeypatch.setattr(pipeline, "write_shard", write_shard)
+    else:
+        real_prune = OutputDir.prune
+
+        def prune(self, keep):
+            do_swap()
+            return real_prune(self, keep)
+
+        monkeypatch.setattr(OutputDir, "prune", prune)
+    code, _, err = run_cli("quantize", model, out, "--max-shard-size", SHARD, "-q")
+    line = one_error_line(err)
+    assert code == 2 and str(partial_of(out)) in line and "replaced" in line, line
+    assert swapped and tree_digest(swapped[0]) == before[0], "what was put in its place was changed"
+    assert not out.exists()

@@ -22,6 +22,7 @@ import os
 import shutil
 import stat
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class OutputDir:
         # Lock before deciding anything about an existing OUT.partial: a run still writing it must be
         # neither resumed nor wiped by a second run.
         self._lock_fd: int | None = self._lock()
+        self._ident = _folder_ident(self.partial)
         if existed:
             if resume:
                 self.resumed = True
@@ -158,12 +160,61 @@ class OutputDir:
     def _clear_partial(self) -> None:
         """Empty ``OUT.partial`` (``--overwrite``) but keep its lock file, so the lock stays held."""
         try:
-            for entry in os.scandir(self.partial):
-                if entry.name != LOCK_NAME:
-                    atomic.remove_entry(Path(entry.path))
-        except OSError as e:
+            self._remove_where(lambda rel, is_dir: str(rel) != LOCK_NAME, descend=lambda rel: False)
+        except BaseException:
             self._unlock()
+            raise
+
+    def _mine(self) -> int:
+        """A descriptor of OUT.partial, refused (``UsageError`` naming it) unless it is still the real
+        folder this run locked: a link or another folder put in its place while the run works (the
+        input itself, renamed there) must neither receive this run's files nor lose any of its own."""
+        try:
+            fd = os.open(self.partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd < 0 or _ident_of(os.fstat(fd)) != self._ident:
+            if fd >= 0:
+                os.close(fd)
+            raise UsageError(
+                "OUT.partial was replaced while this run wrote it",
+                file=str(self.partial),
+                fix="another process moved or replaced it; nothing in it was removed; run again",
+            )
+        return fd
+
+    def check(self) -> None:
+        """Refuse to go on unless OUT.partial is still the folder this run locked (before each file
+        is created)."""
+        os.close(self._mine())
+
+    def _remove_where(self, remove: Callable[[Path, bool], bool], descend: Callable[[Path], bool]) -> None:
+        """Remove the entries of OUT.partial that ``remove(rel, is_dir)`` picks, going into the real
+        subfolders ``descend(rel)`` picks: through a descriptor of the folder this run locked, so a
+        link or folder put in its place is never walked, and entries as entries (a link is unlinked,
+        never followed)."""
+
+        def walk(dfd: int, here: Path) -> None:
+            with os.scandir(dfd) as entries:
+                listed = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            for name, is_dir in listed:
+                rel = here / name
+                if is_dir and descend(rel):
+                    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+                    try:
+                        walk(sub, rel)
+                    finally:
+                        os.close(sub)
+                elif remove(rel, is_dir):
+                    _remove_at(dfd, name)
+
+        fd = self._mine()
+        try:
+            walk(fd, Path())
+        except OSError as e:
             raise os_error(e, self.partial) from None
+        finally:
+            os.close(fd)
 
     @classmethod
     def join(cls, out: str | os.PathLike[str], *, resumed: bool, fsync: bool = False) -> OutputDir:
@@ -180,6 +231,7 @@ class OutputDir:
                 fix="under torchrun OUT must be on a filesystem every rank shares",
             )
         _require_folder(self.partial, "OUT.partial")
+        self._ident = _folder_ident(self.partial)
         self.resumed = resumed
         self._lock_fd = None
         return self
@@ -204,6 +256,7 @@ class OutputDir:
     def _atomic(self, rel: str) -> contextlib.AbstractContextManager[atomic.Temp]:
         """Write ``rel`` atomically through ``<rel>.tmp`` (its folders made first, links refused)."""
         dst = self.path(rel)
+        self.check()
         self._folders(dst.parent)
         return atomic.atomic_write(dst, fsync=self.fsync, tmp=dst.with_name(dst.name + ".tmp"))
 
@@ -239,21 +292,10 @@ class OutputDir:
         the lock: OUT then holds exactly what the run wrote, whatever else an earlier run or someone
         else left in the work folder. Links are removed as links."""
         folders = {p for rel in keep for p in Path(rel).parents if str(p) != "."}
-
-        def walk(folder: Path) -> None:
-            for entry in os.scandir(folder):
-                rel = Path(entry.path).relative_to(self.partial)
-                if str(rel) in keep or str(rel) == LOCK_NAME:
-                    continue
-                if rel in folders and entry.is_dir(follow_symlinks=False):
-                    walk(Path(entry.path))
-                else:
-                    atomic.remove_entry(Path(entry.path))
-
-        try:
-            walk(self.partial)
-        except OSError as e:
-            raise os_error(e, self.partial) from None
+        self._remove_where(
+            lambda rel, is_dir: str(rel) not in keep and str(rel) != LOCK_NAME,
+            descend=lambda rel: rel in folders,
+        )
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -262,19 +304,20 @@ class OutputDir:
 
     def _remove_tmp(self) -> None:
         """Remove this run's unfinished ``*.tmp`` files (entries only, never what a link points to)."""
-        for p in self.partial.rglob("*.tmp"):
-            with contextlib.suppress(OSError):
-                atomic.remove_entry(p)
+        self._remove_where(
+            lambda rel, is_dir: rel.name.endswith(".tmp"), descend=lambda rel: not rel.name.endswith(".tmp")
+        )
 
     def commit(self) -> Path:
         """Rename ``OUT.partial`` to OUT (replacing an old OUT only now, under --overwrite); with
         ``fsync`` the folder is synced before and its parent after the rename. An old OUT that is a
         link is replaced as a link: what it points to is left alone."""
+        self._remove_tmp()  # refused unless OUT.partial is still this run's folder
         with contextlib.suppress(FileNotFoundError):
             (self.partial / LOCK_NAME).unlink()
-        self._remove_tmp()
         if self.fsync:
             atomic.fsync_dir(self.partial)
+        self.check()
         self._unlock()
         old = None
         if os.path.lexists(self.out):
@@ -295,8 +338,11 @@ class OutputDir:
     def abort(self) -> None:
         """Remove everything this run wrote (the input and any old OUT are untouched)."""
         self._unlock()
-        if atomic.is_folder(self.partial):
-            shutil.rmtree(self.partial, ignore_errors=True)
+        try:
+            os.close(self._mine())  # only the folder this run locked, never one put in its place
+        except UsageError:
+            return
+        shutil.rmtree(self.partial, ignore_errors=True)
 
     def release(self) -> None:
         """Leave ``OUT.partial`` for ``--resume`` (an interrupted run)."""
@@ -306,7 +352,7 @@ class OutputDir:
         """Leave ``OUT.partial`` for ``--resume`` after a failure: its recorded shards stay, this run's
         unfinished files go."""
         self._unlock()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, EnvironmentError_, UsageError):
             self._remove_tmp()
 
 
@@ -329,6 +375,28 @@ def _link_error(path: Path) -> UsageError:
         file=str(path),
         fix="remove it; moetool never follows a link it did not create",
     )
+
+
+def _ident_of(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _folder_ident(path: Path) -> tuple[int, int]:
+    return _ident_of(os.lstat(path))
+
+
+def _remove_at(dfd: int, name: str) -> None:
+    """Remove the entry ``name`` of the open folder ``dfd``: a real folder with its contents
+    (``shutil.rmtree``, which never follows links), anything else unlinked."""
+    try:
+        st = os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dfd)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dfd)
 
 
 def _require_folder(path: Path, what: str) -> None:
