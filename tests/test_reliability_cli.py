@@ -76,6 +76,8 @@ REPORT_INTO_INPUT = {
     "through_a_linked_folder": lambda o, c, t: _link(t / "alias", o) / "report.json",
     "a_link_to_a_file_in_the_original": lambda o, c, t: _link(t / "report.json", o / "config.json"),
     "a_dangling_link_into_the_converted": lambda o, c, t: _link(t / "report.json", c / "new.json"),
+    "relative_from_inside_the_converted": lambda o, c, t: Path("report.json"),
+    "relative_dotdot_into_the_original": lambda o, c, t: Path("..") / o.name / "report.json",
     "a_hard_link_of_a_file_of_the_original": lambda o, c, t: _hard_link(t / "report.json", o / "config.json"),
     "a_hard_link_of_a_shard_of_the_converted": lambda o, c, t: _hard_link(
         t / "report.json", c / shards_of(c)[0]
@@ -96,9 +98,10 @@ def _hard_link(path: Path, target: Path) -> Path:
 
 @pytest.mark.parametrize("case", list(REPORT_INTO_INPUT))
 def test_a_report_path_inside_a_checkpoint_is_refused_before_any_work(
-    pair: tuple[Path, Path], tmp_path: Path, case: str
+    pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     orig, conv = (Path(shutil.copytree(p, tmp_path / p.name)) for p in pair)
+    monkeypatch.chdir(conv)  # where a relative --report starts from
     report = REPORT_INTO_INPUT[case](orig, conv, tmp_path)
     before = tree_digest(tmp_path)
     code, stdout, err = run_cli("validate", orig, conv, *VALIDATE, "--report", report)

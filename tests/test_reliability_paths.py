@@ -464,6 +464,20 @@ def plant_link_as_progress(partial: Path, model: Path, victim: Path, names: list
     return PROGRESS_NAME
 
 
+def plant_fifo_as_progress(partial: Path, model: Path, victim: Path, names: list[str]) -> str | None:
+    """A FIFO as the progress record: never opened for a blocking read; nothing is reused from it,
+    and it is replaced by the real record."""
+    (partial / PROGRESS_NAME).unlink()
+    os.mkfifo(partial / PROGRESS_NAME)
+    return None
+
+
+def plant_fifo_as_next_tmp(partial: Path, model: Path, victim: Path, names: list[str]) -> str | None:
+    """A FIFO as ``<next shard>.tmp``: removed as an entry, never opened."""
+    os.mkfifo(partial / f"{_unrecorded_shards(partial)[0]}.tmp")
+    return None
+
+
 def _recorded_shards(partial: Path) -> list[str]:
     record = json.loads((partial / PROGRESS_NAME).read_text())
     return sorted(k for k in record if k.endswith(".safetensors"))
@@ -486,6 +500,8 @@ PLANTED: dict[str, Callable[[Path, Path, Path, list[str]], str | None]] = {
     "stray_entries": plant_stray_entries,
     "link_as_lock": plant_link_as_lock,
     "link_as_progress": plant_link_as_progress,
+    "fifo_as_progress": plant_fifo_as_progress,
+    "fifo_as_next_tmp": plant_fifo_as_next_tmp,
 }
 
 
