@@ -135,12 +135,14 @@ class Plan:
         return {t.name: s.file for s in self.shards for t in s.tensors}
 
     def provenance(self) -> dict[str, dict[str, Any]]:
-        """Per output tensor: its source regions and the transform that made it (for moetool.json)."""
+        """Per output tensor: the shard it is written to, its source regions and the transform that
+        made it (for moetool.json; the shard lets ``validate`` tell a re-sharded checkpoint from a
+        corrupt one even where the files keep their names)."""
         out: dict[str, dict[str, Any]] = {}
         for shard in self.shards:
             for unit in shard.units:
                 for t in unit.tensors:
-                    out[t.name] = {"sources": [], "transform": "copy"}
+                    out[t.name] = {"file": shard.file, "sources": [], "transform": "copy"}
                 for job in unit.jobs:
                     for w in job.writes:
                         rec = out[w.tensor]

@@ -200,6 +200,7 @@ def test_hf_quantize_plan(src: Path) -> None:
     plan, inputs, others = _plan(src, layout="hf", max_shard_size=limit)
     r = _check_common(plan, inputs, limit)
     prov, tensors, d = r["prov"], r["tensors"], r["describe"]
+    wm = plan.weight_map()
     assert len(plan.shards) > 1
     quantized = sorted(n for n in inputs if EXPERT.match(n) or SHARED.match(n))
     assert len(quantized) == 2 * (4 * 3 + 3)
@@ -211,10 +212,10 @@ def test_hf_quantize_plan(src: Path) -> None:
         scale = tensors[name + "_scale_inv"]
         assert scale.dtype == "F32" and scale.shape == (-(-n // 128), -(-k // 128))
         for out in (name, name + "_scale_inv"):
-            assert prov[out] == {"sources": [name], "transform": "fp8_block_128x128"}
+            assert prov[out] == {"file": wm[out], "sources": [name], "transform": "fp8_block_128x128"}
     for name in set(inputs) - set(quantized):
         assert tensors[name].dtype == inputs[name][0] and tensors[name].shape == inputs[name][1]
-        assert prov[name] == {"sources": [name], "transform": "copy"}
+        assert prov[name] == {"file": wm[name], "sources": [name], "transform": "copy"}
     assert d["jobs_by_transform"] == {
         "copy": len(inputs) - len(quantized),
         "fp8_block_128x128": len(quantized),
@@ -235,6 +236,7 @@ def test_deepgemm_quantize_plan(src: Path) -> None:
     plan, inputs, _ = _plan(src, layout="deepgemm", scale_fmt="ue8m0", max_shard_size=limit)
     r = _check_common(plan, inputs, limit)
     prov, tensors, d = r["prov"], r["tensors"], r["describe"]
+    wm = plan.weight_map()
     assert [s.file for s in plan.shards] == ["model.safetensors"]
     e, i, h = 4, 128, 256
     for layer in (1, 2):
@@ -251,7 +253,11 @@ def test_deepgemm_quantize_plan(src: Path) -> None:
         w2_sources = [f"{p}.{x}.down_proj.weight" for x in range(e)]
         for name, sources in ((W13, w13_sources), (W2, w2_sources)):
             for out in (f"{p}.{name}", f"{p}.{name}_scale_inv"):
-                assert prov[out] == {"sources": sources, "transform": "fp8_block_128x128_ue8m0"}
+                assert prov[out] == {
+                    "file": wm[out],
+                    "sources": sources,
+                    "transform": "fp8_block_128x128_ue8m0",
+                }
     assert d["jobs_by_transform"]["fp8_block_128x128_ue8m0"] == 2 * (2 * e + 3)
     assert plan.config["quantization_config"]["scale_fmt"] == "ue8m0"
 

@@ -477,9 +477,14 @@ def test_output_files_and_manifest(src: Source, quantized: Runs) -> None:
                 assert tensors[t]["transform"] == transform, t
                 assert tensors[t]["sources"] == sources, t
         shared = f"model.layers.{layer}.mlp.shared_experts.up_proj.weight"
-        assert tensors[shared] == {"sources": [shared], "transform": transform}
+        assert tensors[shared] == {
+            "file": index["weight_map"][shared],
+            "sources": [shared],
+            "transform": transform,
+        }
     for name in ("lm_head.weight", "model.layers.1.mlp.gate.weight", "model.layers.0.mlp.down_proj.weight"):
-        assert tensors[name] == {"sources": [name], "transform": "copy"}
+        assert tensors[name] == {"file": index["weight_map"][name], "sources": [name], "transform": "copy"}
+    assert all(rec["file"] == index["weight_map"][t] for t, rec in tensors.items()), "the shard each went to"
 
 
 @pytest.mark.parametrize(

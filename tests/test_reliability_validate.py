@@ -36,6 +36,7 @@ from reliability_helpers import (
     read_raw,
     run_cli,
     shards_of,
+    weight_map,
     write_raw,
 )
 from safetensors.torch import load_file, save_file
@@ -422,26 +423,41 @@ def test_a_malformed_manifest_is_a_failed_check_naming_it(
     assert code == 0, err
 
 
-def reshard(conv: Path, out: Path, per_shard: int) -> Path:
-    """What another tool does: the same tensors, in other shards with other names and a new index."""
+def reshard(conv: Path, out: Path, per_shard: int, *, same_names: bool = False) -> Path:
+    """What another tool does: the same tensors, in other shards with a new index; the files named anew,
+    or (``same_names``) as many files as before under the old names, holding other tensors."""
     shutil.copytree(conv, out, ignore=shutil.ignore_patterns("*.safetensors", INDEX))
-    tensors = {k: v for s in shards_of(conv) for k, v in load_file(conv / s).items()}
+    old = shards_of(conv)
+    tensors = {k: v for s in old for k, v in load_file(conv / s).items()}
     names = sorted(tensors)
+    if same_names:
+        per_shard = -(-len(names) // len(old))  # as many shards, cut by count rather than by bytes
     groups = [names[i : i + per_shard] for i in range(0, len(names), per_shard)]
+    assert not same_names or len(groups) == len(old)
     wm = {}
     for j, group in enumerate(groups):
-        fname = f"resharded-{j:03d}.safetensors"
+        fname = old[j] if same_names else f"resharded-{j:03d}.safetensors"
         save_file({n: tensors[n] for n in group}, out / fname, metadata={"format": "pt"})
         wm.update(dict.fromkeys(group, fname))
     (out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     return out
 
 
+@pytest.mark.parametrize("names", ["new_names", "same_names"])
 @pytest.mark.parametrize("which", ["hf", "deepgemm"])
 def test_a_resharded_checkpoint_is_not_described_and_the_tensors_decide(
-    pair: dict[str, Path], tmp_path: Path, which: str, untouched
+    pair: dict[str, Path], tmp_path: Path, which: str, names: str, untouched
 ) -> None:
-    conv = reshard(pair[which], tmp_path / "resharded", per_shard=9)
+    """Re-sharded by another tool (safetensors' own writer, a new index), under new file names or
+    under the old ones with other tensors in them: not described by the manifest, and every tensor
+    checked against the original decides."""
+    src = pair[which]
+    if names == "same_names":  # several shards, so that tensors can move between them
+        src = quantized(pair["orig"], tmp_path / "sharded", "--layout", which, "--max-shard-size", "200KB")
+    conv = reshard(src, tmp_path / "resharded", per_shard=9, same_names=names == "same_names")
+    if names == "same_names":
+        assert shards_of(conv) == shards_of(src) and len(shards_of(src)) > 1
+        assert weight_map(conv) != weight_map(src), "no tensor moved: not re-sharded"
     untouched(pair["orig"])
     code, checks, err = validate(pair["orig"], conv)
     assert code == 0, (err, failed(checks))

@@ -49,6 +49,14 @@ class StructureCheck:
             f"it lists {r}, which is not here" for r in sorted(files) if not os.path.lexists(root / r)
         ]
         self._undescribed += [f"{r} is here but not listed" for r in here if r not in files]
+        tensors = manifest.get("tensors")
+        for rel, header in self.ctx.c_ck.headers.items() if isinstance(tensors, dict) else []:
+            for name in header.tensors:
+                rec = tensors.get(name)
+                wrote = rec.get("file") if isinstance(rec, dict) else None
+                if isinstance(wrote, str) and wrote != rel:  # the same file names, other contents
+                    self._undescribed.append(f"tensor {name} is in {rel}, moetool wrote it to {wrote}")
+                    break
         if self._undescribed:
             return
         self._t0 = time.perf_counter()
