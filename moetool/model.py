@@ -28,6 +28,7 @@ from moetool.arch import ArchSpec, ModelInfo, language_config
 from moetool.arch.identify import identify
 from moetool.errors import InputError
 from moetool.io.checkpoint import MANIFEST_NAME, Checkpoint, read_json
+from moetool.io.fs import input_roots
 from moetool.plan import Src
 
 FP8_DTYPES = ("F8_E4M3",)
@@ -326,7 +327,7 @@ def analyze(ckpt: Checkpoint, *, family: str | None = None) -> CheckpointView:
     manifest = None
     mpath = ckpt.root / MANIFEST_NAME
     if os.path.lexists(mpath):  # one that cannot be read is an error, never taken as absent
-        manifest = read_json(mpath, what="manifest")
+        manifest = read_json(mpath, what="manifest", within=input_roots(ckpt.root))
     q = ckpt.config.get("quantization_config")
     return CheckpointView(
         ckpt,

@@ -361,12 +361,31 @@ def hostile_index_names_pickle(root: Path, outside: Path) -> list[str]:
     return ["pytorch_model.bin"]
 
 
+def _link_out(root: Path, outside: Path, name: str) -> list[str]:
+    """``name`` moved out of the checkpoint (whole and valid) and linked back from where it was."""
+    outside.mkdir(parents=True, exist_ok=True)
+    shutil.move(root / name, outside / name)
+    (root / name).symlink_to(outside / name)
+    return [str(root / name), "outside the checkpoint"]
+
+
+def hostile_config_symlink_outside(root: Path, outside: Path) -> list[str]:
+    """A config.json elsewhere would be read, and copied into OUT, as this checkpoint's."""
+    return _link_out(root, outside, "config.json")
+
+
+def hostile_index_symlink_outside(root: Path, outside: Path) -> list[str]:
+    return _link_out(root, outside, INDEX)
+
+
 HOSTILE: dict[str, Callable[[Path, Path], list[str]]] = {
     "index_path_dotdot": hostile_index_dotdot,
     "index_path_absolute": hostile_index_absolute,
     "index_path_dotdot_inside": hostile_index_hides_dotdot_in_the_middle,
     "shard_symlink_outside": hostile_shard_symlink_outside,
     "index_names_pickle": hostile_index_names_pickle,
+    "config_symlink_outside": hostile_config_symlink_outside,
+    "index_symlink_outside": hostile_index_symlink_outside,
 }
 
 

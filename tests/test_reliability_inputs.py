@@ -352,14 +352,22 @@ def test_an_unindexed_shard_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
         refused(["inspect", src], ["model.safetensors", "FIFO"], inputs=[src])
 
 
-@pytest.mark.parametrize("how", ["fifo", "dev_zero"])
+def _link_outside(path: Path) -> None:
+    """The file moved out of its checkpoint, whole, and linked back: read, it would be taken as the
+    checkpoint's own."""
+    away = path.parent.parent / f"elsewhere-{path.name}"
+    shutil.move(path, away)
+    path.symlink_to(away)
+
+
+@pytest.mark.parametrize("how", ["fifo", "dev_zero", "link_outside"])
 def test_a_manifest_that_is_not_a_regular_file_is_refused(base: Path, tmp_path: Path, how: str) -> None:
     conv = tmp_path / "conv"
     code, _, err = run_cli("quantize", base, conv, "-q")
     assert code == 0, err
-    (_fifo if how == "fifo" else _dev_zero)(conv / MANIFEST)
+    {"fifo": _fifo, "dev_zero": _dev_zero, "link_outside": _link_outside}[how](conv / MANIFEST)
     with time_limit(TIME_LIMIT_S):
-        refused(["inspect", conv], [MANIFEST], inputs=[conv])
+        refused(["inspect", conv], [MANIFEST, *(["outside"] if how == "link_outside" else [])], inputs=[conv])
 
 
 @pytest.mark.parametrize("how", ["fifo", "dev_zero"])

@@ -61,7 +61,7 @@ def _changed(file: str, changed: list[str]) -> InputError:
     )
 
 
-def read_json(path: Path, *, what: str = "JSON") -> Any:
+def read_json(path: Path, *, what: str = "JSON", within: list[Path] | None = None) -> Any:
     """Read a small JSON file with a size and nesting bound; defects are an ``InputError`` naming the file.
 
     The nesting bound keeps hostile files from reaching code that recurses over the parsed value
@@ -69,7 +69,7 @@ def read_json(path: Path, *, what: str = "JSON") -> Any:
     """
     if not os.path.lexists(path):
         raise InputError(f"{what} not found", file=str(path))
-    raw = read_small(path, MAX_JSON_BYTES, what=what)  # a regular file only, never past the limit
+    raw = read_small(path, MAX_JSON_BYTES, what=what, within=within)  # a regular file, never past the limit
     try:
         value = json.loads(raw.decode("utf-8"))
     # ValueError covers JSONDecodeError and integers longer than Python's digit limit
@@ -134,7 +134,10 @@ class Checkpoint:
             raise InputError(
                 "not a directory", file=str(self.root), fix="give a checkpoint directory or a Hub repo id"
             )
-        self.config: dict[str, Any] = read_json(self.root / "config.json", what="config.json")
+        # like every file of the checkpoint, config.json and the index lie in it (a link out is refused)
+        self.config: dict[str, Any] = read_json(
+            self.root / "config.json", what="config.json", within=allowed_roots(self.root)
+        )
         if not isinstance(self.config, dict):
             raise InputError("config.json is not a JSON object", file=str(self.root / "config.json"))
         self.shard_files, self.index_metadata = self._find_shards()
@@ -183,7 +186,7 @@ class Checkpoint:
         index_path = self.root / INDEX_NAME
         self._index_map: dict[str, str] | None = None
         if os.path.lexists(index_path):  # an index that cannot be read is an error, never ignored
-            index = read_json(index_path, what="index")
+            index = read_json(index_path, what="index", within=allowed_roots(self.root))
             wm = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(wm, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in wm.items()

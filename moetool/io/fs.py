@@ -191,11 +191,20 @@ def opened_path(fd: int, path: str | os.PathLike[str]) -> Path:
     return Path(target) if os.path.isabs(target) else real_path(path)
 
 
-def read_small(path: str | os.PathLike[str], limit: int, *, what: str = "file") -> bytes:
+def read_small(
+    path: str | os.PathLike[str], limit: int, *, what: str = "file", within: list[Path] | None = None
+) -> bytes:
     """All bytes of the regular file ``path``, refused (``InputError`` naming it) past ``limit`` bytes,
-    whatever its size claims: never more than ``limit + 1`` bytes are read."""
+    whatever its size claims: never more than ``limit + 1`` bytes are read. With ``within`` (real
+    folders) the file actually opened must lie in one of them (a link out of the checkpoint is refused)."""
     fd = open_regular(path, what=what)
     try:
+        if within is not None and not is_within(opened_path(fd, path), within):
+            raise InputError(
+                f"{what} is a symbolic link that points outside the checkpoint",
+                file=os.fspath(path),
+                fix="replace it with the file it points to",
+            )
         if os.fstat(fd).st_size > limit:
             raise InputError(f"{what} is larger than {_size(limit)}", file=os.fspath(path))
         chunks, total = [], 0
