@@ -204,6 +204,20 @@ def test_nothing_is_written_into_the_input(
     assert tree_digest(area) == before, "something was created, written, renamed or deleted"
 
 
+def test_a_hub_snapshot_reached_through_a_link_converts(
+    base: Path, clean: Path, tmp_path: Path, untouched
+) -> None:
+    """A Hub cache snapshot (files that are links into ``blobs``) given through a link of the user's:
+    its files lie in the checkpoint (the blobs of the snapshot the link resolves to) and convert."""
+    repo, snap, _ = inside_a_hub_blob_store(tmp_path, base)
+    (tmp_path / "mymodel").symlink_to(snap)
+    untouched(repo)
+    out = tmp_path / "out"
+    code, _, err = run_cli("quantize", tmp_path / "mymodel", out, "--max-shard-size", SHARD, "-q")
+    assert code == 0, err
+    same_output(out, clean)
+
+
 def test_an_input_named_like_the_old_out_is_not_renamed_onto(base: Path, tmp_path: Path, untouched) -> None:
     """``--overwrite`` moves the old OUT aside as ``OUT.old-PID`` before removing it; an input that
     already has that name is neither replaced nor renamed, and no ``OUT.old-*`` is left."""

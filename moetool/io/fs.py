@@ -46,8 +46,9 @@ def input_roots(root: str | os.PathLike[str]) -> list[Path]:
     snapshot (``.../snapshots/<rev>``, whose files are links into ``../../blobs``) that repo's blobs."""
     root = Path(root)
     roots = [real_path(root)]
-    if root.parent.name == "snapshots":
-        roots.append(real_path(root.parent.parent / "blobs"))
+    for r in (root.absolute(), roots[0]):  # a snapshot given as it is, or through a link to it
+        if r.parent.name == "snapshots" and real_path(r.parent.parent / "blobs") not in roots:
+            roots.append(real_path(r.parent.parent / "blobs"))
     return roots
 
 
