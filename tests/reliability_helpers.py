@@ -72,19 +72,21 @@ def input_paths(args: list[str]) -> list[Path]:
     return [Path(p) for p in found if isinstance(p, str) and os.path.lexists(p)]
 
 
-def run_cli(*args: Any, guard_inputs: bool = True) -> tuple[int, str, str]:
+def run_cli(*args: Any, guard_inputs: bool = True, time_limit_s: float | None = None) -> tuple[int, str, str]:
     """``moetool ARGS`` in this process through the real entry point: (exit code, stdout, stderr).
 
     Whatever it does, its inputs (files, links and folders) must hash the same before and after: every
     command run here, writing or not, refused or not, is held to never touching its input
-    (``guard_inputs=False`` only where the test itself changes the input while the command runs)."""
+    (``guard_inputs=False`` only where the test itself changes the input while the command runs).
+    ``time_limit_s`` bounds the command itself (not the hashing around it): past it the test fails."""
     argv = [str(a) for a in args]
     inputs = input_paths(argv) if guard_inputs else []
     before = [tree_digest(p) for p in inputs]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            main(argv)
+            with time_limit(time_limit_s) if time_limit_s else contextlib.nullcontext():
+                main(argv)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 2
@@ -109,11 +111,12 @@ def refused(
     inputs: list[Path],
     out: Path | None = None,
     code: int = 2,
+    time_limit_s: float | None = None,
 ) -> str:
     """Run ``moetool ARGS``; assert exit ``code``, one line naming every string of ``names``, every
     input tree unchanged and no OUT / OUT.partial. Returns the line."""
     before = [tree_digest(p) for p in inputs]
-    got, stdout, err = run_cli(*args)
+    got, stdout, err = run_cli(*args, time_limit_s=time_limit_s)
     assert got == code, f"exit {got}, expected {code}; stderr: {err.strip()[:2000]}; stdout: {stdout[:300]}"
     line = one_error_line(err)
     for name in names:

@@ -39,7 +39,6 @@ from reliability_helpers import (
     run_cli,
     set_config,
     shards_of,
-    time_limit,
     weight_map,
     write_raw,
 )
@@ -339,8 +338,7 @@ def test_what_is_not_a_regular_file_is_refused_in_bounded_time(
     out = tmp_path / "out"
     args = [command, model] + ([out, "-q"] if command == "quantize" else [])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with time_limit(TIME_LIMIT_S):
-        refused(args, [target.name, word], inputs=[model], out=out)
+    refused(args, [target.name, word], inputs=[model], out=out, time_limit_s=TIME_LIMIT_S)
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
     assert grew_mb < 256, f"memory grew by {grew_mb:.0f} MB"
 
@@ -348,8 +346,7 @@ def test_what_is_not_a_regular_file_is_refused_in_bounded_time(
 def test_an_unindexed_shard_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
     src = make_checkpoint(FAMILY, tmp_path / "src", **DIMS)
     _fifo(src / "model.safetensors")
-    with time_limit(TIME_LIMIT_S):
-        refused(["inspect", src], ["model.safetensors", "FIFO"], inputs=[src])
+    refused(["inspect", src], ["model.safetensors", "FIFO"], inputs=[src], time_limit_s=TIME_LIMIT_S)
 
 
 def _link_outside(path: Path) -> None:
@@ -366,8 +363,12 @@ def test_a_manifest_that_is_not_a_regular_file_is_refused(base: Path, tmp_path: 
     code, _, err = run_cli("quantize", base, conv, "-q")
     assert code == 0, err
     {"fifo": _fifo, "dev_zero": _dev_zero, "link_outside": _link_outside}[how](conv / MANIFEST)
-    with time_limit(TIME_LIMIT_S):
-        refused(["inspect", conv], [MANIFEST, *(["outside"] if how == "link_outside" else [])], inputs=[conv])
+    refused(
+        ["inspect", conv],
+        [MANIFEST, *(["outside"] if how == "link_outside" else [])],
+        inputs=[conv],
+        time_limit_s=TIME_LIMIT_S,
+    )
 
 
 @pytest.mark.parametrize("how", ["fifo", "dev_zero"])
@@ -376,10 +377,9 @@ def test_a_state_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, how:
     (_fifo if how == "fifo" else _dev_zero)(src)
     dst = tmp_path / "out.safetensors"
     word = "FIFO" if how == "fifo" else "device"
-    with time_limit(TIME_LIMIT_S):
-        refused(["convert-ssm", src, dst, "-q"], [str(src), word], inputs=[src])
-        # validate given two of them takes them for checkpoints: still refused, saying what they are
-        refused(["validate", src, src, "-q"], [str(src), word], inputs=[src])
+    refused(["convert-ssm", src, dst, "-q"], [str(src), word], inputs=[src], time_limit_s=TIME_LIMIT_S)
+    # validate given two of them takes them for checkpoints: still refused, saying what they are
+    refused(["validate", src, src, "-q"], [str(src), word], inputs=[src], time_limit_s=TIME_LIMIT_S)
     assert not dst.exists()
 
 
