@@ -115,6 +115,8 @@ def job_pieces(
     if job.op == "copy":
         (src,) = job.sources
         t, s = read_source(ckpt, src)
+        if s is not None:
+            check_fp8(ckpt, src, t, s)  # copied as it is, a corrupt FP8 source is still refused
         # an FP8 region travels with its scale blocks when the job writes both
         return [[t], [s]] if len(job.writes) == 2 and s is not None else [[t]]
     if job.op == "quant":
@@ -128,16 +130,10 @@ def job_pieces(
             else:
                 # page-locked reads let the copy to the GPU run asynchronously
                 t, s = read_source(ckpt, src, pin=quantizer.device.type == "cuda")
+            if s is not None:
+                # a corrupt FP8 source is refused, whether its bytes would be kept or requantized
+                check_fp8(ckpt, src, t, s)
             try:
-                if s is not None:
-                    # a corrupt FP8 source is refused, whether its bytes would be kept or requantized
-                    fp8_block.check_source(
-                        t,
-                        s,
-                        name=src.name,
-                        origin=(src.rows[0] if src.rows else 0, src.cols[0] if src.cols else 0),
-                        expert=src.expert,
-                    )
                 take = pool.take if pool is not None else None
                 q, s = quantizer.region(t, s, ue8m0=job.ue8m0, name=src.describe(), take=take)
             except InputError as e:
@@ -167,6 +163,42 @@ def job_pieces(
             ss.append(s)
         return [qs, job_scales(qs, ss, scale_layout=job.scale_layout, scale_dtype=job.scale_dtype)]
     raise InternalError(f"unknown job op {job.op!r}")
+
+
+def check_fp8(ckpt: Checkpoint, src: Src, t: torch.Tensor, s: torch.Tensor) -> None:
+    """Refuse a corrupt FP8 source region (``fp8_block.check_source``: scales finite and positive, no
+    e4m3 NaN byte), naming its file: a region ``[N, K]``, or a stacked ``[E, N, K]`` one expert by
+    expert."""
+    origin = (src.rows[0] if src.rows else 0, src.cols[0] if src.cols else 0)
+    try:
+        if t.dim() == 3:
+            for e in range(t.shape[0]):
+                fp8_block.check_source(t[e], s[e], name=src.name, origin=origin, expert=e)
+        else:
+            fp8_block.check_source(t, s, name=src.name, origin=origin, expert=src.expert)
+    except InputError as e:
+        if e.file is None:
+            e.file = ckpt.info(src.name).file
+        raise
+
+
+def check_fp8_copy(ckpt: Checkpoint, job: Job) -> None:
+    """Before an FP8 source is copied file to file: read it (one expert at a time when stacked, so
+    memory stays bounded) and refuse it if corrupt, as every FP8 source moetool writes out is."""
+    (src,) = job.sources
+    info = ckpt.info(src.name)
+    if info.dtype != "F8_E4M3":
+        return
+    if src.expert is None and len(info.shape) == 3:
+        for e in range(info.shape[0]):
+            one = Src(src.name, rows=src.rows, cols=src.cols, expert=e)
+            t, s = read_source(ckpt, one)
+            if s is not None:
+                check_fp8(ckpt, one, t, s)
+        return
+    t, s = read_source(ckpt, src)
+    if s is not None:
+        check_fp8(ckpt, src, t, s)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint
 from moetool.io.fs import input_roots
 from moetool.io.hashing import sha256_file
 from moetool.io.writer import OutputDir, ShardWriter, os_error, write_index
-from moetool.jobs import BufferPool, SourceFiles, copy_regions, job_pieces, read_source
+from moetool.jobs import BufferPool, SourceFiles, check_fp8_copy, copy_regions, job_pieces, read_source
 from moetool.plan import Job, Plan, Shard
 from moetool.resume import PROGRESS_NAME, input_files
 from moetool.transforms.quant_job import Quantizer, as_stored
@@ -159,6 +159,8 @@ def write_shard(
                 with lock:
                     found.extend(mine)
             return pieces
+        if regions[0].dtype == "F8_E4M3":
+            check_fp8_copy(ckpt, job)  # copied file to file, a corrupt FP8 source is still refused
         for w, r in zip(job.writes, regions):
             writer.copy_from(w.tensor, r.dtype, sources.fd(r.file), r.offset, r.nbytes, w.start, src=r.file)
         return sum(r.nbytes for r in regions)

@@ -219,6 +219,28 @@ def test_fuse_shared_refuses_fp8_scales_it_cannot_slice(
     refused(["fuse-shared", src, out, "-q"], names, inputs=[src], out=out)
 
 
+SHARED_GATE = "model.layers.0.mlp.shared_expert.gate_proj.weight"  # [I=128, H=256]: 1 x 2 blocks
+ROUTED_UP = "model.layers.1.mlp.experts.3.up_proj.weight"
+FUSE_CORRUPT: dict[str, Callable[[Path], list[str]]] = {
+    "shared_scale_nan": _set_scale(SHARED_GATE, float("nan"), (0, 1)),
+    "shared_byte_0x7f": _set_byte(SHARED_GATE, 0x7F, (3, 200)),
+    "routed_scale_zero": _set_scale(ROUTED_UP, 0.0, (0, 0)),
+    "routed_byte_0xff": _set_byte(ROUTED_UP, 0xFF, (100, 5)),
+    "attention_scale_negative": _set_scale(ATTN, -0.5, (1, 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(FUSE_CORRUPT))
+def test_fuse_shared_refuses_a_corrupt_fp8_input(fp8_shared: Path, tmp_path: Path, case: str) -> None:
+    """fuse-shared copies FP8 tensors as they are (the shared expert sliced into slots, routed experts
+    and attention file to file): a corrupt one is refused as quantize refuses it, naming the file, the
+    tensor and the block, never copied into an output that declares FP8."""
+    src = Path(shutil.copytree(fp8_shared, tmp_path / "src"))
+    names = FUSE_CORRUPT[case](src)
+    out = tmp_path / "out"
+    refused(["fuse-shared", src, out, "-q"], names, inputs=[src], out=out)
+
+
 @pytest.mark.parametrize("layout", ["hf", "deepgemm"])
 def test_a_nan_in_a_bf16_weight_names_the_file(model: Path, tmp_path: Path, layout: str) -> None:
     name = "model.layers.1.mlp.experts.3.gate_proj.weight"
