@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from moetool.errors import EnvironmentError_, InputError, UsageError
+from moetool.io.checkpoint import Checkpoint
 from moetool.ssm import StateMeta, conv_state_name, meta_from_config, recurrent_state_name
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -49,6 +50,11 @@ def capture_state(
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     model_dir = Path(model_dir)
+    # What transformers will read is vetted first, as every input of moetool: config, index and shards
+    # regular files inside the folder (a FIFO would hang the load, /dev/zero never end), JSON bounded,
+    # safetensors headers sound, no pickle-only weights; the other files regular files too.
+    with Checkpoint(model_dir) as ckpt:
+        ckpt.other_files()
     if token_ids is None:
         if prompt is None:
             raise UsageError("give --prompt or --token-ids")
@@ -65,7 +71,9 @@ def capture_state(
         token_ids = tok(prompt)["input_ids"]
     if not token_ids:
         raise UsageError("the prompt encodes to no tokens", file=str(model_dir), fix="pass --token-ids 1,2,3")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True).to(device).eval()
+    )
     config = model.config.to_dict()
     meta = meta_from_config(config, layout="k-first")
     types = config.get("layer_types") or []

@@ -343,11 +343,11 @@ NOT_REGULAR: dict[str, tuple[Callable[[Path], Path], Callable[[Path], None], str
 
 @pytest.mark.parametrize(
     ("case", "command"),
-    # inspect reads no tokenizer file; quantize copies it
+    # inspect reads no tokenizer file; quantize copies it; capture-ssm hands the folder to transformers
     [
         (c, cmd)
         for c in NOT_REGULAR
-        for cmd in ("inspect", "quantize")
+        for cmd in ("inspect", "quantize", "capture-ssm")
         if (c, cmd) != ("tokenizer_fifo", "inspect")
     ],
 )
@@ -358,7 +358,11 @@ def test_what_is_not_a_regular_file_is_refused_in_bounded_time(
     target = where(model)
     make(target)
     out = tmp_path / "out"
-    args = [command, model] + ([out, "-q"] if command == "quantize" else [])
+    args = {
+        "inspect": [command, model],
+        "quantize": [command, model, out, "-q"],
+        "capture-ssm": [command, model, out, "--prompt", "hello", "-q"],
+    }[command]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     refused(args, [target.name, word], inputs=[model], out=out, time_limit_s=TIME_LIMIT_S)
     grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
