@@ -53,10 +53,20 @@ def truncated_shard(file: str | Path, tensor: str | None, done: int, nbytes: int
 _CHANGED_FIX = "something replaced or rewrote the input during the run; run again once nothing writes to it"
 
 
-def _changed(file: str, changed: list[str]) -> InputError:
+def _changed(
+    file: str,
+    changed: list[str],
+    *,
+    tensor: str | None = None,
+    was: dict[str, int] | None = None,
+    now: dict[str, int] | None = None,
+) -> InputError:
+    shrunk = was is not None and now is not None and now["size"] < was["size"]
     return InputError(
-        f"shard changed since its header was read ({', '.join(changed)} changed)",
+        f"shard changed since its header was read ({', '.join(changed)} changed"
+        + (f"; it ended after {now['size']} of {was['size']} bytes)" if shrunk else ")"),
         file=os.fspath(file),
+        tensor=tensor,
         fix=_CHANGED_FIX,
     )
 
@@ -239,24 +249,26 @@ class Checkpoint:
         except KeyError:
             raise InputError("tensor not found in the checkpoint", file=str(self.root), tensor=name) from None
 
-    def _fd(self, file: str) -> int:
+    def _fd(self, file: str, tensor: str | None = None) -> int:
         with self._fd_lock:  # shard workers share the reader; positioned reads need no other lock
             fd = self._fds.get(file)
             if fd is None:
-                fd = self.open_shard(file)
+                fd = self.open_shard(file, tensor=tensor)
                 self._fds[file] = fd
             return fd
 
-    def open_shard(self, file: str) -> int:
+    def open_shard(self, file: str, *, tensor: str | None = None) -> int:
         """A read-only descriptor of shard ``file`` (a ``TensorInfo.file``), refused (``InputError``
         naming it) unless it is still the file whose header was read: a shard replaced or rewritten
-        since would be read at the old header's offsets."""
+        since would be read at the old header's offsets. ``tensor``: the one about to be read, named in
+        the error."""
         fd = open_regular(file, what="shard")
         want = self._identity.get(os.fspath(file))
-        changed = changed_keys(want, file_identity(os.fstat(fd))) if want is not None else []
+        now = file_identity(os.fstat(fd))
+        changed = changed_keys(want, now) if want is not None else []
         if changed:
             os.close(fd)
-            raise _changed(file, changed)
+            raise _changed(file, changed, tensor=tensor, was=want, now=now)
         return fd
 
     def input_identity(self) -> dict[str, dict[str, int]]:
@@ -275,7 +287,7 @@ class Checkpoint:
                 ) from None
             changed = changed_keys(want, now)
             if changed:
-                raise _changed(file, changed)
+                raise _changed(file, changed, was=want, now=now)
 
     def region(
         self, name: str, rows: tuple[int, int] | None = None, *, expert: int | None = None
@@ -306,7 +318,7 @@ class Checkpoint:
         to call from several threads at once (positioned reads, no shared file position). A file that
         ends early is an ``InputError`` naming it and ``tensor``; other ``OSError`` propagate."""
         nbytes = len(view)
-        fd = self._fd(file)
+        fd = self._fd(file, tensor)
         done = 0
         while done < nbytes:
             n = os.preadv(fd, [view[done:]], offset + done)
