@@ -447,6 +447,46 @@ def test_a_loop_of_links_as_model_or_out_is_a_clean_error(model: Path, tmp_path:
     refused([*args, "-q"], [str(area / "x")], inputs=[model, area])
 
 
+OUT_OF_MEMORY: dict[str, Callable[[], BaseException]] = {
+    "python": MemoryError,
+    "cpu_allocator": lambda: RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+        "tried to allocate 800000000000 bytes. Error code 12 (Cannot allocate memory)"
+    ),
+    "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+}
+
+
+@pytest.mark.parametrize("command", ["inspect", "quantize", "validate"])
+@pytest.mark.parametrize("kind", list(OUT_OF_MEMORY))
+def test_running_out_of_memory_is_a_clean_error(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, command: str
+) -> None:
+    """Memory the machine does not have is the machine's limit, not a bug: exit 2, one line saying so
+    and what asks for less, never "internal error"."""
+    from moetool import model as model_module
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise OUT_OF_MEMORY[kind]()
+
+    monkeypatch.setattr(model_module, "_check_experts_covered", exhausted)
+    out = tmp_path / "out"
+    args = {
+        "inspect": ["inspect", model],
+        "quantize": ["quantize", model, out, "-q"],
+        "validate": ["validate", model, model, "--device", "cpu"],
+    }[command]
+    line = refused(args, ["out of memory", "--tokens"], inputs=[model], out=out)
+    assert "internal" not in line, line
+
+
+def test_validate_tokens_are_bounded(model: Path) -> None:
+    """--tokens past what any check needs is refused before anything is allocated."""
+    code, stdout, err = run_cli("validate", model, model, "--tokens", 100_000_000)
+    assert code == 2 and "--tokens" in err and "65536" in err and "internal" not in err, err
+    assert not stdout.strip()
+
+
 @pytest.mark.parametrize("out", ["/", "/.", "/..", "/tmp/.."])
 def test_out_that_names_no_new_folder_is_a_clean_error(model: Path, out: str, tmp_path: Path) -> None:
     """The filesystem root, however spelled: refused, with or without --overwrite."""

@@ -11,7 +11,7 @@ import click
 from moetool import __version__
 from moetool.cli.common import INVOCATION, error_object
 from moetool.env import ENV
-from moetool.errors import InternalError, MoetoolError
+from moetool.errors import EnvironmentError_, InternalError, MoetoolError
 
 COMMANDS = (
     ("moetool.cli.inspect", "inspect"),
@@ -82,6 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug: still one line unless debugging
         if ENV.debug:
             traceback.print_exc()
+        if _out_of_memory(e):  # the machine, not a bug: say so, and what asks for less
+            err = EnvironmentError_(
+                "out of memory",
+                fix="ask for less (fewer --tokens or --experts, --layers, --device cpu) or free memory",
+            )
+            click.echo(f"moetool: error: {err.line()}", err=True)
+            _json_error(error_object(err.line(), err.exit_code, err=err, kind="EnvironmentError_"), args)
+            sys.exit(err.exit_code)
         first = str(e).splitlines()[0] if str(e) else ""
         line = f"internal error: {type(e).__name__}: {first}"
         click.echo(f"moetool: {line} ({InternalError.REPORT})", err=True)
@@ -91,6 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:
         _exit_now(code)
     sys.exit(code)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, torch's OutOfMemoryError (CUDA), or the CPU allocator's refusal."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 def _json_error(obj: dict, args: list[str], *, parsed: bool = True) -> None:

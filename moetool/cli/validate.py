@@ -10,6 +10,8 @@ import click
 
 from moetool.cli.common import Output, common_options, family_option, human_bytes, table
 
+MAX_TOKENS = 65536
+
 
 def _layers(text: str | None) -> tuple[int, ...] | None:
     if not text or text == "all":
@@ -85,10 +87,11 @@ def timing_line(report) -> str:
 )
 @click.option(
     "--tokens",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_TOKENS),
     default=128,
     show_default=True,
-    help="Random tokens per layer for the kernel and MoE checks.",
+    help=f"Random tokens per layer for the kernel and MoE checks (at most {MAX_TOKENS}: more decide nothing "
+    "a few hundred do not, and the activations grow with them).",
 )
 @click.option(
     "--steps", type=click.IntRange(min=1), default=4, show_default=True, help="Decode steps (state files)."
