@@ -84,8 +84,14 @@ def _tree(out: Path) -> dict[str, bytes]:
     ids=["quantize-deepgemm", "quantize-hf-ue8m0", "fuse-shared"],
 )
 def test_fsync_syncs_and_its_absence_never_does_with_the_same_bytes(
-    src: Path, tmp_path: Path, sync_calls: Counter, monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+    src: Path,
+    tmp_path: Path,
+    sync_calls: Counter,
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
+    untouched,
 ) -> None:
+    untouched(src)  # the input's bytes are compared at the end
     name, *opts = command
     plain = tmp_path / "plain"
     _run(name, str(src), str(plain), *opts, "--max-shard-size", "700KB")
@@ -103,9 +109,10 @@ def test_fsync_syncs_and_its_absence_never_does_with_the_same_bytes(
 
 
 def test_unchanged_tensors_copied_through_memory_give_the_same_bytes(
-    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, untouched
 ) -> None:
     """Where copy_file_range is refused (another filesystem, an old kernel), the same output."""
+    untouched(src)
     in_kernel = tmp_path / "kernel"
     _run("quantize", str(src), str(in_kernel))
     calls = Counter()
