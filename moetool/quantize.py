@@ -317,6 +317,25 @@ def plan_quantize(
         and ckpt.tensors[n].dtype not in FP8_DTYPES
         and transformers_cpu_reading(ckpt.tensors[n].shape) == "misreads"
     )
+    # a release's own FP8 Linear whose grid transformers' CPU loader misreads (a 192-row q_b_proj: two
+    # 96-row blocks): kept FP8 it would load wrong, and no other precision holds the release's values
+    kept_misread = sorted(
+        n
+        for n in targets
+        if engine_checkpoint
+        and ckpt.tensors[n].dtype in FP8_DTYPES
+        and transformers_cpu_reading(ckpt.tensors[n].shape) == "misreads"
+    )
+    if kept_misread:
+        raise PlanError(
+            f"this input's FP8 weight of shape {list(ckpt.tensors[kept_misread[0]].shape)} has a 128x128 "
+            f"ceil scale grid that transformers' CPU loader reads with blocks of other than 128 "
+            f"({len(kept_misread)} such weights; it would load an hf output, and this input, wrong)",
+            file=str(ckpt.root),
+            tensor=kept_misread[0],
+            fix="use --layout deepgemm (for moetool.layout and DeepGEMM runtimes), or quantize the model's "
+            "BF16 checkpoint (moetool then leaves these Linears in BF16)",
+        )
     shared_names = {n for sh in view.shared.values() for n in (sh.gate, sh.up, sh.down)}
     if misread and misread[0] in shared_names:
         raise PlanError(

@@ -248,3 +248,37 @@ def test_transformers_on_cpu_misreads_the_stacked_layout_without_its_marker(
     assert gap > 0.3, (
         f"transformers now reads the stacked layout on CPU (1 - cos {gap:.3g}): revisit the marker"
     )
+
+
+def test_fp8_release_linears_transformers_would_misread_are_refused_in_the_hf_layout(tmp_path: Path) -> None:
+    """An FP8 release whose own FP8 Linears have grids transformers' CPU loader misreads: q_b_proj of
+    4 heads x 48 rows is [192, 96], a 2-block row grid read as two 96-row blocks. Kept FP8 in the hf
+    layout it would load wrong (as the release itself does), and no other precision holds the release's
+    values, so the hf layout is refused in one line naming the tensor and the fix; the deepgemm layout
+    (refused by engines) is written."""
+    from moetool.testing.engine_matrix import run_moetool
+    from moetool.testing.factory import make_checkpoint
+
+    src = make_checkpoint(
+        "deepseek_v3",
+        tmp_path / "src",
+        num_layers=2,
+        hidden_size=256,
+        moe_intermediate_size=128,
+        num_experts=4,
+        seed=5,
+        fp8=True,
+    )
+
+    shapes = fp8_shapes(src)
+    assert shapes["model.layers.0.self_attn.q_b_proj.weight"] == (192, 96)
+    misread = sorted(n for n, s in shapes.items() if transformers_cpu_reading(s) == "misreads")
+    assert misread and all(".q_b_proj." in n for n in misread), misread
+    for opts in ((), ("--scale-fmt", "ue8m0")):
+        out = tmp_path / f"hf{len(opts)}"
+        code, err = run_moetool("quantize", str(src), str(out), *opts)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert misread[0] in err and "--layout deepgemm" in err, err
+        assert not out.exists()
+    code, err = run_moetool("quantize", str(src), str(tmp_path / "dg"), "--layout", "deepgemm")
+    assert code == 0, err

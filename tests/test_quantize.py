@@ -194,6 +194,11 @@ class Source:
         assert tree_digest(self.path) == self.digest, f"input {self.path} was modified"
 
 
+#: DeepSeek-V3 attention of 8 heads: q_b_proj [8 x 48, q_lora_rank] and kv_b_proj [8 x 64, kv_lora_rank]
+#: have 128-row blocks (the factory's 4 heads make 192 rows, two blocks transformers' CPU loader reads as 96)
+_EIGHT_HEADS = {"num_attention_heads": 8, "num_key_value_heads": 8}
+
+
 def _dims(**kw: object) -> dict:
     return dict(
         num_layers=3, hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=EXPERTS, seed=11, **kw
@@ -212,12 +217,15 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Source:
 @pytest.fixture(scope="session")
 def fp8_src(tmp_path_factory: pytest.TempPathFactory) -> Source:
     """DeepSeek-V3 official-style FP8 (every Linear but routers and lm_head), ceil scale grids
-    (kv_a_proj_with_mqa is 200 × 576: a 2 × 5 grid, like 576 × 7168's 5 × 56)."""
+    (kv_a_proj_with_mqa is 201 × 576: a 2 × 5 grid, like 576 × 7168's 5 × 56; kv_b_proj is 512 × 185).
+    No grid divides a dimension into blocks of other than 128 (8 heads make q_b_proj 384 rows, not 192):
+    moetool refuses to write such a release's FP8 Linears into the hf layout, which transformers' CPU
+    loader would read wrong (tests/test_engine_matrix.py)."""
     path = make_checkpoint(
         "deepseek_v3",
         tmp_path_factory.mktemp("q_fp8") / "ds",
         fp8=True,
-        config_overrides={"kv_lora_rank": 184},
+        config_overrides={"kv_lora_rank": 185, **_EIGHT_HEADS},
         **_dims(),
     )
     return Source(path)
@@ -609,6 +617,8 @@ def packed_pairs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, boo
             dims = dict(
                 num_layers=2, hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=EXPERTS, seed=3
             )
+            if fp8 and family == "deepseek_v3":
+                dims["config_overrides"] = _EIGHT_HEADS
             flat = make_checkpoint(family, base / "flat", fp8=fp8, **dims)
             packed = make_checkpoint(family, base / "packed", fp8=fp8, packed_experts=True, **dims)
             made[(family, fp8)] = (Source(flat), Source(packed))
