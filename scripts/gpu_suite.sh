@@ -3,7 +3,8 @@
 #   bash scripts/gpu_suite.sh [build-deepgemm] [tests] [bench-quant] [bench-gemm] [bench-gdn] [quantize-20g] [validate-time] [demo]
 # (no argument: all but build-deepgemm). Logs go to $OUT (or ./gpu-logs), one file per section; a summary
 # table ends the output. DeepGEMM (scripts/build_deepgemm.sh) is used wherever .deepgemm/ holds a build:
-# carried from an earlier run, or made by the build-deepgemm section first.
+# carried from an earlier run, or made by the build-deepgemm section first. Carry .whl/ (wheels installed
+# below) and .hubkernels/ (transformers' FP8 kernel, scripts/assemble_hub_kernels.sh) too.
 set -uo pipefail
 out="${OUT:-gpu-logs}"
 mkdir -p "$out"
@@ -11,6 +12,14 @@ export PYTHONUNBUFFERED=1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# transformers' FP8 Triton kernel (kernels-community/finegrained-fp8), which it takes from the Hugging Face
+# Hub and this machine cannot reach: scripts/assemble_hub_kernels.sh builds .hubkernels/ where the network
+# allows; carried here, LOCAL_KERNELS names it (the `kernels` package's local-kernel mapping, which
+# tests/test_engine_gpu.py also reads where no `kernels` release transformers accepts is installed)
+if [ -f .hubkernels/finegrained-fp8/metadata.json ]; then
+  export LOCAL_KERNELS="kernels-community/finegrained-fp8=$PWD/.hubkernels/finegrained-fp8${LOCAL_KERNELS:+:$LOCAL_KERNELS}"
+  export HF_HUB_OFFLINE=1
 fi
 deepgemm_env() {
   if ls .deepgemm/DeepGEMM/deep_gemm/_C*.so >/dev/null 2>&1; then eval "$(bash scripts/build_deepgemm.sh env)"; fi

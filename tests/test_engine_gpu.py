@@ -10,8 +10,9 @@ deepgemm output with moetool's refusal marker taken away: right on CUDA, wrong o
 tell the two apart when it is loaded, which is why the deepgemm layout keeps the marker (docs/compat.md).
 
 Needs a CUDA GPU of compute capability >= 8.9, transformers >= 5.24, accelerate, and transformers' FP8
-kernels (the ``kernels`` package with ``kernels-community/finegrained-fp8`` in the Hugging Face cache):
-``pytest -m gpu tests/test_engine_gpu.py``.
+kernel ``kernels-community/finegrained-fp8``: through the ``kernels`` package, or from the folder
+``LOCAL_KERNELS`` names for it (scripts/assemble_hub_kernels.sh builds .hubkernels/; scripts/gpu_suite.sh
+points LOCAL_KERNELS there): ``bash scripts/gpu_suite.sh tests`` or ``pytest -m gpu tests/test_engine_gpu.py``.
 """
 
 from __future__ import annotations
@@ -46,18 +47,67 @@ def cells(tmp_path_factory: pytest.TempPathFactory) -> Cells:
     return Cells(tmp_path_factory.mktemp("engine_gpu"), TABLE)
 
 
+FP8_KERNEL = "kernels-community/finegrained-fp8"
+
+
 @pytest.fixture(scope="module")
 def fp8_kernels() -> None:
-    """transformers' FP8 matmuls come from the ``kernels`` package and the Hugging Face Hub."""
-    from transformers.integrations.finegrained_fp8 import load_finegrained_fp8_kernel
+    """transformers' FP8 matmuls: its ``finegrained-fp8`` hub kernel, through the ``kernels`` package
+    (which honours ``LOCAL_KERNELS=kernels-community/finegrained-fp8=DIR``), or, where no ``kernels``
+    release transformers accepts is installed (5.24 takes only >= 0.18.2, < 0.19), imported from the
+    ``LOCAL_KERNELS`` folder here and handed to transformers' own loader, which checks its entry points.
+    scripts/assemble_hub_kernels.sh builds that folder (.hubkernels/, which scripts/gpu_suite.sh points
+    LOCAL_KERNELS at); the GPU machine has no network to fetch the kernel from the Hub."""
+    from transformers.integrations import finegrained_fp8 as tf_fp8
 
     try:
-        load_finegrained_fp8_kernel()
+        tf_fp8.load_finegrained_fp8_kernel()
+        return
     except ImportError as exc:
+        missing = exc
+    folder = _local_kernel_folder(FP8_KERNEL)
+    if folder is None:
         pytest.fail(
-            f"transformers' FP8 kernels are unavailable ({exc}): install `kernels` and have "
-            "kernels-community/finegrained-fp8 in the Hugging Face cache (HF_HUB_OFFLINE=1 on the GPU machine)"
+            f"transformers' FP8 kernels are unavailable ({missing}): run scripts/assemble_hub_kernels.sh and "
+            f"carry .hubkernels/ (scripts/gpu_suite.sh sets LOCAL_KERNELS={FP8_KERNEL}=.hubkernels/finegrained-fp8)"
         )
+    module = _import_kernel_folder(folder)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tf_fp8, "is_kernels_available", lambda: True)
+        mp.setattr(tf_fp8, "lazy_load_kernel", lambda name: module if name == "finegrained-fp8" else None)
+        tf_fp8.load_finegrained_fp8_kernel()  # cached by transformers for the rest of the session
+
+
+def _local_kernel_folder(repo_id: str) -> Path | None:
+    """The folder ``LOCAL_KERNELS`` (``repo_id=path[:repo_id=path...]``, the ``kernels`` package's
+    format) names for ``repo_id``."""
+    import os
+
+    for entry in filter(None, os.environ.get("LOCAL_KERNELS", "").split(":")):
+        rid, _, path = entry.partition("=")
+        if rid == repo_id:
+            return Path(path)
+    return None
+
+
+def _import_kernel_folder(folder: Path) -> Any:
+    """Import a noarch kernel build as ``kernels`` does: the package in ``folder`` under the module name
+    its ``metadata.json`` gives as ``id``."""
+    import importlib.util
+    import sys
+
+    meta = json.loads((folder / "metadata.json").read_text())
+    name = meta["id"]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    assert spec is not None and spec.loader is not None, folder
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _fp8(path: Path) -> bool:
@@ -125,7 +175,7 @@ def test_refused_layouts_are_refused_on_cuda(cells: Cells, variant: str) -> None
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral", "qwen3_5_moe"])
 def test_the_stacked_layout_is_native_on_cuda_but_not_on_cpu(
-    cells: Cells, tmp_path: Path, family: str
+    cells: Cells, fp8_kernels: None, tmp_path: Path, family: str
 ) -> None:
     cell = cells.output(family, "deepgemm", "float")
     assert cell.path is not None, cell.refusal
