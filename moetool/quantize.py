@@ -317,6 +317,7 @@ def plan_quantize(
         and ckpt.tensors[n].dtype not in FP8_DTYPES
         and transformers_cpu_reading(ckpt.tensors[n].shape) == "misreads"
     )
+    shared_names = {n for sh in view.shared.values() for n in (sh.gate, sh.up, sh.down)}
     # a release's own FP8 Linear whose grid transformers' CPU loader misreads (a 192-row q_b_proj: two
     # 96-row blocks): kept FP8 it would load wrong, and no other precision holds the release's values
     kept_misread = sorted(
@@ -333,10 +334,13 @@ def plan_quantize(
             f"({len(kept_misread)} such weights; it would load an hf output, and this input, wrong)",
             file=str(ckpt.root),
             tensor=kept_misread[0],
-            fix="use --layout deepgemm (for moetool.layout and DeepGEMM runtimes), or quantize the model's "
-            "BF16 checkpoint (moetool then leaves these Linears in BF16)",
+            fix="use --layout deepgemm (for moetool.layout and DeepGEMM runtimes)"
+            + (
+                ""
+                if kept_misread[0] in shared_names
+                else ", or quantize the model's BF16 checkpoint (moetool then leaves these Linears in BF16)"
+            ),
         )
-    shared_names = {n for sh in view.shared.values() for n in (sh.gate, sh.up, sh.down)}
     if misread and misread[0] in shared_names:
         raise PlanError(
             f"shape {list(ckpt.tensors[misread[0]].shape)} makes a scale grid that transformers reads "

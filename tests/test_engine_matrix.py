@@ -282,3 +282,19 @@ def test_fp8_release_linears_transformers_would_misread_are_refused_in_the_hf_la
         assert not out.exists()
     code, err = run_moetool("quantize", str(src), str(tmp_path / "dg"), "--layout", "deepgemm")
     assert code == 0, err
+    # a shared expert of such a grid: from BF16 too it is refused in the hf layout, so the BF16 checkpoint
+    # is no fix there
+    shared = make_checkpoint(
+        "qwen2_moe",
+        tmp_path / "shared",
+        num_layers=1,
+        hidden_size=256,
+        moe_intermediate_size=128,
+        num_experts=4,
+        seed=5,
+        fp8=True,
+        config_overrides={"shared_expert_intermediate_size": 192},
+    )
+    code, err = run_moetool("quantize", str(shared), str(tmp_path / "shared-hf"))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert ".mlp.shared_expert." in err and "--layout deepgemm" in err and "BF16" not in err, err
