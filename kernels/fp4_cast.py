@@ -1,15 +1,11 @@
 """DeepSeek's FP4 → FP8 cast in Triton, byte-identical to :func:`moetool.kernels.fp4_cast_ref.fp4_cast_ref`
 (its docstring is the specification).
 
-One program per (expert, 128-row block, ``BLOCKS_K`` consecutive 128-column blocks). A block is read as
-[128 rows, 4 scale groups, 16 packed bytes]; each byte's two e2m1 codes are decoded on their bits (never
-through a table in memory), scaled by the group's power-of-two offset (built once per FP4 scale on the
-float32 exponent bits) and rounded to e4m3 by :mod:`moetool.kernels.fp8_quant`'s conversion (hardware
-``cvt.rn`` on CUDA, the bit algorithm of torch's conversion in the interpreter); the two FP8 bytes are
-stored as one 16-bit word, the even column in the low byte. The changed-element count is 0 without
-looking when the block's scales span at most 14 binades and its largest is >= 6 (docs/formats.md);
-other blocks compare ``q · 2**(s - b)`` with the FP4 value in float32, exact for every pair the cast
-makes.
+One program per (expert, 128-row block, ``BLOCKS_K`` consecutive 128-column blocks). The e2m1 codes are
+decoded on their bits, never through a table in memory; the per-element power-of-two offset is built on
+the float32 exponent bits; the e4m3 rounding is :mod:`moetool.kernels.fp8_quant`'s (hardware
+``cvt.rn`` on CUDA, the bit algorithm of torch's conversion in the interpreter). The changed-element
+count compares ``q · 2**(s - b)`` with the FP4 value in float32, exact for every pair the cast makes.
 
 A NaN FP4 scale (E8M0 byte 255) makes its block's FP8 scale byte 255; the launcher looks for it after
 the launch and raises the reference's :class:`moetool.errors.InputError` naming the row.
@@ -35,11 +31,6 @@ from moetool.kernels.fp4_cast_ref import (
 from moetool.kernels.fp8_quant import _to_e4m3_bits
 
 _MAX_OFFSET_BITS = tl.constexpr(MAX_OFFSET_BITS)
-# A block whose FP4 scale bytes span at most this many binades (and whose largest is >= 6) casts
-# losslessly: docs/formats.md proves it, and the reference's tables show d = 15 is the first lossy one.
-_LOSSLESS_SPAN = tl.constexpr(14)
-# (num_warps, BLOCKS_K) of the launch; scripts/bench_fp4_cast.py times it beside the alternatives.
-DEFAULT_CONFIG = (8, 1)
 
 
 @triton.jit
@@ -74,15 +65,6 @@ def _e4m3_value(bits):
 
 
 @triton.jit
-def _e4m3_float(qbits, EXACT_CVT: tl.constexpr):
-    """float32 value of float8_e4m3fn bits (uint8, never NaN here): hardware conversion on CUDA."""
-    if EXACT_CVT:
-        return _e4m3_value(qbits.to(tl.int32))
-    else:
-        return qbits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-
-
-@triton.jit
 def fp4_cast_kernel(
     p_ptr,
     sc_ptr,
@@ -95,53 +77,40 @@ def fp4_cast_kernel(
     EXACT_CVT: tl.constexpr,
     BLOCKS_K: tl.constexpr,
 ):
-    """p: [E, N, K/2] uint8 codes; sc: [E, N, K/32] uint8 E8M0; q: [E, N, K/2] int16 (two e4m3 bytes,
-    the even column's in the low byte); s: [E, N/128, K/128] uint8 E8M0; c: [E, N/128, K/128] int32
-    changed elements. Contiguous, N and K multiples of 128; ``num_kp`` = ceil(num_kb / BLOCKS_K)
-    programs per row block.
-
-    A 128 x 128 block is handled as [128 rows, 4 groups of 32, 16 packed bytes]: each packed byte's two
-    codes are cast separately and stored as one 16-bit word, so nothing is interleaved or reshaped, and the
-    power-of-two offset is computed once per FP4 scale ([128, 4, 1]) and broadcast."""
+    """p: [E, N, K/2] uint8 codes; sc: [E, N, K/32] uint8 E8M0; q: [E, N, K] uint8 (e4m3 bits);
+    s: [E, N/128, K/128] uint8 E8M0; c: [E, N/128, K/128] int32 changed elements. Contiguous, N and K
+    multiples of 128; ``num_kp`` = ceil(num_kb / BLOCKS_K) programs per row block."""
     pid = tl.program_id(0)
     kp = pid % num_kp
     rest = pid // num_kp
     nb = rest % num_nb
     e = rest // num_nb
+    n = num_nb * 128
     k = num_kb * 128
-    rows = (e.to(tl.int64) * num_nb * 128 + nb * 128 + tl.arange(0, 128))[:, None, None]
-    groups = tl.arange(0, 4)[None, :, None]
-    inner = tl.arange(0, 16)[None, None, :]
+    rows = (e.to(tl.int64) * n + nb * 128 + tl.arange(0, 128))[:, None]
     for j in tl.static_range(BLOCKS_K):
         kb = kp * BLOCKS_K + j
         if kb < num_kb:
-            sb = tl.load(sc_ptr + rows * (k // 32) + kb * 4 + groups).to(tl.int32)  # [128, 4, 1]
-            e_max = tl.max(tl.max(tl.max(sb, 2), 1), 0)
+            sb = tl.load(sc_ptr + rows * (k // 32) + kb * 4 + tl.arange(0, 4)[None, :]).to(tl.int32)
+            e_max = tl.max(tl.max(sb, 1), 0)
             s_byte = tl.where(e_max == 255, 255, tl.maximum(e_max - _MAX_OFFSET_BITS, 0))
             blk = (e.to(tl.int64) * num_nb + nb) * num_kb + kb
             tl.store(s_ptr + blk, s_byte.to(tl.uint8))
 
-            offs = rows * (k // 2) + kb * 64 + groups * 16 + inner  # [128, 4, 16] packed bytes
-            packed = tl.load(p_ptr + offs).to(tl.int32)
-            v_lo = _e2m1_value(packed & 15, True)
-            v_hi = _e2m1_value((packed >> 4) & 15, True)
+            packed = tl.load(p_ptr + rows * (k // 2) + kb * 64 + tl.arange(0, 64)[None, :]).to(tl.int32)
+            codes = tl.reshape(tl.interleave(packed & 15, (packed >> 4) & 15), (128, 4, 32))
+            v = _e2m1_value(codes, True)
             # offset 2 ** (b - E + 6), clamped where it would leave float32's normal range (values
             # that small round to a signed zero either way)
-            mul = _pow2(tl.maximum(sb - e_max + _MAX_OFFSET_BITS, -126))
-            q_lo = _to_e4m3_bits(v_lo * mul, EXACT_CVT)
-            q_hi = _to_e4m3_bits(v_hi * mul, EXACT_CVT)
-            tl.store(q_ptr + offs, (q_lo.to(tl.int32) | (q_hi.to(tl.int32) << 8)).to(tl.int16))
+            d = tl.maximum(sb - e_max + _MAX_OFFSET_BITS, -126)
+            y = v * _pow2(d)[:, :, None]
+            qbits = _to_e4m3_bits(y, EXACT_CVT)
+            cols = kb * 128 + tl.arange(0, 128)[None, :]
+            tl.store(q_ptr + rows * k + cols, tl.reshape(qbits, (128, 128)))
 
-            # Every element is exact when E >= 6 and E - b <= LOSSLESS_SPAN for all b (docs/formats.md);
-            # only other blocks compare q · 2 ** (s - b) with the FP4 value.
-            b_min = tl.min(tl.min(tl.min(sb, 2), 1), 0)
-            changed = e_max * 0
-            if (e_max - b_min > _LOSSLESS_SPAN) | (e_max < _MAX_OFFSET_BITS):
-                # s - b >= -6, and past 40 any nonzero q is far above 6
-                back = _pow2(tl.minimum(s_byte - sb, 40))
-                lost_lo = (_e4m3_float(q_lo, EXACT_CVT) * back != v_lo).to(tl.int32)
-                lost_hi = (_e4m3_float(q_hi, EXACT_CVT) * back != v_hi).to(tl.int32)
-                changed = tl.sum(tl.sum(tl.sum(lost_lo + lost_hi, 2), 1), 0)
+            # exact iff q · 2 ** (s - b) == v; s - b >= -6, and past 40 any nonzero q is far above 6
+            back = _e4m3_value(qbits.to(tl.int32)) * _pow2(tl.minimum(s_byte - sb, 40))[:, :, None]
+            changed = tl.sum(tl.sum(tl.sum((back != v).to(tl.int32), 2), 1), 0)
             tl.store(c_ptr + blk, changed)
 
 
@@ -153,13 +122,12 @@ def _launch_fp4_cast(
     changed: torch.Tensor,
     *,
     exact_cvt: bool,
-    num_warps: int = DEFAULT_CONFIG[0],
-    blocks_k: int = DEFAULT_CONFIG[1],
+    blocks_k: int = 1,
+    num_warps: int = 4,
 ) -> None:
     """Launch ``fp4_cast_kernel`` on contiguous uint8 ``packed [E, N, K/2]`` and ``scale [E, N, K/32]``
     into contiguous ``q`` uint8 ``[E, N, K]``, ``s`` uint8 and ``changed`` int32 ``[E, N/128, K/128]``."""
     e, num_nb, num_kb = s.shape
-    q = q.view(torch.int16)  # two FP8 bytes per packed byte, little-endian: the even column first
     num_kp = -(-num_kb // blocks_k)
     fp4_cast_kernel[(e * num_nb * num_kp,)](
         packed,
@@ -182,8 +150,8 @@ def fp4_cast(
     *,
     name: str | None = None,
     _exact_cvt: bool | None = None,
-    _num_warps: int = DEFAULT_CONFIG[0],
-    _blocks_k: int = DEFAULT_CONFIG[1],
+    _blocks_k: int = 1,
+    _num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek's FP4 → FP8 cast, byte-identical to ``fp4_cast_ref(packed, scale)``.
 

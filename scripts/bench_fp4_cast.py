@@ -14,8 +14,7 @@ Then ``triton.testing.do_bench`` medians (warm-up, two input stacks used in turn
 L2) of:
 
 - ``fp4_cast`` end to end (allocation, kernel and the NaN-scale check, one device sync);
-- the kernel launch alone into preallocated outputs, over ``num_warps`` × column blocks per program
-  (``*`` marks ``fp4_cast``'s default, ``DEFAULT_CONFIG`` in ``kernels/fp4_cast.py``);
+- the kernel launch alone into preallocated outputs, over ``num_warps`` × column blocks per program;
 - ``copy_``: a device-to-device copy moving the same bytes (read + written) as the cast;
 - the torch reference on the GPU, for information.
 
@@ -115,7 +114,7 @@ def rotate(fns: list[Callable[[], object]]) -> Callable[[], object]:
 
 
 def bench_shape(tag: str, e: int, n: int, k: int) -> list[dict]:
-    from moetool.kernels.fp4_cast import DEFAULT_CONFIG, _launch_fp4_cast, fp4_cast
+    from moetool.kernels.fp4_cast import _launch_fp4_cast, fp4_cast
     from moetool.kernels.fp4_cast_ref import fp4_cast_ref
 
     ins = [make_fp4(e, n, k, seed=10 + i) for i in range(2)]
@@ -155,8 +154,7 @@ def bench_shape(tag: str, e: int, n: int, k: int) -> list[dict]:
                 )
                 for (p, s), o in zip(ins, outs)
             ]
-            mark = "*" if (warps, blocks_k) == DEFAULT_CONFIG else ""
-            row(f"{mark}kernel warps={warps} bk={blocks_k}", median_ms(rotate(calls)))
+            row(f"kernel warps={warps} bk={blocks_k}", median_ms(rotate(calls)))
     row("torch reference", median_ms(partial(fp4_cast_ref, *ins[0]), rep=100))
     return rows
 
