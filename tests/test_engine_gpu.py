@@ -110,20 +110,11 @@ def _import_kernel_folder(folder: Path) -> Any:
     return module
 
 
-def _fp8(path: Path) -> bool:
-    cfg = json.loads((path / "config.json").read_text())
-    qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config") or {}
-    return qc.get("quant_method") == "fp8"
-
-
 def load_cuda(family: str, path: Path, **extra: Any) -> Any:
     """``from_pretrained`` onto the GPU with FP8 kept as FP8 (transformers' own kernels)."""
+    # as a user loads it: no quantization_config argument (transformers keeps FP8 as FP8 on a card that
+    # runs it; an argument would replace the checkpoint's, its modules_to_not_convert included)
     kwargs: dict[str, Any] = {"device_map": "cuda", **extra}
-    if _fp8(path):
-        from transformers import FineGrainedFP8Config
-
-        # only the loading attribute ``dequantize`` is taken from here; the rest is the checkpoint's
-        kwargs["quantization_config"] = FineGrainedFP8Config(dequantize=False)
     return TABLE[family].load(path, **kwargs)
 
 

@@ -84,16 +84,17 @@ def test_an_explicit_backend_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyP
         Backend(CUDA, "deepgemm")  # asked for by name and absent: exit 2, not a silent Triton run
 
 
-@pytest.mark.parametrize("dims", [(200, 200), (7168, 200), (192, 2048)], ids=str)
+@pytest.mark.parametrize("dims", [(200, 200), (7168, 200), (96, 2048)], ids=str)
 def test_deepgemm_only_on_sizes_its_gemm_takes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, card, dims: tuple[int, int]
 ) -> None:
     """DeepGEMM's TMA descriptors reject a 200-wide FP8 row (the card's driver answers INVALID_VALUE):
-    ``auto`` runs Triton for a model with a size that is not a multiple of 128, and asking for DeepGEMM
+    ``auto`` runs Triton for a model with a size that is not a multiple of 64, and asking for DeepGEMM
     by name is a usage error naming the sizes, never a crash inside the GEMM."""
     _stand_in(tmp_path, monkeypatch, "")
     card(9)
     assert resolve_backend("auto", CUDA, (7168, 2048)) == "deepgemm"
+    assert resolve_backend("auto", CUDA, (320, 256)) == "deepgemm"  # ran right on an H200
     assert resolve_backend("auto", CUDA, dims) == "triton"
     with pytest.raises(UsageError, match=", ".join(map(str, dims))):
         resolve_backend("deepgemm", CUDA, dims)

@@ -248,7 +248,13 @@ def load_model(path: str | Path, **kwargs: Any) -> Any:
     cfg = json.loads((Path(path) / "config.json").read_text())
     auto = AutoModelForImageTextToText if "text_config" in cfg else AutoModelForCausalLM
     qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") == "fp8" and torch.cuda.is_available() and "quantization_config" not in kwargs:
+    on_cpu = "device_map" not in kwargs  # a caller that places the model on a GPU wants FP8 kept
+    if (
+        qc.get("quant_method") == "fp8"
+        and torch.cuda.is_available()
+        and on_cpu
+        and "quantization_config" not in kwargs
+    ):
         # with a GPU transformers would keep FP8 and run its kernels; ask for what it does on CPU
         from transformers import FineGrainedFP8Config
 

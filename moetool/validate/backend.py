@@ -39,9 +39,10 @@ def _deepgemm_importable() -> bool:
 
 def deepgemm_takes(dims: tuple[int, ...]) -> bool:
     """Whether DeepGEMM's grouped GEMM takes operands of these N and K sizes: its TMA descriptors need
-    the FP8 rows' byte strides aligned, and a 200-wide K makes the driver reject them (CUDA
-    ``INVALID_VALUE``). We ask for whole 128-blocks, the sizes every released MoE has."""
-    return all(d % 128 == 0 for d in dims)
+    the FP8 rows' byte strides aligned: a 200-wide K makes the driver reject them (CUDA
+    ``INVALID_VALUE``) where 320 ran bit-identical to the Triton GEMM on an H200. We ask for multiples of
+    64, which every released MoE's sizes are."""
+    return all(d % 64 == 0 for d in dims)
 
 
 def model_dims(info) -> tuple[int, int]:
@@ -53,7 +54,7 @@ def resolve_backend(name: str, device: torch.device, dims: tuple[int, ...] = ())
     """The GEMM the kernels and MoE checks run on ``device``: ``torch`` (the references) on the CPU; on
     CUDA ``triton`` or ``deepgemm`` as asked, and for ``auto`` DeepGEMM where ``deep_gemm`` is importable,
     the card is SM90 (Hopper) and every GEMM size in ``dims`` (hidden and expert intermediate size) is a
-    multiple of 128, else Triton. (DeepGEMM's SM100 kernels take scales as UE8M0 only, so float32 scales
+    multiple of 64, else Triton. (DeepGEMM's SM100 kernels take scales as UE8M0 only, so float32 scales
     would be rounded there: ``--backend deepgemm`` is for UE8M0 outputs on such a card.) Asking for
     ``deepgemm`` on sizes it does not take is a usage error naming them."""
     if name not in BACKENDS:
@@ -62,7 +63,7 @@ def resolve_backend(name: str, device: torch.device, dims: tuple[int, ...] = ())
         return "torch"
     if name == "deepgemm" and not deepgemm_takes(dims):
         raise UsageError(
-            f"--backend deepgemm: DeepGEMM's grouped GEMM takes sizes that are multiples of 128, this model's "
+            f"--backend deepgemm: DeepGEMM's grouped GEMM takes sizes that are multiples of 64, this model's "
             f"hidden and expert intermediate sizes are {', '.join(map(str, dims))}",
             fix="use --backend auto or triton",
         )
