@@ -16,11 +16,16 @@ it writes the output with moetool and asks each engine:
   ``RoutedExperts.build_expert_params_mapping`` in vLLM) the way their ``load_weights`` loops use it
   (first entry whose checkpoint name is a substring; the name rewritten to the parameter's), and must land
   on the FP8 MoE parameter of its role (``w13_weight``/``w13_weight_scale_inv`` for gate and up with the
-  expert id and shard of its name, ``w2_*`` for down).
+  expert id and shard of its name, ``w2_*`` for down);
+- **copy** (the ``hf`` outputs): each engine's own FP8 MoE layer (SGLang's ``FusedMoE``, vLLM's
+  ``RoutedExperts``) is built on CPU for every MoE layer of the output, and every expert tensor goes
+  through its ``weight_loader`` as its models' ``load_weights`` call it; each filled parameter must then
+  equal, byte for byte (scales by value), what the engine's forward reads for that expert (:class:`Loaders`,
+  :func:`_fill_check`).
 
-This runs on CPU. It does not build an engine model or copy tensors into its parameters (their model
-constructors need the engines' distributed and device setup); the transformers column of docs/compat.md
-is established by loading and running (``tests/test_engine_matrix.py``).
+This runs on CPU. It does not run the engines' kernels, their conversion of the loaded parameters to a
+kernel's format, or their whole-model constructors; the transformers column of docs/compat.md is
+established by loading and running (``tests/test_engine_matrix.py``).
 
 torchvision is the one module replaced by an empty stand-in: SGLang's multimodal config helpers import it
 at module load, and no torchvision wheel on PyPI matches a CPU torch of another release; nothing on the
@@ -84,6 +89,8 @@ LIGHT = [
     "yarl==1.25.1",
 ]
 STUBBED = ("torchvision",)
+#: the variants whose expert tensors are also copied into each engine's MoE parameters by its own loader
+COPIED = ("hf",)
 
 
 def install(root: Path) -> list[Path]:
@@ -215,6 +222,193 @@ def _route(names: list[str], mapping: list[tuple]) -> str:
     return f"routed ({len(names)} tensors)"
 
 
+class Loaders:
+    """Each engine's own FP8 MoE layer, built on CPU for a given size, and its ``weight_loader``.
+
+    SGLang 0.5.23: ``FusedMoE`` as its models build it, after publishing ``ServerArgs(device="cpu")`` (its
+    process-wide configuration) with MoE ranks 0 of 1. vLLM 0.33.0: ``RoutedExperts`` inside a
+    ``VllmConfig(device=cpu)`` with a one-process gloo group; its FP8 kernel choice
+    (``select_fp8_moe_backend``, which asks for a CUDA device) is replaced by the Triton backend without
+    the device check. Parameters (names, shapes, dtypes) come from each engine's ``Fp8MoEMethod.create_weights``;
+    the copy from its ``weight_loader``. The conversion each kernel applies after loading
+    (``process_weights_after_loading``) is not run.
+    """
+
+    def __init__(self, sample: Path) -> None:
+        import socket
+
+        from sglang.srt import runtime_context
+        from sglang.srt.server_args import ServerArgs
+        from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+        from vllm.distributed import parallel_state
+        from vllm.model_executor.layers.fused_moe.oracle import fp8 as oracle
+        from vllm.model_executor.layers.quantization import fp8 as vllm_fp8
+
+        runtime_context.publish(ServerArgs(model_path=str(sample), device="cpu"), role="scheduler")
+        runtime_context.get_parallel().override_permanently(moe_ep_rank=0, moe_tp_rank=0)
+
+        def triton(config, weight_key, activation_key, allow_vllm_cutlass=False):
+            return oracle.Fp8MoeBackend.TRITON, oracle.backend_to_kernel_cls(oracle.Fp8MoeBackend.TRITON)[0]
+
+        vllm_fp8.select_fp8_moe_backend = triton
+        self._vllm_ctx = set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu")))
+        self._vllm_ctx.__enter__()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        parallel_state.init_distributed_environment(
+            world_size=1,
+            rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{port}",
+            local_rank=0,
+            backend="gloo",
+        )
+        parallel_state.initialize_model_parallel(1, 1)
+
+    @staticmethod
+    def sglang(prefix: str, layer: int, experts: int, hidden: int, inter: int, qc: dict):
+        import torch
+        from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+        from sglang.srt.layers.quantization import get_quantization_config
+
+        config = get_quantization_config(qc["quant_method"]).from_config(qc)
+        return FusedMoE(
+            num_experts=experts,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            layer_id=layer,
+            top_k=min(2, experts),
+            params_dtype=torch.bfloat16,
+            quant_config=config,
+            prefix=prefix,
+        )
+
+    @staticmethod
+    def vllm(prefix: str, layer: int, experts: int, hidden: int, inter: int, qc: dict):
+        import torch
+        from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+        from vllm.model_executor.layers.fused_moe.config import (
+            FusedMoEConfig,
+            FusedMoEParallelConfig,
+            RoutingMethodType,
+        )
+        from vllm.model_executor.layers.fused_moe.expert_map_manager import ExpertMapManager
+        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+        from vllm.model_executor.layers.quantization import get_quantization_config
+
+        one = dict(tp_size=1, pcp_size=1, dp_size=1, ep_size=1, tp_rank=0, pcp_rank=0, dp_rank=0, ep_rank=0)
+        parallel = FusedMoEParallelConfig(
+            **one, sp_size=1, use_ep=False, all2all_backend="naive", enable_eplb=False
+        )
+        moe = FusedMoEConfig(
+            num_experts=experts,
+            experts_per_token=min(2, experts),
+            hidden_dim=hidden,
+            intermediate_size=inter,
+            num_local_experts=experts,
+            num_logical_experts=experts,
+            activation=MoEActivation.SILU,
+            device="cpu",
+            routing_method=RoutingMethodType.Renormalize,
+            moe_parallel_config=parallel,
+            in_dtype=torch.bfloat16,
+            intermediate_size_per_partition=inter,
+        )
+        experts_map = ExpertMapManager(
+            max_num_batched_tokens=256,
+            top_k=min(2, experts),
+            global_num_experts=experts,
+            num_redundant_experts=0,
+            num_expert_group=None,
+            moe_parallel_config=parallel,
+            placement_strategy="linear",
+            enable_eplb=False,
+        )
+        config = get_quantization_config(qc["quant_method"]).from_config(qc)
+        return RoutedExperts(prefix, torch.bfloat16, moe, config, experts_map)
+
+
+def _fill_check(path: Path, qc: dict, engine: str, mapping_of, loaders: Loaders) -> str:
+    """Every routed expert tensor of ``path`` through ``engine``'s own ``weight_loader`` into the FP8 MoE
+    parameters its ``create_weights`` made, as its models' ``load_weights`` loops call it; then each filled
+    parameter against what its forward reads: ``w13_weight[e]`` = gate rows then up rows (its SiluAndMul
+    takes ``silu(x[..., :d]) * x[..., d:]``), ``w13_weight_scale_inv[e]`` = gate's then up's scale rows,
+    ``w2_weight[e]`` = down, ``w2_weight_scale_inv[e]`` = down's scales. FP8 compared byte for byte,
+    scales as float32 values (a ue8m0 grid holds powers of two); parameters are filled with NaN first, so
+    a slot no tensor reached fails."""
+    import torch
+    from safetensors import safe_open
+
+    tensors: dict[str, dict[tuple[int, str, str], Path]] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():  # noqa: SIM118
+                m = _PER_EXPERT.search(name)
+                if m:
+                    prefix = name[: m.start()] + ".experts"
+                    tensors.setdefault(prefix, {})[(int(m.group(1)), m.group(2), m.group(3))] = f
+    if not tensors:
+        return "names only: no per-expert tensors"
+
+    def get(f: Path, name: str):
+        with safe_open(str(f), "pt") as h:
+            return h.get_tensor(name)
+
+    layers = 0
+    for prefix, held in sorted(tensors.items()):
+        projs = {k[1] for k in held}
+        g, d, u = ("w1", "w2", "w3") if "w1" in projs else ("gate_proj", "down_proj", "up_proj")
+        experts = 1 + max(k[0] for k in held)
+        want = {k: get(f, f"{prefix}.{k[0]}.{k[1]}.{k[2]}") for k, f in held.items()}
+        if any(w.dtype != torch.float8_e4m3fn for (_, _, s), w in want.items() if s == "weight"):
+            return "names only: experts not FP8"
+        inter, hidden = want[(0, g, "weight")].shape
+        layer_no = int(re.search(r"layers\.(\d+)\.", prefix).group(1))
+        try:
+            layer = getattr(loaders, engine)(prefix, layer_no, experts, hidden, inter, qc)
+        except Exception as exc:  # the engine's layer does not build here: say what stops it
+            return f"names only: {type(exc).__name__}: {str(exc)[:120]}"
+        params = dict(layer.named_parameters())
+        for p in params.values():
+            if p.dtype == torch.float8_e4m3fn:
+                p.data.view(torch.uint8).fill_(0x7F)  # NaN in e4m3fn
+            else:
+                p.data.fill_(float("nan"))
+        mapping = mapping_of(g, d, u, experts)
+        for (e, proj, suffix), tensor in want.items():
+            name = f"{prefix}.{e}.{proj}.{suffix}"
+            hit = next((m for m in mapping if m[1] in name), None)
+            if hit is None:
+                return f"WRONG: {name} unmatched"
+            mapped = name.replace(hit[1], hit[0])
+            param = params.get(mapped.rsplit(".", 1)[-1])
+            if param is None:
+                return f"WRONG: {name} -> {mapped}: no such parameter"
+            try:
+                param.weight_loader(param, tensor, mapped, shard_id=hit[3], expert_id=hit[2])
+            except Exception as exc:  # loud, but an hf output must load
+                return f"WRONG: its weight_loader raised on {name}: {type(exc).__name__}: {str(exc)[:100]}"
+        for e in range(experts):
+            for param_name, parts, suffix in (
+                ("w13_weight", (g, u), "weight"),
+                ("w13_weight_scale_inv", (g, u), "weight_scale_inv"),
+                ("w2_weight", (d,), "weight"),
+                ("w2_weight_scale_inv", (d,), "weight_scale_inv"),
+            ):
+                got = params[param_name].data[e]
+                exp = torch.cat([want[(e, p, suffix)] for p in parts])
+                if suffix == "weight":
+                    same = got.shape == exp.shape and torch.equal(
+                        got.view(torch.uint8), exp.view(torch.uint8)
+                    )
+                else:
+                    same = got.shape == exp.shape and torch.equal(got, exp.to(torch.float32))
+                if not same:
+                    return f"WRONG: {prefix} expert {e} {param_name} {tuple(got.shape)} vs {tuple(exp.shape)}"
+        layers += 1
+    return f"copied right ({layers} layers x {experts} experts)"
+
+
 def child(root: Path, families: list[str] | None) -> list[dict]:
     _stub(STUBBED)
     import logging
@@ -247,6 +441,13 @@ def child(root: Path, families: list[str] | None) -> list[dict]:
         shutil.rmtree(work)
     cells = Cells(work, table)
     versions = {"sglang": version("sglang"), "vllm": version("vllm")}
+    mapping_of = {
+        "sglang": SglFusedMoE.make_expert_params_mapping,
+        "vllm": lambda g, d, u, n: RoutedExperts.build_expert_params_mapping(
+            g, d, u, n, routed_experts_prefix="", include_fused=True
+        ),
+    }
+    loaders: Loaders | None = None
     rows = []
     for family in sorted(table):
         for variant in VARIANTS:
@@ -272,12 +473,7 @@ def child(root: Path, families: list[str] | None) -> list[dict]:
                 )
                 projs = {_PER_EXPERT.search(n).group(2) for n in per_expert}
                 g, d, u = ("w1", "w2", "w3") if "w1" in projs else ("gate_proj", "down_proj", "up_proj")
-                mappings = {
-                    "sglang": SglFusedMoE.make_expert_params_mapping(g, d, u, num_experts),
-                    "vllm": RoutedExperts.build_expert_params_mapping(
-                        g, d, u, num_experts, routed_experts_prefix="", include_fused=True
-                    ),
-                }
+                mappings = {engine: make(g, d, u, num_experts) for engine, make in mapping_of.items()}
                 for engine, resolve in (("sglang", sgl_quant), ("vllm", vllm_quant)):
                     try:
                         resolve(qc["quant_method"]).from_config(qc)
@@ -287,6 +483,12 @@ def child(root: Path, families: list[str] | None) -> list[dict]:
                         continue
                     row[f"{engine}_config"] = "accepted"
                     row[f"{engine}_experts"] = _route(names, mappings[engine]) if names else "no experts"
+                    if variant in COPIED and row[f"{engine}_experts"].startswith("routed"):
+                        if loaders is None:
+                            loaders = Loaders(cell.path)
+                        row[f"{engine}_copy"] = _fill_check(
+                            cell.path, qc, engine, mapping_of[engine], loaders
+                        )
                 rows.append(row)
     return rows
 
@@ -393,6 +595,11 @@ def _cell(r: dict, engine: str) -> str:
         return "WRONG"
     if experts.startswith("not checked"):
         return "config accepted"
+    copy = r.get(f"{engine}_copy", "")
+    if copy.startswith("WRONG"):
+        return "WRONG"
+    if copy.startswith("copied right"):
+        return "copied right"
     return "read" if experts.startswith("routed") else experts
 
 
@@ -402,11 +609,19 @@ def markdown(rows: list[dict], detail: bool = False) -> str:
     out = [f"SGLang {rows[0]['sglang']}, vLLM {rows[0]['vllm']}", ""]
     if detail:
         out += [
-            "| family | variant | scale | moetool | SGLang config | SGLang experts | vLLM config | vLLM experts |"
+            "| family | variant | scale | moetool | SGLang config | SGLang experts | SGLang copy | vLLM config "
+            "| vLLM experts | vLLM copy |"
         ]
-        out += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        out += ["| --- " * 10 + "|"]
         for r in rows:
-            keys = ("sglang_config", "sglang_experts", "vllm_config", "vllm_experts")
+            keys = (
+                "sglang_config",
+                "sglang_experts",
+                "sglang_copy",
+                "vllm_config",
+                "vllm_experts",
+                "vllm_copy",
+            )
             cols = [r["moetool"][:80], *(r.get(k, "") for k in keys)]
             out.append(f"| {r['family']} | {r['variant']} | {r['scale_fmt']} | " + " | ".join(cols) + " |")
         return "\n".join(out)
@@ -470,7 +685,11 @@ def main() -> int:
     print(markdown(rows, args.detail))
     print()
     print(ssm_markdown(ssm))
-    bad = [r for r in rows if "WRONG" in r.get("sglang_experts", "") + r.get("vllm_experts", "")]
+    bad = [
+        r
+        for r in rows
+        if "WRONG" in "".join(r.get(f"{e}_{k}", "") for e in ("sglang", "vllm") for k in ("experts", "copy"))
+    ]
     loadable = {"hf", "linear"}
     leaks = [
         r
