@@ -222,7 +222,7 @@ def test_experts_transformers_would_misread_are_refused_in_the_hf_layout(tmp_pat
     assert code == 0, err
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "mixtral", "qwen3_5_moe"])
 def test_transformers_on_cpu_misreads_the_stacked_layout_without_its_marker(
     cells: Cells, reference: dict[str, torch.Tensor], tmp_path: Path, family: str
 ) -> None:
@@ -238,8 +238,13 @@ def test_transformers_on_cpu_misreads_the_stacked_layout_without_its_marker(
     unmarked = tmp_path / "unmarked"
     shutil.copytree(cell.path, unmarked)
     cfg = json.loads((unmarked / "config.json").read_text())
-    assert REFUSED in cfg["quantization_config"]["activation_scheme"]
-    cfg["quantization_config"]["activation_scheme"] = "dynamic"
+    marked = [
+        c["quantization_config"] for c in (cfg, cfg.get("text_config") or {}) if "quantization_config" in c
+    ]
+    assert marked
+    for qc in marked:
+        assert REFUSED in qc["activation_scheme"]
+        qc["activation_scheme"] = "dynamic"
     (unmarked / "config.json").write_text(json.dumps(cfg))
     model, info = TABLE[family].load(unmarked, output_loading_info=True)
     assert any(k.endswith("experts.gate_up_proj_scale_inv") for k in info["unexpected_keys"]), info

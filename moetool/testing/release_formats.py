@@ -97,11 +97,13 @@ def make_deepseek_v4_checkpoint(
         hidden_size=hidden_size,
         moe_intermediate_size=moe_intermediate_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=2,
+        # 4 heads of 64 in 2 output groups: 128 columns per group, as transformers' FP8 grouped o_a_proj needs
+        num_attention_heads=4,
         head_dim=64,
         q_lora_rank=32,
         o_groups=2,
-        o_lora_rank=32,
+        # 128 rows per group: transformers' FP8 grouped o_a_proj takes whole 128-row scale blocks per group
+        o_lora_rank=128,
         n_routed_experts=num_experts,
         num_experts_per_tok=top_k,
         index_n_heads=2,
