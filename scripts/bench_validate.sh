@@ -85,6 +85,8 @@ if io:
     print(
         "bytes read per checkpoint byte: "
         + ", ".join(f"{s} {io[f'{s}_read'] / max(io[f'{s}_bytes'], 1):.3f}" for s in ("original", "converted"))
-        + f" (sha256 reads the converted files once more); read buffers {io['buffer_bytes'] / 2**30:.2f} GiB"
+        + f"; sha256 of the converted files: {io.get('converted_hashed_from_reads', 0) / 1e9:.2f} GB from the"
+        + f" checks' reads, {io.get('hash_read', 0) / 1e9:.3f} GB read itself"
+        + f"; read buffers {io['buffer_bytes'] / 2**30:.2f} GiB"
     )
 PY

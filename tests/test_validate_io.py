@@ -8,13 +8,17 @@ tensor, and leaves no thread behind.
 The validator reads each tensor byte of both checkpoints exactly once (all checks on, sampled experts
 or not, every layout), keeps at most two steps of a layer's size in its buffers whatever the number of
 layers (two read budgets when a layer is read in chunks of experts, with the same report), reports seconds per stage and bytes read, compares an unfused shared expert byte for byte, and
-turns a failing read into exit 2 with one line naming the file.
+turns a failing read into exit 2 with one line naming the file. The sha256 of the converted files is
+taken from the same read buffers (``moetool.io.hashing.PlannedHashes``): it equals hashlib's whatever
+order the plans read in, reads itself only what no check reads, and catches a flipped byte either way.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
+import json
 import random
 import threading
 import time
@@ -28,6 +32,7 @@ from safetensors.torch import save_file
 from moetool.errors import InputError
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
+from moetool.io.hashing import PlannedHashes, Run, hashed_runs
 from moetool.io.prefetch import Prefetcher, ReadPlan
 from moetool.testing.factory import DEEPGEMM_LEAVES, experts_prefix, make_checkpoint
 from moetool.validate import TIMING_KEYS, ValidateOptions, validate_checkpoints
@@ -435,6 +440,132 @@ def test_non_finite_original_stops_with_one_line(ws: tv.Workspace) -> None:
     assert res.code == 2, (res.code, res.out, res.err)
     lines = res.err.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and "NaN" in lines[0], res.err
+    assert not _our_threads()
+
+
+# -- the sha256 of the converted files, from the read buffers -------------------------------------------
+def _sparse_plans(ck: Checkpoint, seed: int) -> list[ReadPlan]:
+    """Tensors in a shuffled order, some as row slices, some read twice, some not at all."""
+    rng = random.Random(seed)
+    plans: list[ReadPlan] = []
+    for name in rng.sample(ck.names(), len(ck.names())) * 2:
+        info = ck.info(name)
+        if rng.random() < 0.3 or not info.nbytes:
+            continue
+        plan = ReadPlan(len(plans))
+        if len(info.shape) >= 1 and info.shape[0] > 2 and rng.random() < 0.5:
+            r0 = rng.randrange(info.shape[0] - 1)
+            plan.tensor("x", ck, name, (r0, rng.randrange(r0 + 1, info.shape[0] + 1)))
+        else:
+            plan.tensor("x", ck, name)
+        plans.append(plan)
+    return plans
+
+
+@pytest.mark.parametrize("order", ["in-file-order", "shuffled", "sparse"])
+@pytest.mark.parametrize("slots", [1, 2])
+def test_hashes_from_read_buffers_equal_hashlib(shards: Path, order: str, slots: int) -> None:
+    """``PlannedHashes`` fed by a prefetcher gives each file the sha256 hashlib gives the whole file,
+    whatever order and overlap the plans read in (a file no plan reads included); it hashes every byte
+    once, from the buffers or read itself, and reads itself only what the plans never read when they
+    read the files in order."""
+    files = [shards / "model-00001-of-00002.safetensors", shards / "model-00002-of-00002.safetensors"]
+    files.append(shards / "config.json")
+    with Checkpoint(shards) as ck:
+        if order == "in-file-order":
+            plans = []
+            for name in sorted(ck.names(), key=lambda n: (ck.info(n).file, ck.info(n).offset)):
+                plan = ReadPlan(name)
+                plan.tensor("x", ck, name)
+                plans.append(plan)
+        else:
+            plans = _plans(ck, 5) if order == "shuffled" else _sparse_plans(ck, 5)
+        keys = [str(p.resolve()) for p in files]
+        with PlannedHashes(keys, plans) as hashes:
+            with Prefetcher(plans, threads=3, slots=slots, chunk=1000, hold=hashes.feed) as pf:
+                assert sum(1 for _ in pf) == len(plans)
+            got = {k: hashes.result(k) for k in keys}
+        total = sum(p.stat().st_size for p in files)
+        tensor_bytes = ck.total_bytes
+    assert got == {str(p.resolve()): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    assert hashes.from_buffers + hashes.read_itself == total
+    if order == "in-file-order":
+        assert hashes.from_buffers == tensor_bytes
+    assert not _our_threads()
+
+
+def test_hashed_runs_take_the_heaviest_chain_in_reading_order() -> None:
+    """Runs read out of file order: the chain keeps the most bytes whose offsets rise in reading order
+    (a router read before the experts it follows in the file gives way to the experts)."""
+    runs = [Run(0, 900, 1000), Run(1, 0, 400), Run(1, 400, 800), Run(2, 850, 900), Run(3, 100, 200)]
+    assert [(r.plan, r.start) for r in hashed_runs(runs)] == [(1, 0), (1, 400), (2, 850)]
+    assert hashed_runs([]) == []
+    assert [(r.plan, r.start) for r in hashed_runs([Run(0, 10, 20), Run(1, 15, 40)])] == [(1, 15)]
+
+
+@pytest.mark.parametrize(
+    ("conversion", "opts"),
+    [
+        ("deepgemm-float", {}),
+        ("hf-ue8m0", {}),
+        ("deepgemm-ue8m0+fuse-r2", {}),
+        ("hf-float", {"experts": 1}),
+        ("deepgemm-float", {"layers": (1,)}),
+        ("deepgemm-float", {"read_budget": 1}),
+    ],
+)
+def test_validate_hashes_the_converted_files_from_its_reads(
+    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, conversion: str, opts: dict
+) -> None:
+    """The structure check's sha256 of every converted file comes from the bytes the other checks read
+    (no second read of a tensor byte: the checks' reads still cover each byte once, and the hashing
+    reads itself only headers, files without tensors and what the checks skip), and the report says
+    how many bytes came from where."""
+    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", conversion)
+    log = ReadLog(monkeypatch)
+    report = validate_checkpoints(orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, **opts))
+    assert report.passed, [c for c in report.checks if not c.passed]
+    assert any(c.scope == "files" and c.passed for c in report.checks)
+    listed = json.loads((conv / "moetool.json").read_text())["files"]
+    total = sum((conv / rel).stat().st_size for rel in listed)
+    io = report.io
+    assert io["converted_hashed_from_reads"] + io["hash_read"] == total
+    with Checkpoint(conv) as c:
+        if "layers" not in opts:
+            assert_each_byte_once(log, c)
+        if not opts.get("layers") and not opts.get("read_budget"):
+            # every tensor byte was read by the checks and hashed from their buffers
+            assert io["converted_hashed_from_reads"] == io["converted_read"] == c.total_bytes
+            assert io["hash_read"] == total - c.total_bytes
+        else:
+            assert 0 < io["converted_hashed_from_reads"] <= io["converted_read"]
+
+
+@pytest.mark.parametrize("where", ["read", "skipped"])
+def test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip(
+    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """With ``--layers 1`` the checks read layer 1's experts and skip layer 2's: a byte flipped in
+    either (the recorded sha256 kept) fails the structure check's file hashes, whether the hash took
+    the byte from the checks' buffers or read it itself."""
+    orig = ws.source("deepseek_v3")
+    conv = ws.copy(ws.converted("deepseek_v3", "deepgemm-float"))
+    layer = 1 if where == "read" else 2
+    name = f"{experts_prefix(tv.config_of(conv), layer)}.{W2}"
+    shard, off, _, _, shape = tv.tensor_at(conv, name)
+    pos = off + tv.element_offset(shape, (2, 100, 50), 1)
+    tv.flip_fp8_byte(conv, name, (2, 100, 50))
+    log = ReadLog(monkeypatch)
+    report = validate_checkpoints(
+        orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, layers=(1,))
+    )
+    read = any(s <= pos < e for s, e in log.per_file().get(str(shard.resolve()), []))
+    assert read == (where == "read")
+    files = next(c for c in report.checks if c.group == "structure" and c.scope == "files")
+    assert not files.passed and tv.SHARD in files.detail, files
+    tensors_ok = all(c.passed for c in report.checks if c.group == "tensors")
+    assert tensors_ok == (where == "skipped")  # layer 2 is not checked, layer 1 is
+    assert not report.passed
     assert not _our_threads()
 
 

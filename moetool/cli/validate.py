@@ -54,6 +54,11 @@ def timing_line(report) -> str:
             f"{side} {human_bytes(io[f'{side}_read'])} of {human_bytes(io[f'{side}_bytes'])}"
             for side in ("original", "converted")
         )
+        if "hash_read" in io:
+            line += (
+                f"; sha256 {human_bytes(io['converted_hashed_from_reads'])} from those reads, "
+                f"{human_bytes(io['hash_read'])} read for it alone"
+            )
     return line
 
 

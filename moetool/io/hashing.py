@@ -1,6 +1,7 @@
 """Every sha256 moetool takes of a file: whole files (:func:`sha256_file`), several files at once on
-threads (:class:`FileHashes`), and a file still being written, from bytes read back as its complete
-prefix grows (:class:`ReadBack`)."""
+threads (:class:`FileHashes`), files whose bytes are being read anyway, from the readers' own buffers
+(:class:`PlannedHashes`), and a file still being written, from bytes read back as its complete prefix
+grows (:class:`ReadBack`)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moetool.errors import InputError
+
+if TYPE_CHECKING:
+    from moetool.io.prefetch import ReadPlan
 
 #: Bytes per read of a whole-file hash (hashlib releases the GIL on large updates).
 HASH_CHUNK = 8 << 20
@@ -71,6 +80,234 @@ class FileHashes:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> FileHashes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Stopped(Exception):
+    """A hash abandoned by ``close``."""
+
+
+@dataclass
+class Run:
+    """Bytes ``[start, end)`` of one file that plan ``plan`` reads, as its pieces ``(file_offset,
+    nbytes, dest)`` (``dest``: where in the plan's buffer), in file order, with no gap between them."""
+
+    plan: int
+    start: int
+    end: int
+    pieces: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def plan_runs(plans: Sequence[ReadPlan], files: Iterable[str]) -> dict[str, list[Run]]:
+    """Each of ``files``' bytes that ``plans`` read, as runs in reading order: per plan, its pieces of
+    the file sorted by offset and joined where they touch or overlap."""
+    want = set(files)
+    out: dict[str, list[Run]] = {f: [] for f in want}
+    for i, plan in enumerate(plans):
+        mine: dict[str, list[tuple[int, int, int]]] = {}
+        for p in plan.pieces:
+            if p.file in want and p.nbytes:
+                mine.setdefault(p.file, []).append((p.file_offset, p.nbytes, p.dest))
+        for file, pieces in mine.items():
+            pieces.sort()
+            runs = out[file]
+            first = len(runs)
+            for off, n, dest in pieces:
+                if len(runs) > first and off <= runs[-1].end:
+                    runs[-1].end = max(runs[-1].end, off + n)
+                    runs[-1].pieces.append((off, n, dest))
+                else:
+                    runs.append(Run(i, off, off + n, [(off, n, dest)]))
+    return out
+
+
+def hashed_runs(runs: list[Run]) -> list[Run]:
+    """The runs of one file to hash from the read buffers: the chain of runs, in reading order, each
+    starting at or after the end of the one before, that covers the most bytes (a heaviest increasing
+    subsequence). A hash takes a file's bytes in order while each buffer lives only until its plan is
+    done, so bytes read out of order (a layer's router before its experts, say) cannot all be taken
+    from the buffers; the hasher reads whatever the chain leaves out itself."""
+    if not runs:
+        return []
+    ends = sorted({r.end for r in runs})
+    size = len(ends)
+    best = [(0, -1)] * (size + 1)  # Fenwick tree over the end offsets: (heaviest chain, its last run)
+    total = [0] * len(runs)
+    prev = [-1] * len(runs)
+    for i, r in enumerate(runs):  # runs come in reading order, by offset within a plan
+        k = bisect.bisect_right(ends, r.start)  # chains whose last run ends at or before r.start
+        top = (0, -1)
+        while k > 0:
+            top = max(top, best[k])
+            k -= k & -k
+        total[i], prev[i] = top[0] + (r.end - r.start), top[1]
+        k = bisect.bisect_left(ends, r.end) + 1
+        while k <= size:
+            best[k] = max(best[k], (total[i], i))
+            k += k & -k
+    i = max(range(len(runs)), key=lambda j: (total[j], -j))
+    chain: list[Run] = []
+    while i >= 0:
+        chain.append(runs[i])
+        i = prev[i]
+    return chain[::-1]
+
+
+class PlannedHashes:
+    """sha256 of whole files whose bytes read plans are reading anyway, taken from the read buffers,
+    so each byte is read once: one thread per file takes the file's bytes in file order, the runs of
+    :func:`hashed_runs` from the buffers (``feed``, the hook of ``moetool.io.prefetch.Prefetcher``) and
+    every other span (headers, what no plan reads, what plans read out of order) by reading the file
+    itself, ahead of the buffers it waits for. A file no plan reads is hashed whole at once.
+
+    ``feed(plan, view)`` returns the futures that keep the plan's buffer from reuse until its runs are
+    hashed. ``result(file)`` waits for one digest (an ``InputError`` naming the file if it could not be
+    read); ``done_at`` is the ``time.perf_counter()`` of the last digest; ``from_buffers`` and
+    ``read_itself`` count the bytes hashed from the buffers and read by the hasher. ``open_file(file)``
+    opens a file read-only (default ``os.open``). ``close()`` abandons hashes still running.
+    """
+
+    def __init__(
+        self,
+        files: Iterable[str],
+        plans: Sequence[ReadPlan],
+        *,
+        open_file: Callable[[str], int] | None = None,
+        max_threads: int = MAX_HASH_THREADS,
+    ) -> None:
+        files = sorted(set(files))
+        self._open = open_file or (lambda f: os.open(f, os.O_RDONLY | os.O_CLOEXEC))
+        self._index = {id(plan): i for i, plan in enumerate(plans)}
+        self._runs = {f: hashed_runs(r) for f, r in plan_runs(plans, files).items()}
+        self._views: dict[int, memoryview] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._lock = threading.Lock()
+        self.done_at = time.perf_counter()
+        self.from_buffers = 0
+        self.read_itself = 0
+        # the futures that hold plan i's buffer: one per file with runs in it
+        self._holds: dict[int, dict[str, Future[None]]] = {}
+        for f, chain in self._runs.items():
+            for r in chain:
+                self._holds.setdefault(r.plan, {}).setdefault(f, Future())
+        # buffers for reading: at most this many files are read at once, whatever their number
+        self._buffers: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for _ in range(max(1, min(len(files), max_threads))):
+            self._buffers.put(memoryview(bytearray(HASH_CHUNK)))
+        self._threads: dict[str, threading.Thread] = {}
+        self._digests: dict[str, Future[str]] = {}
+        for f in files:
+            self._digests[f] = Future()
+            t = threading.Thread(target=self._work, args=(f,), name="moetool-sha256", daemon=True)
+            self._threads[f] = t
+            t.start()
+
+    def feed(self, plan: ReadPlan, view: memoryview) -> list[Future[None]]:
+        """Plan ``plan``'s bytes are in ``view`` (its buffer) until the returned futures are done."""
+        i = self._index.get(id(plan))
+        holds = self._holds.get(i, {}) if i is not None else {}
+        if holds:
+            with self._cond:
+                self._views[i] = view
+                self._cond.notify_all()
+        return list(holds.values())
+
+    def _view(self, i: int) -> memoryview | None:
+        with self._cond:
+            while i not in self._views and not self._stop:
+                self._cond.wait()
+            return None if self._stop else self._views[i]
+
+    def _let_go(self, i: int, f: str) -> None:
+        """File ``f`` is done with plan ``i``'s buffer (the buffer is free once every file is)."""
+        fut = self._holds[i][f]
+        if not fut.done():
+            fut.set_result(None)
+        with self._cond:
+            if all(h.done() for h in self._holds[i].values()):
+                self._views.pop(i, None)
+
+    def _work(self, f: str) -> None:
+        chain = self._runs.get(f, [])
+        h = hashlib.sha256()
+        fd = -1
+        from_buffers = read_itself = 0
+
+        def read_to(pos: int, end: int | None) -> int:
+            """Hash the file's bytes [pos, end) (to its end with None), read here; the new position."""
+            nonlocal read_itself
+            if end is not None and pos >= end:
+                return pos
+            buf = self._buffers.get()
+            try:
+                while end is None or pos < end:
+                    if self._stop:
+                        raise _Stopped
+                    want = HASH_CHUNK if end is None else min(HASH_CHUNK, end - pos)
+                    n = os.preadv(fd, [buf[:want]], pos)
+                    if n <= 0:
+                        if end is None:
+                            break
+                        raise OSError(errno.EIO, f"file ended at byte {pos}, before byte {end}")
+                    h.update(buf[:n])
+                    pos += n
+                    read_itself += n
+            finally:
+                self._buffers.put(buf)
+            return pos
+
+        try:
+            fd = self._open(f)
+            pos = 0
+            for k, run in enumerate(chain):
+                pos = read_to(pos, run.start)  # ahead of the buffer, while it is being read
+                view = self._view(run.plan)
+                if view is None:
+                    return
+                for off, n, dest in run.pieces:
+                    if off + n <= pos:
+                        continue
+                    skip = max(pos - off, 0)
+                    h.update(view[dest + skip : dest + n])
+                    from_buffers += n - skip
+                    pos = off + n
+                if k + 1 == len(chain) or chain[k + 1].plan != run.plan:
+                    self._let_go(run.plan, f)
+            read_to(pos, None)
+            with self._lock:
+                self.done_at = max(self.done_at, time.perf_counter())
+                self.from_buffers += from_buffers
+                self.read_itself += read_itself
+            self._digests[f].set_result(h.hexdigest())
+        except _Stopped:
+            pass
+        except Exception as e:  # raised by result(), where the file is checked
+            if isinstance(e, OSError):
+                e = InputError(f"cannot read: {e.strerror or e}", file=f)
+            self._digests[f].set_exception(e)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            for r in chain:  # a buffer is never held by a hash that ended early
+                self._let_go(r.plan, f)
+            if not self._digests[f].done():
+                self._digests[f].set_exception(InputError("hashing was stopped", file=f))
+
+    def result(self, file: str) -> str:
+        return self._digests[file].result()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for t in self._threads.values():
+            t.join()
+
+    def __enter__(self) -> PlannedHashes:
         return self
 
     def __exit__(self, *exc: object) -> None:

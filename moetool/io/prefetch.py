@@ -8,6 +8,10 @@ of ``CHUNK_BYTES`` (positioned reads release the GIL, so the chunks of one tenso
 page cache by several cores at once), and hands back :class:`Batch` es in the same order while it
 already reads the next plans.
 
+Other readers of the same bytes take them from the buffers too: ``hold(plan, view)`` is called once a
+plan is read, and a buffer is reused only after its batch is released and every future ``hold``
+returned is done (``moetool.io.hashing.PlannedHashes`` hashes files from the buffers this way).
+
 Memory: plans in flight live in ``slots`` buffers (two by default: the batch the caller holds and the
 one being read), each reused from plan to plan. Reuse matters as much as parallelism: reading into a
 fresh buffer makes the kernel fault in and zero every page first, which was 4x slower than the copy
@@ -200,6 +204,10 @@ class Prefetcher:
     is raised by the iterator where that batch would have come. Use as a context manager: leaving it
     stops the reads and joins the threads.
 
+    ``hold(plan, view)``: called on the reading side with each plan and its buffer (a byte view) once
+    every piece is read, before the batch is handed out; the futures it returns keep the buffer from
+    reuse until they are done. What it does with the view must only read it, as the caller does.
+
     Statistics: ``bytes_read`` (per file), ``wait_s`` (time the caller spent waiting for batches),
     ``buffer_bytes`` (bytes held by the buffers now) and ``peak_in_use`` (most batches held at once).
     """
@@ -211,11 +219,13 @@ class Prefetcher:
         threads: int | None = None,
         slots: int = 2,
         chunk: int = CHUNK_BYTES,
+        hold: Callable[[ReadPlan, memoryview], list[Future[Any]]] | None = None,
     ) -> None:
         if slots < 1 or chunk < 1:
             raise ValueError("slots and chunk must be positive")
         self._plans = plans
         self._chunk = chunk
+        self._hold = hold
         self._pool = ThreadPoolExecutor(
             max_workers=threads or reader_threads(), thread_name_prefix="moetool-pread"
         )
@@ -252,8 +262,9 @@ class Prefetcher:
                     self._buffers[slot] = torch.empty(0, dtype=torch.uint8)  # free before growing
                     self._buffers[slot] = torch.empty(plan.nbytes, dtype=torch.uint8)
                 buf = self._buffers[slot]
-                self._read(plan, buf)
-                batch = Batch(plan, buf, lambda s=slot: self._give_back(s))
+                view = self._read(plan, buf)
+                holds = self._hold(plan, view) if self._hold is not None else []
+                batch = Batch(plan, buf, lambda s=slot, h=holds: self._give_back_after(s, h))
                 for fn in plan.after:
                     fn(batch)
                 self._out.put(batch)
@@ -261,12 +272,28 @@ class Prefetcher:
         except BaseException as e:
             self._out.put(_Failed(e))
 
+    def _give_back_after(self, slot: int, holds: list[Future[Any]]) -> None:
+        """Give ``slot`` back once every future in ``holds`` is done (at once when none is pending)."""
+        pending = [len(holds) + 1]
+        lock = threading.Lock()
+
+        def one_done(_: object = None) -> None:
+            with lock:
+                pending[0] -= 1
+                last = pending[0] == 0
+            if last:
+                self._give_back(slot)
+
+        for fut in holds:
+            fut.add_done_callback(one_done)
+        one_done()
+
     def _give_back(self, slot: int) -> None:
         with self._lock:
             self._in_use -= 1
         self._free.put(slot)
 
-    def _read(self, plan: ReadPlan, buf: torch.Tensor) -> None:
+    def _read(self, plan: ReadPlan, buf: torch.Tensor) -> memoryview:
         view = memoryview(buf.numpy()).cast("B") if buf.numel() else memoryview(b"")
         futures: list[Future[None]] = []
         for p in plan.pieces:
@@ -281,6 +308,7 @@ class Prefetcher:
                 error = error or e
         if error is not None:
             raise error
+        return view
 
     def _read_chunk(self, p: Piece, start: int, n: int, view: memoryview) -> None:
         if self._stop.is_set():

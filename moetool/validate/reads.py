@@ -6,14 +6,17 @@ converted experts and the router tensors, read once into one buffer and shared b
 Each expert's gate/up sources are read straight into ``{side}|w13[k]`` and its down source into
 ``{side}|w2[k]`` (scales alike, :class:`Stack`), so the stacks the kernels take need no copy. A layer
 larger than the read budget is read as :class:`Chunk` s instead (its whole tensors, then runs of whole
-experts). The non-expert tensors not read with a layer follow in :class:`OthersStep` s of at most the
-largest layer step. Fields are named ``o:NAME`` / ``c:NAME`` for whole tensors of the original /
-converted checkpoint and ``o|w13`` ... for stacks.
+experts). The non-expert tensors not read with a layer are read in :class:`OthersStep` s of at most
+the largest layer step, between the layer steps where they lie in the converted files. Fields are
+named ``o:NAME`` / ``c:NAME`` for whole tensors of the original / converted checkpoint and ``o|w13``
+... for stacks.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ import torch
 from moetool.errors import InputError, InternalError, UsageError
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
+from moetool.io.fs import real_path
 from moetool.io.prefetch import Field, ReadPlan
 from moetool.model import CheckpointView, e8m0_scale_name, find_scale, require_scale, scale_name
 from moetool.plan import Src
@@ -215,6 +219,10 @@ class ReadSchedule:
         self.o_ck, self.c_ck = orig.ckpt, conv.ckpt
         self.rng = random.Random(opts.seed)
         self._others: list[str] | None = None
+        #: each converted shard (as ``TensorInfo.file`` names it) by its place in the shard list
+        self._ranks = {
+            os.fspath(real_path(self.c_ck.root / rel)): i for i, rel in enumerate(self.c_ck.shard_files)
+        }
         self.read_budget = (
             max(1, opts.read_budget) if opts.read_budget is not None else default_read_budget(self._largest())
         )
@@ -527,34 +535,73 @@ class ReadSchedule:
             ]
         return plan
 
-    def others_steps(self, steps: list[LayerStep], plans: list[ReadPlan]) -> list[OthersStep]:
-        """The other tensors not read with a layer, in name order, in steps of at most the largest layer
-        step or chunk (at least one tensor each), so that they never widen the buffers much."""
+    def _conv_pos(self, name: str) -> tuple[int, int]:
+        """Where converted tensor ``name`` lies: (its shard's place in the shard list, byte offset)."""
+        info = self.c_ck.tensors[name]
+        return self._ranks.get(info.file, len(self._ranks)), info.offset
+
+    def _plans_pos(self, plans: list[ReadPlan]) -> tuple[int, int]:
+        """Where ``plans`` first read the converted checkpoint (the end of it when they never do)."""
+        rank = self._ranks
+        return min(
+            (
+                (rank.get(p.file, len(rank)), p.file_offset)
+                for plan in plans
+                for p in plan.pieces
+                if p.ckpt is self.c_ck
+            ),
+            default=(len(rank) + 1, 0),
+        )
+
+    def others_steps(
+        self, steps: list[LayerStep], bounds: list[tuple[int, int]], budget: int
+    ) -> list[OthersStep]:
+        """The other tensors not read with a layer, in the order they lie in the converted files, in
+        steps of at most ``budget`` bytes (at least one tensor each) that never reach across one of
+        ``bounds`` (where a layer step starts reading the converted files), so that every step can be
+        read between the layers around it."""
         if "tensors" not in self.opts.checks:
             return []
         done = {n for s in steps for n in s.others}
-        budget = min(max((p.nbytes for p in plans), default=self.read_budget), self.read_budget)
+        bounds = sorted(bounds)
         others: list[OthersStep] = []
         size = 0
-        for name in self.others_names():
-            if name in done:
-                continue
+        region = -1
+        for name in sorted((n for n in self.others_names() if n not in done), key=self._conv_pos):
             need = sum(
                 ck.tensors[n].nbytes + prefetch.ALIGN
                 for ck in (self.o_ck, self.c_ck)
                 for n in (name, find_scale(ck.tensors, name) or scale_name(name))
                 if n in ck.tensors
             )
-            if not others or size + need > budget:
+            here = bisect.bisect_right(bounds, self._conv_pos(name))
+            if not others or size + need > budget or here != region:
                 others.append(OthersStep([]))
                 size = 0
+            region = here
             others[-1].names.append(name)
             size += need
         return others
 
     def all_plans(self, layers: list[int]) -> list[ReadPlan]:
-        """Every step's plan in reading order: the layers (whole or in chunks), then the other tensors."""
+        """Every step's plan in reading order: the layers (whole or in chunks) and the other tensors,
+        each where it lies in the converted files (so that their sha256, taken from the read buffers
+        in file order, finds the bytes in the order it needs them), a layer's chunks together, the
+        layers in layer order."""
         steps = self.steps(layers)
-        plans = [p for step in steps for p in self.layer_plans(step)]
-        plans += [self.plan(s) for s in self.others_steps(steps, plans)]
+        groups = [self.layer_plans(step) for step in steps]
+        flat = [p for g in groups for p in g]
+        budget = min(max((p.nbytes for p in flat), default=self.read_budget), self.read_budget)
+        at = [self._plans_pos(g) for g in groups]
+        others = [self.plan(s) for s in self.others_steps(steps, at, budget)]
+        other_at = [self._plans_pos([p]) for p in others]
+        plans: list[ReadPlan] = []
+        i = j = 0
+        while i < len(groups) or j < len(others):
+            if j < len(others) and (i == len(groups) or other_at[j] < at[i]):
+                plans.append(others[j])
+                j += 1
+            else:
+                plans += groups[i]
+                i += 1
         return plans

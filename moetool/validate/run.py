@@ -89,9 +89,11 @@ class Validator:
     previous step is checked on the device; the tensors, kernels and MoE checks all take their
     weights from that step. A layer larger than the read budget is read in chunks instead (its whole
     tensors, then runs of experts), each checked as it arrives, every check taking its experts in
-    turn, so neither host nor device holds the layer. The remaining non-expert tensors follow in
-    steps of at most the largest step. The sha256 of every converted file is computed on other threads
-    meanwhile. Checks are reported in a fixed order whatever the order they ran in.
+    turn, so neither host nor device holds the layer. The remaining non-expert tensors are read in
+    steps of at most the largest step, between the layers where they lie in the converted files. The
+    sha256 of every converted file is computed on other threads meanwhile, from the same read buffers
+    (each byte of both checkpoints is read once). Checks are reported in a fixed order whatever the
+    order they ran in.
     """
 
     def __init__(self, orig: CheckpointView, conv: CheckpointView, opts: ValidateOptions) -> None:
@@ -131,11 +133,12 @@ class Validator:
             structure.start()
         try:
             plans = self.schedule.all_plans(layers)
+            hold = structure.hash_with(plans) if structure is not None else None
             if plans:
                 ctx.pool = ThreadPoolExecutor(
                     max_workers=reader_threads(), thread_name_prefix="moetool-compare"
                 )
-                with Prefetcher(plans, threads=reader_threads()) as pf:
+                with Prefetcher(plans, threads=reader_threads(), hold=hold) as pf:
                     for batch in pf:
                         if isinstance(batch.label, LayerStep):
                             self._run_layer(batch)
@@ -147,6 +150,8 @@ class Validator:
                     self.timings["read_wait"] = pf.wait_s
                     self.report.io = self._io(pf)
             checks = structure.result() if structure is not None else []
+            if structure is not None and self.report.io:
+                self.report.io.update(structure.io())
         finally:
             if structure is not None:
                 structure.close()
@@ -174,8 +179,8 @@ class Validator:
         return out
 
     def _io(self, pf: Prefetcher) -> dict[str, int]:
-        """Bytes of tensor data in each checkpoint and bytes the checks read from it (the sha256 of the
-        converted files reads them once more, apart), and the bytes of the read buffers."""
+        """Bytes of tensor data in each checkpoint and bytes the checks read from it, and the bytes of
+        the read buffers (the structure check adds what its hashing took from them and read itself)."""
         out: dict[str, int] = {}
         for side, ck in (("original", self.ctx.o_ck), ("converted", self.ctx.c_ck)):
             out[f"{side}_bytes"] = sum(t.nbytes for t in ck.tensors.values())

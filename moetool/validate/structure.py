@@ -1,6 +1,7 @@
 """Check 1, structure: every original tensor accounted for (unchanged, or transformed as moetool.json
 says), nothing extra, shapes, dtypes and config consistent, and every file's sha256 as recorded (hashed
-on threads while the other checks run)."""
+on threads while the other checks run, from the bytes they read: ``moetool.io.hashing.PlannedHashes``).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 from moetool.engines import declares_fp8, refusal, refusal_of
 from moetool.errors import InputError
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, _inside
-from moetool.io.hashing import FileHashes
+from moetool.io.fs import real_path
+from moetool.io.hashing import PlannedHashes
+from moetool.io.prefetch import ReadPlan
 from moetool.model import FP8_DTYPES
 from moetool.validate.protocol import Context
 from moetool.validate.report import Check
@@ -21,13 +24,15 @@ ADDED_CONFIG_KEYS = ("quantization_config", "moetool_fused_shared_experts")
 
 
 class StructureCheck:
-    """``start`` hashes the recorded files on threads; ``result`` waits for them and checks the rest.
-    ``seconds``: the hashing's wall time plus the time spent in ``result`` beyond waiting for it."""
+    """``start`` finds the recorded files to hash; ``hash_with(plans)`` hashes them on threads, from the
+    read buffers of the plans the other checks read (the hook it returns goes to their
+    ``Prefetcher``); ``result`` waits for the digests and checks the rest. ``seconds``: the hashing's
+    wall time plus the time spent in ``result`` beyond waiting for it."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.seconds = 0.0
-        self._hashes: FileHashes | None = None
+        self._hashes: PlannedHashes | None = None
         self._recorded: list[tuple[str, Any, dict, bool]] = []
         self._t0 = 0.0
         self._problem: str | None = None
@@ -59,11 +64,26 @@ class StructureCheck:
                     break
         if self._undescribed:
             return
-        self._t0 = time.perf_counter()
         for rel, rec in sorted(files.items()):
             p = root / rel
-            self._recorded.append((rel, p, rec, p.is_file() and p.stat().st_size == rec.get("size")))
-        self._hashes = FileHashes([p for _, p, _, size_ok in self._recorded if size_ok])
+            size_ok = p.is_file() and p.stat().st_size == rec.get("size")
+            self._recorded.append((rel, os.fspath(real_path(p)), rec, size_ok))
+
+    def hash_with(self, plans: list[ReadPlan]) -> Any:
+        """Start hashing the recorded files, from the buffers of ``plans`` where they read them; the
+        hook for their ``Prefetcher`` (None when nothing is hashed)."""
+        if not self._recorded:
+            return None
+        self._t0 = time.perf_counter()
+        self._hashes = PlannedHashes(
+            [f for _, f, _, size_ok in self._recorded if size_ok], plans, open_file=self.ctx.c_ck.open_shard
+        )
+        return self._hashes.feed
+
+    def io(self) -> dict[str, int]:
+        """Bytes of the converted files hashed from the read buffers, and read by the hashing itself."""
+        h = self._hashes
+        return {"converted_hashed_from_reads": h.from_buffers, "hash_read": h.read_itself} if h else {}
 
     def close(self) -> None:
         if self._hashes is not None:
