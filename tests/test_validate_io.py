@@ -541,6 +541,25 @@ def test_validate_hashes_the_converted_files_from_its_reads(
             assert 0 < io["converted_hashed_from_reads"] <= io["converted_read"]
 
 
+def test_validate_hashes_many_shards_from_its_reads(tmp_path: Path) -> None:
+    """A converted checkpoint in many small shards, layers straddling them: every shard's steps still
+    come in the order they lie in it, so every tensor byte is hashed from the checks' reads and each
+    byte of both checkpoints is read once."""
+    orig = make_checkpoint(
+        "deepseek_v3", tmp_path / "src", num_layers=4, hidden_size=256, moe_intermediate_size=128,
+        num_experts=6, top_k=2, vocab_size=300, seed=9,
+    )  # fmt: skip
+    conv = tmp_path / "q"
+    tv.run_ok("quantize", orig, conv, "--device", "cpu", "--max-shard-size", "150KB")
+    report = validate_checkpoints(orig, conv, ValidateOptions(device="cpu", tokens=4))
+    assert report.passed, [c for c in report.checks if not c.passed]
+    listed = json.loads((conv / "moetool.json").read_text())["files"]
+    assert sum(rel.endswith(".safetensors") for rel in listed) > 5
+    with Checkpoint(conv) as c:
+        assert report.io["converted_hashed_from_reads"] == report.io["converted_read"] == c.total_bytes
+    assert report.io["hash_read"] == sum((conv / rel).stat().st_size for rel in listed) - c.total_bytes
+
+
 @pytest.mark.parametrize("where", ["read", "skipped"])
 def test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip(
     ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, where: str

@@ -584,24 +584,68 @@ class ReadSchedule:
         return others
 
     def all_plans(self, layers: list[int]) -> list[ReadPlan]:
-        """Every step's plan in reading order: the layers (whole or in chunks) and the other tensors,
-        each where it lies in the converted files (so that their sha256, taken from the read buffers
-        in file order, finds the bytes in the order it needs them), a layer's chunks together, the
-        layers in layer order."""
+        """Every step's plan in reading order. Each converted file's steps come in the order they lie in
+        it (the layers, whole or in chunks, a layer's chunks together, and the other tensors between
+        them), so that its sha256, taken from the read buffers, finds its bytes in the order it needs
+        them; the files take turns, the one given the fewest bytes so far next, so that their hashes
+        (one thread per file) run side by side."""
         steps = self.steps(layers)
         groups = [self.layer_plans(step) for step in steps]
         flat = [p for g in groups for p in g]
         budget = min(max((p.nbytes for p in flat), default=self.read_budget), self.read_budget)
         at = [self._plans_pos(g) for g in groups]
         others = [self.plan(s) for s in self.others_steps(steps, at, budget)]
-        other_at = [self._plans_pos([p]) for p in others]
-        plans: list[ReadPlan] = []
-        i = j = 0
-        while i < len(groups) or j < len(others):
-            if j < len(others) and (i == len(groups) or other_at[j] < at[i]):
-                plans.append(others[j])
-                j += 1
-            else:
-                plans += groups[i]
-                i += 1
-        return plans
+        units = [(at[i], groups[i]) for i in range(len(groups))]
+        units += [(self._plans_pos([p]), [p]) for p in others]
+        units.sort(key=lambda u: u[0])  # stable: the layers keep their order where they start together
+        return [p for i in self._turns([u for _, u in units]) for p in units[i][1]]
+
+    def _turns(self, units: list[list[ReadPlan]]) -> list[int]:
+        """An order of ``units`` (each a step's plans, sorted by where they start in the converted
+        files) in which every file still gets the units that read it in the order they lie in it, the
+        files taking turns: next, of the units every file of which has no earlier unit left, the one
+        whose first file was given the fewest bytes so far. Where no unit is ready (a file lists two
+        units one way, another file the other way) the first one left goes next."""
+        rank = self._ranks
+        where: list[dict[int, int]] = []  # unit -> {file rank: first offset it reads there}
+        nbytes: list[int] = []
+        for plans in units:
+            first: dict[int, int] = {}
+            n = 0
+            for plan in plans:
+                for p in plan.pieces:
+                    if p.ckpt is self.c_ck:
+                        r = rank.get(p.file, len(rank))
+                        first[r] = min(first.get(r, p.file_offset), p.file_offset)
+                        n += p.nbytes
+            where.append(first)
+            nbytes.append(n)
+        lines: dict[int, list[int]] = {}  # file rank -> its units, in file order
+        for i in range(len(units)):
+            for r in where[i]:
+                lines.setdefault(r, []).append(i)
+        for r in lines:
+            lines[r].sort(key=lambda i: where[i][r])
+        heads = dict.fromkeys(lines, 0)
+        given = dict.fromkeys(lines, 0)
+        done = [False] * len(units)
+        order: list[int] = []
+        while len(order) < len(units):
+            ready = [
+                i
+                for r, line in lines.items()
+                if heads[r] < len(line)
+                for i in [line[heads[r]]]
+                if all(lines[q][heads[q]] == i for q in where[i])
+            ]
+            if ready:
+                i = min(ready, key=lambda i: (given[min(where[i])], i))
+            else:  # also a unit that reads no converted file, once no other is ready
+                i = next(j for j in range(len(units)) if not done[j])
+            done[i] = True
+            order.append(i)
+            for r in where[i]:
+                given[r] += nbytes[i]
+                while heads[r] < len(lines[r]) and done[lines[r][heads[r]]]:
+                    heads[r] += 1
+        return order
