@@ -1,11 +1,20 @@
 """DeepSeek's FP4 → FP8 cast in Triton, byte-identical to :func:`moetool.kernels.fp4_cast_ref.fp4_cast_ref`
 (its docstring is the specification).
 
-One program per (expert, 128-row block, ``BLOCKS_K`` consecutive 128-column blocks). The e2m1 codes are
-decoded on their bits, never through a table in memory; the per-element power-of-two offset is built on
-the float32 exponent bits; the e4m3 rounding is :mod:`moetool.kernels.fp8_quant`'s (hardware
-``cvt.rn`` on CUDA, the bit algorithm of torch's conversion in the interpreter). The changed-element
-count compares ``q · 2**(s - b)`` with the FP4 value in float32, exact for every pair the cast makes.
+One program per (expert, 128-row block, ``BLOCKS_K`` consecutive 128-column blocks); a block is read as
+``[128 rows, 32 halves]``, each 16-bit half of the packed codes holding 4 codes under one FP4 scale and
+becoming one 32-bit word of 4 FP8 bytes, so loads, arithmetic and stores keep one layout (no shuffle
+through shared memory). An element's FP8 byte depends only on its code and the distance ``d = E - b``
+of its scale (``fp4_cast_ref``), and a nonzero negative code's byte is its magnitude's with bit 7 set: so
+a word is one byte permute (PTX ``prmt``) of the 8-byte table of the 8 magnitudes at its ``d``
+(:func:`~moetool.kernels.fp4_cast_ref.cast_octets`: the recipe's float32 multiply and e4m3 conversion
+evaluated once per ``d``), selected by the codes' magnitude bits, and one more permute for the signs.
+No value goes through a float conversion on the device. In Triton's interpreter the permute runs as the
+same byte selection written in integer operations (``ASM=False``, which also runs on CUDA).
+
+The changed-element count is 0 without looking at the values when the block's scales span at most 14
+binades and its largest byte is at least 6 (``docs/formats.md``); any other block sums the reference's
+per-byte counts (``cast_tables``) over its packed bytes.
 
 A NaN FP4 scale (E8M0 byte 255) makes its block's FP8 scale byte 255; the launcher looks for it after
 the launch and raises the reference's :class:`moetool.errors.InputError` naming the row.
@@ -19,98 +28,133 @@ import torch
 import triton
 import triton.language as tl
 
-from moetool.kernels._device import require, require_launchable
+from moetool.kernels._device import interpreting, require, require_launchable
 from moetool.kernels.fp4_cast_ref import (
+    CAST_TABLE_D,
     E8M0_NAN,
     FP8_BLOCK,
     MAX_OFFSET_BITS,
+    cast_octets,
+    cast_tables,
     check_fp4_scales,
     check_fp4_shapes,
     e8m0_bytes,
 )
-from moetool.kernels.fp8_quant import _to_e4m3_bits
 
 _MAX_OFFSET_BITS = tl.constexpr(MAX_OFFSET_BITS)
+_TABLE_D = tl.constexpr(CAST_TABLE_D)
+# A block whose FP4 scale bytes span at most this many binades, with a largest byte >= 6, is cast
+# exactly (docs/formats.md; the reference's tables first lose at d = 15).
+_LOSSLESS_SPAN = tl.constexpr(14)
+# (num_warps, BLOCKS_K) of the launch: the fastest of those scripts/bench_fp4_cast.py timed on an H200
+# (docs/benchmarks.md).
+DEFAULT_CONFIG = (4, 4)
 
 
 @triton.jit
-def _pow2(e):
-    """float32 ``2 ** e`` for int32 ``e`` in [-126, 127], on the bits."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e2m1_value(code, PLUS_ZERO: tl.constexpr):
-    """float32 value of e2m1 ``code`` (int32, 0..15): ±{0, .5, 1, 1.5, 2, 3, 4, 6}; code 8 is +0.0 when
-    ``PLUS_ZERO`` (DeepSeek's cast), -0.0 otherwise."""
-    exp = (code >> 1) & 3
-    man = code & 1
-    # exponent 0: 0 or 0.5 (subnormal); else (1 + man / 2) * 2 ** (exp - 1) = float32 bits below
-    normal = ((exp + 126) << 23) | (man << 22)
-    bits = tl.where(exp == 0, man * (126 << 23), normal)
-    if PLUS_ZERO:
-        sign = tl.where((code & 7) == 0, 0, (code & 8) << 28)
+def _prmt(a, b, sel, ASM: tl.constexpr):
+    """PTX ``prmt.b32`` (generic mode) on uint32: byte ``i`` of the result is byte ``sel[4i+2:4i]`` of
+    the 8 bytes ``{b, a}`` (a's bytes 0..3, b's 4..7), or that byte's bit 7 spread over all 8 bits when
+    ``sel`` bit ``4i+3`` is set. ``ASM``: the instruction; else the same in integer operations."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "prmt.b32 $0, $1, $2, $3;",
+            "=r,r,r,r",
+            [a, b, sel],
+            dtype=tl.uint32,
+            is_pure=True,
+            pack=1,
+        )
     else:
-        sign = (code & 8) << 28
-    return (bits | sign).to(tl.float32, bitcast=True)
+        out = sel * 0
+        for i in tl.static_range(4):
+            nib = (sel >> (4 * i)) & 15
+            src = tl.where((nib & 4) == 0, a, b)
+            byte = (src >> ((nib & 3) * 8)) & 255
+            byte = tl.where((nib & 8) != 0, (byte >> 7) * 255, byte)
+            out = out | (byte << (8 * i))
+        return out
 
 
 @triton.jit
-def _e4m3_value(bits):
-    """float32 value of float8_e4m3fn bits (int32, 0..255, never NaN here)."""
-    exp = (bits >> 3) & 15
-    man = bits & 7
-    mag = tl.where(exp == 0, man.to(tl.float32) * 0.001953125, (8 + man).to(tl.float32) * _pow2(exp - 10))
-    return tl.where((bits & 0x80) != 0, -mag, mag)
+def _cast_word(codes, t_lo, t_hi, ASM: tl.constexpr):
+    """The 4 FP8 bytes of the 4 e2m1 codes in the low 16 bits of ``codes`` (uint32, the code of output
+    byte ``i`` in bits ``4i..4i+3``), from the 8-byte magnitude table ``{t_hi, t_lo}``."""
+    mag = _prmt(t_lo, t_hi, codes & 0x7777, ASM)
+    # with the sign bit as the selector's bit 3, a nonzero magnitude (bit 7 of the 0x80 table) spreads to
+    # 0xFF when negative and stays 0x80 when positive; a zero magnitude gives 0 either way
+    sg = _prmt(
+        tl.full(codes.shape, 0x80808000, tl.uint32), tl.full(codes.shape, 0x80808080, tl.uint32), codes, ASM
+    )
+    return mag | (sg & (sg << 1) & 0x80808080)
 
 
 @triton.jit
 def fp4_cast_kernel(
     p_ptr,
+    p8_ptr,
     sc_ptr,
     q_ptr,
     s_ptr,
     c_ptr,
+    oct_ptr,
+    cnt_ptr,
+    nz_ptr,
     num_nb,
     num_kb,
     num_kp,
-    EXACT_CVT: tl.constexpr,
+    ASM: tl.constexpr,
     BLOCKS_K: tl.constexpr,
 ):
-    """p: [E, N, K/2] uint8 codes; sc: [E, N, K/32] uint8 E8M0; q: [E, N, K] uint8 (e4m3 bits);
-    s: [E, N/128, K/128] uint8 E8M0; c: [E, N/128, K/128] int32 changed elements. Contiguous, N and K
-    multiples of 128; ``num_kp`` = ceil(num_kb / BLOCKS_K) programs per row block."""
+    """p: [E, N, K/4] uint16 halves of packed codes (p8: the same bytes as uint8 [E, N, K/2]); sc: [E, N,
+    K/32] uint8 E8M0; q: [E, N, K/4] int32 words of e4m3 bytes; s: [E, N/128, K/128] uint8 E8M0; c:
+    [E, N/128, K/128] int32 changed elements; oct: cast_octets [D+1, 2] int32; cnt: cast_tables' counts
+    [(D+1) * 256] uint8; nz: its nonzero [256] uint8. Contiguous, N and K multiples of 128;
+    ``num_kp`` = ceil(num_kb / BLOCKS_K) programs per row block."""
     pid = tl.program_id(0)
     kp = pid % num_kp
     rest = pid // num_kp
     nb = rest % num_nb
     e = rest // num_nb
-    n = num_nb * 128
     k = num_kb * 128
-    rows = (e.to(tl.int64) * n + nb * 128 + tl.arange(0, 128))[:, None]
+    rows = (e.to(tl.int64) * num_nb * 128 + nb * 128 + tl.arange(0, 128))[:, None]
+    halves = tl.arange(0, 32)[None, :]
     for j in tl.static_range(BLOCKS_K):
         kb = kp * BLOCKS_K + j
         if kb < num_kb:
-            sb = tl.load(sc_ptr + rows * (k // 32) + kb * 4 + tl.arange(0, 4)[None, :]).to(tl.int32)
+            # 16-bit halves of the packed codes (4 codes each) and the FP4 scale of each (8 per scale); the
+            # index is written so that a thread reads 4 consecutive halves (8 bytes), the 4 words it writes
+            # (16 bytes): with 8 halves per load Triton converts the layout through shared memory
+            x = tl.load(p_ptr + rows * (k // 4) + kb * 32 + (halves // 4) * 4 + halves % 4).to(
+                tl.uint32
+            )  # [128, 32]
+            sb = tl.load(sc_ptr + rows * (k // 32) + kb * 4 + halves // 8).to(tl.int32)
             e_max = tl.max(tl.max(sb, 1), 0)
+            b_min = tl.min(tl.min(sb, 1), 0)
             s_byte = tl.where(e_max == 255, 255, tl.maximum(e_max - _MAX_OFFSET_BITS, 0))
             blk = (e.to(tl.int64) * num_nb + nb) * num_kb + kb
             tl.store(s_ptr + blk, s_byte.to(tl.uint8))
 
-            packed = tl.load(p_ptr + rows * (k // 2) + kb * 64 + tl.arange(0, 64)[None, :]).to(tl.int32)
-            codes = tl.reshape(tl.interleave(packed & 15, (packed >> 4) & 15), (128, 4, 32))
-            v = _e2m1_value(codes, True)
-            # offset 2 ** (b - E + 6), clamped where it would leave float32's normal range (values
-            # that small round to a signed zero either way)
-            d = tl.maximum(sb - e_max + _MAX_OFFSET_BITS, -126)
-            y = v * _pow2(d)[:, :, None]
-            qbits = _to_e4m3_bits(y, EXACT_CVT)
-            cols = kb * 128 + tl.arange(0, 128)[None, :]
-            tl.store(q_ptr + rows * k + cols, tl.reshape(qbits, (128, 128)))
+            d = tl.minimum(e_max - sb, _TABLE_D)
+            t_lo = tl.load(oct_ptr + 2 * d).to(tl.uint32, bitcast=True)
+            t_hi = tl.load(oct_ptr + 2 * d + 1).to(tl.uint32, bitcast=True)
+            # half h of a row holds the codes of columns 4h .. 4h+3: output word h
+            out = _cast_word(x, t_lo, t_hi, ASM)
+            tl.store(q_ptr + rows * (k // 4) + kb * 32 + halves, out.to(tl.int32, bitcast=True))
 
-            # exact iff q · 2 ** (s - b) == v; s - b >= -6, and past 40 any nonzero q is far above 6
-            back = _e4m3_value(qbits.to(tl.int32)) * _pow2(tl.minimum(s_byte - sb, 40))[:, :, None]
-            changed = tl.sum(tl.sum(tl.sum((back != v).to(tl.int32), 2), 1), 0)
+            changed = e_max * 0
+            if (e_max - b_min > _LOSSLESS_SPAN) | (e_max < _MAX_OFFSET_BITS):
+                cols = tl.arange(0, 64)[None, :]
+                byte = tl.load(p8_ptr + rows * (k // 2) + kb * 64 + cols).to(tl.int32)
+                db = tl.minimum(
+                    e_max - tl.load(sc_ptr + rows * (k // 32) + kb * 4 + cols // 16).to(tl.int32), _TABLE_D
+                )
+                if e_max < _MAX_OFFSET_BITS:
+                    # no E8M0 byte for the FP8 scale 2**(E-133): every nonzero value changes
+                    lost = tl.load(nz_ptr + byte)
+                else:
+                    lost = tl.load(cnt_ptr + db * 256 + byte)
+                changed = tl.sum(tl.sum(lost.to(tl.int32), 1), 0)
             tl.store(c_ptr + blk, changed)
 
 
@@ -121,24 +165,31 @@ def _launch_fp4_cast(
     s: torch.Tensor,
     changed: torch.Tensor,
     *,
-    exact_cvt: bool,
-    blocks_k: int = 1,
-    num_warps: int = 4,
+    asm: bool,
+    num_warps: int = DEFAULT_CONFIG[0],
+    blocks_k: int = DEFAULT_CONFIG[1],
 ) -> None:
     """Launch ``fp4_cast_kernel`` on contiguous uint8 ``packed [E, N, K/2]`` and ``scale [E, N, K/32]``
-    into contiguous ``q`` uint8 ``[E, N, K]``, ``s`` uint8 and ``changed`` int32 ``[E, N/128, K/128]``."""
+    into contiguous ``q`` uint8 ``[E, N, K]``, ``s`` uint8 and ``changed`` int32 ``[E, N/128, K/128]``;
+    ``asm``: the hardware byte permute (CUDA) or its integer form (either device)."""
     e, num_nb, num_kb = s.shape
+    device = packed.device
     num_kp = -(-num_kb // blocks_k)
+    _, counts, nonzero = cast_tables(device)
     fp4_cast_kernel[(e * num_nb * num_kp,)](
+        packed.view(torch.uint16),
         packed,
         scale,
-        q,
+        q.view(torch.int32),
         s,
         changed,
+        cast_octets(device),
+        counts,
+        nonzero,
         num_nb,
         num_kb,
         num_kp,
-        EXACT_CVT=exact_cvt,
+        ASM=asm,
         BLOCKS_K=blocks_k,
         num_warps=num_warps,
     )
@@ -149,9 +200,9 @@ def fp4_cast(
     scale: torch.Tensor,
     *,
     name: str | None = None,
-    _exact_cvt: bool | None = None,
-    _blocks_k: int = 1,
-    _num_warps: int = 4,
+    _asm: bool | None = None,
+    _num_warps: int = DEFAULT_CONFIG[0],
+    _blocks_k: int = DEFAULT_CONFIG[1],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek's FP4 → FP8 cast, byte-identical to ``fp4_cast_ref(packed, scale)``.
 
@@ -177,17 +228,20 @@ def fp4_cast(
     s = torch.empty((*lead, num_nb, num_kb), dtype=torch.uint8, device=packed.device)
     changed = torch.empty((*lead, num_nb, num_kb), dtype=torch.int32, device=packed.device)
     if q.numel():
-        exact = (not packed.is_cuda) if _exact_cvt is None else _exact_cvt
+        packed = packed.contiguous()
+        if packed.data_ptr() % 16:  # read as 16-bit halves, 16 bytes at a time
+            packed = packed.clone()
+        asm = (packed.is_cuda and not interpreting()) if _asm is None else _asm
         with torch.cuda.device(packed.device) if packed.is_cuda else nullcontext():
             _launch_fp4_cast(
-                packed.contiguous().view(torch.uint8).view(-1, n, k // 2),
+                packed.view(torch.uint8).view(-1, n, k // 2),
                 e8m0_bytes(scale).contiguous().view(-1, n, k // 32),
                 q.view(torch.uint8).view(-1, n, k),
                 s.view(-1, num_nb, num_kb),
                 changed.view(-1, num_nb, num_kb),
-                exact_cvt=exact,
-                blocks_k=_blocks_k,
+                asm=asm,
                 num_warps=_num_warps,
+                blocks_k=_blocks_k,
             )
         if bool((s == E8M0_NAN).any()):
             check_fp4_scales(scale, name=name)  # raises, naming the row

@@ -250,6 +250,25 @@ def cast_tables(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch
     return _TABLES[key]
 
 
+def cast_octets(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The recipe's FP8 byte of each positive e2m1 magnitude per distance ``d = E - b`` in
+    ``0 .. CAST_TABLE_D``: int32 ``[D+1, 2]``, row ``d`` holding the bytes of
+    ``CAST_VALUES[m] * 2**(6 - d)`` cast to e4m3 for ``m = 0..7``, ``m`` in byte ``m % 4`` (little-endian)
+    of word ``m // 4``. A code's FP8 byte is its magnitude's byte with bit 7 set for a nonzero negative
+    code (``cast_tables``' pairs equal this: e4m3 rounds symmetrically, code 8 is +0.0, and a negative
+    value that rounds to zero keeps its sign)."""
+    key = str(device)
+    if key not in _OCTETS:
+        d = torch.arange(CAST_TABLE_D + 1)
+        y = torch.tensor(CAST_VALUES[:8])[None] * pow2_f32(MAX_OFFSET_BITS - d)[:, None]
+        octets = y.to(torch.float8_e4m3fn).view(torch.uint8).contiguous().view(torch.int32)
+        _OCTETS[key] = octets.to(device)
+    return _OCTETS[key]
+
+
+_OCTETS: dict[str, torch.Tensor] = {}
+
+
 def _first_lossy_d(device: torch.device | str) -> int:
     """The smallest distance ``d`` at which ``cast_tables``' counts are not all zero (15: the proof in
     docs/formats.md, here read off the table itself)."""

@@ -5,16 +5,19 @@ Shapes come from transformers' ``DeepseekV4Config()`` defaults (V4-Flash: hidden
 2048, 256 routed experts): gate/up ``[E, 2048, 4096]`` and down ``[E, 4096, 2048]``, stored as FP4 bytes
 ``[E, N, K/2]`` with E8M0 scales ``[E, N, K/32]``.
 
-Correctness first, byte for byte: ``fp4_cast`` on the whole first stack against the torch reference run
-on the GPU (FP8 bytes, E8M0 scales, changed-element counts), and two experts against the CPU reference.
-The scales span 12 binades per block except for one block in 64, which spans 18 (lossy elements, so the
-count is exercised). Nothing is timed unless all of it matches.
+Correctness first, byte for byte (FP8 bytes, E8M0 scales, changed-element counts): for every launch
+configuration timed below, 4 experts of adversarial blocks (``adversarial_fp4``: every binade span, E < 6,
+zero rows, code 8) against the CPU reference; then the launcher on 64 experts of realistic scales (12
+binades per block, one block in 64 spanning 18, so lossy) against the torch reference run on the GPU,
+two of them against the CPU reference too. Nothing is timed unless all of it matches.
 
 Then ``triton.testing.do_bench`` medians (warm-up, two input stacks used in turn, each far larger than
 L2) of:
 
 - ``fp4_cast`` end to end (allocation, kernel and the NaN-scale check, one device sync);
-- the kernel launch alone into preallocated outputs, over ``num_warps`` × column blocks per program;
+- the kernel launch alone into preallocated outputs, over ``num_warps`` × column blocks per program
+  (``*`` marks the launcher's default), and with the byte permute in integer operations instead of
+  ``prmt``;
 - ``copy_``: a device-to-device copy moving the same bytes (read + written) as the cast;
 - the torch reference on the GPU, for information.
 
@@ -73,12 +76,36 @@ def differ(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> str
     return "; ".join(out) or None
 
 
+def configs() -> list[tuple[bool, int, int]]:
+    """(asm, num_warps, blocks_k) of every timed launch: the default first."""
+    from moetool.kernels.fp4_cast import DEFAULT_CONFIG
+
+    sweep = [(True, w, b) for w in (4, 8) for b in (1, 2, 4, 8)]
+    return (
+        [(True, *DEFAULT_CONFIG)]
+        + [c for c in sweep if c != (True, *DEFAULT_CONFIG)]
+        + [(False, *DEFAULT_CONFIG)]
+    )
+
+
 def check(experts: int) -> list[str]:
     from moetool.kernels.fp4_cast import fp4_cast
     from moetool.kernels.fp4_cast_ref import fp4_cast_ref
+    from moetool.testing.release_formats import adversarial_fp4
 
     failures = []
     for tag, n, k in v4_flash_shapes():
+        packed, scale = adversarial_fp4((4, n, k), seed=3)
+        want = fp4_cast_ref(packed, scale)
+        pc, sc = packed.cuda(), scale.cuda()
+        for asm, warps, blocks_k in configs():
+            err = differ(fp4_cast(pc, sc, _asm=asm, _num_warps=warps, _blocks_k=blocks_k), want)
+            what = f"adversarial {tag} [4, {n}, {k}] asm={asm} warps={warps} bk={blocks_k}"
+            log(f"check {what}: {'ok' if err is None else 'MISMATCH ' + err}")
+            if err:
+                failures.append(f"{what}: {err}")
+        del packed, scale, pc, sc, want
+
         packed, scale = make_fp4(experts, n, k, seed=1)
         got = fp4_cast(packed, scale)
         err = differ(got, fp4_cast_ref(packed, scale))
@@ -114,7 +141,7 @@ def rotate(fns: list[Callable[[], object]]) -> Callable[[], object]:
 
 
 def bench_shape(tag: str, e: int, n: int, k: int) -> list[dict]:
-    from moetool.kernels.fp4_cast import _launch_fp4_cast, fp4_cast
+    from moetool.kernels.fp4_cast import DEFAULT_CONFIG, _launch_fp4_cast, fp4_cast
     from moetool.kernels.fp4_cast_ref import fp4_cast_ref
 
     ins = [make_fp4(e, n, k, seed=10 + i) for i in range(2)]
@@ -140,21 +167,22 @@ def bench_shape(tag: str, e: int, n: int, k: int) -> list[dict]:
     bufs.clear()
 
     row("fp4_cast", median_ms(rotate([partial(fp4_cast, p, s) for p, s in ins])))
-    for warps in (4, 8):
-        for blocks_k in (1, 2, 4):
-            calls = [
-                partial(
-                    _launch_fp4_cast,
-                    p.view(torch.uint8),
-                    s.view(torch.uint8),
-                    *o,
-                    exact_cvt=False,
-                    blocks_k=blocks_k,
-                    num_warps=warps,
-                )
-                for (p, s), o in zip(ins, outs)
-            ]
-            row(f"kernel warps={warps} bk={blocks_k}", median_ms(rotate(calls)))
+    for asm, warps, blocks_k in configs():
+        calls = [
+            partial(
+                _launch_fp4_cast,
+                p.view(torch.uint8),
+                s.view(torch.uint8),
+                *o,
+                asm=asm,
+                num_warps=warps,
+                blocks_k=blocks_k,
+            )
+            for (p, s), o in zip(ins, outs)
+        ]
+        default = "*" if (warps, blocks_k) == DEFAULT_CONFIG else ""
+        kind = "kernel" if asm else "int-permute"
+        row(f"{kind} warps={warps} bk={blocks_k}{default}", median_ms(rotate(calls)))
     row("torch reference", median_ms(partial(fp4_cast_ref, *ins[0]), rep=100))
     return rows
 
@@ -191,14 +219,14 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     print(f"\nFP4 -> FP8 cast, {card} (bytes = FP4 + E8M0 read, FP8 + scales + counts written)")
-    print(f"{'shape':>26} {'variant':>22} {'ms':>8} {'GB/s':>8} {'x copy':>7}")
+    print(f"{'shape':>26} {'variant':>24} {'ms':>8} {'GB/s':>8} {'x copy':>7}")
     verdicts = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         group = [r for r in rows if r["shape"] == shape]
         copy_gbs = next(r["gbs"] for r in group if r["variant"] == "copy_")
         for r in group:
             ratio = r["gbs"] / copy_gbs
-            print(f"{shape:>26} {r['variant']:>22} {r['ms']:8.3f} {r['gbs']:8.0f} {ratio:7.2f}")
+            print(f"{shape:>26} {r['variant']:>24} {r['ms']:8.3f} {r['gbs']:8.0f} {ratio:7.2f}")
             if r["variant"] == "fp4_cast":
                 verdicts.append((shape, ratio))
     print(f"\nbar: fp4_cast >= {BAR:.2f} x copy bandwidth on the same card")

@@ -205,6 +205,39 @@ def plant_lossy_block(
     return packed, scale
 
 
+# binade spans of a block's FP4 scales: exact up to 14, lossy from 15, every value flushed to zero past 20
+ADVERSARIAL_SPANS = (0, 3, 11, 12, 13, 14, 15, 16, 18, 20, 21, 22, 40, 254)
+
+
+def adversarial_fp4(shape: tuple[int, ...], *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP4 codes int8 ``[..., N, K/2]`` and E8M0 scales ``[..., N, K/32]`` (CPU) for ``shape`` ``[..., N, K]``
+    that reach every case of the cast: every byte value; whole rows of code 8 (-0.0), of +0.0 and of
+    bytes 0x80 (+0.0 then -0.0); per 128 x 128 block a largest scale byte ``E`` drawn from 0..254 (one
+    block in ten below 6, where the FP8 scale has no E8M0 byte) and other scales spread down to ``E``
+    minus a span from :data:`ADVERSARIAL_SPANS` (clamped at byte 0), both ends present in the block."""
+    *lead, n, k = shape
+    gen = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (*lead, n, k // 2), dtype=torch.int32, generator=gen).to(torch.uint8)
+    rows = torch.randperm(n, generator=gen)[: max(3, n // 64)]
+    packed[..., rows[0::3], :] = 0x88
+    packed[..., rows[1::3], :] = 0x00
+    packed[..., rows[2::3], :] = 0x80
+    nb, kb = n // FP8_BLOCK, k // FP8_BLOCK
+    groups = FP8_BLOCK // FP4_GROUP
+    top = torch.randint(0, 255, (*lead, nb, kb), generator=gen)
+    low = torch.rand(top.shape, generator=gen) < 0.1
+    top = torch.where(low, torch.randint(0, 6, top.shape, generator=gen), top)
+    spans = torch.tensor(ADVERSARIAL_SPANS)
+    span = spans[torch.randint(0, len(spans), top.shape, generator=gen)]
+    top_g = top.repeat_interleave(FP8_BLOCK, -2).repeat_interleave(groups, -1)  # [..., N, K/32]
+    span_g = span.repeat_interleave(FP8_BLOCK, -2).repeat_interleave(groups, -1)
+    below = (torch.rand(top_g.shape, generator=gen) * (span_g + 1)).long().minimum(span_g)
+    scale = (top_g - below).clamp_min(0)
+    scale[..., ::FP8_BLOCK, ::groups] = top
+    scale[..., 1::FP8_BLOCK, 1::groups] = (top - span).clamp_min(0)
+    return packed.view(torch.int8), scale.to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
 def write_deepseek_v4_release(
     src: str | Path,
     out: str | Path,
