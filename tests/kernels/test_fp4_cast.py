@@ -12,6 +12,9 @@ from fp4_facts import deepseek_cast
 from moetool.errors import InputError
 from moetool.kernels.fp4_cast import DEFAULT_CONFIG, fp4_cast
 from moetool.kernels.fp4_cast_ref import (
+    CAST_TABLE_D,
+    cast_octets,
+    cast_tables,
     dequant_fp4_ref,
     dequant_fp8_e8m0_ref,
     e8m0_to_float,
@@ -213,6 +216,18 @@ def test_kernel_accepts_uint8_views(seed: int) -> None:
     want = fp4_cast_ref(packed, scale)
     got = fp4_cast(packed.view(torch.uint8), scale.view(torch.uint8))
     assert same_bytes(got[0], want[0]) and same_bytes(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_magnitude_tables_and_sign_give_the_reference_bytes() -> None:
+    """The kernel's premise: at every distance d, a code's FP8 byte is its magnitude's byte from
+    ``cast_octets`` with bit 7 set for a nonzero negative code — the reference's byte-pair table."""
+    pairs = cast_tables()[0].view(torch.uint8).view(CAST_TABLE_D + 1, 256, 2).long()
+    octets = cast_octets().view(torch.uint8).view(CAST_TABLE_D + 1, 8).long()
+    byte = torch.arange(256)
+    for half, code in enumerate((byte & 0xF, byte >> 4)):
+        negative = ((code & 8) != 0) & ((code & 7) != 0)
+        want = octets[:, code & 7] | (negative.long() * 0x80)
+        assert torch.equal(pairs[..., half], want)
 
 
 def test_kernel_matches_ref_on_adversarial_blocks(seed: int) -> None:
