@@ -582,8 +582,9 @@ def _check_experts_covered(
 def check_fp8_scale(ckpt: Checkpoint, weight: str) -> None:
     """The F8_E4M3 tensor ``weight`` (``[N, K]`` or stacked ``[E, N, K]``) must come with its block
     scales (``find_scale``), one per 128×128 block (``[..., ceil(N/128), ceil(K/128)]``): float32
-    ``weight_scale_inv`` (DeepSeek-V3) or E8M0 ``scale`` (DeepSeek-V4). Anything else would be read with
-    the wrong block scales: an ``InputError`` naming the scale and the grid the weight needs."""
+    ``weight_scale_inv`` (DeepSeek-V3) or ``scale`` (DeepSeek-V4: E8M0, or float32 as its FP8-expert
+    checkpoints store routed experts' scales). Anything else would be read with the wrong block scales: an
+    ``InputError`` naming the scale and the grid the weight needs."""
     w = ckpt.info(weight)
     sname = require_scale(ckpt.tensors, weight, file=w.file, what="F8_E4M3 tensor")
     s = ckpt.info(sname)
@@ -593,8 +594,9 @@ def check_fp8_scale(ckpt: Checkpoint, weight: str) -> None:
         )
     *lead, n, k = w.shape
     want = (*lead, -(-n // 128), -(-k // 128))
-    dtype = "F32" if sname == scale_name(weight) else E8M0_DTYPE
-    if s.dtype != dtype or tuple(s.shape) != want:
+    dtypes = ("F32",) if sname == scale_name(weight) else (E8M0_DTYPE, "F32")
+    if s.dtype not in dtypes or tuple(s.shape) != want:
+        dtype = " or ".join(dtypes)
         raise InputError(
             f"scale is {s.dtype} {list(s.shape)}; {weight} ({w.dtype} {list(w.shape)}) needs {dtype} "
             f"{list(want)}, one per 128x128 block",

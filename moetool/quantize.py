@@ -115,15 +115,35 @@ def _copy_unit(ckpt: Any, name: str) -> Unit:
     return Unit((OutTensor(name, t.dtype, t.shape),), (Job("copy", (Src(name),), (Write(name),)),))
 
 
+#: dtype of the routed experts' block scales once a DeepSeek-V4 release's experts are FP8
+#: (``expert_dtype: fp8``): float32 under ``.scale``, as DeepSeek's FP8-expert checkpoints store them.
+#: vLLM 0.33 reads the experts of an ``expert_dtype: fp8`` V4 checkpoint with float32 scale parameters and
+#: copies E8M0 scales in as their raw exponent bytes (2^-12 becomes 115.0), so E8M0 here would load
+#: silently wrong there; float32 holds the same powers of two exactly and every engine reads it right.
+FP8_EXPERT_SCALE_DTYPE = "F32"
+
+
 def fp4_cast_unit(weight: str, n: int, k: int, lossless: bool) -> Unit:
-    """One FP4 expert weight ``[n, k]`` cast to FP8 under its own name, with its E8M0 block scales under
-    ``.scale`` as DeepSeek-V4 names them (``[n/128, k/128]``)."""
+    """One FP4 expert weight ``[n, k]`` cast to FP8 under its own name, with its block scales under
+    ``.scale`` as DeepSeek-V4 names them (``[n/128, k/128]``, :data:`FP8_EXPERT_SCALE_DTYPE`)."""
     q = OutTensor(weight, "F8_E4M3", (n, k))
-    s = OutTensor(e8m0_scale_name(weight), E8M0_DTYPE, (cdiv(n, BLOCK), cdiv(k, BLOCK)))
+    s = OutTensor(e8m0_scale_name(weight), FP8_EXPERT_SCALE_DTYPE, (cdiv(n, BLOCK), cdiv(k, BLOCK)))
     job = Job(
-        "fp4_cast", (Src(weight),), (Write(q.name), Write(s.name)), scale_dtype=E8M0_DTYPE, lossless=lossless
+        "fp4_cast",
+        (Src(weight),),
+        (Write(q.name), Write(s.name)),
+        scale_dtype=FP8_EXPERT_SCALE_DTYPE,
+        lossless=lossless,
     )
     return Unit((q, s), (job,))
+
+
+def _expert_scale_unit(ckpt: Any, name: str) -> Unit:
+    """A routed expert's FP8 block scales (``.scale``) copied in :data:`FP8_EXPERT_SCALE_DTYPE`; the same
+    values (E8M0 powers of two become float32 exactly)."""
+    t = ckpt.tensors[name]
+    out = OutTensor(name, FP8_EXPERT_SCALE_DTYPE, t.shape)
+    return Unit((out,), (Job("copy", (Src(name),), (Write(name),)),))
 
 
 def release_quant_config(view: CheckpointView, layout: str, scale_layout: str = "sm90") -> dict[str, Any]:
@@ -273,8 +293,11 @@ def plan_quantize(
             and ckpt.tensors.get(e8m0_scale_name(f"{store.prefix}.0.{store.proj['gate']}.weight")) is not None
         ):
             # FP8 experts with E8M0 scales (DeepSeek-V4 after the cast): powers of two satisfy any scale
-            # request, so they stay as they are
-            units += [_copy_unit(ckpt, n) for n in store.names]
+            # request, so the values stay as they are; the scales are stored as FP8_EXPERT_SCALE_DTYPE
+            units += [
+                _expert_scale_unit(ckpt, n) if n.endswith(".scale") else _copy_unit(ckpt, n)
+                for n in store.names
+            ]
         elif store.fp4:
             for e in range(store.num_experts):
                 for proj, (n, k) in (

@@ -234,8 +234,16 @@ class Loaders:
     (``process_weights_after_loading``) is not run.
     """
 
-    def __init__(self, sample: Path) -> None:
+    def __init__(self, root: Path) -> None:
         import socket
+
+        from transformers import Qwen3MoeConfig
+
+        # ServerArgs reads a model's config.json; the layers built here take their sizes from each output
+        sample = root / "server-args-model"
+        Qwen3MoeConfig(
+            num_hidden_layers=1, hidden_size=256, intermediate_size=256, architectures=["Qwen3MoeForCausalLM"]
+        ).save_pretrained(sample)
 
         from sglang.srt import runtime_context
         from sglang.srt.server_args import ServerArgs
@@ -266,12 +274,13 @@ class Loaders:
         parallel_state.initialize_model_parallel(1, 1)
 
     @staticmethod
-    def sglang(prefix: str, layer: int, experts: int, hidden: int, inter: int, qc: dict):
+    def sglang(prefix: str, layer: int, experts: int, hidden: int, inter: int, qc: dict, config=None):
         import torch
         from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
         from sglang.srt.layers.quantization import get_quantization_config
 
-        config = get_quantization_config(qc["quant_method"]).from_config(qc)
+        if config is None:
+            config = get_quantization_config(qc["quant_method"]).from_config(qc)
         return FusedMoE(
             num_experts=experts,
             hidden_size=hidden,
@@ -284,7 +293,7 @@ class Loaders:
         )
 
     @staticmethod
-    def vllm(prefix: str, layer: int, experts: int, hidden: int, inter: int, qc: dict):
+    def vllm(prefix: str, layer: int, experts: int, hidden: int, inter: int, qc: dict, config=None):
         import torch
         from vllm.model_executor.layers.fused_moe.activation import MoEActivation
         from vllm.model_executor.layers.fused_moe.config import (
@@ -324,7 +333,8 @@ class Loaders:
             placement_strategy="linear",
             enable_eplb=False,
         )
-        config = get_quantization_config(qc["quant_method"]).from_config(qc)
+        if config is None:
+            config = get_quantization_config(qc["quant_method"]).from_config(qc)
         return RoutedExperts(prefix, torch.bfloat16, moe, config, experts_map)
 
 
@@ -370,10 +380,7 @@ def _fill_check(path: Path, qc: dict, engine: str, mapping_of, loaders: Loaders)
             return f"names only: {type(exc).__name__}: {str(exc)[:120]}"
         params = dict(layer.named_parameters())
         for p in params.values():
-            if p.dtype == torch.float8_e4m3fn:
-                p.data.view(torch.uint8).fill_(0x7F)  # NaN in e4m3fn
-            else:
-                p.data.fill_(float("nan"))
+            _nan_fill(p)
         mapping = mapping_of(g, d, u, experts)
         for (e, proj, suffix), tensor in want.items():
             name = f"{prefix}.{e}.{proj}.{suffix}"
@@ -407,6 +414,154 @@ def _fill_check(path: Path, qc: dict, engine: str, mapping_of, loaders: Loaders)
                     return f"WRONG: {prefix} expert {e} {param_name} {tuple(got.shape)} vs {tuple(exp.shape)}"
         layers += 1
     return f"copied right ({layers} layers x {experts} experts)"
+
+
+_V4_EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.(weight|scale)$")
+
+
+def _v4_fill_check(path: Path, engine: str, loaders: Loaders) -> str:
+    """DeepSeek-V4's routed experts (release names ``layers.L.ffn.experts.E.w1.weight`` + ``.scale``)
+    through each engine's own V4 loading: SGLang's ``DeepseekV4ForCausalLM.remap_weight_name_to_dpsk_hf_format``
+    then its ``FusedMoE`` mapping and ``weight_loader``; vLLM's ``DeepseekV4FP8Config`` (chosen by its
+    ``override_quantization_method``, ``expert_dtype`` read from the config as its ``hf_config``), its V4
+    weights mapper, and ``DeepseekV4Model.load_weights`` (the nvidia model's: it views E8M0 expert scales as
+    bytes before the copy) on a stand-in model holding one real ``RoutedExperts`` per layer. Then the
+    same comparison as :func:`_fill_check` (scales by value)."""
+    import types
+
+    import torch
+    from safetensors import safe_open
+
+    cfg = json.loads((path / "config.json").read_text())
+    qc = _qc(cfg)
+    want: dict[tuple[int, int, str, str], torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for name in h.keys():  # noqa: SIM118
+                m = _V4_EXPERT.match(name)
+                if m:
+                    want[(int(m.group(1)), int(m.group(2)), m.group(3), m.group(4))] = h.get_tensor(name)
+    if not want:
+        return "names only: no routed experts"
+    experts, hidden, inter = cfg["n_routed_experts"], cfg["hidden_size"], cfg["moe_intermediate_size"]
+    layers = sorted({k[0] for k in want})
+    names = {f"layers.{lay}.ffn.experts.{e}.{w}.{kind}": t for (lay, e, w, kind), t in want.items()}
+    hf_config = types.SimpleNamespace(**cfg)
+    try:
+        if engine == "sglang":
+            from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+            from sglang.srt.models.deepseek_v4 import DeepseekV4ForCausalLM
+
+            mapping = FusedMoE.make_expert_params_mapping("gate_proj", "down_proj", "up_proj", experts)
+            built = {
+                lay: Loaders.sglang(f"model.layers.{lay}.mlp.experts", lay, experts, hidden, inter, qc)
+                for lay in layers
+            }
+            params = {lay: dict(m.named_parameters()) for lay, m in built.items()}
+            for lay in layers:
+                for p in params[lay].values():
+                    _nan_fill(p)
+            for name, tensor in names.items():
+                hf = DeepseekV4ForCausalLM.remap_weight_name_to_dpsk_hf_format(
+                    name, num_hidden_layers=cfg["num_hidden_layers"]
+                )
+                hit = next((m for m in mapping if m[1] in hf), None)
+                if hit is None:
+                    return f"WRONG: {name} -> {hf}: unmatched"
+                mapped = hf.replace(hit[1], hit[0])
+                lay = int(mapped.split(".")[2])
+                param = params[lay].get(mapped.rsplit(".", 1)[-1])
+                if param is None:
+                    return f"WRONG: {name} -> {mapped}: no such parameter"
+                param.weight_loader(param, tensor, mapped, shard_id=hit[3], expert_id=hit[2])
+            filled = {lay: params[lay] for lay in layers}
+        else:
+            from vllm.config import get_current_vllm_config
+            from vllm.model_executor.layers.quantization import get_quantization_config
+            from vllm.models.deepseek_v4.nvidia import model as v4
+            from vllm.models.deepseek_v4.quant_config import DeepseekV4FP8Config
+
+            method = (
+                DeepseekV4FP8Config.override_quantization_method(qc, None, hf_config) or qc["quant_method"]
+            )
+            current = get_current_vllm_config()
+            saved = current.model_config
+            object.__setattr__(current, "model_config", types.SimpleNamespace(hf_config=hf_config))
+            try:
+                config = get_quantization_config(method).from_config(qc)
+                expert_dtype = config.expert_dtype if hasattr(config, "expert_dtype") else "fp8"
+
+                class Model(torch.nn.Module):  # what DeepseekV4Model.load_weights reads of itself
+                    load_weights = v4.DeepseekV4Model.load_weights
+                    get_expert_mapping = v4.DeepseekV4Model.get_expert_mapping
+
+                model = Model()
+                model.layers = torch.nn.ModuleList()
+                model.start_layer, model.end_layer = 0, max(layers) + 1
+                model.config, model.quant_config, model.use_sequence_parallel = hf_config, config, False
+                for lay in range(max(layers) + 1):
+                    routed = Loaders.vllm(
+                        f"model.layers.{lay}.ffn.experts.routed_experts",
+                        lay,
+                        experts,
+                        hidden,
+                        inter,
+                        qc,
+                        config,
+                    )
+                    ffn, holder, layer = torch.nn.Module(), torch.nn.Module(), torch.nn.Module()
+                    holder.routed_experts = routed
+                    ffn.experts, ffn.use_native_mega_moe, ffn.n_redundant_experts = holder, False, 0
+                    layer.ffn = ffn
+                    model.layers.append(layer)
+                for p in model.parameters():
+                    _nan_fill(p)
+                mapper = v4._make_deepseek_v4_weights_mapper(expert_dtype)
+                mapped = [(n.removeprefix("model."), t) for n, t in mapper.apply(iter(names.items()))]
+                model.load_weights(mapped)
+            finally:
+                object.__setattr__(current, "model_config", saved)
+            filled = {
+                lay: dict(model.layers[lay].ffn.experts.routed_experts.named_parameters()) for lay in layers
+            }
+    except Exception as exc:  # loud, but an engine-loadable output must load
+        return f"WRONG: its loader raised: {type(exc).__name__}: {str(exc)[:120]}"
+    for lay in layers:
+        for e in range(experts):
+            for param_name, parts, kind in (
+                ("w13_weight", ("w1", "w3"), "weight"),
+                ("w13_weight_scale_inv", ("w1", "w3"), "scale"),
+                ("w2_weight", ("w2",), "weight"),
+                ("w2_weight_scale_inv", ("w2",), "scale"),
+            ):
+                got = filled[lay][param_name].data[e]
+                exp = torch.cat([want[(lay, e, p, kind)] for p in parts])
+                if not _same(got, exp):
+                    return (
+                        f"WRONG: layer {lay} expert {e} {param_name}: {got.flatten()[:2].tolist()} "
+                        f"for {exp.float().flatten()[:2].tolist()}"
+                    )
+    return f"copied right ({len(layers)} layers x {experts} experts)"
+
+
+def _nan_fill(p) -> None:
+    import torch
+
+    if p.dtype == torch.float8_e4m3fn:
+        p.data.view(torch.uint8).fill_(0x7F)  # NaN in e4m3fn
+    else:
+        p.data.fill_(float("nan"))
+
+
+def _same(got, exp) -> bool:
+    """FP8 byte for byte; scales by value (float32, from float32 or E8M0)."""
+    import torch
+
+    if got.shape != exp.shape:
+        return False
+    if exp.dtype == torch.float8_e4m3fn:
+        return got.dtype == exp.dtype and torch.equal(got.view(torch.uint8), exp.view(torch.uint8))
+    return torch.equal(got.float(), exp.float())
 
 
 def child(root: Path, families: list[str] | None) -> list[dict]:
@@ -483,11 +638,16 @@ def child(root: Path, families: list[str] | None) -> list[dict]:
                         continue
                     row[f"{engine}_config"] = "accepted"
                     row[f"{engine}_experts"] = _route(names, mappings[engine]) if names else "no experts"
-                    if variant in COPIED and row[f"{engine}_experts"].startswith("routed"):
+                    experts = row[f"{engine}_experts"]
+                    if variant in COPIED and (
+                        experts.startswith("routed") or experts.startswith("not checked")
+                    ):
                         if loaders is None:
-                            loaders = Loaders(cell.path)
-                        row[f"{engine}_copy"] = _fill_check(
-                            cell.path, qc, engine, mapping_of[engine], loaders
+                            loaders = Loaders(root)
+                        row[f"{engine}_copy"] = (
+                            _fill_check(cell.path, qc, engine, mapping_of[engine], loaders)
+                            if experts.startswith("routed")
+                            else _v4_fill_check(cell.path, engine, loaders)
                         )
                 rows.append(row)
     return rows
@@ -593,13 +753,13 @@ def _cell(r: dict, engine: str) -> str:
         return "refused (" + config.removeprefix("refused: ")[:40] + ")"
     if experts.startswith("WRONG"):
         return "WRONG"
-    if experts.startswith("not checked"):
-        return "config accepted"
     copy = r.get(f"{engine}_copy", "")
     if copy.startswith("WRONG"):
         return "WRONG"
     if copy.startswith("copied right"):
         return "copied right"
+    if experts.startswith("not checked"):
+        return "config accepted"
     return "read" if experts.startswith("routed") else experts
 
 
