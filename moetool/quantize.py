@@ -116,7 +116,8 @@ def _copy_unit(ckpt: Any, name: str) -> Unit:
 
 
 #: dtype of the routed experts' block scales once a DeepSeek-V4 release's experts are FP8
-#: (``expert_dtype: fp8``): float32 under ``.scale``, as DeepSeek's FP8-expert checkpoints store them.
+#: (``expert_dtype: fp8``): float32 under ``.scale`` (vLLM's V4 code describes DeepSeek's FP8-expert
+#: checkpoint, V4-Flash-Base, as float32-scaled).
 #: vLLM 0.33 reads the experts of an ``expert_dtype: fp8`` V4 checkpoint with float32 scale parameters and
 #: copies E8M0 scales in as their raw exponent bytes (2^-12 becomes 115.0), so E8M0 here would load
 #: silently wrong there; float32 holds the same powers of two exactly and every engine reads it right.

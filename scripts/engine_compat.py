@@ -17,7 +17,7 @@ it writes the output with moetool and asks each engine:
   (first entry whose checkpoint name is a substring; the name rewritten to the parameter's), and must land
   on the FP8 MoE parameter of its role (``w13_weight``/``w13_weight_scale_inv`` for gate and up with the
   expert id and shard of its name, ``w2_*`` for down);
-- **copy** (the ``hf`` outputs): each engine's own FP8 MoE layer (SGLang's ``FusedMoE``, vLLM's
+- **copy** (the ``hf`` and ``linear`` outputs): each engine's own MoE layer (SGLang's ``FusedMoE``, vLLM's
   ``RoutedExperts``) is built on CPU for every MoE layer of the output, and every expert tensor goes
   through its ``weight_loader`` as its models' ``load_weights`` call it; each filled parameter must then
   equal, byte for byte (scales by value), what the engine's forward reads for that expert (:class:`Loaders`,
@@ -90,7 +90,7 @@ LIGHT = [
 ]
 STUBBED = ("torchvision",)
 #: the variants whose expert tensors are also copied into each engine's MoE parameters by its own loader
-COPIED = ("hf",)
+COPIED = ("hf", "linear")
 
 
 def install(root: Path) -> list[Path]:
@@ -370,8 +370,9 @@ def _fill_check(path: Path, qc: dict, engine: str, mapping_of, loaders: Loaders)
         g, d, u = ("w1", "w2", "w3") if "w1" in projs else ("gate_proj", "down_proj", "up_proj")
         experts = 1 + max(k[0] for k in held)
         want = {k: get(f, f"{prefix}.{k[0]}.{k[1]}.{k[2]}") for k, f in held.items()}
-        if any(w.dtype != torch.float8_e4m3fn for (_, _, s), w in want.items() if s == "weight"):
-            return "names only: experts not FP8"
+        fp8 = want[(0, g, "weight")].dtype == torch.float8_e4m3fn
+        if any((w.dtype == torch.float8_e4m3fn) != fp8 for (_, _, s), w in want.items() if s == "weight"):
+            return "names only: experts of mixed precision"
         inter, hidden = want[(0, g, "weight")].shape
         layer_no = int(re.search(r"layers\.(\d+)\.", prefix).group(1))
         try:
@@ -395,19 +396,29 @@ def _fill_check(path: Path, qc: dict, engine: str, mapping_of, loaders: Loaders)
                 param.weight_loader(param, tensor, mapped, shard_id=hit[3], expert_id=hit[2])
             except Exception as exc:  # loud, but an hf output must load
                 return f"WRONG: its weight_loader raised on {name}: {type(exc).__name__}: {str(exc)[:100]}"
-        for e in range(experts):
-            for param_name, parts, suffix in (
-                ("w13_weight", (g, u), "weight"),
+        roles = [("w13_weight", (g, u), "weight"), ("w2_weight", (d,), "weight")]
+        if fp8:
+            roles += [
                 ("w13_weight_scale_inv", (g, u), "weight_scale_inv"),
-                ("w2_weight", (d,), "weight"),
                 ("w2_weight_scale_inv", (d,), "weight_scale_inv"),
-            ):
+            ]
+        elif any(p.dtype == torch.float8_e4m3fn for p in params.values()):
+            # BF16 experts (--targets linear) given FP8 parameters: the copy would cast them unscaled
+            return f"WRONG: {prefix}: FP8 parameters for {want[(0, g, 'weight')].dtype} experts"
+        for e in range(experts):
+            for param_name, parts, suffix in roles:
                 got = params[param_name].data[e]
                 exp = torch.cat([want[(e, p, suffix)] for p in parts])
-                if suffix == "weight":
-                    same = got.shape == exp.shape and torch.equal(
-                        got.view(torch.uint8), exp.view(torch.uint8)
+                if suffix == "weight" and fp8:
+                    same = (
+                        got.shape == exp.shape
+                        and got.dtype == exp.dtype
+                        and torch.equal(got.view(torch.uint8), exp.view(torch.uint8))
                     )
+                elif (
+                    suffix == "weight"
+                ):  # the engine holds unquantized experts in its model dtype (bf16 here)
+                    same = got.shape == exp.shape and torch.equal(got, exp.to(got.dtype))
                 else:
                     same = got.shape == exp.shape and torch.equal(got, exp.to(torch.float32))
                 if not same:
@@ -541,7 +552,90 @@ def _v4_fill_check(path: Path, engine: str, loaders: Loaders) -> str:
                         f"WRONG: layer {lay} expert {e} {param_name}: {got.flatten()[:2].tolist()} "
                         f"for {exp.float().flatten()[:2].tolist()}"
                     )
-    return f"copied right ({len(layers)} layers x {experts} experts)"
+    shared = _v4_shared_check(path, engine, cfg)
+    if shared:
+        return shared
+    return f"copied right ({len(layers)} layers x {experts} experts, and shared experts)"
+
+
+def _v4_shared_check(path: Path, engine: str, cfg: dict) -> str:
+    """DeepSeek-V4's shared experts (FP8 Linears, E8M0 ``.scale`` as the release ships them) through
+    the engine's own FP8 Linear parameters and loaders, as its V4 ``load_weights`` feed them: ``w1`` and
+    ``w3`` into a ``MergedColumnParallelLinear`` (shards 0 and 1), ``w2`` into a ``RowParallelLinear``.
+    vLLM's FP8 Linear kernel choice (``init_fp8_linear_kernel``, which asks for CUDA; used only by the
+    forward) is skipped. Empty when every byte and scale landed right."""
+    import types
+
+    import torch
+    from safetensors import safe_open
+
+    t: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for n in h.keys():  # noqa: SIM118
+                if ".ffn.shared_experts." in n and n.startswith("layers."):
+                    t[n] = h.get_tensor(n)
+    layers = sorted({int(n.split(".")[1]) for n in t})
+    qc = _qc(cfg)
+    hf_config = types.SimpleNamespace(**cfg)
+    if engine == "sglang":
+        from sglang.srt.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+        from sglang.srt.layers.quantization import get_quantization_config
+
+        config = get_quantization_config(qc["quant_method"]).from_config(qc)
+        saved = None
+    else:
+        from vllm.config import get_current_vllm_config
+        from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+        from vllm.model_executor.layers.quantization import fp8 as vllm_fp8
+        from vllm.model_executor.layers.quantization import get_quantization_config
+        from vllm.models.deepseek_v4.quant_config import DeepseekV4FP8Config
+
+        vllm_fp8.init_fp8_linear_kernel = lambda *a, **k: None
+        current = get_current_vllm_config()
+        saved = current.model_config
+        object.__setattr__(
+            current, "model_config", types.SimpleNamespace(hf_config=hf_config, dtype=torch.bfloat16)
+        )
+        method = DeepseekV4FP8Config.override_quantization_method(qc, None, hf_config) or qc["quant_method"]
+        config = get_quantization_config(method).from_config(qc)
+    try:
+        for lay in layers:
+            pre = f"layers.{lay}.ffn.shared_experts"
+            w1, w2, w3 = (t[f"{pre}.{w}.weight"] for w in ("w1", "w2", "w3"))
+            s1, s2, s3 = (t[f"{pre}.{w}.scale"] for w in ("w1", "w2", "w3"))
+            gate_up = MergedColumnParallelLinear(
+                w1.shape[1],
+                [w1.shape[0], w3.shape[0]],
+                bias=False,
+                quant_config=config,
+                prefix=f"model.{pre}.gate_up_proj",
+            )
+            down = RowParallelLinear(
+                w2.shape[1], w2.shape[0], bias=False, quant_config=config, prefix=f"model.{pre}.down_proj"
+            )
+            gp, dp = dict(gate_up.named_parameters()), dict(down.named_parameters())
+            for p in (*gp.values(), *dp.values()):
+                _nan_fill(p)
+            for shard, (w, sc) in enumerate(((w1, s1), (w3, s3))):
+                gp["weight"].weight_loader(gp["weight"], w, shard)
+                gp["weight_scale_inv"].weight_loader(gp["weight_scale_inv"], sc, shard)
+            dp["weight"].weight_loader(dp["weight"], w2)
+            dp["weight_scale_inv"].weight_loader(dp["weight_scale_inv"], s2)
+            for what, got, exp in (
+                ("gate_up_proj.weight", gp["weight"].data, torch.cat([w1, w3])),
+                ("gate_up_proj.weight_scale_inv", gp["weight_scale_inv"].data, torch.cat([s1, s3])),
+                ("down_proj.weight", dp["weight"].data, w2),
+                ("down_proj.weight_scale_inv", dp["weight_scale_inv"].data, s2),
+            ):
+                if not _same(got, exp):
+                    return f"WRONG: {pre}.{what}: {got.flatten()[:2].tolist()} for {exp.float().flatten()[:2].tolist()}"
+    except Exception as exc:  # loud, but an engine-loadable output must load
+        return f"WRONG: its shared-expert loader raised: {type(exc).__name__}: {str(exc)[:120]}"
+    finally:
+        if saved is not None:
+            object.__setattr__(current, "model_config", saved)
+    return ""
 
 
 def _nan_fill(p) -> None:
