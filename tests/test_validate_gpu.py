@@ -108,7 +108,8 @@ def test_mislabelled_state_of_qwen3_next_size_fails_on_cuda(ws_cuda: tv.Workspac
     tv.assert_fails(ws_cuda.validate(orig, bad), recurrent_state_name(0), groups=("ssm",))
 
 
-# -- one pass on the GPU: each byte read once, time per stage, shared experts, read errors ---------
+# -- one pass on the GPU: each byte read once (the sha256 from the same reads), time per stage, shared
+# experts, read errors ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(("conversion", "sample"), [("deepgemm-ue8m0", None), ("hf-float+fuse-r2", "2")])
 def test_validate_reads_each_tensor_byte_once_on_cuda(
     ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, conversion: str, sample: str | None
@@ -129,6 +130,23 @@ def test_failing_read_is_one_line_naming_the_file_on_cuda(
     ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tio.test_failing_read_is_one_line_naming_the_file(ws_cuda, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("conversion", "opts"),
+    [("deepgemm-ue8m0+fuse-r2", {}), ("hf-float", {"experts": 1}), ("deepgemm-float", {"read_budget": 1})],
+)
+def test_validate_hashes_the_converted_files_from_its_reads_on_cuda(
+    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, conversion: str, opts: dict
+) -> None:
+    tio.test_validate_hashes_the_converted_files_from_its_reads(ws_cuda, monkeypatch, conversion, opts)
+
+
+@pytest.mark.parametrize("where", ["read", "skipped"])
+def test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip_on_cuda(
+    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    tio.test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip(ws_cuda, monkeypatch, where)
 
 
 # -- GPU quantization writes the CPU's bytes --------------------------------------------------------
