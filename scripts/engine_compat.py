@@ -403,7 +403,7 @@ def _fill_check(path: Path, qc: dict, engine: str, mapping_of, loaders: Loaders)
                 ("w2_weight_scale_inv", (d,), "weight_scale_inv"),
             ]
         elif any(p.dtype == torch.float8_e4m3fn for p in params.values()):
-            # BF16 experts (--targets linear) given FP8 parameters: the copy would cast them unscaled
+            # unquantized experts given FP8 parameters: the copy would cast them unscaled
             return f"WRONG: {prefix}: FP8 parameters for {want[(0, g, 'weight')].dtype} experts"
         for e in range(experts):
             for param_name, parts, suffix in roles:
