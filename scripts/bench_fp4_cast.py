@@ -15,16 +15,24 @@ Then ``triton.testing.do_bench`` medians (warm-up, two input stacks used in turn
 L2) of:
 
 - ``fp4_cast`` end to end (allocation, kernel and the NaN-scale check, one device sync);
-- the kernel launch alone into preallocated outputs, over ``num_warps`` × column blocks per program
-  (``*`` marks the launcher's default), and with the byte permute in integer operations instead of
-  ``prmt``;
+- the kernel launch alone into preallocated outputs, for every launch in ``SWEEP`` (``*`` marks the
+  launcher's default): the column-block loop, the same with the next block's loads issued first, the
+  persistent grid prefetching one block ahead, and the persistent grid left to Triton's pipeliner, over
+  warps, blocks per program (or programs per SM) and stages, most of them ``lean`` (32-bit offsets, the
+  column-block count a compile-time constant); and the default with the byte permute in integer
+  operations instead of ``prmt``;
 - ``copy_``: a device-to-device copy moving the same bytes (read + written) as the cast;
 - the torch reference on the GPU, for information.
+
+A launch that fails to compile, or gives other bytes than the reference, is reported and left out of the
+timings (exit status 1); when the default does, nothing is timed. The summary names the launch fastest on
+every shape (the largest of its smallest ratio to copy) and times ``fp4_cast`` end to end with it: that is
+the one to make ``DEFAULT_CONFIG`` in ``kernels/fp4_cast.py``.
 
 Bytes moved = FP4 bytes + E8M0 scales read, FP8 bytes + FP8 scales + int32 counts written.
 Bar (docs/benchmarks.md): ``fp4_cast`` ≥ 70% of the copy bandwidth measured in this run.
 
-Usage: python scripts/bench_fp4_cast.py [--experts 256]
+Usage: python scripts/bench_fp4_cast.py [--experts 256] [--only SUBSTRING ...]
 Exit status: 0 when every correctness check passed, 1 when one failed, 2 when no GPU is usable.
 """
 
@@ -76,34 +84,51 @@ def differ(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> str
     return "; ".join(out) or None
 
 
-def configs() -> list[tuple[bool, int, int]]:
-    """(asm, num_warps, blocks_k) of every timed launch: the default first."""
-    from moetool.kernels.fp4_cast import DEFAULT_CONFIG
+def sweep() -> list:
+    """Every launch timed (``Config``): the default first."""
+    from moetool.kernels.fp4_cast import DEFAULT_CONFIG, Config
 
-    sweep = [(True, w, b) for w in (4, 8) for b in (1, 2, 4, 8)]
-    return (
-        [(True, *DEFAULT_CONFIG)]
-        + [c for c in sweep if c != (True, *DEFAULT_CONFIG)]
-        + [(False, *DEFAULT_CONFIG)]
-    )
+    grid = [Config("loop", 4, 2), Config("prefetch", 4, 4), Config("persistent", 8, 2)]
+    grid += [Config("pipelined", 4, 1, stages=2)]
+    grid += [Config("loop", w, b, lean=True) for w, b in ((4, 1), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4))]
+    grid += [Config("loop", 4, 4, scale4=True, lean=True)]
+    grid += [Config("prefetch", w, b, lean=True) for w, b in ((4, 2), (4, 4), (4, 8), (8, 4), (8, 8))]
+    grid += [
+        Config("persistent", w, b, lean=True) for w, b in ((4, 2), (4, 3), (4, 4), (8, 1), (8, 2), (8, 3))
+    ]
+    grid += [Config("persistent", 8, 2, scale4=True, lean=True)]
+    grid += [
+        Config("pipelined", w, b, stages=st, lean=True)
+        for w, b, st in ((4, 1, 2), (4, 2, 3), (8, 1, 3), (8, 2, 2), (8, 1, 4))
+    ]
+    return [DEFAULT_CONFIG] + [c for c in grid if c != DEFAULT_CONFIG]
 
 
-def check(experts: int) -> list[str]:
-    from moetool.kernels.fp4_cast import fp4_cast
+def check(experts: int, configs: list) -> tuple[list[str], list]:
+    """Byte checks of every launch in ``configs`` (with ``prmt``) and of the default with the permute in
+    integer operations on adversarial blocks, then of the launcher on realistic scales. Returns the
+    failures and the launches that gave the reference's bytes on every shape."""
+    from moetool.kernels.fp4_cast import DEFAULT_CONFIG, fp4_cast
     from moetool.kernels.fp4_cast_ref import fp4_cast_ref
     from moetool.testing.release_formats import adversarial_fp4
 
     failures = []
+    good = list(configs)
     for tag, n, k in v4_flash_shapes():
         packed, scale = adversarial_fp4((4, n, k), seed=3)
         want = fp4_cast_ref(packed, scale)
         pc, sc = packed.cuda(), scale.cuda()
-        for asm, warps, blocks_k in configs():
-            err = differ(fp4_cast(pc, sc, _asm=asm, _num_warps=warps, _blocks_k=blocks_k), want)
-            what = f"adversarial {tag} [4, {n}, {k}] asm={asm} warps={warps} bk={blocks_k}"
+        for asm, config in [(True, c) for c in configs] + [(False, DEFAULT_CONFIG)]:
+            what = f"adversarial {tag} [4, {n}, {k}] asm={asm} {config}"
+            try:
+                err = differ(fp4_cast(pc, sc, _asm=asm, _config=config), want)
+            except Exception as exc:  # a launch Triton cannot compile here: reported, not timed
+                err = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
             log(f"check {what}: {'ok' if err is None else 'MISMATCH ' + err}")
             if err:
                 failures.append(f"{what}: {err}")
+                if asm and config in good:
+                    good.remove(config)
         del packed, scale, pc, sc, want
 
         packed, scale = make_fp4(experts, n, k, seed=1)
@@ -121,7 +146,7 @@ def check(experts: int) -> list[str]:
         if lossy == 0:
             failures.append(f"fp4_cast {tag}: the planted 18-binade blocks lost nothing")
         del packed, scale, got
-    return failures
+    return failures, good
 
 
 def median_ms(fn: Callable[[], object], rep: int = 200) -> float:
@@ -140,10 +165,8 @@ def rotate(fns: list[Callable[[], object]]) -> Callable[[], object]:
     return call
 
 
-def bench_shape(tag: str, e: int, n: int, k: int) -> list[dict]:
-    from moetool.kernels.fp4_cast import DEFAULT_CONFIG, _launch_fp4_cast, fp4_cast
-    from moetool.kernels.fp4_cast_ref import fp4_cast_ref
-
+def stacks(e: int, n: int, k: int) -> tuple[list, list, int]:
+    """Two input stacks, an output set for each, and the bytes one cast moves (read + written)."""
     ins = [make_fp4(e, n, k, seed=10 + i) for i in range(2)]
     nb, kb = n // 128, k // 128
     outs = [
@@ -154,12 +177,19 @@ def bench_shape(tag: str, e: int, n: int, k: int) -> list[dict]:
         )
         for _ in ins
     ]
-    moved = e * n * k // 2 + e * n * k // 32 + e * n * k + e * nb * kb * 5  # bytes read + written
+    return ins, outs, e * n * k // 2 + e * n * k // 32 + e * n * k + e * nb * kb * 5
+
+
+def bench_shape(tag: str, e: int, n: int, k: int, configs: list) -> list[dict]:
+    from moetool.kernels.fp4_cast import DEFAULT_CONFIG, _launch_fp4_cast, fp4_cast
+    from moetool.kernels.fp4_cast_ref import fp4_cast_ref
+
+    ins, outs, moved = stacks(e, n, k)
     shape = f"{tag} [{e}, {n}, {k}]"
     rows = []
 
-    def row(variant: str, ms: float) -> None:
-        rows.append({"shape": shape, "variant": variant, "ms": ms, "gbs": moved / ms / 1e6})
+    def row(variant: str, ms: float, config=None) -> None:
+        rows.append({"shape": shape, "variant": variant, "ms": ms, "gbs": moved / ms / 1e6, "config": config})
 
     half = moved // 2  # a copy of `half` bytes reads and writes `moved` bytes
     bufs = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(4)]
@@ -167,29 +197,32 @@ def bench_shape(tag: str, e: int, n: int, k: int) -> list[dict]:
     bufs.clear()
 
     row("fp4_cast", median_ms(rotate([partial(fp4_cast, p, s) for p, s in ins])))
-    for asm, warps, blocks_k in configs():
+    for asm, config in [(True, c) for c in configs] + [(False, DEFAULT_CONFIG)]:
         calls = [
-            partial(
-                _launch_fp4_cast,
-                p.view(torch.uint8),
-                s.view(torch.uint8),
-                *o,
-                asm=asm,
-                num_warps=warps,
-                blocks_k=blocks_k,
-            )
+            partial(_launch_fp4_cast, p.view(torch.uint8), s.view(torch.uint8), *o, asm=asm, config=config)
             for (p, s), o in zip(ins, outs)
         ]
-        default = "*" if (warps, blocks_k) == DEFAULT_CONFIG else ""
-        kind = "kernel" if asm else "int-permute"
-        row(f"{kind} warps={warps} bk={blocks_k}{default}", median_ms(rotate(calls)))
+        default = "*" if config == DEFAULT_CONFIG else ""
+        name = f"{config}{default}" if asm else f"int-permute {config}{default}"
+        row(name, median_ms(rotate(calls)), config if asm else None)
     row("torch reference", median_ms(partial(fp4_cast_ref, *ins[0]), rep=100))
     return rows
+
+
+def bench_end_to_end(tag: str, e: int, n: int, k: int, config) -> float:
+    """``fp4_cast`` end to end with ``config``: ms."""
+    from moetool.kernels.fp4_cast import fp4_cast
+
+    ins, _, _ = stacks(e, n, k)
+    return median_ms(rotate([partial(fp4_cast, p, s, _config=config) for p, s in ins]))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument(
+        "--only", nargs="*", default=[], help="time only the launches whose name holds one of these"
+    )
     ap.add_argument("--timeout", type=int, default=300, help="dump stacks and exit after this many seconds")
     args = ap.parse_args()
     faulthandler.dump_traceback_later(args.timeout, exit=True)
@@ -206,33 +239,59 @@ def main() -> int:
     card = torch.cuda.get_device_name()
     log(f"card: {card}; torch {torch.__version__}; experts {args.experts}; shapes {v4_flash_shapes()}")
 
-    failures = check(min(args.experts, 64))
+    configs = sweep()
+    if args.only:
+        configs = [c for c in configs if any(o in str(c) for o in args.only) or c == configs[0]]
+    failures, good = check(min(args.experts, 64), configs)
     if failures:
-        print("CORRECTNESS FAILED, nothing timed:")
+        print("CORRECTNESS FAILED:")
         for f in failures:
             print(f"  {f}")
+    if (
+        not good
+        or good[0] != configs[0]
+        or any(f.startswith("fp4_cast") or "asm=False" in f for f in failures)
+    ):
+        print("the default launch or the launcher failed: nothing timed")
         return 1
 
     rows = []
     for tag, n, k in v4_flash_shapes():
-        rows += bench_shape(tag, args.experts, n, k)
+        rows += bench_shape(tag, args.experts, n, k, good)
         torch.cuda.empty_cache()
 
     print(f"\nFP4 -> FP8 cast, {card} (bytes = FP4 + E8M0 read, FP8 + scales + counts written)")
-    print(f"{'shape':>26} {'variant':>24} {'ms':>8} {'GB/s':>8} {'x copy':>7}")
+    print(f"{'shape':>26} {'variant':>34} {'ms':>8} {'GB/s':>8} {'x copy':>7}")
+    ratios: dict = {}
+    copy_gbs = {}
     verdicts = []
     for shape in dict.fromkeys(r["shape"] for r in rows):
         group = [r for r in rows if r["shape"] == shape]
-        copy_gbs = next(r["gbs"] for r in group if r["variant"] == "copy_")
+        copy_gbs[shape] = next(r["gbs"] for r in group if r["variant"] == "copy_")
         for r in group:
-            ratio = r["gbs"] / copy_gbs
-            print(f"{shape:>26} {r['variant']:>24} {r['ms']:8.3f} {r['gbs']:8.0f} {ratio:7.2f}")
+            ratio = r["gbs"] / copy_gbs[shape]
+            print(f"{shape:>26} {r['variant']:>34} {r['ms']:8.3f} {r['gbs']:8.0f} {ratio:7.2f}")
             if r["variant"] == "fp4_cast":
-                verdicts.append((shape, ratio))
+                verdicts.append((shape, "default", ratio))
+            if r["config"] is not None:
+                ratios.setdefault(r["config"], []).append(ratio)
+
+    best = max(ratios, key=lambda c: min(ratios[c]))
+    print(f"\nfastest on every shape: {best!r}: " + " / ".join(f"{x:.2f}" for x in ratios[best]) + " x copy")
+    shapes = v4_flash_shapes()
+    for (tag, n, k), shape in zip(shapes, copy_gbs):
+        ms = bench_end_to_end(tag, args.experts, n, k, best)
+        moved = args.experts * (n * k // 2 + n * k // 32 + n * k + (n // 128) * (k // 128) * 5)
+        ratio = moved / ms / 1e6 / copy_gbs[shape]
+        print(
+            f"{shape:>26} {'fp4_cast with ' + str(best):>34} {ms:8.3f} {moved / ms / 1e6:8.0f} {ratio:7.2f}"
+        )
+        verdicts.append((shape, str(best), ratio))
+
     print(f"\nbar: fp4_cast >= {BAR:.2f} x copy bandwidth on the same card")
-    for shape, ratio in verdicts:
-        print(f"  {shape}: {ratio:.2f}  {'PASS' if ratio >= BAR else 'BELOW BAR'}")
-    return 0
+    for shape, what, ratio in verdicts:
+        print(f"  {shape} ({what}): {ratio:.2f}  {'PASS' if ratio >= BAR else 'BELOW BAR'}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

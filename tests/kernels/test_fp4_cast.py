@@ -10,7 +10,7 @@ import torch
 from fp4_facts import deepseek_cast
 
 from moetool.errors import InputError
-from moetool.kernels.fp4_cast import DEFAULT_CONFIG, fp4_cast
+from moetool.kernels.fp4_cast import DEFAULT_CONFIG, Config, fp4_cast
 from moetool.kernels.fp4_cast_ref import (
     CAST_TABLE_D,
     cast_octets,
@@ -198,16 +198,39 @@ def test_nan_scale_is_refused_naming_the_row() -> None:
 
 
 # -- Triton kernel against the reference --------------------------------------------------------------
-@pytest.mark.parametrize("blocks_k", [1, 2, 3])
-def test_kernel_matches_ref_in_interpreter(blocks_k: int, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed + blocks_k)
+# one launch of each kind: the column-block loop (a partial last group of blocks with 3), the same
+# prefetching (4 and 2 cut to a divisor of 5 column blocks), the persistent grid (2 or 3 programs on CPU,
+# each walking many blocks) and the pipelined one; with the scale max/min from [128, 4] or [128, 32],
+# and lean (32-bit offsets, the column-block count compiled in: 3, 2 and 5 here)
+INTERPRETER_CONFIGS = [
+    DEFAULT_CONFIG,
+    Config("loop", 4, 1),
+    Config("loop", 4, 3, scale4=True),
+    Config("loop", 4, 3, lean=True),
+    Config("prefetch", 4, 4),
+    Config("prefetch", 2, 2, scale4=True, lean=True),
+    Config("persistent", 4, 2),
+    Config("persistent", 8, 3, scale4=True, lean=True),
+    Config("pipelined", 4, 2, stages=3, lean=True),
+]
+
+
+@pytest.mark.parametrize("config", INTERPRETER_CONFIGS, ids=str)
+def test_kernel_matches_ref_in_interpreter(config: Config, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed + config.blocks)
     for shape, span in (((2, 256, 384), 18), ((128, 256), 10), ((1, 128, 640), 40)):
         packed, scale = fp4(shape, span, gen)
         scale.view(torch.uint8).view(-1)[:7] = torch.tensor([0, 1, 5, 254, 250, 127, 3], dtype=torch.uint8)
         want = fp4_cast_ref(packed, scale)
-        got = fp4_cast(packed, scale, _blocks_k=blocks_k)
+        got = fp4_cast(packed, scale, _config=config)
         assert same_bytes(got[0], want[0]) and same_bytes(got[1], want[1])
         assert torch.equal(got[2], want[2])
+
+
+def test_unknown_launch_is_refused() -> None:
+    packed, scale = fp4((128, 128), 3, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="unknown fp4_cast variant 'tiled'"):
+        fp4_cast(packed, scale, _config=Config("tiled", 4, 1))
 
 
 def test_kernel_accepts_uint8_views(seed: int) -> None:
@@ -236,8 +259,13 @@ def test_kernel_matches_ref_on_adversarial_blocks(seed: int) -> None:
     packed, scale = adversarial_fp4((3, 384, 512), seed=seed)
     want = fp4_cast_ref(packed, scale)
     assert bool((want[2] == 0).any()) and bool((want[2] > 0).any())
-    for warps, blocks_k in (DEFAULT_CONFIG, (4, 1), (8, 3)):
-        got = fp4_cast(packed, scale, _num_warps=warps, _blocks_k=blocks_k)
+    for config in (
+        DEFAULT_CONFIG,
+        Config("loop", 8, 3),
+        Config("prefetch", 4, 2),
+        Config("persistent", 4, 3),
+    ):
+        got = fp4_cast(packed, scale, _config=config)
         assert same_bytes(got[0], want[0]) and same_bytes(got[1], want[1])
         assert torch.equal(got[2], want[2])
 
@@ -254,13 +282,29 @@ def test_adversarial_input_reaches_every_case(seed: int) -> None:
     assert len(torch.unique(u8)) == 256
 
 
+GPU_CONFIGS = [
+    Config("loop", 8, 1),
+    Config("prefetch", 4, 4),
+    Config("persistent", 8, 2),
+    Config("pipelined", 4, 1, stages=2),
+    Config("loop", 4, 8, lean=True),
+    Config("loop", 4, 4, scale4=True, lean=True),
+    Config("prefetch", 4, 4, lean=True),
+    Config("prefetch", 8, 8, lean=True),
+    Config("persistent", 4, 3, lean=True),
+    Config("persistent", 8, 2, scale4=True, lean=True),
+    Config("pipelined", 4, 2, stages=3, lean=True),
+    Config("pipelined", 8, 1, stages=4, lean=True),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("which", ["w13", "w2"])
 def test_gpu_kernel_matches_cpu_ref_at_v4_flash_shapes(which: str, seed: int) -> None:
     """V4-Flash's routed experts (hidden 4096, moe_intermediate_size 2048, transformers' default config):
     gate/up [2048, 4096] or down [4096, 2048]; GPU bytes and counts equal the CPU reference's on
     adversarial blocks (every span, E < 6, zero rows, code 8) for the launcher's default, every launch
-    configuration the benchmark times, and the permute in integer operations; then on 32 experts of
+    kind of launch the benchmark times, and the permute in integer operations; then on 32 experts of
     realistic scales (12 binades, one block in 64 lossy) against the reference run on the GPU."""
     from transformers import DeepseekV4Config
 
@@ -270,13 +314,11 @@ def test_gpu_kernel_matches_cpu_ref_at_v4_flash_shapes(which: str, seed: int) ->
     packed, scale = adversarial_fp4((4, n, k), seed=seed)
     want = fp4_cast_ref(packed, scale)
     pc, sc = packed.cuda(), scale.cuda()
-    for asm, warps, blocks_k in [(None, *DEFAULT_CONFIG), (False, *DEFAULT_CONFIG)] + [
-        (True, w, b) for w in (4, 8) for b in (1, 2, 4, 8)
-    ]:
-        got = fp4_cast(pc, sc, _asm=asm, _num_warps=warps, _blocks_k=blocks_k)
-        config = f"asm={asm} warps={warps} blocks_k={blocks_k}"
-        assert same_bytes(got[0], want[0]), config
-        assert same_bytes(got[1], want[1]) and torch.equal(got[2].cpu(), want[2]), config
+    for asm, config in [(None, DEFAULT_CONFIG), (False, DEFAULT_CONFIG)] + [(True, c) for c in GPU_CONFIGS]:
+        got = fp4_cast(pc, sc, _asm=asm, _config=config)
+        what = f"asm={asm} {config}"
+        assert same_bytes(got[0], want[0]), what
+        assert same_bytes(got[1], want[1]) and torch.equal(got[2].cpu(), want[2]), what
 
     gen = torch.Generator().manual_seed(seed)
     packed, scale = fp4((32, n, k), 12, gen)
