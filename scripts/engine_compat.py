@@ -21,7 +21,10 @@ it writes the output with moetool and asks each engine:
   ``RoutedExperts``) is built on CPU for every MoE layer of the output, and every expert tensor goes
   through its ``weight_loader`` as its models' ``load_weights`` call it; each filled parameter must then
   equal, byte for byte (scales by value), what the engine's forward reads for that expert (:class:`Loaders`,
-  :func:`_fill_check`).
+  :func:`_fill_check`; DeepSeek-V4 through the engines' own V4 loading, :func:`_v4_fill_check`);
+- **Linears** (the same outputs): every other matrix through the engine's ``ReplicatedLinear`` with the
+  output's quantization config: FP8 ones copied as stored, unquantized ones listed in ``ignored_layers``
+  and held unquantized (:func:`_linear_check`).
 
 This runs on CPU. It does not run the engines' kernels, their conversion of the loaded parameters to a
 kernel's format, or their whole-model constructors; the transformers column of docs/compat.md is
@@ -638,6 +641,86 @@ def _v4_shared_check(path: Path, engine: str, cfg: dict) -> str:
     return ""
 
 
+def _linear_check(path: Path, engine: str) -> str:
+    """Every Linear of an output outside the experts through the engine's own ``ReplicatedLinear`` with
+    the output's quantization config and the checkpoint's module name as prefix: an FP8 weight must get
+    the FP8 method's parameters and be copied right with its ``weight_scale_inv`` (bytes, scale values);
+    every other matrix but the embeddings must be listed in ``ignored_layers`` and get unquantized
+    parameters and its values. The
+    engines' fused modules (``qkv_proj``, ``gate_up_proj``) and their renaming of wrapped models' prefixes
+    are not modelled: the prefix is the checkpoint's. vLLM's FP8 Linear kernel choice
+    (``init_fp8_linear_kernel``, which asks for CUDA; only the forward uses it) is skipped."""
+    import types
+
+    import torch
+    from safetensors import safe_open
+
+    cfg = json.loads((path / "config.json").read_text())
+    qc = _qc(cfg)
+    ignored = set(qc.get("ignored_layers") or [])
+    t: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for n in h.keys():  # noqa: SIM118
+                if ".experts." not in n and (n.endswith(".weight") or n.endswith(".weight_scale_inv")):
+                    t[n] = h.get_tensor(n)
+    fp8 = sorted(n for n, w in t.items() if n.endswith(".weight") and w.dtype == torch.float8_e4m3fn)
+    plain = sorted(
+        n
+        for n, w in t.items()
+        if n.endswith(".weight") and w.dim() == 2 and w.dtype != torch.float8_e4m3fn and "embed" not in n
+    )
+    unlisted = [n for n in plain if n[: -len(".weight")] not in ignored]
+    if unlisted:  # an engine would give it FP8 parameters
+        return f"WRONG: {unlisted[0]} stays {t[unlisted[0]].dtype} but is not in ignored_layers"
+    current = saved = None
+    if engine == "sglang":
+        from sglang.srt.layers.linear import ReplicatedLinear
+        from sglang.srt.layers.quantization import get_quantization_config
+
+        config = get_quantization_config(qc["quant_method"]).from_config(qc)
+    else:
+        from vllm.config import get_current_vllm_config
+        from vllm.model_executor.layers.linear import ReplicatedLinear
+        from vllm.model_executor.layers.quantization import fp8 as vllm_fp8
+        from vllm.model_executor.layers.quantization import get_quantization_config
+
+        vllm_fp8.init_fp8_linear_kernel = lambda *a, **k: None
+        current = get_current_vllm_config()
+        saved = current.model_config
+        object.__setattr__(
+            current,
+            "model_config",
+            types.SimpleNamespace(hf_config=types.SimpleNamespace(**cfg), dtype=torch.bfloat16),
+        )
+        config = get_quantization_config(qc["quant_method"]).from_config(qc)
+    try:
+        for name in fp8 + plain:
+            w = t[name]
+            module = name[: -len(".weight")]
+            lin = ReplicatedLinear(w.shape[1], w.shape[0], bias=False, quant_config=config, prefix=module)
+            params = dict(lin.named_parameters())
+            for p in params.values():
+                _nan_fill(p)
+            got_fp8 = params["weight"].dtype == torch.float8_e4m3fn
+            if got_fp8 != (name in fp8):
+                return f"WRONG: {module}: engine holds it as {params['weight'].dtype}, stored {w.dtype}"
+            params["weight"].weight_loader(params["weight"], w)
+            if name in fp8:
+                scale = t[name + "_scale_inv"]
+                params["weight_scale_inv"].weight_loader(params["weight_scale_inv"], scale)
+                if not (_same(params["weight"].data, w) and _same(params["weight_scale_inv"].data, scale)):
+                    return f"WRONG: {module}: weight or scales not copied as stored"
+            elif not torch.equal(params["weight"].data, w.to(params["weight"].dtype)):
+                return f"WRONG: {module}: values not copied"
+    except Exception as exc:  # loud, but an engine-loadable output must load
+        return f"WRONG: its Linear loader raised: {type(exc).__name__}: {str(exc)[:120]}"
+    finally:
+        if saved is not None or current is not None:
+            object.__setattr__(current, "model_config", saved)
+    return f"copied right ({len(fp8)} FP8, {len(plain)} unquantized)"
+
+
 def _nan_fill(p) -> None:
     import torch
 
@@ -743,6 +826,8 @@ def child(root: Path, families: list[str] | None) -> list[dict]:
                             if experts.startswith("routed")
                             else _v4_fill_check(cell.path, engine, loaders)
                         )
+                        if experts.startswith("routed"):
+                            row[f"{engine}_linears"] = _linear_check(cell.path, engine)
                 rows.append(row)
     return rows
 
@@ -848,7 +933,7 @@ def _cell(r: dict, engine: str) -> str:
     if experts.startswith("WRONG"):
         return "WRONG"
     copy = r.get(f"{engine}_copy", "")
-    if copy.startswith("WRONG"):
+    if copy.startswith("WRONG") or r.get(f"{engine}_linears", "").startswith("WRONG"):
         return "WRONG"
     if copy.startswith("copied right"):
         return "copied right"
@@ -863,18 +948,20 @@ def markdown(rows: list[dict], detail: bool = False) -> str:
     out = [f"SGLang {rows[0]['sglang']}, vLLM {rows[0]['vllm']}", ""]
     if detail:
         out += [
-            "| family | variant | scale | moetool | SGLang config | SGLang experts | SGLang copy | vLLM config "
-            "| vLLM experts | vLLM copy |"
+            "| family | variant | scale | moetool | SGLang config | SGLang experts | SGLang copy | SGLang Linears "
+            "| vLLM config | vLLM experts | vLLM copy | vLLM Linears |"
         ]
-        out += ["| --- " * 10 + "|"]
+        out += ["| --- " * 12 + "|"]
         for r in rows:
             keys = (
                 "sglang_config",
                 "sglang_experts",
                 "sglang_copy",
+                "sglang_linears",
                 "vllm_config",
                 "vllm_experts",
                 "vllm_copy",
+                "vllm_linears",
             )
             cols = [r["moetool"][:80], *(r.get(k, "") for k in keys)]
             out.append(f"| {r['family']} | {r['variant']} | {r['scale_fmt']} | " + " | ".join(cols) + " |")
@@ -942,7 +1029,8 @@ def main() -> int:
     bad = [
         r
         for r in rows
-        if "WRONG" in "".join(r.get(f"{e}_{k}", "") for e in ("sglang", "vllm") for k in ("experts", "copy"))
+        if "WRONG"
+        in "".join(r.get(f"{e}_{k}", "") for e in ("sglang", "vllm") for k in ("experts", "copy", "linears"))
     ]
     loadable = {"hf", "linear"}
     leaks = [
