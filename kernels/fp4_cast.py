@@ -98,12 +98,44 @@ def _cast_word(codes, t_lo, t_hi, ASM: tl.constexpr, LEAN: tl.constexpr):
 
 
 @triton.jit
+def _ld_u8(ptr, DIRECT: tl.constexpr):
+    """The bytes at ``ptr`` (uint8 pointers) as int32. ``DIRECT``: one PTX load each, which Triton gives
+    the layout of its operands instead of one of its own (Triton 3.6 gives a gather whose addresses are
+    not contiguous a layout of its own and then moves the block's arithmetic into it, converting the
+    packed codes and the output words through shared memory)."""
+    if DIRECT:
+        return tl.inline_asm_elementwise(
+            "ld.global.nc.u8 $0, [$1];", "=r,l", [ptr], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        return tl.load(ptr).to(tl.int32)
+
+
+@triton.jit
+def _ld_pair(ptr, DIRECT: tl.constexpr):
+    """The two int32 words at ``ptr`` and ``ptr + 1`` (8-byte aligned) as uint32; ``DIRECT`` as
+    ``_ld_u8``."""
+    if DIRECT:
+        lo, hi = tl.inline_asm_elementwise(
+            "ld.global.nc.v2.u32 {$0, $1}, [$2];",
+            "=r,=r,l",
+            [ptr],
+            dtype=(tl.uint32, tl.uint32),
+            is_pure=True,
+            pack=1,
+        )
+        return lo, hi
+    else:
+        return tl.load(ptr).to(tl.uint32, bitcast=True), tl.load(ptr + 1).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
 def _max_min(a_max, a_min, b_max, b_min):
     return tl.maximum(a_max, b_max), tl.minimum(a_min, b_min)
 
 
 @triton.jit
-def _load_block(p_ptr, sc_ptr, rows, k, kb, SCALE4: tl.constexpr):
+def _load_block(p_ptr, sc_ptr, rows, k, kb, SCALE4: tl.constexpr, DIRECT: tl.constexpr = False):
     """Column block ``kb`` of the 128 ``rows``: its 16-bit halves of packed codes (4 codes each)
     ``[128, 32]``, the FP4 scale byte of each half (8 halves per scale), and the scale bytes whose max
     and min the block's FP8 scale and count need (``[128, 4]`` when ``SCALE4``, else the same
@@ -112,7 +144,7 @@ def _load_block(p_ptr, sc_ptr, rows, k, kb, SCALE4: tl.constexpr):
     # the index is written so that a thread reads 4 consecutive halves (8 bytes), the 4 words it writes
     # (16 bytes): with 8 halves per load Triton converts the layout through shared memory
     x = tl.load(p_ptr + rows * (k // 4) + kb * 32 + (halves // 4) * 4 + halves % 4)
-    sb = tl.load(sc_ptr + rows * (k // 32) + kb * 4 + halves // 8)
+    sb = _ld_u8(sc_ptr + rows * (k // 32) + kb * 4 + halves // 8, DIRECT)
     if SCALE4:
         s4 = tl.load(sc_ptr + rows * (k // 32) + kb * 4 + tl.arange(0, 4)[None, :])
     else:
@@ -157,8 +189,7 @@ def _cast_block(
     tl.store(s_ptr + blk, s_byte.to(tl.uint8))
 
     d = tl.minimum(e_max - sb.to(tl.int32), _TABLE_D)
-    t_lo = tl.load(oct_ptr + 2 * d).to(tl.uint32, bitcast=True)
-    t_hi = tl.load(oct_ptr + 2 * d + 1).to(tl.uint32, bitcast=True)
+    t_lo, t_hi = _ld_pair(oct_ptr + 2 * d, ASM and LEAN >= 2)
     # half h of a row holds the codes of columns 4h .. 4h+3: output word h
     out = _cast_word(x.to(tl.uint32), t_lo, t_hi, ASM, LEAN)
     tl.store(q_ptr + rows * (k // 4) + kb * 32 + tl.arange(0, 32)[None, :], out.to(tl.int32, bitcast=True))
@@ -239,11 +270,11 @@ def fp4_cast_kernel(
     pp, p8p, scp, qp, rows = _row_block(p_ptr, p8_ptr, sc_ptr, q_ptr, rb, k, LEAN)
     blk0 = rb.to(tl.int64) * num_kb
     if PREFETCH:
-        x, sb, s4 = _load_block(pp, scp, rows, k, kp * BLOCKS_K, SCALE4)
+        x, sb, s4 = _load_block(pp, scp, rows, k, kp * BLOCKS_K, SCALE4, ASM and LEAN == 2)
         for j in tl.static_range(BLOCKS_K):
             kb = kp * BLOCKS_K + j
             if j + 1 < BLOCKS_K:
-                x_next, sb_next, s4_next = _load_block(pp, scp, rows, k, kb + 1, SCALE4)
+                x_next, sb_next, s4_next = _load_block(pp, scp, rows, k, kb + 1, SCALE4, ASM and LEAN == 2)
             _cast_block(
                 x,
                 sb,
@@ -270,7 +301,7 @@ def fp4_cast_kernel(
         for j in tl.static_range(BLOCKS_K):
             kb = kp * BLOCKS_K + j
             if kb < num_kb:
-                x, sb, s4 = _load_block(pp, scp, rows, k, kb, SCALE4)
+                x, sb, s4 = _load_block(pp, scp, rows, k, kb, SCALE4, ASM and LEAN == 2)
                 _cast_block(
                     x,
                     sb,
@@ -326,14 +357,16 @@ def fp4_cast_persistent_kernel(
     k = num_kb * 128
     if PREFETCH:
         pp, p8p, scp, qp, rows = _row_block(p_ptr, p8_ptr, sc_ptr, q_ptr, pid // num_kb, k, LEAN)
-        x, sb, s4 = _load_block(pp, scp, rows, k, pid % num_kb, SCALE4)
+        x, sb, s4 = _load_block(pp, scp, rows, k, pid % num_kb, SCALE4, ASM and LEAN == 2)
         for t in tl.range(pid, num_blocks, nprog, num_stages=1):
             kb = t % num_kb
             pp, p8p, scp, qp, rows = _row_block(p_ptr, p8_ptr, sc_ptr, q_ptr, t // num_kb, k, LEAN)
             # the last block's loads again rather than a mask on every load
             t_next = tl.minimum(t + nprog, num_blocks - 1)
             pn, _, scn, _, rows_next = _row_block(p_ptr, p8_ptr, sc_ptr, q_ptr, t_next // num_kb, k, LEAN)
-            x_next, sb_next, s4_next = _load_block(pn, scn, rows_next, k, t_next % num_kb, SCALE4)
+            x_next, sb_next, s4_next = _load_block(
+                pn, scn, rows_next, k, t_next % num_kb, SCALE4, ASM and LEAN == 2
+            )
             _cast_block(
                 x,
                 sb,
@@ -359,7 +392,7 @@ def fp4_cast_persistent_kernel(
         for t in tl.range(pid, num_blocks, nprog, num_stages=STAGES):
             kb = t % num_kb
             pp, p8p, scp, qp, rows = _row_block(p_ptr, p8_ptr, sc_ptr, q_ptr, t // num_kb, k, LEAN)
-            x, sb, s4 = _load_block(pp, scp, rows, k, kb, SCALE4)
+            x, sb, s4 = _load_block(pp, scp, rows, k, kb, SCALE4, ASM and LEAN == 2)
             _cast_block(
                 x,
                 sb,
@@ -387,22 +420,24 @@ class Config(NamedTuple):
     program), ``"prefetch"`` (the same with the next block's loads first; ``blocks`` is cut to a divisor
     of the column blocks), ``"persistent"`` (``fp4_cast_persistent_kernel`` on ``blocks`` programs per SM,
     prefetching) or ``"pipelined"`` (the same, loads left to Triton's pipeliner with ``stages``).
-    ``scale4``: the block's scale max and min from a ``[128, 4]`` load of its scale bytes. ``lean``: 32-bit
+    ``scale4``: the block's scale max and min from a ``[128, 4]`` load of its scale bytes. ``lean`` 1: 32-bit
     offsets from pointers moved to each row block, the column-block count a compile-time constant (one
     compilation per K), the scale max and min in one reduction over the block each, and one operation fewer
-    per word for the signs."""
+    per word for the signs; 3: the same with the table words read by PTX loads (with ``prmt``), so that
+    Triton keeps the block's arithmetic in the layout of its 8-byte loads and 16-byte stores instead of
+    moving it into the gather's layout through shared memory; 2: the scale bytes by PTX loads too."""
 
     variant: str
     num_warps: int
     blocks: int
     scale4: bool = False
     stages: int = 1
-    lean: bool = False
+    lean: int = 0
 
     def __str__(self) -> str:
         extra = (
             (" s4" if self.scale4 else "")
-            + (" lean" if self.lean else "")
+            + ("", " lean", " lean+ld", " lean+tld")[self.lean]
             + (f" st={self.stages}" if self.variant == "pipelined" else "")
         )
         return f"{self.variant} w={self.num_warps} b={self.blocks}{extra}"

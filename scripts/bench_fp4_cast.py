@@ -19,8 +19,8 @@ L2) of:
   launcher's default): the column-block loop, the same with the next block's loads issued first, the
   persistent grid prefetching one block ahead, and the persistent grid left to Triton's pipeliner, over
   warps, blocks per program (or programs per SM) and stages, most of them ``lean`` (32-bit offsets, the
-  column-block count a compile-time constant); and the default with the byte permute in integer
-  operations instead of ``prmt``;
+  column-block count a compile-time constant; 3 and 2 with PTX loads of the table words, and of the scale
+  bytes, ``Config``); and the default with the byte permute in integer operations instead of ``prmt``;
 - ``copy_``: a device-to-device copy moving the same bytes (read + written) as the cast;
 - the torch reference on the GPU, for information.
 
@@ -90,17 +90,19 @@ def sweep() -> list:
 
     grid = [Config("loop", 4, 2), Config("prefetch", 4, 4), Config("persistent", 8, 2)]
     grid += [Config("pipelined", 4, 1, stages=2)]
-    grid += [Config("loop", w, b, lean=True) for w, b in ((4, 1), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4))]
-    grid += [Config("loop", 4, 4, scale4=True, lean=True)]
-    grid += [Config("prefetch", w, b, lean=True) for w, b in ((4, 2), (4, 4), (4, 8), (8, 4), (8, 8))]
-    grid += [
-        Config("persistent", w, b, lean=True) for w, b in ((4, 2), (4, 3), (4, 4), (8, 1), (8, 2), (8, 3))
-    ]
-    grid += [Config("persistent", 8, 2, scale4=True, lean=True)]
-    grid += [
-        Config("pipelined", w, b, stages=st, lean=True)
-        for w, b, st in ((4, 1, 2), (4, 2, 3), (8, 1, 3), (8, 2, 2), (8, 1, 4))
-    ]
+    # lean 1: 32-bit offsets, K compiled in, one reduction each, one operation fewer per word
+    grid += [Config("loop", w, b, lean=1) for w, b in ((4, 2), (4, 4), (4, 8), (8, 4))]
+    grid += [Config("prefetch", w, b, lean=1) for w, b in ((4, 4), (8, 4))]
+    grid += [Config("persistent", 8, 2, lean=1), Config("pipelined", 8, 2, stages=2, lean=1)]
+    # lean 3: and the table words by PTX loads (Triton 3.6 then keeps one layout: no shared-memory round
+    # trip of the codes and words); lean 2: the scale bytes too
+    grid += [Config("loop", w, b, lean=3) for w, b in ((4, 1), (4, 2), (4, 4), (4, 8), (8, 2), (8, 4))]
+    grid += [Config("loop", 4, 4, scale4=True, lean=3)]
+    grid += [Config("prefetch", w, b, lean=3) for w, b in ((4, 2), (4, 4), (8, 4), (8, 8))]
+    grid += [Config("persistent", w, b, lean=3) for w, b in ((4, 3), (8, 2), (8, 3))]
+    grid += [Config("pipelined", w, b, stages=st, lean=3) for w, b, st in ((4, 1, 2), (8, 2, 2), (8, 1, 3))]
+    grid += [Config("loop", w, 4, lean=2) for w in (4, 8)]
+    grid += [Config("prefetch", 8, 4, lean=2), Config("persistent", 8, 2, lean=2)]
     return [DEFAULT_CONFIG] + [c for c in grid if c != DEFAULT_CONFIG]
 
 

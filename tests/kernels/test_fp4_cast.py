@@ -206,12 +206,14 @@ INTERPRETER_CONFIGS = [
     DEFAULT_CONFIG,
     Config("loop", 4, 1),
     Config("loop", 4, 3, scale4=True),
-    Config("loop", 4, 3, lean=True),
+    Config("loop", 4, 3, lean=1),
     Config("prefetch", 4, 4),
-    Config("prefetch", 2, 2, scale4=True, lean=True),
+    Config("prefetch", 2, 2, scale4=True, lean=1),
     Config("persistent", 4, 2),
-    Config("persistent", 8, 3, scale4=True, lean=True),
-    Config("pipelined", 4, 2, stages=3, lean=True),
+    Config("persistent", 8, 3, scale4=True, lean=1),
+    Config("pipelined", 4, 2, stages=3, lean=1),
+    Config("loop", 4, 2, lean=3),
+    Config("persistent", 4, 2, lean=2),
 ]
 
 
@@ -287,14 +289,16 @@ GPU_CONFIGS = [
     Config("prefetch", 4, 4),
     Config("persistent", 8, 2),
     Config("pipelined", 4, 1, stages=2),
-    Config("loop", 4, 8, lean=True),
-    Config("loop", 4, 4, scale4=True, lean=True),
-    Config("prefetch", 4, 4, lean=True),
-    Config("prefetch", 8, 8, lean=True),
-    Config("persistent", 4, 3, lean=True),
-    Config("persistent", 8, 2, scale4=True, lean=True),
-    Config("pipelined", 4, 2, stages=3, lean=True),
-    Config("pipelined", 8, 1, stages=4, lean=True),
+    Config("loop", 4, 8, lean=1),
+    Config("persistent", 4, 3, lean=1),
+    Config("loop", 4, 4, scale4=True, lean=3),
+    Config("loop", 8, 2, lean=3),
+    Config("prefetch", 8, 8, lean=3),
+    Config("persistent", 8, 2, scale4=True, lean=3),
+    Config("pipelined", 8, 1, stages=3, lean=3),
+    Config("loop", 4, 4, lean=2),
+    Config("prefetch", 8, 4, lean=2),
+    Config("persistent", 8, 2, lean=2),
 ]
 
 
