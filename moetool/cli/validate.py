@@ -59,7 +59,33 @@ def timing_line(report) -> str:
                 f"; sha256 {human_bytes(io['converted_hashed_from_reads'])} from those reads, "
                 f"{human_bytes(io['hash_read'])} read for it alone"
             )
-    return line
+    return "\n".join([line, *timeline_lines(report.timeline)])
+
+
+def timeline_lines(tl: dict) -> list[str]:
+    """``-v``'s view of the report's ``timeline``: start-up, the reader's waits, each file's sha256."""
+    if not tl:
+        return []
+
+    def secs(v: object) -> str:
+        return "?" if v is None else f"{v:.2f}"
+
+    lines = [
+        f"start-up (s after the process started): validate called {secs(tl.get('called'))}, "
+        f"one pass began {secs(tl.get('pass_started'))}"
+    ]
+    if "reader_blocked" in tl:
+        lines.append(
+            f"reader waited for a free buffer {tl['reader_blocked']:.2f} s, of which buffers were kept by the "
+            f"sha256 alone {tl['held_by_hashes']:.2f} s; buffers {'pinned' if tl.get('pinned') else 'pageable'}"
+        )
+    for r in tl.get("hashes", []):
+        lines.append(
+            f"sha256 {r['file']}: {r['start']:.2f}-{r['end']:.2f} s, waited for reads {r['wait']:.2f}, "
+            f"hashed from them {r['hash']:.2f} ({human_bytes(r['from_buffers'])}), "
+            f"read itself {r['read']:.2f} ({human_bytes(r['read_itself'])})"
+        )
+    return lines
 
 
 @click.command("validate")

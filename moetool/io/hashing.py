@@ -168,6 +168,9 @@ class PlannedHashes:
     read); ``done_at`` is the ``time.perf_counter()`` of the last digest; ``from_buffers`` and
     ``read_itself`` count the bytes hashed from the buffers and read by the hasher. ``open_file(file)``
     opens a file read-only (default ``os.open``). ``close()`` abandons hashes still running.
+
+    ``timeline()``: per file, when its hash started and ended (seconds after creation), and how long it
+    waited for a buffer to be read, hashed from the buffers, and read and hashed the rest itself.
     """
 
     def __init__(
@@ -189,6 +192,8 @@ class PlannedHashes:
         self.done_at = time.perf_counter()
         self.from_buffers = 0
         self.read_itself = 0
+        self._t0 = time.perf_counter()
+        self._timeline: dict[str, dict[str, float]] = {}
         # the futures that hold plan i's buffer: one per file with runs in it
         self._holds: dict[int, dict[str, Future[None]]] = {}
         for f, chain in self._runs.items():
@@ -231,17 +236,28 @@ class PlannedHashes:
             if all(h.done() for h in self._holds[i].values()):
                 self._views.pop(i, None)
 
+    def timeline(self) -> list[dict[str, float | str]]:
+        """Each finished file's hash: ``file``, ``start``/``end`` (seconds after creation), ``wait`` (for
+        buffers to be read), ``hash`` (from the buffers), ``read`` (reading and hashing the rest itself),
+        ``from_buffers``/``read_itself`` (bytes), by start."""
+        with self._lock:
+            rows = [{"file": f, **{k: round(v, 3) for k, v in t.items()}} for f, t in self._timeline.items()]
+        return sorted(rows, key=lambda r: (r["start"], r["file"]))
+
     def _work(self, f: str) -> None:
         chain = self._runs.get(f, [])
         h = hashlib.sha256()
         fd = -1
         from_buffers = read_itself = 0
+        t_start = time.perf_counter()
+        t_wait = t_hash = t_read = 0.0
 
         def read_to(pos: int, end: int | None) -> int:
             """Hash the file's bytes [pos, end) (to its end with None), read here; the new position."""
-            nonlocal read_itself
+            nonlocal read_itself, t_read
             if end is not None and pos >= end:
                 return pos
+            t = time.perf_counter()
             buf = self._buffers.get()
             try:
                 while end is None or pos < end:
@@ -258,6 +274,7 @@ class PlannedHashes:
                     read_itself += n
             finally:
                 self._buffers.put(buf)
+                t_read += time.perf_counter() - t
             return pos
 
         try:
@@ -265,9 +282,11 @@ class PlannedHashes:
             pos = 0
             for k, run in enumerate(chain):
                 pos = read_to(pos, run.start)  # ahead of the buffer, while it is being read
+                t = time.perf_counter()
                 view = self._view(run.plan)
                 if view is None:
                     return
+                t_wait += (t2 := time.perf_counter()) - t
                 for off, n, dest in run.pieces:
                     if off + n <= pos:
                         continue
@@ -275,13 +294,24 @@ class PlannedHashes:
                     h.update(view[dest + skip : dest + n])
                     from_buffers += n - skip
                     pos = off + n
+                t_hash += time.perf_counter() - t2
                 if k + 1 == len(chain) or chain[k + 1].plan != run.plan:
                     self._let_go(run.plan, f)
             read_to(pos, None)
+            t_end = time.perf_counter()
             with self._lock:
-                self.done_at = max(self.done_at, time.perf_counter())
+                self.done_at = max(self.done_at, t_end)
                 self.from_buffers += from_buffers
                 self.read_itself += read_itself
+                self._timeline[f] = {
+                    "start": t_start - self._t0,
+                    "end": t_end - self._t0,
+                    "wait": t_wait,
+                    "hash": t_hash,
+                    "read": t_read,
+                    "from_buffers": from_buffers,
+                    "read_itself": read_itself,
+                }
             self._digests[f].set_result(h.hexdigest())
         except _Stopped:
             pass

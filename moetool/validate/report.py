@@ -34,6 +34,12 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # TIMING_KEYS, seconds
     io: dict[str, int] = field(default_factory=dict)  # bytes in and read from each checkpoint
+    #: where the wall time went besides the stages: seconds after the process started at which
+    #: validate was called (``called``) and its one pass began (``pass_started``); seconds the reader
+    #: waited for a free buffer (``reader_blocked``), of which buffers were kept by the hashes alone
+    #: (``held_by_hashes``); whether the buffers are pinned; and per converted file its sha256's
+    #: ``PlannedHashes.timeline`` row (``hashes``)
+    timeline: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -52,4 +58,5 @@ class Report:
             "checks": [asdict(c) for c in self.checks],
             "timings": dict(self.timings),
             "io": dict(self.io),
+            "timeline": dict(self.timeline),
         }

@@ -85,6 +85,14 @@ class StructureCheck:
         h = self._hashes
         return {"converted_hashed_from_reads": h.from_buffers, "hash_read": h.read_itself} if h else {}
 
+    def timeline(self) -> list[dict[str, Any]]:
+        """Per converted file, its hash's ``PlannedHashes.timeline`` row (file named relative to the
+        checkpoint), seconds counted from the start of hashing."""
+        if self._hashes is None:
+            return []
+        names = {p: rel for rel, p, _, _ in self._recorded}
+        return [{**row, "file": names.get(row["file"], row["file"])} for row in self._hashes.timeline()]
+
     def close(self) -> None:
         if self._hashes is not None:
             self._hashes.close()
