@@ -482,7 +482,7 @@ def test_hashes_from_read_buffers_equal_hashlib(shards: Path, order: str, slots:
             plans = _plans(ck, 5) if order == "shuffled" else _sparse_plans(ck, 5)
         keys = [str(p.resolve()) for p in files]
         with PlannedHashes(keys, plans) as hashes:
-            with Prefetcher(plans, threads=3, slots=slots, chunk=1000, hold=hashes.feed) as pf:
+            with Prefetcher(plans, threads=3, slots=slots, chunk=1000, hold=hashes) as pf:
                 assert sum(1 for _ in pf) == len(plans)
             got = {k: hashes.result(k) for k in keys}
         total = sum(p.stat().st_size for p in files)

@@ -163,8 +163,11 @@ class PlannedHashes:
     every other span (headers, what no plan reads, what plans read out of order) by reading the file
     itself, ahead of the buffers it waits for. A file no plan reads is hashed whole at once.
 
-    ``feed(plan, view)`` returns the futures that keep the plan's buffer from reuse until its runs are
-    hashed. ``result(file)`` waits for one digest (an ``InputError`` naming the file if it could not be
+    It is the prefetcher's ``BufferHold``: ``feed(plan, view)``, before the plan is read, returns the
+    futures that keep the plan's buffer from reuse until its runs are hashed; ``filled`` hears which
+    bytes have landed, so each file's hash takes a step's bytes while the rest of the step is still
+    being read (``wants``: the files' pieces are read first), and lets go of the buffer as soon as its
+    own runs in it are hashed. ``result(file)`` waits for one digest (an ``InputError`` naming the file if it could not be
     read); ``done_at`` is the ``time.perf_counter()`` of the last digest; ``from_buffers`` and
     ``read_itself`` count the bytes hashed from the buffers and read by the hasher. ``open_file(file)``
     opens a file read-only (default ``os.open``). ``close()`` abandons hashes still running.
@@ -186,6 +189,9 @@ class PlannedHashes:
         self._index = {id(plan): i for i, plan in enumerate(plans)}
         self._runs = {f: hashed_runs(r) for f, r in plan_runs(plans, files).items()}
         self._views: dict[int, memoryview] = {}
+        self._files = set(files)
+        # per plan being read: the byte ranges of its buffer read so far, merged, sorted
+        self._filled: dict[int, tuple[list[int], list[int]]] = {}
         self._cond = threading.Condition()
         self._stop = False
         self._lock = threading.Lock()
@@ -212,20 +218,56 @@ class PlannedHashes:
             t.start()
 
     def feed(self, plan: ReadPlan, view: memoryview) -> list[Future[None]]:
-        """Plan ``plan``'s bytes are in ``view`` (its buffer) until the returned futures are done."""
+        """Plan ``plan`` is about to be read into ``view`` (its buffer, as ``filled`` reports), and its
+        bytes stay there until the returned futures are done."""
         i = self._index.get(id(plan))
         holds = self._holds.get(i, {}) if i is not None else {}
         if holds:
             with self._cond:
+                self._filled[i] = ([], [])
                 self._views[i] = view
                 self._cond.notify_all()
         return list(holds.values())
+
+    def filled(self, plan: ReadPlan, start: int, nbytes: int) -> None:
+        """Bytes ``[start, start + nbytes)`` of plan ``plan``'s buffer are read."""
+        i = self._index.get(id(plan))
+        if i is None or i not in self._holds or nbytes <= 0:
+            return
+        end = start + nbytes
+        with self._cond:
+            ranges = self._filled.get(i)
+            if ranges is None:
+                return
+            starts, ends = ranges
+            a = bisect.bisect_left(ends, start)  # ranges [a, b) touch [start, end)
+            b = bisect.bisect_right(starts, end)
+            if a < b:
+                start, end = min(start, starts[a]), max(end, ends[b - 1])
+            starts[a:b] = [start]
+            ends[a:b] = [end]
+            self._cond.notify_all()
+
+    def wants(self, file: str) -> bool:
+        return file in self._files
 
     def _view(self, i: int) -> memoryview | None:
         with self._cond:
             while i not in self._views and not self._stop:
                 self._cond.wait()
             return None if self._stop else self._views[i]
+
+    def _ready(self, i: int, start: int, end: int) -> int:
+        """Wait until byte ``start`` of plan ``i``'s buffer is read; how far from there, up to ``end``,
+        its bytes are read (``start`` itself once stopped)."""
+        with self._cond:
+            while not self._stop:
+                starts, ends = self._filled[i]
+                k = bisect.bisect_right(starts, start) - 1
+                if k >= 0 and ends[k] > start:
+                    return min(ends[k], end)
+                self._cond.wait()
+            return start
 
     def _let_go(self, i: int, f: str) -> None:
         """File ``f`` is done with plan ``i``'s buffer (the buffer is free once every file is)."""
@@ -235,6 +277,7 @@ class PlannedHashes:
         with self._cond:
             if all(h.done() for h in self._holds[i].values()):
                 self._views.pop(i, None)
+                self._filled.pop(i, None)
 
     def timeline(self) -> list[dict[str, float | str]]:
         """Each finished file's hash: ``file``, ``start``/``end`` (seconds after creation), ``wait`` (for
@@ -286,15 +329,23 @@ class PlannedHashes:
                 view = self._view(run.plan)
                 if view is None:
                     return
-                t_wait += (t2 := time.perf_counter()) - t
+                t_wait += time.perf_counter() - t
                 for off, n, dest in run.pieces:
                     if off + n <= pos:
                         continue
-                    skip = max(pos - off, 0)
-                    h.update(view[dest + skip : dest + n])
-                    from_buffers += n - skip
+                    at, end = dest + max(pos - off, 0), dest + n
+                    while at < end:
+                        t = time.perf_counter()
+                        ready = self._ready(run.plan, at, end)
+                        if ready == at:
+                            return  # stopped
+                        t2 = time.perf_counter()
+                        t_wait += t2 - t
+                        h.update(view[at:ready])
+                        t_hash += time.perf_counter() - t2
+                        from_buffers += ready - at
+                        at = ready
                     pos = off + n
-                t_hash += time.perf_counter() - t2
                 if k + 1 == len(chain) or chain[k + 1].plan != run.plan:
                     self._let_go(run.plan, f)
             read_to(pos, None)

@@ -8,9 +8,11 @@ of ``CHUNK_BYTES`` (positioned reads release the GIL, so the chunks of one tenso
 page cache by several cores at once), and hands back :class:`Batch` es in the same order while it
 already reads the next plans.
 
-Other readers of the same bytes take them from the buffers too: ``hold(plan, view)`` is called once a
-plan is read, and a buffer is reused only after its batch is released and every future ``hold``
-returned is done (``moetool.io.hashing.PlannedHashes`` hashes files from the buffers this way).
+Other readers of the same bytes take them from the buffers too, as they land (a :class:`BufferHold`:
+``feed(plan, view)`` before a plan's reads start, ``filled(plan, start, nbytes)`` as each range of the
+buffer is read, the pieces of the files it ``wants`` read first); a buffer is reused only after its
+batch is released and every future ``feed`` returned is done (``moetool.io.hashing.PlannedHashes``
+hashes files from the buffers this way, each file's hash running while the rest of a step is read).
 
 Memory: plans in flight live in ``slots`` buffers (two by default: the batch the caller holds and the
 one being read), each reused from plan to plan. Reuse matters as much as parallelism: reading into a
@@ -33,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -191,6 +193,22 @@ class Batch:
             cb()
 
 
+class BufferHold(Protocol):
+    """Another reader of the prefetcher's buffers (see the module's docstring)."""
+
+    def feed(self, plan: ReadPlan, view: memoryview) -> list[Future[Any]]:
+        """``plan`` is about to be read into ``view``; the buffer is kept until the futures are done."""
+        ...
+
+    def filled(self, plan: ReadPlan, start: int, nbytes: int) -> None:
+        """Bytes ``[start, start + nbytes)`` of ``plan``'s buffer are read (called from reader threads)."""
+        ...
+
+    def wants(self, file: str) -> bool:
+        """Whether pieces of ``file`` should be read before the others of a plan."""
+        ...
+
+
 _END = object()
 
 
@@ -208,9 +226,10 @@ class Prefetcher:
     is raised by the iterator where that batch would have come. Use as a context manager: leaving it
     stops the reads and joins the threads.
 
-    ``hold(plan, view)``: called on the reading side with each plan and its buffer (a byte view) once
-    every piece is read, before the batch is handed out; the futures it returns keep the buffer from
-    reuse until they are done. What it does with the view must only read it, as the caller does.
+    ``hold`` (a :class:`BufferHold`): ``feed(plan, view)`` is called on the reading side with each plan
+    and its buffer (a byte view) before its pieces are read, ``filled`` as each range lands; the futures
+    ``feed`` returns keep the buffer from reuse until they are done. What it does with the view must
+    only read the ranges ``filled`` named, as the caller does.
 
     ``pin``: allocate the buffers in pinned (page-locked) memory, for fast copies to a CUDA device
     (pageable memory where pinning fails); ``min_buffer``: allocate each buffer at least this large at
@@ -229,7 +248,7 @@ class Prefetcher:
         threads: int | None = None,
         slots: int = 2,
         chunk: int = CHUNK_BYTES,
-        hold: Callable[[ReadPlan, memoryview], list[Future[Any]]] | None = None,
+        hold: BufferHold | None = None,
         pin: bool = False,
         min_buffer: int = 0,
     ) -> None:
@@ -285,8 +304,9 @@ class Prefetcher:
                     self._buffers[slot] = torch.empty(0, dtype=torch.uint8)  # free before growing
                     self._buffers[slot] = self._allocate(max(plan.nbytes, self._min_buffer))
                 buf = self._buffers[slot]
-                view = self._read(plan, buf)
-                holds = self._hold(plan, view) if self._hold is not None else []
+                view = memoryview(buf.numpy()).cast("B") if buf.numel() else memoryview(b"")
+                holds = self._hold.feed(plan, view) if self._hold is not None else []
+                self._read(plan, view)
                 batch = Batch(plan, buf, lambda s=slot, h=holds: self._give_back_after(s, h))
                 for fn in plan.after:
                     fn(batch)
@@ -330,13 +350,15 @@ class Prefetcher:
             self._in_use -= 1
         self._free.put(slot)
 
-    def _read(self, plan: ReadPlan, buf: torch.Tensor) -> memoryview:
-        view = memoryview(buf.numpy()).cast("B") if buf.numel() else memoryview(b"")
+    def _read(self, plan: ReadPlan, view: memoryview) -> None:
+        pieces = plan.pieces
+        if self._hold is not None:  # what the other reader waits for first (stable: plan order otherwise)
+            pieces = sorted(pieces, key=lambda p: not self._hold.wants(p.file))
         futures: list[Future[None]] = []
-        for p in plan.pieces:
+        for p in pieces:
             for start in range(0, p.nbytes, self._chunk):
                 n = min(self._chunk, p.nbytes - start)
-                futures.append(self._pool.submit(self._read_chunk, p, start, n, view))
+                futures.append(self._pool.submit(self._read_chunk, plan, p, start, n, view))
         error: BaseException | None = None
         for fut in futures:  # every read finishes before the buffer is handed out or reused
             try:
@@ -345,9 +367,8 @@ class Prefetcher:
                 error = error or e
         if error is not None:
             raise error
-        return view
 
-    def _read_chunk(self, p: Piece, start: int, n: int, view: memoryview) -> None:
+    def _read_chunk(self, plan: ReadPlan, p: Piece, start: int, n: int, view: memoryview) -> None:
         if self._stop.is_set():
             raise InputError("reading was stopped", file=p.file, tensor=p.tensor)
         dest = p.dest + start
@@ -357,6 +378,8 @@ class Prefetcher:
             raise InputError(f"cannot read: {e.strerror or e}", file=p.file, tensor=p.tensor) from None
         with self._lock:
             self.bytes_read[p.file] = self.bytes_read.get(p.file, 0) + n
+        if self._hold is not None:
+            self._hold.filled(plan, dest, n)
 
     # -- caller side --------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:

@@ -78,7 +78,7 @@ class StructureCheck:
         self._hashes = PlannedHashes(
             [f for _, f, _, size_ok in self._recorded if size_ok], plans, open_file=self.ctx.c_ck.open_shard
         )
-        return self._hashes.feed
+        return self._hashes
 
     def io(self) -> dict[str, int]:
         """Bytes of the converted files hashed from the read buffers, and read by the hashing itself."""
