@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from moetool.errors import InputError
+from moetool.io import hashing as hashing_mod
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
 from moetool.io.hashing import PlannedHashes, Run, hashed_runs
@@ -464,11 +465,16 @@ def _sparse_plans(ck: Checkpoint, seed: int) -> list[ReadPlan]:
 
 @pytest.mark.parametrize("order", ["in-file-order", "shuffled", "sparse"])
 @pytest.mark.parametrize("slots", [1, 2])
-def test_hashes_from_read_buffers_equal_hashlib(shards: Path, order: str, slots: int) -> None:
+@pytest.mark.parametrize("hurry", [None, 0.001])
+def test_hashes_from_read_buffers_equal_hashlib(
+    shards: Path, monkeypatch: pytest.MonkeyPatch, order: str, slots: int, hurry: float | None
+) -> None:
     """``PlannedHashes`` fed by a prefetcher gives each file the sha256 hashlib gives the whole file,
     whatever order and overlap the plans read in (a file no plan reads included); it hashes every byte
     once, from the buffers or read itself, and reads itself only what the plans never read when they
-    read the files in order."""
+    read the files in order and the reader never hurries it. Hurried whenever the reader waits for a
+    buffer (after 1 ms), the hashes let go of the buffers mid-way and still give hashlib's digests."""
+    monkeypatch.setattr(prefetch, "HURRY_AFTER", hurry)
     files = [shards / "model-00001-of-00002.safetensors", shards / "model-00002-of-00002.safetensors"]
     files.append(shards / "config.json")
     with Checkpoint(shards) as ck:
@@ -489,8 +495,52 @@ def test_hashes_from_read_buffers_equal_hashlib(shards: Path, order: str, slots:
         tensor_bytes = ck.total_bytes
     assert got == {str(p.resolve()): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
     assert hashes.from_buffers + hashes.read_itself == total
-    if order == "in-file-order":
+    if order == "in-file-order" and hurry is None:
         assert hashes.from_buffers == tensor_bytes
+    assert not _our_threads()
+
+
+def test_a_hash_behind_the_reader_lets_go_of_its_buffers(
+    shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hash far slower than the reads (a pause per 4 KiB update): once the caller has
+    released a batch and the reader waits for its buffer, the hash is hurried, lets go of it and reads
+    what it still lacks from the file itself; the digests are still hashlib's, and the hash read more
+    than the headers itself."""
+    files = [shards / "model-00001-of-00002.safetensors", shards / "model-00002-of-00002.safetensors"]
+    keys = [str(p.resolve()) for p in files]
+    want = {str(p.resolve()): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    real = hashlib.sha256
+
+    class Slow:
+        def __init__(self) -> None:
+            self.h = real()
+
+        def update(self, data: memoryview) -> None:
+            time.sleep(0.002)
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(prefetch, "HURRY_AFTER", 0.001)
+    monkeypatch.setattr(hashing_mod, "HASH_CHUNK", 4096)  # at most this much per update
+    monkeypatch.setattr(hashing_mod.hashlib, "sha256", Slow)
+    with Checkpoint(shards) as ck:
+        plans = []
+        for name in sorted(ck.names(), key=lambda n: (ck.info(n).file, ck.info(n).offset)):
+            plan = ReadPlan(name)
+            plan.tensor("x", ck, name)
+            plans.append(plan)
+        headers = sum(p.stat().st_size for p in files) - ck.total_bytes
+        with PlannedHashes(keys, plans) as hashes:
+            with Prefetcher(plans, threads=3, slots=1, chunk=1000, hold=hashes) as pf:
+                assert sum(1 for _ in pf) == len(plans)
+            got = {k: hashes.result(k) for k in keys}
+    monkeypatch.undo()
+    assert got == want
+    assert hashes.from_buffers + hashes.read_itself == headers + ck.total_bytes
+    assert hashes.read_itself > headers, (hashes.read_itself, headers)
     assert not _our_threads()
 
 
@@ -520,7 +570,9 @@ def test_validate_hashes_the_converted_files_from_its_reads(
     """The structure check's sha256 of every converted file comes from the bytes the other checks read
     (no second read of a tensor byte: the checks' reads still cover each byte once, and the hashing
     reads itself only headers, files without tensors and what the checks skip), and the report says
-    how many bytes came from where."""
+    how many bytes came from where. (The reader never hurries the hashes here: on a loaded machine a
+    hash may fall behind, and then reads what it missed itself.)"""
+    monkeypatch.setattr(prefetch, "HURRY_AFTER", None)
     orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", conversion)
     log = ReadLog(monkeypatch)
     report = validate_checkpoints(orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, **opts))
@@ -541,10 +593,11 @@ def test_validate_hashes_the_converted_files_from_its_reads(
             assert 0 < io["converted_hashed_from_reads"] <= io["converted_read"]
 
 
-def test_validate_hashes_many_shards_from_its_reads(tmp_path: Path) -> None:
+def test_validate_hashes_many_shards_from_its_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A converted checkpoint in many small shards, layers straddling them: every shard's steps still
     come in the order they lie in it, so every tensor byte is hashed from the checks' reads and each
-    byte of both checkpoints is read once."""
+    byte of both checkpoints is read once (the reader never hurrying the hashes)."""
+    monkeypatch.setattr(prefetch, "HURRY_AFTER", None)
     orig = make_checkpoint(
         "deepseek_v3", tmp_path / "src", num_layers=4, hidden_size=256, moe_intermediate_size=128,
         num_experts=6, top_k=2, vocab_size=300, seed=9,

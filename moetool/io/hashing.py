@@ -190,6 +190,7 @@ class PlannedHashes:
         self._runs = {f: hashed_runs(r) for f, r in plan_runs(plans, files).items()}
         self._views: dict[int, memoryview] = {}
         self._files = set(files)
+        self._hurried: set[int] = set()  # plans whose buffers the reader wants back
         # per plan being read: the byte ranges of its buffer read so far, merged, sorted
         self._filled: dict[int, tuple[list[int], list[int]]] = {}
         self._cond = threading.Condition()
@@ -257,11 +258,20 @@ class PlannedHashes:
                 self._cond.wait()
             return None if self._stop else self._views[i]
 
+    def hurry(self, plan: ReadPlan) -> None:
+        """The reader waits for ``plan``'s buffer: the hashes still taking bytes from it let it go at
+        once and read the rest of those bytes from their files themselves."""
+        i = self._index.get(id(plan))
+        if i is not None and i in self._holds:
+            with self._cond:
+                self._hurried.add(i)
+                self._cond.notify_all()
+
     def _ready(self, i: int, start: int, end: int) -> int:
         """Wait until byte ``start`` of plan ``i``'s buffer is read; how far from there, up to ``end``,
-        its bytes are read (``start`` itself once stopped)."""
+        its bytes are read (``start`` itself once stopped, or once the buffer is wanted back)."""
         with self._cond:
-            while not self._stop:
+            while not self._stop and i not in self._hurried:
                 starts, ends = self._filled[i]
                 k = bisect.bisect_right(starts, start) - 1
                 if k >= 0 and ends[k] > start:
@@ -324,29 +334,38 @@ class PlannedHashes:
             fd = self._open(f)
             pos = 0
             for k, run in enumerate(chain):
+                if run.plan in self._hurried:  # its buffer went back: these bytes are read below
+                    self._let_go(run.plan, f)
+                    continue
                 pos = read_to(pos, run.start)  # ahead of the buffer, while it is being read
                 t = time.perf_counter()
                 view = self._view(run.plan)
                 if view is None:
                     return
                 t_wait += time.perf_counter() - t
+                hurried = False
                 for off, n, dest in run.pieces:
                     if off + n <= pos:
                         continue
                     at, end = dest + max(pos - off, 0), dest + n
                     while at < end:
                         t = time.perf_counter()
-                        ready = self._ready(run.plan, at, end)
+                        ready = self._ready(run.plan, at, min(end, at + HASH_CHUNK))
                         if ready == at:
-                            return  # stopped
+                            if self._stop:
+                                return
+                            hurried = True  # the reader needs the buffer: read the rest here
+                            break
                         t2 = time.perf_counter()
                         t_wait += t2 - t
                         h.update(view[at:ready])
                         t_hash += time.perf_counter() - t2
                         from_buffers += ready - at
                         at = ready
-                    pos = off + n
-                if k + 1 == len(chain) or chain[k + 1].plan != run.plan:
+                        pos = off + at - dest
+                    if hurried:
+                        break
+                if hurried or k + 1 == len(chain) or chain[k + 1].plan != run.plan:
                     self._let_go(run.plan, f)
             read_to(pos, None)
             t_end = time.perf_counter()

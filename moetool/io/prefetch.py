@@ -42,6 +42,8 @@ import torch
 from moetool.errors import InputError
 from moetool.io.checkpoint import Checkpoint
 
+#: Seconds the reader waits for a buffer that only a ``BufferHold`` keeps before it hurries the hold.
+HURRY_AFTER: float | None = 0.02
 CHUNK_BYTES = 32 << 20  # a piece per read call: large enough to amortise the call, small enough to spread
 ALIGN = 4096  # fields start on page boundaries: aligned views for every dtype, page-aligned reads
 MAX_READERS = 16
@@ -208,6 +210,11 @@ class BufferHold(Protocol):
         """Whether pieces of ``file`` should be read before the others of a plan."""
         ...
 
+    def hurry(self, plan: ReadPlan) -> None:
+        """The reader waits for ``plan``'s buffer, released by the caller, kept by ``feed``'s futures:
+        they should finish at once (and take what they still lack elsewhere)."""
+        ...
+
 
 _END = object()
 
@@ -228,8 +235,11 @@ class Prefetcher:
 
     ``hold`` (a :class:`BufferHold`): ``feed(plan, view)`` is called on the reading side with each plan
     and its buffer (a byte view) before its pieces are read, ``filled`` as each range lands; the futures
-    ``feed`` returns keep the buffer from reuse until they are done. What it does with the view must
-    only read the ranges ``filled`` named, as the caller does.
+    ``feed`` returns keep the buffer from reuse until they are done, but once the caller has released
+    the batch and the reader has waited ``HURRY_AFTER`` seconds for a buffer, ``hurry(plan)`` asks
+    them to finish at once (the reader is never held long by another reader that can take its bytes
+    elsewhere). What it does with the view must only read the ranges ``filled`` named, as the caller
+    does.
 
     ``pin``: allocate the buffers in pinned (page-locked) memory, for fast copies to a CUDA device
     (pageable memory where pinning fails); ``min_buffer``: allocate each buffer at least this large at
@@ -270,6 +280,7 @@ class Prefetcher:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._current: Batch | None = None
+        self._held: dict[int, ReadPlan] = {}  # slots released by the caller, kept by holds
         self._in_use = 0
         self.bytes_read: dict[str, int] = {}
         self.wait_s = 0.0
@@ -293,7 +304,7 @@ class Prefetcher:
         try:
             for plan in self._plans:
                 t0 = time.perf_counter()
-                slot = self._free.get()
+                slot = self._next_free()
                 self.blocked_s += time.perf_counter() - t0
                 if slot is None or self._stop.is_set():
                     return
@@ -307,7 +318,7 @@ class Prefetcher:
                 view = memoryview(buf.numpy()).cast("B") if buf.numel() else memoryview(b"")
                 holds = self._hold.feed(plan, view) if self._hold is not None else []
                 self._read(plan, view)
-                batch = Batch(plan, buf, lambda s=slot, h=holds: self._give_back_after(s, h))
+                batch = Batch(plan, buf, lambda s=slot, p=plan, h=holds: self._give_back_after(s, p, h))
                 for fn in plan.after:
                     fn(batch)
                 self._out.put(batch)
@@ -323,7 +334,20 @@ class Prefetcher:
                 self._pin = False
         return torch.empty(nbytes, dtype=torch.uint8)
 
-    def _give_back_after(self, slot: int, holds: list[Future[Any]]) -> None:
+    def _next_free(self) -> int | None:
+        """A free buffer's slot (None once stopping), hurrying the holds that alone keep buffers the
+        caller has released whenever it waits ``HURRY_AFTER`` seconds."""
+        while True:
+            patience = HURRY_AFTER if self._hold is not None else None
+            try:
+                return self._free.get(timeout=patience)
+            except queue.Empty:
+                with self._lock:
+                    held = list(self._held.values())
+                for plan in held:
+                    self._hold.hurry(plan)
+
+    def _give_back_after(self, slot: int, plan: ReadPlan, holds: list[Future[Any]]) -> None:
         """Give ``slot`` back once every future in ``holds`` is done (at once when none is pending)."""
         pending = [len(holds) + 1]
         lock = threading.Lock()
@@ -337,12 +361,15 @@ class Prefetcher:
                 if released[0]:
                     with self._lock:
                         self.held_s += time.perf_counter() - released[0]
+                        self._held.pop(slot, None)
                 self._give_back(slot)
 
         for fut in holds:
             fut.add_done_callback(one_done)
         if pending[0] > 1:
             released[0] = time.perf_counter()
+            with self._lock:
+                self._held[slot] = plan
         one_done()
 
     def _give_back(self, slot: int) -> None:
