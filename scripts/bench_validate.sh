@@ -89,4 +89,9 @@ if io:
         + f" checks' reads, {io.get('hash_read', 0) / 1e9:.3f} GB read itself"
         + f"; read buffers {io['buffer_bytes'] / 2**30:.2f} GiB"
     )
+tl = report.get("timeline", {})
+if tl:
+    from moetool.cli.validate import timeline_lines
+
+    print("\n".join(timeline_lines(tl)))
 PY

@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,12 +113,13 @@ class Validator:
         self.ctx = Context(orig, conv, opts, pick_device(opts.device))
         self.schedule = ReadSchedule(orig, conv, opts)
         self.read_budget = self.schedule.read_budget
-        self.report = Report(
-            str(orig.ckpt.root),
-            str(conv.ckpt.root),
-            str(self.ctx.device),
-            resolve_backend(opts.backend, self.ctx.device, model_dims(orig.info)),
-        )
+        # which GEMM backend (on CUDA: importing deep_gemm, the CUDA runtime's start) is settled on a
+        # thread of its own while the first step is read; the report names it before any check runs
+        self._backend_name: Future[str] = Future()
+        threading.Thread(
+            target=self._resolve_backend, args=(model_dims(orig.info),), name="moetool-backend", daemon=True
+        ).start()
+        self.report = Report(str(orig.ckpt.root), str(conv.ckpt.root), str(self.ctx.device), "")
         self.timings: dict[str, float] = dict.fromkeys(TIMING_KEYS, 0.0)
         self.tensors = TensorsCheck(self.ctx)
         #: the layer checks in the order they run on each layer
@@ -126,6 +128,12 @@ class Validator:
         ]
         self._results: dict[str, dict[int, Check]] = {"tensors": {}, "kernels": {}, "moe": {}}
         self._streamed: _Streamed | None = None  # the layer being checked chunk by chunk
+
+    def _resolve_backend(self, dims: tuple[int, int]) -> None:
+        try:
+            self._backend_name.set_result(resolve_backend(self.opts.backend, self.ctx.device, dims))
+        except BaseException as e:  # a usage error (sizes DeepGEMM does not take) is raised by run()
+            self._backend_name.set_exception(e)
 
     @contextlib.contextmanager
     def _timed(self, key: str) -> Iterator[None]:
@@ -158,6 +166,7 @@ class Validator:
                     pin=pin,
                     min_buffer=max(p.nbytes for p in plans),
                 ) as pf:
+                    self.report.backend = self._backend_name.result()
                     for batch in pf:
                         if isinstance(batch.label, LayerStep):
                             self._run_layer(batch)
@@ -173,6 +182,7 @@ class Validator:
                         held_by_hashes=round(pf.held_s, 3),
                         pinned=pf.pinned,
                     )
+            self.report.backend = self._backend_name.result()
             checks = structure.result() if structure is not None else []
             if structure is not None and self.report.io:
                 self.report.io.update(structure.io())
