@@ -104,7 +104,8 @@ class Validator:
     turn, so neither host nor device holds the layer. The remaining non-expert tensors are read in
     steps of at most the largest step, between the layers where they lie in the converted files. The
     sha256 of every converted file is computed on other threads meanwhile, from the same read buffers
-    (each byte of both checkpoints is read once). Checks are reported in a fixed order whatever the
+    as they fill (each byte of both checkpoints is read once, unless a hash falls so far behind that
+    the reader wants its buffer back: it then reads the rest of those bytes itself). Checks are reported in a fixed order whatever the
     order they ran in.
     """
 
