@@ -192,6 +192,7 @@ def bench_shape(tag: str, e: int, n: int, k: int, configs: list) -> list[dict]:
 
     def row(variant: str, ms: float, config=None) -> None:
         rows.append({"shape": shape, "variant": variant, "ms": ms, "gbs": moved / ms / 1e6, "config": config})
+        log(f"time {shape} {variant}: {ms:.3f} ms")  # as measured: kept if the run is cut short
 
     half = moved // 2  # a copy of `half` bytes reads and writes `moved` bytes
     bufs = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(4)]
@@ -225,7 +226,7 @@ def main() -> int:
     ap.add_argument(
         "--only", nargs="*", default=[], help="time only the launches whose name holds one of these"
     )
-    ap.add_argument("--timeout", type=int, default=300, help="dump stacks and exit after this many seconds")
+    ap.add_argument("--timeout", type=int, default=570, help="dump stacks and exit after this many seconds")
     args = ap.parse_args()
     faulthandler.dump_traceback_later(args.timeout, exit=True)
 
