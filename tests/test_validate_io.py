@@ -591,6 +591,16 @@ def test_validate_hashes_the_converted_files_from_its_reads(
             assert io["hash_read"] == total - c.total_bytes
         else:
             assert 0 < io["converted_hashed_from_reads"] <= io["converted_read"]
+    # the timeline: one row per listed file, its bytes those of the io counts; buffers pinned on CUDA
+    tl = report.timeline
+    assert tl["pinned"] is ws.device.startswith("cuda")
+    assert 0 < tl["called"] <= tl["pass_started"]
+    rows = tl["hashes"]
+    assert sorted(r["file"] for r in rows) == sorted(listed)
+    assert sum(r["from_buffers"] for r in rows) == io["converted_hashed_from_reads"]
+    assert sum(r["read_itself"] for r in rows) == io["hash_read"]
+    assert all(0 <= r["start"] <= r["end"] and min(r["wait"], r["hash"], r["read"]) >= 0 for r in rows)
+    assert tl["held_by_hashes"] >= 0 and tl["reader_blocked"] >= 0
 
 
 def test_validate_hashes_many_shards_from_its_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -76,8 +76,8 @@ def timeline_lines(tl: dict) -> list[str]:
     ]
     if "reader_blocked" in tl:
         lines.append(
-            f"reader waited for a free buffer {tl['reader_blocked']:.2f} s, of which buffers were kept by the "
-            f"sha256 alone {tl['held_by_hashes']:.2f} s; buffers {'pinned' if tl.get('pinned') else 'pageable'}"
+            f"reader waited for a free buffer {tl['reader_blocked']:.2f} s; buffers kept by the sha256 alone "
+            f"after their checks {tl['held_by_hashes']:.2f} s; buffers {'pinned' if tl.get('pinned') else 'pageable'}"
         )
     for r in tl.get("hashes", []):
         lines.append(

@@ -36,8 +36,8 @@ class Report:
     io: dict[str, int] = field(default_factory=dict)  # bytes in and read from each checkpoint
     #: where the wall time went besides the stages: seconds after the process started at which
     #: validate was called (``called``) and its one pass began (``pass_started``); seconds the reader
-    #: waited for a free buffer (``reader_blocked``), of which buffers were kept by the hashes alone
-    #: (``held_by_hashes``); whether the buffers are pinned; and per converted file its sha256's
+    #: waited for a free buffer (``reader_blocked``) and buffers stayed taken after their checks, for
+    #: the hashes alone (``held_by_hashes``, summed over buffers); whether the buffers are pinned; and per converted file its sha256's
     #: ``PlannedHashes.timeline`` row (``hashes``)
     timeline: dict[str, Any] = field(default_factory=dict)
 
