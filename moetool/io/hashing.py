@@ -191,6 +191,7 @@ class PlannedHashes:
         self._views: dict[int, memoryview] = {}
         self._files = set(files)
         self._hurried: set[int] = set()  # plans whose buffers the reader wants back
+        self._at: dict[str, int] = {}  # the plan each file's hash is taking bytes from
         # per plan being read: the byte ranges of its buffer read so far, merged, sorted
         self._filled: dict[int, tuple[list[int], list[int]]] = {}
         self._cond = threading.Condition()
@@ -265,7 +266,10 @@ class PlannedHashes:
         if i is not None and i in self._holds:
             with self._cond:
                 self._hurried.add(i)
-                self._cond.notify_all()
+                for f in self._holds[i]:
+                    if self._at.get(f) != i:  # not at it yet (reading a gap itself, or hashing before)
+                        self._let_go(i, f)
+                self._cond.notify_all()  # those at it notice in _ready
 
     def _ready(self, i: int, start: int, end: int) -> int:
         """Wait until byte ``start`` of plan ``i``'s buffer is read; how far from there, up to ``end``,
@@ -281,10 +285,10 @@ class PlannedHashes:
 
     def _let_go(self, i: int, f: str) -> None:
         """File ``f`` is done with plan ``i``'s buffer (the buffer is free once every file is)."""
-        fut = self._holds[i][f]
-        if not fut.done():
-            fut.set_result(None)
-        with self._cond:
+        with self._cond:  # once: by the hash itself or by hurry
+            fut = self._holds[i][f]
+            if not fut.done():
+                fut.set_result(None)
             if all(h.done() for h in self._holds[i].values()):
                 self._views.pop(i, None)
                 self._filled.pop(i, None)
@@ -334,10 +338,15 @@ class PlannedHashes:
             fd = self._open(f)
             pos = 0
             for k, run in enumerate(chain):
-                if run.plan in self._hurried:  # its buffer went back: these bytes are read below
+                if run.plan not in self._hurried:
+                    pos = read_to(pos, run.start)  # ahead of the buffer, while it is being read
+                with self._cond:
+                    skip = run.plan in self._hurried
+                    if not skip:
+                        self._at[f] = run.plan  # hurry leaves the buffer to this hash from here on
+                if skip:  # its buffer went back: these bytes are read below
                     self._let_go(run.plan, f)
                     continue
-                pos = read_to(pos, run.start)  # ahead of the buffer, while it is being read
                 t = time.perf_counter()
                 view = self._view(run.plan)
                 if view is None:
