@@ -142,11 +142,14 @@ def test_validate_hashes_the_converted_files_from_its_reads_on_cuda(
     tio.test_validate_hashes_the_converted_files_from_its_reads(ws_cuda, monkeypatch, conversion, opts)
 
 
+@pytest.mark.parametrize("hash_source", ["reads", "files"])
 @pytest.mark.parametrize("where", ["read", "skipped"])
 def test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip_on_cuda(
-    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, where: str
+    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, where: str, hash_source: str
 ) -> None:
-    tio.test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip(ws_cuda, monkeypatch, where)
+    tio.test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip(
+        ws_cuda, monkeypatch, where, hash_source
+    )
 
 
 # -- GPU quantization writes the CPU's bytes --------------------------------------------------------

@@ -29,7 +29,7 @@ import test_validate as tv
 import torch
 from safetensors.torch import save_file
 
-from moetool.errors import InputError
+from moetool.errors import InputError, UsageError
 from moetool.io import hashing as hashing_mod
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
@@ -38,6 +38,7 @@ from moetool.io.prefetch import Prefetcher, ReadPlan
 from moetool.testing.factory import DEEPGEMM_LEAVES, experts_prefix, make_checkpoint
 from moetool.validate import TIMING_KEYS, ValidateOptions, validate_checkpoints
 from moetool.validate import run as validate_mod
+from moetool.validate.options import hashes_from_reads
 
 W13, W13S, W2, W2S = DEEPGEMM_LEAVES.values()  # the deepgemm layout's stacked tensors under P
 
@@ -575,9 +576,12 @@ def test_validate_hashes_the_converted_files_from_its_reads(
     monkeypatch.setattr(prefetch, "HURRY_AFTER", None)
     orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", conversion)
     log = ReadLog(monkeypatch)
-    report = validate_checkpoints(orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, **opts))
+    report = validate_checkpoints(
+        orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, hash_source="reads", **opts)
+    )
     assert report.passed, [c for c in report.checks if not c.passed]
     assert any(c.scope == "files" and c.passed for c in report.checks)
+    assert report.timeline["hashes_from_reads"] is True
     listed = json.loads((conv / "moetool.json").read_text())["files"]
     total = sum((conv / rel).stat().st_size for rel in listed)
     io = report.io
@@ -603,6 +607,60 @@ def test_validate_hashes_the_converted_files_from_its_reads(
     assert tl["held_by_hashes"] >= 0 and tl["reader_blocked"] >= 0
 
 
+@pytest.mark.parametrize(("conversion", "opts"), [("deepgemm-float", {}), ("hf-ue8m0", {"read_budget": 1})])
+def test_validate_hashes_each_converted_file_by_itself_with_hash_source_files(
+    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, conversion: str, opts: dict
+) -> None:
+    """``hash_source="files"``: every converted file is hashed by a thread reading it itself, nothing
+    from the checks' buffers, so no buffer ever waits for a hash; the checks' own reads still cover each
+    tensor byte once, and the digests still prove the files."""
+    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", conversion)
+    log = ReadLog(monkeypatch)
+    report = validate_checkpoints(
+        orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, hash_source="files", **opts)
+    )
+    assert report.passed, [c for c in report.checks if not c.passed]
+    assert any(c.scope == "files" and c.passed for c in report.checks)
+    listed = json.loads((conv / "moetool.json").read_text())["files"]
+    total = sum((conv / rel).stat().st_size for rel in listed)
+    io = report.io
+    assert io["converted_hashed_from_reads"] == 0 and io["hash_read"] == total
+    with Checkpoint(conv) as c:
+        assert_each_byte_once(log, c)
+    tl = report.timeline
+    assert tl["hashes_from_reads"] is False and tl["held_by_hashes"] == 0
+    rows = tl["hashes"]
+    assert sorted(r["file"] for r in rows) == sorted(listed)
+    assert all(r["from_buffers"] == 0 and r["wait"] == 0 and r["hash"] == 0 for r in rows)
+    assert sum(r["read_itself"] for r in rows) == total
+    assert not _our_threads()
+
+
+def test_hash_source_auto_reads_on_the_cpu_and_files_on_cuda() -> None:
+    assert hashes_from_reads("auto", "cpu") is True
+    assert hashes_from_reads("auto", "cuda") is False
+    assert hashes_from_reads("reads", "cuda") is True
+    assert hashes_from_reads("files", "cpu") is False
+    with pytest.raises(UsageError, match="hash_source"):
+        hashes_from_reads("both", "cpu")
+
+
+def test_validate_says_where_its_hashes_read(ws: tv.Workspace) -> None:
+    """``--hash-source`` on the command line; ``-v`` and the report say which source ran."""
+    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", "deepgemm-float")
+    for source, said, from_reads in [
+        ("files", "from each file, read by its own thread", False),
+        ("reads", "from the checks' read buffers", True),
+    ]:
+        res = ws.validate(orig, conv, "-v", "--hash-source", source)
+        assert res.code == 0, res.err
+        assert said in res.err, res.err
+        assert res.report["timeline"]["hashes_from_reads"] is from_reads
+        assert (res.report["io"]["converted_hashed_from_reads"] > 0) is from_reads
+    res = ws.validate(orig, conv, "--hash-source", "both")
+    assert res.code == 2 and "--hash-source" in res.err, res.err
+
+
 def test_validate_hashes_many_shards_from_its_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A converted checkpoint in many small shards, layers straddling them: every shard's steps still
     come in the order they lie in it, so every tensor byte is hashed from the checks' reads and each
@@ -623,13 +681,14 @@ def test_validate_hashes_many_shards_from_its_reads(tmp_path: Path, monkeypatch:
     assert report.io["hash_read"] == sum((conv / rel).stat().st_size for rel in listed) - c.total_bytes
 
 
+@pytest.mark.parametrize("hash_source", ["reads", "files"])
 @pytest.mark.parametrize("where", ["read", "skipped"])
 def test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip(
-    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, where: str
+    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, where: str, hash_source: str
 ) -> None:
     """With ``--layers 1`` the checks read layer 1's experts and skip layer 2's: a byte flipped in
     either (the recorded sha256 kept) fails the structure check's file hashes, whether the hash took
-    the byte from the checks' buffers or read it itself."""
+    the byte from the checks' buffers or read it itself (either hash source)."""
     orig = ws.source("deepseek_v3")
     conv = ws.copy(ws.converted("deepseek_v3", "deepgemm-float"))
     layer = 1 if where == "read" else 2
@@ -639,7 +698,7 @@ def test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip(
     tv.flip_fp8_byte(conv, name, (2, 100, 50))
     log = ReadLog(monkeypatch)
     report = validate_checkpoints(
-        orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, layers=(1,))
+        orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, layers=(1,), hash_source=hash_source)
     )
     read = any(s <= pos < e for s, e in log.per_file().get(str(shard.resolve()), []))
     assert read == (where == "read")

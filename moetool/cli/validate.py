@@ -79,6 +79,11 @@ def timeline_lines(tl: dict) -> list[str]:
             f"reader waited for a free buffer {tl['reader_blocked']:.2f} s; buffers kept by the sha256 alone "
             f"after their checks {tl['held_by_hashes']:.2f} s; buffers {'pinned' if tl.get('pinned') else 'pageable'}"
         )
+    if "hashes_from_reads" in tl:
+        source = (
+            "the checks' read buffers" if tl["hashes_from_reads"] else "each file, read by its own thread"
+        )
+        lines.append(f"sha256 of the converted files from {source} (--hash-source)")
     for r in tl.get("hashes", []):
         lines.append(
             f"sha256 {r['file']}: {r['start']:.2f}-{r['end']:.2f} s, waited for reads {r['wait']:.2f}, "
@@ -129,6 +134,15 @@ def timeline_lines(tl: dict) -> list[str]:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--hash-source",
+    type=click.Choice(["auto", "reads", "files"]),
+    default="auto",
+    show_default=True,
+    help="Where the sha256 of the converted files takes their bytes: reads (the other checks' read "
+    "buffers: each byte read once, for a disk or CPU that is the limit), files (a thread per file reading "
+    "it itself, for idle cores and a warm page cache). auto: reads on the CPU, files on CUDA.",
+)
+@click.option(
     "--report",
     "report_path",
     type=click.Path(dir_okay=False),
@@ -147,6 +161,7 @@ def validate(
     tokens: int,
     steps: int,
     seed: int,
+    hash_source: str,
     report_path: str | None,
     family: str | None,
     out: Output,
@@ -179,6 +194,7 @@ def validate(
         seed=seed,
         ssm_steps=steps,
         family=family,
+        hash_source=hash_source,
     )
     states = Path(original).is_file() and Path(converted).is_file()
     paths = (Path(original), Path(converted)) if states else (resolve(original).path, resolve(converted).path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moetool.errors import UsageError
+
 
 @dataclass(frozen=True)
 class ValidateOptions:
@@ -19,6 +21,24 @@ class ValidateOptions:
     #: than the budget gets a step of its own). None: ``default_read_budget``.
     read_budget: int | None = None
     family: str | None = None  # --family: read an unknown model_type as this family (both checkpoints)
+    #: where the structure check's sha256 of the converted files takes their bytes: ``reads`` (from the
+    #: other checks' read buffers, each byte read once), ``files`` (a thread per file reading it
+    #: itself, never waiting for the reader), ``auto`` (:func:`hashes_from_reads`)
+    hash_source: str = "auto"
+
+
+HASH_SOURCES = ("auto", "reads", "files")
+
+
+def hashes_from_reads(hash_source: str, device_type: str) -> bool:
+    """Whether the converted files' sha256 comes from the checks' read buffers. ``auto``: on the CPU,
+    where the checks keep the cores busy and each byte read once is time saved; not on CUDA, where the
+    host's cores are otherwise idle and a hash fed from the buffers waits for the reader to reach its
+    file's steps (the files take turns), which on an H200 with a warm page cache made the hashes, not
+    the reads or the checks, end the pass (docs/benchmarks.md)."""
+    if hash_source not in HASH_SOURCES:
+        raise UsageError(f"hash_source {hash_source!r}: one of {', '.join(HASH_SOURCES)}")
+    return hash_source == "reads" or (hash_source == "auto" and device_type != "cuda")
 
 
 MIN_READ_BUDGET = 1 << 30

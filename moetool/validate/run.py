@@ -31,7 +31,7 @@ from moetool.pipeline import pick_device
 from moetool.validate.backend import model_dims, resolve_backend
 from moetool.validate.kernels import KernelsCheck
 from moetool.validate.moe import MoeCheck
-from moetool.validate.options import ValidateOptions
+from moetool.validate.options import ValidateOptions, hashes_from_reads
 from moetool.validate.protocol import Context, LayerCheck, Tensors
 from moetool.validate.reads import Chunk, LayerStep, ReadSchedule
 from moetool.validate.report import TIMING_KEYS, Check, Report
@@ -154,7 +154,9 @@ class Validator:
             structure.start()
         try:
             plans = self.schedule.all_plans(layers)
-            hold = structure.hash_with(plans) if structure is not None else None
+            from_reads = hashes_from_reads(self.opts.hash_source, ctx.device.type)
+            self.report.timeline["hashes_from_reads"] = from_reads
+            hold = structure.hash_with(plans, from_reads=from_reads) if structure is not None else None
             if plans:
                 ctx.pool = ThreadPoolExecutor(
                     max_workers=reader_threads(), thread_name_prefix="moetool-compare"

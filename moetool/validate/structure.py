@@ -1,6 +1,7 @@
 """Check 1, structure: every original tensor accounted for (unchanged, or transformed as moetool.json
 says), nothing extra, shapes, dtypes and config consistent, and every file's sha256 as recorded (hashed
-on threads while the other checks run, from the bytes they read: ``moetool.io.hashing.PlannedHashes``).
+on threads while the other checks run, from the bytes they read or from the files themselves:
+``moetool.io.hashing.PlannedHashes``, ``ValidateOptions.hash_source``).
 """
 
 from __future__ import annotations
@@ -69,16 +70,21 @@ class StructureCheck:
             size_ok = p.is_file() and p.stat().st_size == rec.get("size")
             self._recorded.append((rel, os.fspath(real_path(p)), rec, size_ok))
 
-    def hash_with(self, plans: list[ReadPlan]) -> Any:
-        """Start hashing the recorded files, from the buffers of ``plans`` where they read them; the
-        hook for their ``Prefetcher`` (None when nothing is hashed)."""
+    def hash_with(self, plans: list[ReadPlan], *, from_reads: bool = True) -> Any:
+        """Start hashing the recorded files: from the buffers of ``plans`` where they read them (the
+        hook for their ``Prefetcher`` is returned), or, ``from_reads=False``, each file read whole by
+        its own thread (no hook: the reader never waits for a hash). None when nothing is hashed."""
         if not self._recorded:
             return None
         self._t0 = time.perf_counter()
         self._hashes = PlannedHashes(
-            [f for _, f, _, size_ok in self._recorded if size_ok], plans, open_file=self.ctx.c_ck.open_shard
+            [f for _, f, _, size_ok in self._recorded if size_ok],
+            plans if from_reads else [],
+            open_file=self.ctx.c_ck.open_shard,
+            # reading files itself, at most half the cores: the reader's threads need the rest
+            **({} if from_reads else {"max_threads": max(1, (os.cpu_count() or 2) // 2)}),
         )
-        return self._hashes
+        return self._hashes if from_reads else None
 
     def io(self) -> dict[str, int]:
         """Bytes of the converted files hashed from the read buffers, and read by the hashing itself."""
