@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine checks and measures, in one call:
-#   bash scripts/gpu_suite.sh [build-deepgemm] [tests] [bench-quant] [bench-gemm] [bench-gdn] [quantize-20g] [validate-time] [demo]
+#   bash scripts/gpu_suite.sh [build-deepgemm] [tests] [bench-quant] [bench-gemm] [bench-gdn] [quantize-20g] [validate-time]
+#                             [validate-ab] [demo] [v4]
 # (no argument: all but build-deepgemm). Logs go to $OUT (or ./gpu-logs), one file per section; a summary
 # table ends the output. DeepGEMM (scripts/build_deepgemm.sh) is used wherever .deepgemm/ holds a build:
 # carried from an earlier run, or made by the build-deepgemm section first. Carry .whl/ (wheels installed
@@ -30,6 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 sections=("$@")
 [ ${#sections[@]} -eq 0 ] && sections=(tests bench-quant bench-gemm bench-gdn quantize-20g validate-time demo v4)
 declare -A status
+ran=()
 run() {  # name, command...
   local name=$1; shift
   echo "=== $name: $*"
@@ -37,6 +39,7 @@ run() {  # name, command...
   "$@" >"$out/$name.log" 2>&1
   local rc=$?
   status[$name]="rc=$rc $((SECONDS - t0))s"
+  ran+=("$name")
   tail -n 25 "$out/$name.log"
 }
 for s in "${sections[@]}"; do
@@ -48,10 +51,13 @@ for s in "${sections[@]}"; do
     bench-gdn) run bench-gdn python3 scripts/bench_gdn_decode.py ;;
     quantize-20g) run quantize-20g bash scripts/bench_quantize_gpu.sh /tmp/moetool-bench ;;
     validate-time) run validate-time bash scripts/bench_validate.sh /tmp/moetool-bench ;;
+    validate-ab)  # after quantize-20g: the two sources of validate's sha256, each against its own cat
+      run validate-files bash scripts/bench_validate.sh /tmp/moetool-bench -- --hash-source files
+      run validate-reads bash scripts/bench_validate.sh /tmp/moetool-bench -- --hash-source reads ;;
     demo) run demo bash scripts/demo.sh /tmp/moetool-demo ;;
     v4) run v4-cast python3 scripts/bench_fp4_cast.py; run v4-20g bash scripts/bench_v4_gpu.sh /tmp/moetool-v4 ;;
     *) echo "unknown section $s"; exit 2 ;;
   esac
 done
 echo "=== summary ($(cat "$out/card.txt"))"
-for s in "${sections[@]}"; do echo "$s ${status[$s]}"; done
+for s in "${ran[@]}"; do echo "$s ${status[$s]}"; done
