@@ -135,7 +135,7 @@ def timeline_lines(tl: dict) -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--hash-source",
-    type=click.Choice(["auto", "reads", "files"]),
+    type=click.Choice(["auto", "reads", "files"]),  # options.HASH_SOURCES; that package imports torch
     default="auto",
     show_default=True,
     help="Where the sha256 of the converted files takes their bytes: reads (the other checks' read "

@@ -154,9 +154,11 @@ class Validator:
             structure.start()
         try:
             plans = self.schedule.all_plans(layers)
-            from_reads = hashes_from_reads(self.opts.hash_source, ctx.device.type)
-            self.report.timeline["hashes_from_reads"] = from_reads
-            hold = structure.hash_with(plans, from_reads=from_reads) if structure is not None else None
+            hold = None
+            if structure is not None:
+                from_reads = hashes_from_reads(self.opts.hash_source, ctx.device.type)
+                self.report.timeline["hashes_from_reads"] = from_reads
+                hold = structure.hash_with(plans, from_reads=from_reads)
             if plans:
                 ctx.pool = ThreadPoolExecutor(
                     max_workers=reader_threads(), thread_name_prefix="moetool-compare"

@@ -15,7 +15,7 @@ from moetool.engines import declares_fp8, refusal, refusal_of
 from moetool.errors import InputError
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, _inside
 from moetool.io.fs import real_path
-from moetool.io.hashing import PlannedHashes
+from moetool.io.hashing import MAX_HASH_THREADS, PlannedHashes
 from moetool.io.prefetch import ReadPlan
 from moetool.model import FP8_DTYPES
 from moetool.validate.protocol import Context
@@ -81,8 +81,8 @@ class StructureCheck:
             [f for _, f, _, size_ok in self._recorded if size_ok],
             plans if from_reads else [],
             open_file=self.ctx.c_ck.open_shard,
-            # reading files itself, at most half the cores: the reader's threads need the rest
-            **({} if from_reads else {"max_threads": max(1, (os.cpu_count() or 2) // 2)}),
+            # reading the files itself, at most half the cores: the reader's threads need the rest
+            max_threads=MAX_HASH_THREADS if from_reads else max(1, (os.cpu_count() or 2) // 2),
         )
         return self._hashes if from_reads else None
 
