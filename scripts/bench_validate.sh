@@ -94,4 +94,7 @@ if tl:
     from moetool.cli.validate import timeline_lines
 
     print("\n".join(timeline_lines(tl)))
+    if tl.get("pass_started") is not None and "total" in t:
+        after = pairs[-1][1] - tl["pass_started"] - t["total"]
+        print(f"after the pass (report written, process exit), last round: {after:.2f} s")
 PY

@@ -152,6 +152,28 @@ def test_flipped_byte_fails_structure_where_checks_read_and_where_they_skip_on_c
     )
 
 
+@pytest.mark.parametrize("flipped", [False, True])
+def test_validate_takes_over_hashes_started_ahead_on_cuda(ws_cuda: tv.Workspace, flipped: bool) -> None:
+    tio.test_validate_takes_over_hashes_started_ahead(ws_cuda, flipped)
+
+
+def test_hashes_ahead_of_a_file_changed_since_are_not_taken_on_cuda(ws_cuda: tv.Workspace) -> None:
+    tio.test_hashes_ahead_of_a_file_changed_since_are_not_taken(ws_cuda)
+
+
+def test_validate_command_on_cuda_hashes_each_file_from_before_torch_by_default(
+    ws_cuda: tv.Workspace,
+) -> None:
+    """``--hash-source auto`` on CUDA: the command starts the files' hashes before torch is imported and
+    validate takes them over."""
+    orig, conv = ws_cuda.source("deepseek_v3"), ws_cuda.converted("deepseek_v3", "deepgemm-float")
+    res = ws_cuda.validate(orig, conv, "-v")
+    assert res.code == 0, res.err
+    tl = res.report["timeline"]
+    assert tl["hashes_from_reads"] is False and tl["hashes_ahead"] is True, tl
+    assert "before torch was imported" in res.err, res.err
+
+
 # -- GPU quantization writes the CPU's bytes --------------------------------------------------------
 @pytest.fixture(scope="session")
 def dsv3_scaled(tmp_path_factory: pytest.TempPathFactory) -> Path:

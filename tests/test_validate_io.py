@@ -15,11 +15,15 @@ order the plans read in, reads itself only what no check reads, and catches a fl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,7 +37,7 @@ from moetool.errors import InputError, UsageError
 from moetool.io import hashing as hashing_mod
 from moetool.io import prefetch
 from moetool.io.checkpoint import Checkpoint
-from moetool.io.hashing import PlannedHashes, Run, hashed_runs
+from moetool.io.hashing import HashesAhead, PlannedHashes, Run, hashed_runs
 from moetool.io.prefetch import Prefetcher, ReadPlan
 from moetool.testing.factory import DEEPGEMM_LEAVES, experts_prefix, make_checkpoint
 from moetool.validate import TIMING_KEYS, ValidateOptions, validate_checkpoints
@@ -636,6 +640,117 @@ def test_validate_hashes_each_converted_file_by_itself_with_hash_source_files(
     assert not _our_threads()
 
 
+@pytest.mark.parametrize("flipped", [False, True])
+def test_validate_takes_over_hashes_started_ahead(ws: tv.Workspace, flipped: bool) -> None:
+    """Hashes started before validate (``HashesAhead``, as the CLI starts them before torch is
+    imported) are the structure check's where it hashes each file itself: taken over, not started
+    again, and they prove the files (a byte flipped in a layer the checks skip fails them)."""
+    orig = ws.source("deepseek_v3")
+    conv = ws.copy(ws.converted("deepseek_v3", "deepgemm-float"))
+    if flipped:
+        tv.flip_fp8_byte(conv, f"{experts_prefix(tv.config_of(conv), 2)}.{W2}", (2, 100, 50))
+    ahead = HashesAhead(conv)
+    listed = json.loads((conv / "moetool.json").read_text())["files"]
+    assert ahead.files == {str((conv / rel).resolve()) for rel in listed}
+    report = validate_checkpoints(
+        orig,
+        conv,
+        ValidateOptions(device=ws.device, tokens=ws.tokens, layers=(1,), hash_source="files"),
+        hashes_ahead=ahead,
+    )
+    tl = report.timeline
+    assert tl["hashes_ahead"] is True and tl["hashes_from_reads"] is False
+    assert sorted(r["file"] for r in tl["hashes"]) == sorted(listed)
+    assert report.io["hash_read"] == sum((conv / rel).stat().st_size for rel in listed)
+    files = next(c for c in report.checks if c.group == "structure" and c.scope == "files")
+    assert files.passed is not flipped and report.passed is not flipped, files
+    assert all(c.passed for c in report.checks if c.group == "tensors")
+    assert not _our_threads()
+
+
+def test_hashes_ahead_of_a_file_changed_since_are_not_taken(ws: tv.Workspace) -> None:
+    """A shard written after the hashes ahead read it (the recorded sha256 kept): validate reads its
+    header from the changed file, sees the hashes ahead were of another file, and hashes it again,
+    so the flipped byte fails the check the stale digest would have passed."""
+    orig = ws.source("deepseek_v3")
+    conv = ws.copy(ws.converted("deepseek_v3", "deepgemm-float"))
+    ahead = HashesAhead(conv)
+    listed = json.loads((conv / "moetool.json").read_text())["files"]
+    for f in ahead.files:
+        ahead.hashes.result(f)  # every file hashed as it was, the recorded sha256 matching
+    name = f"{experts_prefix(tv.config_of(conv), 2)}.{W2}"
+    shard = tv.tensor_at(conv, name)[0]
+    assert ahead.hashes.result(str(shard.resolve())) == listed[shard.name]["sha256"]
+    time.sleep(0.01)  # a change time of its own, on file systems with coarse timestamps
+    tv.flip_fp8_byte(conv, name, (2, 100, 50))
+    report = validate_checkpoints(
+        orig,
+        conv,
+        ValidateOptions(device=ws.device, tokens=ws.tokens, layers=(1,), hash_source="files"),
+        hashes_ahead=ahead,
+    )
+    assert report.timeline["hashes_ahead"] is False
+    files = next(c for c in report.checks if c.group == "structure" and c.scope == "files")
+    assert not files.passed and shard.name in files.detail, files
+    assert not report.passed
+    assert not _our_threads()
+
+
+def test_hashes_ahead_are_dropped_where_hashes_come_from_reads(ws: tv.Workspace) -> None:
+    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", "deepgemm-float")
+    report = validate_checkpoints(
+        orig,
+        conv,
+        ValidateOptions(device=ws.device, tokens=ws.tokens, hash_source="reads"),
+        hashes_ahead=HashesAhead(conv),
+    )
+    assert report.passed, [c for c in report.checks if not c.passed]
+    tl = report.timeline
+    assert tl["hashes_ahead"] is False and tl["hashes_from_reads"] is True
+    assert report.io["converted_hashed_from_reads"] > 0
+    assert not _our_threads()
+
+
+def test_hashes_ahead_hash_only_listed_files_of_the_recorded_size(tmp_path: Path) -> None:
+    """Nothing outside the checkpoint, nothing of another size, nothing without a readable manifest."""
+    (tmp_path / "a").write_bytes(b"x" * 10)
+    (tmp_path / "b").write_bytes(b"y" * 3)
+    (tmp_path.parent / "outside").write_bytes(b"z")
+    files = {"a": {"size": 10}, "b": {"size": 4}, "../outside": {"size": 1}, "gone": {"size": 1}}
+    (tmp_path / "moetool.json").write_text(json.dumps({"files": files}))
+    with contextlib.closing(HashesAhead(tmp_path)) as ahead:
+        assert ahead.files == {str((tmp_path / "a").resolve())}
+        assert ahead.hashes.result(str((tmp_path / "a").resolve())) == hashlib.sha256(b"x" * 10).hexdigest()
+    (tmp_path / "moetool.json").write_text("[1, 2")
+    with contextlib.closing(HashesAhead(tmp_path)) as ahead:
+        assert ahead.files == frozenset()
+    assert not _our_threads()
+
+
+def test_validate_command_starts_hashing_before_torch_is_imported(tmp_path: Path) -> None:
+    """What the command runs before it starts the hashes ahead (the Hub path resolution, the report
+    target's checks, ``HashesAhead`` itself) imports no torch: the hashes run while torch is imported."""
+    code = (
+        "import sys\n"
+        "import moetool.cli.main, moetool.cli.validate, moetool.hub, moetool.io.fs, moetool.io.hashing\n"
+        "from moetool.io.hashing import HashesAhead\n"
+        f"HashesAhead({str(tmp_path)!r}).close()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_validate_command_guesses_where_hashes_will_come_from() -> None:
+    from moetool.cli.validate import hashes_likely_from_files
+
+    assert hashes_likely_from_files("files", "cpu") is True
+    assert hashes_likely_from_files("reads", "cuda") is False
+    assert hashes_likely_from_files("auto", "cpu") is False
+    assert hashes_likely_from_files("auto", "cuda:1") is True
+    assert hashes_likely_from_files("auto", "auto") is os.path.exists("/dev/nvidiactl")
+
+
 def test_hash_source_auto_reads_on_the_cpu_and_files_on_cuda() -> None:
     assert hashes_from_reads("auto", "cpu") is True
     assert hashes_from_reads("auto", "cuda") is False
@@ -656,6 +771,9 @@ def test_validate_says_where_its_hashes_read(ws: tv.Workspace) -> None:
         assert res.code == 0, res.err
         assert said in res.err, res.err
         assert res.report["timeline"]["hashes_from_reads"] is from_reads
+        # the command starts the files' hashes before anything else, and validate takes them over
+        assert res.report["timeline"]["hashes_ahead"] is not from_reads
+        assert ("before torch was imported" in res.err) is not from_reads, res.err
         assert (res.report["io"]["converted_hashed_from_reads"] > 0) is from_reads
     res = ws.validate(orig, conv, "--hash-source", "both")
     assert res.code == 2 and "--hash-source" in res.err, res.err

@@ -83,7 +83,10 @@ def timeline_lines(tl: dict) -> list[str]:
         source = (
             "the checks' read buffers" if tl["hashes_from_reads"] else "each file, read by its own thread"
         )
-        lines.append(f"sha256 of the converted files from {source} (--hash-source)")
+        line = f"sha256 of the converted files from {source} (--hash-source)"
+        if tl.get("hashes_ahead"):
+            line += f", begun {secs(tl.get('hashes_began'))} s after the process started, before torch was imported"
+        lines.append(line)
     for r in tl.get("hashes", []):
         lines.append(
             f"sha256 {r['file']}: {r['start']:.2f}-{r['end']:.2f} s, waited for reads {r['wait']:.2f}, "
@@ -182,27 +185,38 @@ def validate(
     """
     from moetool.errors import MoetoolError
     from moetool.hub import resolve
-    from moetool.io.writer import write_file_atomic
-    from moetool.validate import ValidateOptions, validate_checkpoints, validate_states
 
-    opts = ValidateOptions(
-        device=device,
-        backend=backend,
-        layers=_layers(layers),
-        experts=experts,
-        tokens=tokens,
-        seed=seed,
-        ssm_steps=steps,
-        family=family,
-        hash_source=hash_source,
-    )
     states = Path(original).is_file() and Path(converted).is_file()
     paths = (Path(original), Path(converted)) if states else (resolve(original).path, resolve(converted).path)
     target = report_target(report_path, paths) if report_path else None  # refused before any work
-    if states:
-        report = validate_states(original, converted, opts)
-    else:
-        report = validate_checkpoints(paths[0], paths[1], opts)
+    ahead = None
+    if not states and hashes_likely_from_files(hash_source, device):
+        # torch is not imported yet: the converted files' sha256 runs while it is (and while CUDA starts)
+        from moetool.io.hashing import HashesAhead
+
+        ahead = HashesAhead(paths[1])
+    try:
+        from moetool.io.writer import write_file_atomic
+        from moetool.validate import ValidateOptions, validate_checkpoints, validate_states
+
+        opts = ValidateOptions(
+            device=device,
+            backend=backend,
+            layers=_layers(layers),
+            experts=experts,
+            tokens=tokens,
+            seed=seed,
+            ssm_steps=steps,
+            family=family,
+            hash_source=hash_source,
+        )
+        if states:
+            report = validate_states(original, converted, opts)
+        else:
+            report = validate_checkpoints(paths[0], paths[1], opts, hashes_ahead=ahead)
+    finally:
+        if ahead is not None:
+            ahead.close()
     data = report.to_dict()
     if out.verbosity >= 2:
         out.log(timing_line(report), level=2)
@@ -217,6 +231,16 @@ def validate(
     out.result({**data, "report_file": str(written)}, lambda: render(report))
     out.log(f"moetool: report written to {written}")
     return 0 if report.passed else 1
+
+
+def hashes_likely_from_files(hash_source: str, device: str) -> bool:
+    """Whether validate will hash the converted files each by itself (``hash_source`` files, or auto on
+    CUDA), guessed before torch is imported: auto counts on CUDA unless ``--device cpu`` or the machine
+    has no NVIDIA device node. Only a guess: hashes started on it are dropped where validate then
+    hashes from its reads (``moetool.validate.options.hashes_from_reads``)."""
+    if hash_source != "auto":
+        return hash_source == "files"
+    return device != "cpu" and (device.startswith("cuda") or os.path.exists("/dev/nvidiactl"))
 
 
 def report_target(path: str, inputs: tuple[Path, Path]) -> Path:

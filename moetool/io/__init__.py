@@ -1,22 +1,41 @@
-"""Checkpoint I/O: safetensors headers, lazy reading, atomic writing, index and manifest."""
+"""Checkpoint I/O: safetensors headers, lazy reading, atomic writing, index and manifest.
 
-from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, Checkpoint, read_json
-from moetool.io.hashing import sha256_file
-from moetool.io.safetensors_format import DTYPE_NAMES, DTYPES, TensorInfo, build_header, read_header
-from moetool.io.writer import OutputDir, ShardWriter, write_index
+The names below are imported on first use, so that a torch-free module of this package
+(``moetool.io.hashing``, ``moetool.io.fs``) can be imported without torch: ``validate`` starts hashing
+the converted files before the interpreter has finished importing torch."""
 
-__all__ = [
-    "DTYPES",
-    "DTYPE_NAMES",
-    "INDEX_NAME",
-    "MANIFEST_NAME",
-    "Checkpoint",
-    "OutputDir",
-    "ShardWriter",
-    "TensorInfo",
-    "build_header",
-    "read_header",
-    "read_json",
-    "sha256_file",
-    "write_index",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "INDEX_NAME": "checkpoint",
+    "MANIFEST_NAME": "checkpoint",
+    "Checkpoint": "checkpoint",
+    "read_json": "checkpoint",
+    "sha256_file": "hashing",
+    "DTYPE_NAMES": "safetensors_format",
+    "DTYPES": "safetensors_format",
+    "TensorInfo": "safetensors_format",
+    "build_header": "safetensors_format",
+    "read_header": "safetensors_format",
+    "OutputDir": "writer",
+    "ShardWriter": "writer",
+    "write_index": "writer",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -22,6 +22,7 @@ import torch
 
 from moetool.errors import InputError
 from moetool.io.fs import (
+    MANIFEST_NAME,
     changed_keys,
     file_identity,
     input_roots,
@@ -34,7 +35,6 @@ from moetool.io.fs import (
 from moetool.io.safetensors_format import Header, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
-MANIFEST_NAME = "moetool.json"
 MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_JSON_DEPTH = 64  # real config.json files nest 3 or 4 levels
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -270,6 +270,11 @@ class Checkpoint:
             os.close(fd)
             raise _changed(file, changed, tensor=tensor, was=want, now=now)
         return fd
+
+    def identity_of(self, file: str | os.PathLike[str]) -> dict[str, int] | None:
+        """Shard ``file`` (a ``TensorInfo.file``) as its header was read; None for any other file."""
+        want = self._identity.get(os.fspath(file))
+        return dict(want) if want is not None else None
 
     def input_identity(self) -> dict[str, dict[str, int]]:
         """Each shard (relative path) as its header was read (``moetool.io.fs.file_identity``)."""

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from moetool.errors import InputError, UsageError
 
+#: What moetool writes beside a checkpoint's files: their sizes and sha256, and how each tensor came to be.
+MANIFEST_NAME = "moetool.json"
+
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),

@@ -9,6 +9,7 @@ import bisect
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import queue
 import threading
@@ -20,6 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moetool.errors import InputError
+from moetool.io.fs import (
+    MANIFEST_NAME,
+    changed_keys,
+    file_identity,
+    input_roots,
+    is_within,
+    open_regular,
+    read_small,
+    real_path,
+)
 
 if TYPE_CHECKING:
     from moetool.io.prefetch import ReadPlan
@@ -29,6 +40,12 @@ HASH_CHUNK = 8 << 20
 #: Read back and hash in pieces that stay in the core's L2 cache between the read and the hash.
 READBACK_CHUNK = 1 << 20
 MAX_HASH_THREADS = 16
+
+
+def file_hash_threads() -> int:
+    """Threads for hashing files each read whole by its own thread beside a pass that reads with the
+    rest of the cores: at most half of them."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def sha256_file(
@@ -421,6 +438,77 @@ class PlannedHashes:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class HashesAhead:
+    """sha256 of the files a moetool output's ``moetool.json`` records, started as early as a process
+    can (this module imports no torch): each listed regular file of the recorded size inside ``root``,
+    hashed whole by its own thread (:class:`PlannedHashes` without plans, at most ``max_threads`` read
+    at once). Nothing here trusts the manifest beyond picking the files: ``validate``'s structure check
+    decides on its own which files to hash, and :meth:`take` hands these hashes over only if they are
+    exactly those files, each opened as the very file whose header the checks read.
+
+    ``started``: the ``time.perf_counter()`` of the start. ``close()`` abandons what still runs (also
+    after ``take``: closing twice is harmless)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, max_threads: int | None = None) -> None:
+        self.started = time.perf_counter()
+        files = _recorded_files(Path(root))
+        self._identity: dict[str, Future[dict[str, int]]] = {f: Future() for f in files}
+        self.hashes = PlannedHashes(
+            files, [], open_file=self._open, max_threads=max_threads or file_hash_threads()
+        )
+
+    @property
+    def files(self) -> frozenset[str]:
+        return frozenset(self._identity)
+
+    def _open(self, file: str) -> int:
+        try:
+            fd = open_regular(file, what="file")
+            self._identity[file].set_result(file_identity(os.fstat(fd)))
+        except BaseException as e:
+            self._identity[file].set_exception(e)
+            raise
+        return fd
+
+    def take(self, files: Iterable[str], identity: Callable[[str], dict[str, int] | None]) -> bool:
+        """Whether these hashes are those of ``files`` (real paths), each opened as the file
+        ``identity(file)`` describes (``moetool.io.fs.file_identity``; None: a file no header was read
+        of, taken as opened). Waits for every file to be opened (each hash opens its file first)."""
+        if set(files) != set(self._identity):
+            return False
+        for file, opened in self._identity.items():
+            try:
+                now = opened.result()
+            except BaseException:
+                return False
+            want = identity(file)
+            if want is not None and changed_keys(want, now):
+                return False
+        return True
+
+    def close(self) -> None:
+        self.hashes.close()
+
+
+def _recorded_files(root: Path) -> list[str]:
+    """Real paths of the regular files of checkpoint ``root`` (inside it, or in its Hub cache's blobs)
+    that its ``moetool.json`` lists, where the size on disk is the recorded one; none where the
+    manifest cannot be read."""
+    roots = input_roots(root)
+    try:
+        files = json.loads(read_small(root / MANIFEST_NAME, 64 << 20, within=roots)).get("files")
+        out = []
+        for rel, rec in files.items() if isinstance(files, dict) else ():
+            if not isinstance(rel, str) or not isinstance(rec, dict):
+                continue
+            p = real_path(root / rel)
+            if p not in roots and is_within(p, roots) and p.is_file() and p.stat().st_size == rec.get("size"):
+                out.append(os.fspath(p))
+        return sorted(set(out))
+    except (InputError, OSError, ValueError, AttributeError):
+        return []
 
 
 class ReadBack:

@@ -25,6 +25,7 @@ import torch
 
 from moetool.errors import InputError
 from moetool.io.checkpoint import Checkpoint
+from moetool.io.hashing import HashesAhead
 from moetool.io.prefetch import Batch, Field, Prefetcher, reader_threads
 from moetool.model import CheckpointView, analyze
 from moetool.pipeline import pick_device
@@ -109,8 +110,15 @@ class Validator:
     order they ran in.
     """
 
-    def __init__(self, orig: CheckpointView, conv: CheckpointView, opts: ValidateOptions) -> None:
+    def __init__(
+        self,
+        orig: CheckpointView,
+        conv: CheckpointView,
+        opts: ValidateOptions,
+        hashes_ahead: HashesAhead | None = None,
+    ) -> None:
         self.opts = opts
+        self.hashes_ahead = hashes_ahead
         self.ctx = Context(orig, conv, opts, pick_device(opts.device))
         self.schedule = ReadSchedule(orig, conv, opts)
         self.read_budget = self.schedule.read_budget
@@ -158,7 +166,14 @@ class Validator:
             if structure is not None:
                 from_reads = hashes_from_reads(self.opts.hash_source, ctx.device.type)
                 self.report.timeline["hashes_from_reads"] = from_reads
-                hold = structure.hash_with(plans, from_reads=from_reads)
+                hold = structure.hash_with(plans, from_reads=from_reads, ahead=self.hashes_ahead)
+                self.report.timeline["hashes_ahead"] = structure.took_ahead
+                age = process_age()
+                if structure.took_ahead and age is not None:
+                    began = age - (time.perf_counter() - self.hashes_ahead.started)
+                    self.report.timeline["hashes_began"] = round(max(began, 0.0), 2)
+            elif self.hashes_ahead is not None:
+                self.hashes_ahead.close()
             if plans:
                 ctx.pool = ThreadPoolExecutor(
                     max_workers=reader_threads(), thread_name_prefix="moetool-compare"
@@ -292,7 +307,27 @@ class Validator:
         self.ctx.forget_layer()
 
 
-def validate_checkpoints(original: str | Path, converted: str | Path, opts: ValidateOptions) -> Report:
+def validate_checkpoints(
+    original: str | Path,
+    converted: str | Path,
+    opts: ValidateOptions,
+    hashes_ahead: HashesAhead | None = None,
+) -> Report:
+    """Validate ``converted`` against ``original``. ``hashes_ahead``: the converted files' sha256,
+    started before this was called (``moetool.io.hashing.HashesAhead``, which imports no torch: the
+    CLI starts it before torch is imported); the structure check takes them over where it hashes each
+    file by itself (``hash_source``) and they are its files, else they are stopped. Stopped on return
+    either way."""
+    try:
+        return _validate_checkpoints(original, converted, opts, hashes_ahead)
+    finally:
+        if hashes_ahead is not None:
+            hashes_ahead.close()
+
+
+def _validate_checkpoints(
+    original: str | Path, converted: str | Path, opts: ValidateOptions, hashes_ahead: HashesAhead | None
+) -> Report:
     t0 = time.perf_counter()
     called = process_age()
     with Checkpoint(original) as o, Checkpoint(converted) as c:
@@ -325,7 +360,7 @@ def validate_checkpoints(original: str | Path, converted: str | Path, opts: Vali
             )
             report.timings = {"total": round(time.perf_counter() - t0, 3)}
             return report
-        report = Validator(orig, conv, opts).run()
+        report = Validator(orig, conv, opts, hashes_ahead).run()
         report.timeline = {"called": called, **report.timeline}
         # a shard replaced or rewritten while it was checked: the report would describe no one file
         o.check_unchanged()

@@ -15,7 +15,7 @@ from moetool.engines import declares_fp8, refusal, refusal_of
 from moetool.errors import InputError
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, _inside
 from moetool.io.fs import real_path
-from moetool.io.hashing import MAX_HASH_THREADS, PlannedHashes
+from moetool.io.hashing import MAX_HASH_THREADS, HashesAhead, PlannedHashes, file_hash_threads
 from moetool.io.prefetch import ReadPlan
 from moetool.model import FP8_DTYPES
 from moetool.validate.protocol import Context
@@ -38,6 +38,7 @@ class StructureCheck:
         self._t0 = 0.0
         self._problem: str | None = None
         self._undescribed: list[str] = []
+        self.took_ahead = False
 
     def start(self) -> None:
         """Hash every file moetool.json records whose size is right (nothing without a manifest, with a
@@ -70,19 +71,37 @@ class StructureCheck:
             size_ok = p.is_file() and p.stat().st_size == rec.get("size")
             self._recorded.append((rel, os.fspath(real_path(p)), rec, size_ok))
 
-    def hash_with(self, plans: list[ReadPlan], *, from_reads: bool = True) -> Any:
+    def hash_with(
+        self, plans: list[ReadPlan], *, from_reads: bool = True, ahead: HashesAhead | None = None
+    ) -> Any:
         """Start hashing the recorded files: from the buffers of ``plans`` where they read them (the
         hook for their ``Prefetcher`` is returned), or, ``from_reads=False``, each file read whole by
-        its own thread (no hook: the reader never waits for a hash). None when nothing is hashed."""
+        its own thread (no hook: the reader never waits for a hash). None when nothing is hashed.
+        ``ahead``: the same files' hashes started earlier (``HashesAhead``), taken over where
+        ``from_reads=False`` and they are exactly the files to hash, each the file whose header was
+        read; else they are stopped. ``took_ahead`` says which."""
+        files = [f for _, f, _, size_ok in self._recorded if size_ok]
+        self.took_ahead = bool(
+            ahead is not None
+            and self._recorded
+            and not from_reads
+            and ahead.take(files, self.ctx.c_ck.identity_of)
+        )
+        if self.took_ahead:
+            self._t0 = ahead.started
+            self._hashes = ahead.hashes
+            return None
+        if ahead is not None:
+            ahead.close()
         if not self._recorded:
             return None
         self._t0 = time.perf_counter()
         self._hashes = PlannedHashes(
-            [f for _, f, _, size_ok in self._recorded if size_ok],
+            files,
             plans if from_reads else [],
             open_file=self.ctx.c_ck.open_shard,
             # reading the files itself, at most half the cores: the reader's threads need the rest
-            max_threads=MAX_HASH_THREADS if from_reads else max(1, (os.cpu_count() or 2) // 2),
+            max_threads=MAX_HASH_THREADS if from_reads else file_hash_threads(),
         )
         return self._hashes if from_reads else None
 
