@@ -220,6 +220,45 @@ def bench_end_to_end(tag: str, e: int, n: int, k: int, config) -> float:
     return median_ms(rotate([partial(fp4_cast, p, s, _config=config) for p, s in ins]))
 
 
+def compare_end_to_end(experts: int, configs: list, rounds: int, card: str) -> None:
+    """``fp4_cast`` end to end (allocation, launch, the NaN-scale check and its device sync) and the
+    launch alone into preallocated outputs, for each of ``configs`` in turn, ``rounds`` times, with a
+    copy of the same bytes in every round: medians, as a fraction of the copy's bandwidth."""
+    import statistics
+
+    from moetool.kernels.fp4_cast import _launch_fp4_cast, fp4_cast
+
+    print(f"\nFP4 -> FP8 cast end to end and launch alone, {card}, median of {rounds} rounds taken in turn")
+    print(f"{'shape':>26} {'launch':>30} {'end to end':>11} {'alone':>7} {'x copy':>14}")
+    for tag, n, k in v4_flash_shapes():
+        ins, outs, moved = stacks(experts, n, k)
+        bufs = [torch.randint(0, 255, (moved // 2,), dtype=torch.uint8, device="cuda") for _ in range(4)]
+        copy = rotate([partial(bufs[2 + i].copy_, bufs[i]) for i in range(2)])
+        times: dict = {"copy_": []}
+        for _ in range(rounds):
+            times["copy_"].append(median_ms(copy, rep=100))
+            for c in configs:
+                e2e = rotate([partial(fp4_cast, p, s, _config=c) for p, s in ins])
+                alone = rotate(
+                    [
+                        partial(
+                            _launch_fp4_cast, p.view(torch.uint8), s.view(torch.uint8), *o, asm=True, config=c
+                        )
+                        for (p, s), o in zip(ins, outs)
+                    ]
+                )
+                times.setdefault((c, "e2e"), []).append(median_ms(e2e, rep=100))
+                times.setdefault((c, "alone"), []).append(median_ms(alone, rep=100))
+        cp = statistics.median(times["copy_"])
+        shape = f"{tag} [{experts}, {n}, {k}]"
+        print(f"{shape:>26} {'copy_':>30} {cp:11.3f} {'':>7} {1.0:14.2f}")
+        for c in configs:
+            e2e, alone = (statistics.median(times[(c, w)]) for w in ("e2e", "alone"))
+            print(f"{shape:>26} {c!s:>30} {e2e:11.3f} {alone:7.3f} {cp / e2e:7.2f} /{cp / alone:5.2f}")
+        del ins, outs, bufs
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", type=int, default=256)
@@ -227,6 +266,14 @@ def main() -> int:
         "--only", nargs="*", default=[], help="time only the launches whose name holds one of these"
     )
     ap.add_argument("--timeout", type=int, default=570, help="dump stacks and exit after this many seconds")
+    ap.add_argument(
+        "--end-to-end",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead of the sweep: fp4_cast end to end and its launch alone with the default and each "
+        "--only launch, in turn, ROUNDS times, against copy_ (medians)",
+    )
     args = ap.parse_args()
     faulthandler.dump_traceback_later(args.timeout, exit=True)
 
@@ -257,6 +304,10 @@ def main() -> int:
     ):
         print("the default launch or the launcher failed: nothing timed")
         return 1
+
+    if args.end_to_end:
+        compare_end_to_end(args.experts, good, args.end_to_end, card)
+        return 1 if failures else 0
 
     rows = []
     for tag, n, k in v4_flash_shapes():
