@@ -444,8 +444,8 @@ class Config(NamedTuple):
 
 
 # The launcher's default: the fastest byte-identical launch scripts/bench_fp4_cast.py timed on an H200
-# (docs/benchmarks.md).
-DEFAULT_CONFIG = Config("loop", 4, 4)
+# (docs/benchmarks.md): alone and end to end (--end-to-end), on both of V4-Flash's expert shapes.
+DEFAULT_CONFIG = Config("loop", 4, 1, lean=3)
 
 
 def _launch_fp4_cast(

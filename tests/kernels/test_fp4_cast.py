@@ -285,6 +285,7 @@ def test_adversarial_input_reaches_every_case(seed: int) -> None:
 
 
 GPU_CONFIGS = [
+    Config("loop", 4, 4),
     Config("loop", 8, 1),
     Config("prefetch", 4, 4),
     Config("persistent", 8, 2),
