@@ -11,7 +11,7 @@ from typing import Any
 
 _WHERE = {
     "INDEX_NAME": "checkpoint",
-    "MANIFEST_NAME": "checkpoint",
+    "MANIFEST_NAME": "fs",
     "Checkpoint": "checkpoint",
     "read_json": "checkpoint",
     "sha256_file": "hashing",
