@@ -182,6 +182,13 @@ def stacks(e: int, n: int, k: int) -> tuple[list, list, int]:
     return ins, outs, e * n * k // 2 + e * n * k // 32 + e * n * k + e * nb * kb * 5
 
 
+def copy_moving(moved: int) -> Callable[[], object]:
+    """Device-to-device copies that read and write ``moved`` bytes in all, two buffer pairs in turn."""
+    half = moved // 2  # a copy of `half` bytes reads and writes `moved` bytes
+    bufs = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(4)]
+    return rotate([partial(bufs[2 + i].copy_, bufs[i]) for i in range(2)])
+
+
 def bench_shape(tag: str, e: int, n: int, k: int, configs: list) -> list[dict]:
     from moetool.kernels.fp4_cast import DEFAULT_CONFIG, _launch_fp4_cast, fp4_cast
     from moetool.kernels.fp4_cast_ref import fp4_cast_ref
@@ -194,10 +201,7 @@ def bench_shape(tag: str, e: int, n: int, k: int, configs: list) -> list[dict]:
         rows.append({"shape": shape, "variant": variant, "ms": ms, "gbs": moved / ms / 1e6, "config": config})
         log(f"time {shape} {variant}: {ms:.3f} ms")  # as measured: kept if the run is cut short
 
-    half = moved // 2  # a copy of `half` bytes reads and writes `moved` bytes
-    bufs = [torch.randint(0, 255, (half,), dtype=torch.uint8, device="cuda") for _ in range(4)]
-    row("copy_", median_ms(rotate([partial(bufs[2 + i].copy_, bufs[i]) for i in range(2)])))
-    bufs.clear()
+    row("copy_", median_ms(copy_moving(moved)))
 
     row("fp4_cast", median_ms(rotate([partial(fp4_cast, p, s) for p, s in ins])))
     for asm, config in [(True, c) for c in configs] + [(False, DEFAULT_CONFIG)]:
@@ -232,8 +236,7 @@ def compare_end_to_end(experts: int, configs: list, rounds: int, card: str) -> N
     print(f"{'shape':>26} {'launch':>30} {'end to end':>11} {'alone':>7} {'x copy':>14}")
     for tag, n, k in v4_flash_shapes():
         ins, outs, moved = stacks(experts, n, k)
-        bufs = [torch.randint(0, 255, (moved // 2,), dtype=torch.uint8, device="cuda") for _ in range(4)]
-        copy = rotate([partial(bufs[2 + i].copy_, bufs[i]) for i in range(2)])
+        copy = copy_moving(moved)
         times: dict = {"copy_": []}
         for _ in range(rounds):
             times["copy_"].append(median_ms(copy, rep=100))
@@ -255,7 +258,7 @@ def compare_end_to_end(experts: int, configs: list, rounds: int, card: str) -> N
         for c in configs:
             e2e, alone = (statistics.median(times[(c, w)]) for w in ("e2e", "alone"))
             print(f"{shape:>26} {c!s:>30} {e2e:11.3f} {alone:7.3f} {cp / e2e:7.2f} /{cp / alone:5.2f}")
-        del ins, outs, bufs
+        del ins, outs, copy
         torch.cuda.empty_cache()
 
 
