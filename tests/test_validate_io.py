@@ -40,7 +40,7 @@ from moetool.io.checkpoint import Checkpoint
 from moetool.io.hashing import HashesAhead, PlannedHashes, Run, hashed_runs
 from moetool.io.prefetch import Prefetcher, ReadPlan
 from moetool.testing.factory import DEEPGEMM_LEAVES, experts_prefix, make_checkpoint
-from moetool.validate import TIMING_KEYS, ValidateOptions, validate_checkpoints
+from moetool.validate import TIMING_KEYS, Report, ValidateOptions, validate_checkpoints
 from moetool.validate import run as validate_mod
 from moetool.validate.options import hashes_from_reads
 
@@ -558,6 +558,23 @@ def test_hashed_runs_take_the_heaviest_chain_in_reading_order() -> None:
     assert [(r.plan, r.start) for r in hashed_runs([Run(0, 10, 20), Run(1, 15, 40)])] == [(1, 15)]
 
 
+def validated_hashing(
+    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, conversion: str, hash_source: str, opts: dict
+) -> tuple[Report, ReadLog, Path, dict, int]:
+    """``validate_checkpoints`` of a DeepSeek-V3 conversion with ``hash_source``, its reads logged, passed
+    with its files' hashes: the report, the read log, the converted folder, the files moetool.json lists
+    and their total size."""
+    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", conversion)
+    log = ReadLog(monkeypatch)
+    report = validate_checkpoints(
+        orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, hash_source=hash_source, **opts)
+    )
+    assert report.passed, [c for c in report.checks if not c.passed]
+    assert any(c.scope == "files" and c.passed for c in report.checks)
+    listed = json.loads((conv / "moetool.json").read_text())["files"]
+    return report, log, conv, listed, sum((conv / rel).stat().st_size for rel in listed)
+
+
 @pytest.mark.parametrize(
     ("conversion", "opts"),
     [
@@ -578,16 +595,8 @@ def test_validate_hashes_the_converted_files_from_its_reads(
     how many bytes came from where. (The reader never hurries the hashes here: on a loaded machine a
     hash may fall behind, and then reads what it missed itself.)"""
     monkeypatch.setattr(prefetch, "HURRY_AFTER", None)
-    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", conversion)
-    log = ReadLog(monkeypatch)
-    report = validate_checkpoints(
-        orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, hash_source="reads", **opts)
-    )
-    assert report.passed, [c for c in report.checks if not c.passed]
-    assert any(c.scope == "files" and c.passed for c in report.checks)
+    report, log, conv, listed, total = validated_hashing(ws, monkeypatch, conversion, "reads", opts)
     assert report.timeline["hashes_from_reads"] is True
-    listed = json.loads((conv / "moetool.json").read_text())["files"]
-    total = sum((conv / rel).stat().st_size for rel in listed)
     io = report.io
     assert io["converted_hashed_from_reads"] + io["hash_read"] == total
     with Checkpoint(conv) as c:
@@ -618,15 +627,7 @@ def test_validate_hashes_each_converted_file_by_itself_with_hash_source_files(
     """``hash_source="files"``: every converted file is hashed by a thread reading it itself, nothing
     from the checks' buffers, so no buffer ever waits for a hash; the checks' own reads still cover each
     tensor byte once, and the digests still prove the files."""
-    orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", conversion)
-    log = ReadLog(monkeypatch)
-    report = validate_checkpoints(
-        orig, conv, ValidateOptions(device=ws.device, tokens=ws.tokens, hash_source="files", **opts)
-    )
-    assert report.passed, [c for c in report.checks if not c.passed]
-    assert any(c.scope == "files" and c.passed for c in report.checks)
-    listed = json.loads((conv / "moetool.json").read_text())["files"]
-    total = sum((conv / rel).stat().st_size for rel in listed)
+    report, log, conv, listed, total = validated_hashing(ws, monkeypatch, conversion, "files", opts)
     io = report.io
     assert io["converted_hashed_from_reads"] == 0 and io["hash_read"] == total
     with Checkpoint(conv) as c:
