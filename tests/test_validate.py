@@ -428,6 +428,47 @@ def test_flipped_expert_byte_fails(ws: Workspace, layout: str) -> None:
     assert passed(res, "tensors", "layer 1")  # the other layer is untouched
 
 
+@pytest.mark.parametrize(
+    ("layout", "defect"),
+    [("deepgemm", None), ("hf", None), ("deepgemm", "flip"), ("hf", "flip"), ("deepgemm+fuse", None)],
+)
+def test_stacked_experts_are_proven_at_once_with_the_same_report(
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, layout: str, defect: str | None
+) -> None:
+    """The tensors check quantizes a layer's stacked originals at once and compares the stacks; only
+    the first expert (its error statistics) and whatever that cannot prove (a fused slot, a mismatch)
+    go region by region. Whatever it proves, the report is the one the region-by-region path makes,
+    a planted defect's detail included."""
+    from moetool.validate import tensors
+    from moetool.validate.tensors import TensorsCheck
+
+    orig = ws.source("deepseek_v3")
+    conversion = "deepgemm-float+fuse-r1" if layout.endswith("+fuse") else f"{layout}-float"
+    conv = ws.converted("deepseek_v3", conversion)
+    if defect:
+        conv = ws.copy(conv)
+        name = down_proj_name(config_of(conv), 2, layout, e=2)
+        flip_fp8_byte(conv, name, (2, 100, 50) if layout == "deepgemm" else (100, 50))
+    proven: list[set[int]] = []
+    stacks_equal = TensorsCheck._stacks_equal
+
+    def spy(self: TensorsCheck, *args: Any) -> set[int]:
+        proven.append(stacks_equal(self, *args))
+        return proven[-1]
+
+    monkeypatch.setattr(TensorsCheck, "_stacks_equal", spy)
+    if defect:  # one expert per stack: the proof stops at the stack holding the defect
+        monkeypatch.setattr(tensors, "STACK_BYTES", 1)
+    fast = ws.validate(orig, conv)
+    monkeypatch.setattr(TensorsCheck, "_stacks_equal", lambda *args: set())
+    slow = ws.validate(orig, conv)
+    assert fast.code == slow.code == (1 if defect else 0), (fast.out, fast.err)
+    assert checks(fast) == checks(slow)
+    # layers 1 and 2: experts 1-3 proven (never the fused slots); in the layer with the flipped byte
+    # (expert 2) only what came before it
+    assert proven == [{1, 2, 3}, {1} if defect else {1, 2, 3}], proven
+
+
 def swap_whole_experts(folder: Path, layer: int, layout: str, a: int, b: int) -> str:
     """Exchange experts ``a`` and ``b`` of one layer (every weight and scale); returns the tensor a
     report must name first (expert a's gate/up weights)."""

@@ -54,6 +54,16 @@ def test_flipped_expert_byte_fails_on_cuda(ws_cuda: tv.Workspace, layout: str) -
     tv.test_flipped_expert_byte_fails(ws_cuda, layout)
 
 
+@pytest.mark.parametrize(
+    ("layout", "defect"),
+    [("deepgemm", None), ("hf", None), ("deepgemm", "flip"), ("hf", "flip"), ("deepgemm+fuse", None)],
+)
+def test_stacked_experts_are_proven_at_once_with_the_same_report_on_cuda(
+    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, layout: str, defect: str | None
+) -> None:
+    tv.test_stacked_experts_are_proven_at_once_with_the_same_report(ws_cuda, monkeypatch, layout, defect)
+
+
 @pytest.mark.parametrize("layout", ["deepgemm", "hf"])
 def test_swapped_experts_fail_on_cuda(ws_cuda: tv.Workspace, layout: str) -> None:
     tv.test_swapped_experts_fail(ws_cuda, layout)
