@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import test_validate as tv
@@ -964,3 +965,54 @@ def test_fp8_original_in_chunks_reports_what_the_whole_layer_does(ws: tv.Workspa
     assert chunked["passed"], chunked["checks"]
     assert_same_report(chunked, whole)
     assert chunked["io"]["buffer_bytes"] < whole["io"]["buffer_bytes"]  # it was read in chunks
+
+
+@pytest.mark.parametrize("targets", ["experts", "linear"])
+@pytest.mark.parametrize("flip", [False, True], ids=["clean", "flipped"])
+def test_other_tensors_larger_than_a_step_are_read_in_runs_of_rows(
+    ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch, targets: str, flip: bool
+) -> None:
+    """A tensor outside the experts that does not fit a read step (the embedding copied; an attention
+    projection quantized in place with ``--targets linear``) is read in runs of 128-row blocks, one
+    step each, instead of making every read buffer as large as it: each byte still read once, and the
+    report the one a read of the whole tensor makes, a flipped byte in the second run named where it
+    lies in the whole tensor."""
+    from moetool.validate.tensors import TensorsCheck
+
+    orig = ws.source("deepseek_v3")
+    conv = ws.scratch(f"runs-{targets}")
+    tv.run_ok("quantize", orig, conv, "--layout", "hf", "--targets", targets)
+    name = "model.embed_tokens.weight" if targets == "experts" else "model.layers.1.self_attn.o_proj.weight"
+    shard, off, _, dtype, shape = tv.tensor_at(conv, name)
+    assert dtype == ("BF16" if targets == "experts" else "F8_E4M3") and shape[0] >= 2 * 128, (dtype, shape)
+    where = (200, 7)  # in the second run of 128 rows
+    if flip:
+        if dtype == "F8_E4M3":
+            tv.flip_fp8_byte(conv, name, where)
+        else:
+            pos = off + tv.element_offset(shape, where, 2)
+            tv.write_bytes(shard, pos, bytes([tv.read_bytes(shard, pos, 1)[0] ^ 0x01]))
+        tv.refresh_manifest(conv)
+    runs: list[tuple[int, int]] = []
+    compare_others = TensorsCheck.compare_others
+
+    def spy(self: TensorsCheck, names: list[str], batch: Any, rows: Any = None) -> None:
+        runs.extend(span for n, span in (rows or {}).items() if n == name)
+        compare_others(self, names, batch, rows)
+
+    monkeypatch.setattr(TensorsCheck, "compare_others", spy)
+    log = ReadLog(monkeypatch)
+    opts = ValidateOptions(device=ws.device, tokens=ws.tokens)
+    in_runs = validate_checkpoints(orig, conv, ValidateOptions(**{**opts.__dict__, "read_budget": 1}))
+    with Checkpoint(orig) as o, Checkpoint(conv) as c:
+        assert_each_byte_once(log, o)
+        assert_each_byte_once(log, c)
+    assert runs == [(r, min(r + 128, shape[0])) for r in range(0, shape[0], 128)], runs
+    runs.clear()
+    whole = validate_checkpoints(orig, conv, ValidateOptions(**{**opts.__dict__, "read_budget": UNLIMITED}))
+    assert runs == []  # read whole
+    assert in_runs.to_dict()["checks"] == whole.to_dict()["checks"]
+    assert in_runs.passed is whole.passed is (not flip)
+    if flip:
+        other = next(c for c in in_runs.checks if c.scope == "other tensors")
+        assert name in other.detail and str(list(where)) in other.detail, other

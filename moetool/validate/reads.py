@@ -205,9 +205,12 @@ class Chunk:
 
 @dataclass
 class OthersStep:
-    """Non-expert tensors compared byte for byte (or against the recipe when quantized in place)."""
+    """Non-expert tensors compared byte for byte (or against the recipe when quantized in place); a
+    tensor larger than a step comes in runs of rows (``rows``: ``name`` -> ``(r0, r1)``,
+    ``r0`` on a 128-block boundary), one step each, in row order."""
 
     names: list[str]
+    rows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class ReadSchedule:
@@ -228,11 +231,47 @@ class ReadSchedule:
         )
 
     def _largest(self) -> int:
-        """Bytes of the largest tensor read whole (stacked experts are read expert by expert)."""
+        """Bytes of the largest tensor read whole (stacked experts are read expert by expert, the other
+        tensors that can be are read in runs of rows: :meth:`splittable`)."""
         stacked = {n for v in (self.orig, self.conv) for s in v.stores.values() for n in s.names}
+        split = {x for n in self.others_names() if self.splittable(n) for x in self._with_scales(n)}
         return max(
-            (t.nbytes for ck in (self.o_ck, self.c_ck) for n, t in ck.tensors.items() if n not in stacked),
+            (
+                t.nbytes
+                for ck in (self.o_ck, self.c_ck)
+                for n, t in ck.tensors.items()
+                if n not in stacked and n not in split
+            ),
             default=0,
+        )
+
+    def _with_scales(self, name: str) -> list[str]:
+        """``name`` and the block scales either checkpoint keeps beside it."""
+        return [name] + [s for ck in (self.o_ck, self.c_ck) if (s := find_scale(ck.tensors, name))]
+
+    def splittable(self, name: str) -> bool:
+        """Whether other tensor ``name`` can be read and compared in runs of rows: a matrix of the same
+        shape in both checkpoints, float in the original, and in the converted one the same dtype (a
+        copy) or block FP8 with one scale per 128 x 128 block (quantized in place), so that a run
+        starting on a block boundary carries exactly its own scale rows."""
+        o, c = self.o_ck.info(name), self.c_ck.info(name)
+        if len(o.shape) != 2 or tuple(o.shape) != tuple(c.shape) or o.shape[0] <= fp8_block.BLOCK:
+            return False
+        if (
+            not o.torch_dtype.is_floating_point
+            or o.torch_dtype.itemsize == 1
+            or find_scale(self.o_ck.tensors, name)
+        ):
+            return False
+        if c.dtype == o.dtype and not find_scale(self.c_ck.tensors, name):
+            return True
+        scale = find_scale(self.c_ck.tensors, name)
+        blocks = [fp8_block.cdiv(d, fp8_block.BLOCK) for d in o.shape]
+        return (
+            c.dtype == "F8_E4M3"
+            and scale is not None
+            and scale == scale_name(name)
+            and list(self.c_ck.info(scale).shape) == blocks
         )
 
     def layers(self) -> list[int]:
@@ -286,16 +325,17 @@ class ReadSchedule:
             ]
         return self._others
 
-    def _plan_whole(self, plan: ReadPlan, side: str, name: str) -> None:
-        """Field ``{side}:{name}``: the whole tensor, and its ``weight_scale_inv`` when it is FP8."""
+    def _plan_whole(self, plan: ReadPlan, side: str, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Field ``{side}:{name}``: the whole tensor (or its ``rows``), and its ``weight_scale_inv`` (the
+        blocks covering them) when it is FP8."""
         ck = self.o_ck if side == "o" else self.c_ck
         key = f"{side}:{name}"
         if key in plan.fields:
             return
-        plan.tensor(key, ck, name)
+        plan.tensor(key, ck, name, rows)
         sname = find_scale(ck.tensors, name)
         if ck.info(name).dtype == "F8_E4M3" and sname and f"{side}:{sname}" not in plan.fields:
-            plan.tensor(f"{side}:{sname}", ck, sname)
+            plan.tensor(f"{side}:{sname}", ck, sname, fp8_block.scale_span(rows))
 
     def _plan_stack(
         self, plan: ReadPlan, prefix: str, ck: Checkpoint, items: list[tuple[int, tuple[Src, ...], Src]]
@@ -502,8 +542,8 @@ class ReadSchedule:
         plan = ReadPlan(step)
         if isinstance(step, OthersStep):
             for name in step.names:
-                self._plan_whole(plan, "o", name)
-                self._plan_whole(plan, "c", name)
+                self._plan_whole(plan, "o", name, step.rows.get(name))
+                self._plan_whole(plan, "c", name, step.rows.get(name))
             return plan
         o, c, layer = self.orig, self.conv, step.layer
         o_items, c_items = self._items(step)
@@ -557,9 +597,11 @@ class ReadSchedule:
         self, steps: list[LayerStep], bounds: list[tuple[int, int]], budget: int
     ) -> list[OthersStep]:
         """The other tensors not read with a layer, in the order they lie in the converted files, in
-        steps of at most ``budget`` bytes (at least one tensor each) that never reach across one of
-        ``bounds`` (where a layer step starts reading the converted files), so that every step can be
-        read between the layers around it."""
+        steps of at most ``budget`` bytes that never reach across one of ``bounds`` (where a layer step
+        starts reading the converted files), so that every step can be read between the layers around
+        it. A tensor that does not fit a step is read in runs of rows where it can be
+        (:meth:`splittable`: whole 128-row blocks, at least one a step), each run a step of its own;
+        otherwise a step holds at least one whole tensor."""
         if "tensors" not in self.opts.checks:
             return []
         done = {n for s in steps for n in s.others}
@@ -575,6 +617,15 @@ class ReadSchedule:
                 if n in ck.tensors
             )
             here = bisect.bisect_right(bounds, self._conv_pos(name))
+            if need > budget and self.splittable(name):
+                n_rows = self.o_ck.info(name).shape[0]
+                blocks = fp8_block.cdiv(n_rows, fp8_block.BLOCK)
+                per = max(1, budget * blocks // need)  # 128-row blocks a step
+                for b0 in range(0, blocks, per):
+                    r0, r1 = b0 * fp8_block.BLOCK, min(n_rows, (b0 + per) * fp8_block.BLOCK)
+                    others.append(OthersStep([name], {name: (r0, r1)}))
+                size, region = budget, here  # nothing joins a run's step
+                continue
             if not others or size + need > budget or here != region:
                 others.append(OthersStep([]))
                 size = 0

@@ -194,7 +194,7 @@ class Validator:
                             self._run_chunk(batch)
                         else:
                             with self._timed("tensors"):
-                                self.tensors.compare_others(batch.label.names, batch)
+                                self.tensors.compare_others(batch.label.names, batch, batch.label.rows)
                     self.timings["read_wait"] = pf.wait_s
                     self.report.io = self._io(pf)
                     self.report.timeline.update(

@@ -179,15 +179,26 @@ class TensorsCheck:
         return check
 
     # -- the other tensors --------------------------------------------------------------------------
-    def compare_others(self, names: list[str], batch: Tensors) -> None:
+    def compare_others(
+        self, names: list[str], batch: Tensors, rows: dict[str, tuple[int, int]] | None = None
+    ) -> None:
         """Compare non-expert tensors with their originals (an error that stops a comparison is kept, to
-        be raised only where the report reaches that tensor)."""
+        be raised only where the report reaches that tensor). ``rows``: the tensors ``batch`` holds only
+        a run of rows of (``OthersStep.rows``), compared in row order, run after run: a difference is
+        reported where it lies in the whole tensor, as if it had been compared whole."""
         for name in names:
+            span = (rows or {}).get(name)
+            if span is not None and self._others.get(name) is not None:
+                continue  # an earlier run of its rows already differs (or failed)
             try:
                 src = Src(name)
                 got = slice_field(batch, "c", src, self.ctx.c_ck.root)
                 orig = slice_field(batch, "o", src, self.ctx.o_ck.root)
-                self._others[name] = self._compare(src, src, got, orig, None)
+                if span is None:
+                    self._others[name] = self._compare(src, src, got, orig, None)
+                else:
+                    region = Src(name, rows=span)
+                    self._others[name] = self._compare(src, src, got, orig, None, at=span[0], region=region)
             except MoetoolError as e:
                 self._others[name] = e
 
@@ -251,18 +262,20 @@ class TensorsCheck:
         want: tuple[torch.Tensor, torch.Tensor],
         source: str,
         recipe: str,
+        at: int = 0,
     ) -> str | None:
         """None when FP8 bytes and scales are ``want``'s, else where the first differ (the bytes made
-        from ``source``; the scales by ``recipe``)."""
+        from ``source``; the scales by ``recipe``), rows counted from row ``at`` (a 128-block boundary)."""
         (got_q, got_s), (want_q, want_s) = got, want
         pos = self._first_diff(got_q, want_q)
         if pos is not None:
-            return f"{region_name(conv_src)} FP8 bytes differ from {source} at {list(pos)}"
+            return f"{region_name(conv_src)} FP8 bytes differ from {source} at {_shifted(pos, at)}"
         pos = self._first_diff(got_s.float(), want_s.float())
         if pos is not None:
             return (
                 f"{region_name(conv_src, scale=True, tensors=self.ctx.c_ck.tensors)} differs from {recipe} "
-                f"at block {list(pos)} ({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
+                f"at block {_shifted(pos, at // fp8_block.BLOCK)} "
+                f"({float(got_s.float()[pos]):.9g} vs {float(want_s.float()[pos]):.9g})"
             )
         return None
 
@@ -331,17 +344,26 @@ class TensorsCheck:
         got: tuple[torch.Tensor, torch.Tensor | None],
         orig: tuple[torch.Tensor, torch.Tensor | None],
         errs: list[float] | None,
+        *,
+        at: int = 0,
+        region: Src | None = None,
     ) -> str | None:
-        """None when the converted region is what the recipe makes of the original region, else why."""
+        """None when the converted region is what the recipe makes of the original region, else why.
+        ``got``/``orig`` may hold only the rows of ``region`` (a run of the rows of ``orig_src``, from
+        row ``at`` on): a difference is then reported at its place in the whole tensor."""
         display = region_name(conv_src)
         got_q, got_s = got
         if got_s is None:  # not quantized: bytes must equal the source's
             want = orig[0].to(got_q.device)
             pos = self._first_diff(got_q, want)
-            return None if pos is None else f"{display} differs from {orig_src.describe()} at {list(pos)}"
+            return (
+                None
+                if pos is None
+                else f"{display} differs from {orig_src.describe()} at {_shifted(pos, at)}"
+            )
         if orig[0].dtype == torch.int8 and orig[1] is not None:  # DeepSeek-V4 FP4 experts
             return self._compare_fp4(conv_src, orig_src, (got_q, got_s), orig, errs)
-        want_q, want_s = self._expected_quant(orig_src, orig)
+        want_q, want_s = self._expected_quant(region or orig_src, orig)
         got_q, got_s = got_q.to(want_q.device), got_s.to(want_q.device)
         why = self._fp8_differs(
             conv_src,
@@ -349,6 +371,7 @@ class TensorsCheck:
             (want_q, want_s),
             f"the recipe applied to {orig_src.describe()}",
             "the recipe",
+            at,
         )
         if why is not None:
             return why
@@ -386,6 +409,11 @@ class TensorsCheck:
             if pos is not None:
                 return f"{names[tag + '_weight_scale_inv']}[{e}] packed scales differ at {list(pos)}"
         return None
+
+
+def _shifted(pos: tuple[int, ...], rows: int) -> list[int]:
+    """Index ``pos`` of a run of rows starting at row ``rows``, as an index of the whole tensor."""
+    return [pos[0] + rows, *pos[1:]] if pos else list(pos)
 
 
 def _recorded_lossy(manifest: dict | None) -> tuple[dict[str, dict[tuple[int, int], int]], bool] | None:
