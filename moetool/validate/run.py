@@ -39,6 +39,9 @@ from moetool.validate.report import TIMING_KEYS, Check, Report
 from moetool.validate.structure import StructureCheck
 from moetool.validate.tensors import TensorsCheck
 
+#: read buffers: the step being checked and the one being read
+READ_SLOTS = 2
+
 
 class _LayerTensors:
     """A layer step's fields as tensors of their own (``step.layout``), filled chunk by chunk; read by
@@ -182,6 +185,7 @@ class Validator:
                 with Prefetcher(
                     plans,
                     threads=reader_threads(),
+                    slots=READ_SLOTS,
                     hold=hold,
                     pin=pin,
                     min_buffer=max(p.nbytes for p in plans),
