@@ -429,26 +429,48 @@ def test_flipped_expert_byte_fails(ws: Workspace, layout: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("layout", "defect"),
-    [("deepgemm", None), ("hf", None), ("deepgemm", "flip"), ("hf", "flip"), ("deepgemm+fuse", None)],
+    ("source", "conversion", "defect"),
+    [
+        ("bf16", "deepgemm-float", None),
+        ("bf16", "hf-float", None),
+        ("bf16", "deepgemm-float", "flip"),
+        ("bf16", "hf-float", "flip"),
+        ("bf16", "deepgemm-float+fuse-r1", None),
+        ("fp8", "deepgemm-float", None),  # the original's bytes kept
+        ("fp8", "deepgemm-ue8m0", None),  # requantized to power-of-two scales
+        ("fp8", "deepgemm-ue8m0", "flip"),
+        ("fp8", "deepgemm-float", "nan-scale"),  # a corrupt original: refused, exit 2
+    ],
 )
 def test_stacked_experts_are_proven_at_once_with_the_same_report(
-    ws: Workspace, monkeypatch: pytest.MonkeyPatch, layout: str, defect: str | None
+    ws: Workspace, monkeypatch: pytest.MonkeyPatch, source: str, conversion: str, defect: str | None
 ) -> None:
-    """The tensors check quantizes a layer's stacked originals at once and compares the stacks; only
-    the first expert (its error statistics) and whatever that cannot prove (a fused slot, a mismatch)
-    go region by region. Whatever it proves, the report is the one the region-by-region path makes,
-    a planted defect's detail included."""
+    """The tensors check applies the recipe to a layer's stacked originals at once and compares the
+    stacks; only the first expert (its error statistics) and whatever that cannot prove (a fused slot,
+    a mismatch, a corrupt original) go region by region. Whatever it proves, the outcome is the one
+    the region-by-region path makes: the whole report, or the one-line error and exit 2."""
     from moetool.validate import tensors
     from moetool.validate.tensors import TensorsCheck
 
-    orig = ws.source("deepseek_v3")
-    conversion = "deepgemm-float+fuse-r1" if layout.endswith("+fuse") else f"{layout}-float"
-    conv = ws.converted("deepseek_v3", conversion)
-    if defect:
+    layout = conversion.split("-")[0]
+    if source == "bf16":
+        orig = ws.source("deepseek_v3")
+        conv = ws.converted("deepseek_v3", conversion)
+    else:  # a block-FP8 original (as released), converted again
+        orig = ws.converted("deepseek_v3", "hf-float")
+        conv = ws.scratch(f"from-fp8-{conversion}")
+        run_ok(*QUANTIZE[conversion], orig, conv, "--device", ws.device)
+    if defect == "flip":
         conv = ws.copy(conv)
         name = down_proj_name(config_of(conv), 2, layout, e=2)
         flip_fp8_byte(conv, name, (2, 100, 50) if layout == "deepgemm" else (100, 50))
+    elif defect == "nan-scale":
+        orig = ws.copy(orig)
+        shard, off, _, dtype, shape = tensor_at(
+            orig, down_proj_name(config_of(orig), 2, "hf", e=2) + "_scale_inv"
+        )
+        assert dtype == "F32", dtype
+        write_bytes(shard, off + element_offset(shape, (1, 0), 4), struct.pack("<f", float("nan")))
     proven: list[set[int]] = []
     stacks_equal = TensorsCheck._stacks_equal
 
@@ -462,10 +484,14 @@ def test_stacked_experts_are_proven_at_once_with_the_same_report(
     fast = ws.validate(orig, conv)
     monkeypatch.setattr(TensorsCheck, "_stacks_equal", lambda *args: set())
     slow = ws.validate(orig, conv)
-    assert fast.code == slow.code == (1 if defect else 0), (fast.out, fast.err)
-    assert checks(fast) == checks(slow)
-    # layers 1 and 2: experts 1-3 proven (never the fused slots); in the layer with the flipped byte
-    # (expert 2) only what came before it
+    want_code = {None: 0, "flip": 1, "nan-scale": 2}[defect]
+    assert fast.code == slow.code == want_code, (fast.out, fast.err)
+    if want_code == 2:
+        assert fast.err == slow.err and "experts.2.down_proj" in fast.err and "is NaN" in fast.err, fast.err
+    else:
+        assert checks(fast) == checks(slow)
+    # layers 1 and 2: experts 1-3 proven (never the fused slots); in the layer with the defect (expert
+    # 2) only what came before it
     assert proven == [{1, 2, 3}, {1} if defect else {1, 2, 3}], proven
 
 

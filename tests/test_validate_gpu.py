@@ -55,13 +55,22 @@ def test_flipped_expert_byte_fails_on_cuda(ws_cuda: tv.Workspace, layout: str) -
 
 
 @pytest.mark.parametrize(
-    ("layout", "defect"),
-    [("deepgemm", None), ("hf", None), ("deepgemm", "flip"), ("hf", "flip"), ("deepgemm+fuse", None)],
+    ("source", "conversion", "defect"),
+    [
+        ("bf16", "deepgemm-float", None),
+        ("bf16", "hf-float", "flip"),
+        ("bf16", "deepgemm-float+fuse-r1", None),
+        ("fp8", "deepgemm-float", None),
+        ("fp8", "deepgemm-ue8m0", "flip"),
+        ("fp8", "deepgemm-float", "nan-scale"),
+    ],
 )
 def test_stacked_experts_are_proven_at_once_with_the_same_report_on_cuda(
-    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, layout: str, defect: str | None
+    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, source: str, conversion: str, defect: str | None
 ) -> None:
-    tv.test_stacked_experts_are_proven_at_once_with_the_same_report(ws_cuda, monkeypatch, layout, defect)
+    tv.test_stacked_experts_are_proven_at_once_with_the_same_report(
+        ws_cuda, monkeypatch, source, conversion, defect
+    )
 
 
 @pytest.mark.parametrize("layout", ["deepgemm", "hf"])

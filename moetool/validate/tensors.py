@@ -117,48 +117,54 @@ class TensorsCheck:
                 return
 
     def _stacks_equal(self, step: LayerStep, b: Tensors, experts: list[int]) -> set[int]:
-        """The experts among ``experts`` whose three regions are shown equal to the recipe by quantizing
-        their stacked originals at once, up to ``STACK_BYTES`` of originals per call: a chunk's experts
-        cost a few launches and synchronisations instead of several per region, which on a GPU is what
-        the check's time went to (the data are already on the device). Only where a stack's blocks are
-        its regions' blocks: float originals, FP8 experts with per-region scale rows, every region
-        starting on a block boundary. Anything else, a difference or an error included, is left to the
-        per-region comparison, which reports it exactly as it always has; these are only ever proofs of
-        equality, so the report is the same either way."""
+        """The experts among ``experts`` whose three regions are shown equal to the recipe by applying it
+        to their stacked originals at once, up to ``STACK_BYTES`` of originals per call: a chunk's
+        experts cost a few launches and synchronisations instead of several per region, which on a GPU
+        is what the check's time went to (the data are already on the device). Only where a stack's
+        blocks are its regions' blocks: float or block-FP8 originals, FP8 experts, per-region scale rows
+        on both sides, every region starting on a block boundary. Anything else, a difference or an
+        error included, is left to the per-region comparison, which reports it exactly as it always
+        has; these are only ever proofs of equality, so the report is the same either way."""
         o, c = step.orig, step.conv
+        aligned = (
+            [(r0 // fp8_block.BLOCK, fp8_block.cdiv(r1, fp8_block.BLOCK)) for r0, r1 in c.parts] if c else []
+        )
         if (
             not experts
             or o is None
             or c is None
             or not c.fp8
             or c.whole_scales
-            or o.fp8
+            or o.whole_scales
             or o.fp4
             or o.int4_group
             or o.parts != c.parts
-            or c.sparts is None
             or any(r0 % fp8_block.BLOCK for r0, _ in c.parts)
-            or c.sparts
-            != [(r0 // fp8_block.BLOCK, fp8_block.cdiv(r1, fp8_block.BLOCK)) for r0, r1 in c.parts]
+            or c.sparts != aligned
+            or (o.fp8 and o.sparts != aligned)
         ):
             return set()
         ours = [e for e in experts if e in o.pos and e in c.pos]  # fused slots come from the shared expert
         w13, w2 = b["o|w13"], b["o|w2"]
-        if not w13.dtype.is_floating_point or w13.element_size() == 1:
+        if o.fp8 != (w13.dtype == torch.float8_e4m3fn) or not w13.dtype.is_floating_point:
             return set()
+        s13, s2 = (b["o|s13"], b["o|s2"]) if o.fp8 else (None, None)
         per = (w13[0].numel() + w2[0].numel()) * w13.element_size() if len(w13) else 1
         step_n = max(1, STACK_BYTES // max(per, 1))
         proven: set[int] = set()
         for i in range(0, len(ours), step_n):
             group = ours[i : i + step_n]
-            for src, got_q, got_s in (
-                (o.select(w13, group), c.select(b["c|w13"], group), c.select(b["c|s13"], group)),
-                (o.select(w2, group), c.select(b["c|w2"], group), c.select(b["c|s2"], group)),
+            for w, s, got_q, got_s in (
+                (w13, s13, c.select(b["c|w13"], group), c.select(b["c|s13"], group)),
+                (w2, s2, c.select(b["c|w2"], group), c.select(b["c|s2"], group)),
             ):
                 try:
-                    want_q, want_s = fp8_block.quantize(src.to(self.ctx.device), ue8m0=self.ctx.ue8m0)
+                    want = self._expected_stack(o.select(w, group), None if s is None else o.select(s, group))
                 except MoetoolError:  # the per-region path names the region and the block
                     return proven
+                if want is None:
+                    return proven
+                want_q, want_s = want
                 got_q, got_s = got_q.to(want_q.device), got_s.to(want_q.device).float()
                 if got_s.shape != want_s.shape or not (
                     same_bytes(got_q, want_q, self.ctx.pool)
@@ -167,6 +173,22 @@ class TensorsCheck:
                     return proven
             proven.update(group)
         return proven
+
+    def _expected_stack(
+        self, w: torch.Tensor, s: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What the FP8 policy makes of stacked original experts ``w [n, R, C]`` (block FP8 with scales
+        ``s`` when not None) on the device; None for an FP8 stack that ``fp8_block.check_source`` would
+        refuse somewhere (the per-region path then says where)."""
+        dev, ue8m0 = self.ctx.device, self.ctx.ue8m0
+        if s is None:
+            return fp8_block.quantize(w.to(dev), ue8m0=ue8m0)
+        q, sf = w.to(dev), s.to(dev).float()
+        if bool((~(torch.isfinite(sf) & (sf > 0))).any()) or bool(
+            ((q.view(torch.uint8) & 0x7F) == 0x7F).any()
+        ):
+            return None
+        return fp8_block.expected_fp8(q, sf, ue8m0=ue8m0, name=None, device=dev)
 
     def result(self, step: LayerStep, batch: Tensors) -> Check:
         """The layer's record; the other tensors read with the layer are compared now, from ``batch``."""
