@@ -23,7 +23,7 @@ from moetool.validate.backend import BACKENDS, Backend, calc_diff, resolve_backe
 from moetool.validate.moe import weighted_sum
 from moetool.validate.options import MIN_READ_BUDGET, ValidateOptions, default_read_budget
 from moetool.validate.protocol import Context, LayerCheck, Tensors
-from moetool.validate.reads import region_name
+from moetool.validate.regions import region_name
 from moetool.validate.report import TIMING_KEYS, Check, Report
 from moetool.validate.run import Validator, validate_checkpoints
 from moetool.validate.states import validate_states

@@ -17,7 +17,8 @@ from moetool.moe import MoeLayerWeights
 from moetool.plan import Src
 from moetool.validate.backend import calc_diff
 from moetool.validate.protocol import Context, Tensors
-from moetool.validate.reads import LayerStep, slice_field
+from moetool.validate.reads import LayerStep
+from moetool.validate.regions import slice_field
 from moetool.validate.report import Check
 
 

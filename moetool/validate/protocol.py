@@ -87,7 +87,7 @@ class Context:
         with unit-scale activations overflows): no conversion can be checked against it, and it is the
         original's defect (exit 2), named by its expert tensor and file."""
         from moetool.errors import InputError
-        from moetool.validate.reads import expected_sources
+        from moetool.validate.regions import expected_sources
 
         if e is None:
             name, file = self.orig.stores[layer].prefix, str(self.o_ck.root)
@@ -113,7 +113,7 @@ class Context:
         self, step: LayerStep, b: Tensors, e: int, j: int
     ) -> tuple[Src, tuple[torch.Tensor, torch.Tensor | None]]:
         """Original source ``j`` (gate, up, down) of converted expert ``e`` and its data."""
-        from moetool.validate.reads import expected_sources, slice_field
+        from moetool.validate.regions import expected_sources, slice_field
 
         gu, d = expected_sources(self.orig, self.conv, step.layer, e)
         src = (*gu, d)[j]

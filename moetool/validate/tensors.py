@@ -16,7 +16,8 @@ from moetool.errors import InputError, MoetoolError
 from moetool.plan import Src
 from moetool.transforms import fp8_block
 from moetool.validate.protocol import Context, Tensors
-from moetool.validate.reads import LayerStep, region_name, slice_field, stored_regions
+from moetool.validate.reads import LayerStep
+from moetool.validate.regions import region_name, slice_field, stored_regions
 from moetool.validate.report import Check
 
 EQUAL_CHUNK = 1 << 24  # words compared per thread call on the CPU
