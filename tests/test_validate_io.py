@@ -743,6 +743,36 @@ def test_validate_command_starts_hashing_before_torch_is_imported(tmp_path: Path
     assert done.returncode == 0, done.stderr
 
 
+def test_hashes_ahead_run_in_a_process_that_imports_neither_torch_nor_moetool(tmp_path: Path) -> None:
+    """The hashes ahead of a real file: hashlib's digest, from another process, and still no torch in
+    this one; the hashing process itself imports the standard library only (``-X importtime`` lists
+    what it imports)."""
+    (tmp_path / "a").write_bytes(b"x" * 100_000)
+    (tmp_path / "moetool.json").write_text(json.dumps({"files": {"a": {"size": 100_000}}}))
+    a = str((tmp_path / "a").resolve())
+    code = (
+        "import os, sys\n"
+        "from moetool.io.hashing import HashesAhead\n"
+        f"ahead = HashesAhead({str(tmp_path)!r})\n"
+        f"print(ahead.hashes.result({a!r}), ahead.hashes.pid != os.getpid())\n"
+        "ahead.close()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [hashlib.sha256(b"x" * 100_000).hexdigest(), "True"]
+    worker = subprocess.run(
+        [sys.executable, "-I", "-S", "-X", "importtime", str(hashing_mod.WORKER), "1", "4096"],
+        stdin=subprocess.PIPE,
+        capture_output=True,
+        text=True,
+    )
+    assert worker.returncode == 0 and '"pid"' in worker.stdout, worker.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in worker.stderr.splitlines() if "|" in line}
+    assert {"hashlib", "threading"} <= imported
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "moetool", "numpy")}, imported
+
+
 def test_validate_command_guesses_where_hashes_will_come_from() -> None:
     from moetool.cli.validate import hashes_likely_from_files
 

@@ -143,7 +143,8 @@ def timeline_lines(tl: dict) -> list[str]:
     show_default=True,
     help="Where the sha256 of the converted files takes their bytes: reads (the other checks' read "
     "buffers: each byte read once, for a disk or CPU that is the limit), files (a thread per file reading "
-    "it itself, for idle cores and a warm page cache). auto: reads on the CPU, files on CUDA.",
+    "it itself, in a process of their own, for idle cores and a warm page cache). auto: reads on the CPU, "
+    "files on CUDA.",
 )
 @click.option(
     "--report",

@@ -759,10 +759,12 @@ def _end_hashing(proc: subprocess.Popen[bytes] | None, fds: dict[int, str], lock
 class HashesAhead:
     """sha256 of the files a moetool output's ``moetool.json`` records, started as early as a process
     can (this module imports no torch): each listed regular file of the recorded size inside ``root``,
-    hashed whole by its own thread (:class:`PlannedHashes` without plans, at most ``max_threads`` read
-    at once). Nothing here trusts the manifest beyond picking the files: ``validate``'s structure check
-    decides on its own which files to hash, and :meth:`take` hands these hashes over only if they are
-    exactly those files, each opened as the very file whose header the checks read.
+    opened here and hashed whole by its own thread of a process of its own (:class:`ProcessHashes`, at
+    most ``max_threads`` read at once), so the hashes neither slow the import of torch that runs
+    meanwhile nor are slowed by it. Nothing here trusts the manifest beyond picking the files:
+    ``validate``'s structure check decides on its own which files to hash, and :meth:`take` hands these
+    hashes over only if they are exactly those files, each opened as the very file whose header the
+    checks read.
 
     ``started``: the ``time.perf_counter()`` of the start. ``close()`` abandons what still runs (also
     after ``take``: closing twice is harmless)."""
@@ -771,8 +773,8 @@ class HashesAhead:
         self.started = time.perf_counter()
         files = _recorded_files(Path(root))
         self._identity: dict[str, Future[dict[str, int]]] = {f: Future() for f in files}
-        self.hashes = PlannedHashes(
-            files, [], open_file=self._open, max_threads=max_threads or file_hash_threads()
+        self.hashes = ProcessHashes(
+            files, open_file=self._open, max_threads=max_threads or file_hash_threads()
         )
 
     @property
@@ -791,7 +793,8 @@ class HashesAhead:
     def take(self, files: Iterable[str], identity: Callable[[str], dict[str, int] | None]) -> bool:
         """Whether these hashes are those of ``files`` (real paths), each opened as the file
         ``identity(file)`` describes (``moetool.io.fs.file_identity``; None: a file no header was read
-        of, taken as opened). Waits for every file to be opened (each hash opens its file first)."""
+        of, taken as opened): the identity of the descriptor whose bytes are hashed, taken here when
+        the file was opened."""
         if set(files) != set(self._identity):
             return False
         for file, opened in self._identity.items():

@@ -1,7 +1,7 @@
 """Check 1, structure: every original tensor accounted for (unchanged, or transformed as moetool.json
 says), nothing extra, shapes, dtypes and config consistent, and every file's sha256 as recorded (hashed
-on threads while the other checks run, from the bytes they read or from the files themselves:
-``moetool.io.hashing.PlannedHashes``, ``ValidateOptions.hash_source``).
+while the other checks run: on threads from the bytes they read, ``moetool.io.hashing.PlannedHashes``,
+or in a process of its own from the files themselves, ``ProcessHashes``; ``ValidateOptions.hash_source``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from moetool.engines import declares_fp8, refusal, refusal_of
 from moetool.errors import InputError
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, _inside
 from moetool.io.fs import real_path
-from moetool.io.hashing import MAX_HASH_THREADS, HashesAhead, PlannedHashes, file_hash_threads
+from moetool.io.hashing import HashesAhead, PlannedHashes, ProcessHashes, file_hash_threads
 from moetool.io.prefetch import ReadPlan
 from moetool.model import FP8_DTYPES
 from moetool.validate.protocol import Context
@@ -27,13 +27,14 @@ ADDED_CONFIG_KEYS = ("quantization_config", "moetool_fused_shared_experts")
 class StructureCheck:
     """``start`` finds the recorded files to hash; ``hash_with(plans)`` hashes them on threads, from the
     read buffers of the plans the other checks read (the hook it returns goes to their
-    ``Prefetcher``); ``result`` waits for the digests and checks the rest. ``seconds``: the hashing's
-    wall time plus the time spent in ``result`` beyond waiting for it."""
+    ``Prefetcher``), or each file whole in a process of its own; ``result`` waits for the digests and
+    checks the rest. ``seconds``: the hashing's wall time plus the time spent in ``result`` beyond
+    waiting for it."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.seconds = 0.0
-        self._hashes: PlannedHashes | None = None
+        self._hashes: PlannedHashes | ProcessHashes | None = None
         self._recorded: list[tuple[str, Any, dict, bool]] = []
         self._t0 = 0.0
         self._problem: str | None = None
@@ -76,8 +77,9 @@ class StructureCheck:
     ) -> Any:
         """Start hashing the recorded files: from the buffers of ``plans`` where they read them (the
         hook for their ``Prefetcher`` is returned), or, ``from_reads=False``, each file read whole by
-        its own thread (no hook: the reader never waits for a hash). None when nothing is hashed.
-        ``ahead``: the same files' hashes started earlier (``HashesAhead``), taken over where
+        its own thread of another process (``ProcessHashes``; no hook: the reader never waits for a
+        hash, and the hashes never wait for the interpreter lock the checks hold). None when nothing is
+        hashed. ``ahead``: the same files' hashes started earlier (``HashesAhead``), taken over where
         ``from_reads=False`` and they are exactly the files to hash, each the file whose header was
         read; else they are stopped. ``took_ahead`` says which."""
         files = [f for _, f, _, size_ok in self._recorded if size_ok]
@@ -96,14 +98,14 @@ class StructureCheck:
         if not self._recorded:
             return None
         self._t0 = time.perf_counter()
-        self._hashes = PlannedHashes(
-            files,
-            plans if from_reads else [],
-            open_file=self.ctx.c_ck.open_shard,
-            # reading the files itself, at most half the cores: the reader's threads need the rest
-            max_threads=MAX_HASH_THREADS if from_reads else file_hash_threads(),
+        if from_reads:
+            self._hashes = PlannedHashes(files, plans, open_file=self.ctx.c_ck.open_shard)
+            return self._hashes
+        # reading the files itself, at most half the cores: the reader's threads need the rest
+        self._hashes = ProcessHashes(
+            files, open_file=self.ctx.c_ck.open_shard, max_threads=file_hash_threads()
         )
-        return self._hashes if from_reads else None
+        return None
 
     def io(self) -> dict[str, int]:
         """Bytes of the converted files hashed from the read buffers, and read by the hashing itself."""
