@@ -23,7 +23,8 @@ import tempfile
 import threading
 import time
 
-from moetool.io.hashing import PlannedHashes, ProcessHashes, file_hash_threads
+from moetool.io.hashing import PlannedHashes, file_hash_threads
+from moetool.io.process_hashes import ProcessHashes
 
 
 def run(kind: str, files: list[str], threads: int, busy: bool) -> tuple[float, float]:

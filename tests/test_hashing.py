@@ -1,5 +1,4 @@
-"""File hashes: ``sha256_file`` and ``FileHashes`` agree with hashlib on sizes around the read size, and
-the threads of ``FileHashes`` are gone once it is closed.
+"""File hashes: ``sha256_file`` agrees with hashlib on sizes around the read size.
 
 ``ProcessHashes`` hashes in a process of its own (``moetool/io/hash_worker.py``) the descriptors it
 opened here: hashlib's digests, an unreadable file an ``InputError`` naming it, the process another
@@ -25,9 +24,9 @@ import pytest
 from test_validate_io import _our_threads
 
 from moetool.errors import EnvironmentError_, InputError, InternalError
-from moetool.io import hashing
-from moetool.io.hashing import FileHashes, ProcessHashes
+from moetool.io import hashing, process_hashes
 from moetool.io.hashing import sha256_file as sha256_of
+from moetool.io.process_hashes import ProcessHashes
 
 
 @pytest.mark.parametrize(
@@ -38,19 +37,6 @@ def test_sha256_of_matches_hashlib(tmp_path: Path, size: int) -> None:
     path = tmp_path / "f"
     path.write_bytes(data)
     assert sha256_of(path) == hashlib.sha256(data).hexdigest()
-
-
-def test_file_hashes_in_parallel(tmp_path: Path) -> None:
-    files = {}
-    for i, size in enumerate([3, hashing.HASH_CHUNK + 17, 0, 100_003]):
-        p = tmp_path / f"f{i}"
-        p.write_bytes(random.Random(i).randbytes(size))
-        files[p] = hashlib.sha256(p.read_bytes()).hexdigest()
-    t0 = time.perf_counter()
-    with FileHashes(files) as hashes:
-        assert {p: hashes.result(p) for p in files} == files
-        assert hashes.done_at >= t0
-    assert not _our_threads()
 
 
 # -- whole files hashed in a process of their own ---------------------------------------------------------
@@ -163,7 +149,7 @@ def test_the_hashing_process_hashes_while_this_one_holds_the_interpreter_lock(
         if hashes.done_at < held_until:
             break
     assert hashes.done_at < held_until
-    monkeypatch.setattr(hashing, "WORKER", tmp_path / "no-such-script.py")
+    monkeypatch.setattr(process_hashes, "WORKER", tmp_path / "no-such-script.py")
     with ProcessHashes(want) as hashes:
         held_until = hold(0.25)
         assert {f: hashes.result(f) for f in want} == want
@@ -247,7 +233,7 @@ def test_a_hashing_process_that_says_what_it_should_not_is_an_internal_error(
     end before every file is hashed: every pending file raises an ``InternalError`` (not the file's
     fault), at once, the process ended; no digest is taken from it."""
     want = _files(tmp_path / "in", [10, 20])
-    monkeypatch.setattr(hashing, "WORKER", _worker(tmp_path, body))
+    monkeypatch.setattr(process_hashes, "WORKER", _worker(tmp_path, body))
     before = _open_fds()
     with ProcessHashes(want) as hashes, ThreadPoolExecutor(1) as pool:
         for f in want:
@@ -269,9 +255,9 @@ def test_without_a_hashing_process_files_hash_on_threads_here(
     if how == "no executable":
         monkeypatch.setattr(sys, "executable", "")
     elif how == "no script":
-        monkeypatch.setattr(hashing, "WORKER", tmp_path / "no-such-script.py")
+        monkeypatch.setattr(process_hashes, "WORKER", tmp_path / "no-such-script.py")
     else:
-        monkeypatch.setattr(hashing, "WORKER", _worker(tmp_path, "sys.exit(2)\n"))
+        monkeypatch.setattr(process_hashes, "WORKER", _worker(tmp_path, "sys.exit(2)\n"))
     before = _open_fds()
     with ProcessHashes([*want, missing]) as hashes:
         assert {f: hashes.result(f) for f in want} == want
@@ -292,7 +278,7 @@ def test_the_hashing_process_ends_with_its_parent(tmp_path: Path) -> None:
     big = _sparse(tmp_path / "big")
     code = (
         "import sys, time\n"
-        "from moetool.io.hashing import ProcessHashes\n"
+        "from moetool.io.process_hashes import ProcessHashes\n"
         f"h = ProcessHashes([{big!r}])\n"
         "while h.pid is None: time.sleep(0.005)\n"
         "print(h.pid, flush=True)\n"

@@ -36,10 +36,11 @@ from safetensors.torch import save_file
 
 from moetool.errors import InputError, UsageError
 from moetool.io import hashing as hashing_mod
-from moetool.io import prefetch
+from moetool.io import prefetch, process_hashes
 from moetool.io.checkpoint import Checkpoint
-from moetool.io.hashing import HashesAhead, PlannedHashes, Run, hashed_runs
+from moetool.io.hashing import PlannedHashes, Run, hashed_runs
 from moetool.io.prefetch import Prefetcher, ReadPlan
+from moetool.io.process_hashes import HashesAhead
 from moetool.testing.factory import DEEPGEMM_LEAVES, experts_prefix, make_checkpoint
 from moetool.validate import TIMING_KEYS, Report, ValidateOptions, validate_checkpoints
 from moetool.validate import run as validate_mod
@@ -735,7 +736,7 @@ def test_validate_command_starts_hashing_before_torch_is_imported(tmp_path: Path
     code = (
         "import sys\n"
         "import moetool.cli.main, moetool.cli.validate, moetool.hub, moetool.io.fs, moetool.io.hashing\n"
-        "from moetool.io.hashing import HashesAhead\n"
+        "from moetool.io.process_hashes import HashesAhead\n"
         f"HashesAhead({str(tmp_path)!r}).close()\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
@@ -752,7 +753,7 @@ def test_hashes_ahead_run_in_a_process_that_imports_neither_torch_nor_moetool(tm
     a = str((tmp_path / "a").resolve())
     code = (
         "import os, sys\n"
-        "from moetool.io.hashing import HashesAhead\n"
+        "from moetool.io.process_hashes import HashesAhead\n"
         f"ahead = HashesAhead({str(tmp_path)!r})\n"
         f"print(ahead.hashes.result({a!r}), ahead.hashes.pid != os.getpid())\n"
         "ahead.close()\n"
@@ -762,7 +763,7 @@ def test_hashes_ahead_run_in_a_process_that_imports_neither_torch_nor_moetool(tm
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [hashlib.sha256(b"x" * 100_000).hexdigest(), "True"]
     worker = subprocess.run(
-        [sys.executable, "-I", "-S", "-X", "importtime", str(hashing_mod.WORKER), "1", "4096"],
+        [sys.executable, "-I", "-S", "-X", "importtime", str(process_hashes.WORKER), "1", "4096"],
         stdin=subprocess.PIPE,
         capture_output=True,
         text=True,

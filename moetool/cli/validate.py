@@ -193,7 +193,7 @@ def validate(
     ahead = None
     if not states and hashes_likely_from_files(hash_source, device):
         # torch is not imported yet: the converted files' sha256 runs while it is (and while CUDA starts)
-        from moetool.io.hashing import HashesAhead
+        from moetool.io.process_hashes import HashesAhead
 
         ahead = HashesAhead(paths[1])
     try:

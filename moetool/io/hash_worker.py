@@ -1,4 +1,4 @@
-"""The process that takes the sha256 of whole files for ``moetool.io.hashing.ProcessHashes``.
+"""The process that takes the sha256 of whole files for ``moetool.io.process_hashes.ProcessHashes``.
 
 A hash on a thread of the process that validates shares that interpreter's lock with the checks and
 the import of torch: each 8 MiB read and update gives the lock up and must wait (up to the switch

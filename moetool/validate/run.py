@@ -25,8 +25,8 @@ import torch
 
 from moetool.errors import InputError
 from moetool.io.checkpoint import Checkpoint
-from moetool.io.hashing import HashesAhead
 from moetool.io.prefetch import Batch, Field, Prefetcher, reader_threads
+from moetool.io.process_hashes import HashesAhead
 from moetool.model import CheckpointView, analyze
 from moetool.pipeline import pick_device
 from moetool.validate.backend import model_dims, resolve_backend
@@ -318,7 +318,7 @@ def validate_checkpoints(
     hashes_ahead: HashesAhead | None = None,
 ) -> Report:
     """Validate ``converted`` against ``original``. ``hashes_ahead``: the converted files' sha256,
-    started before this was called (``moetool.io.hashing.HashesAhead``, which imports no torch: the
+    started before this was called (``moetool.io.process_hashes.HashesAhead``, which imports no torch: the
     CLI starts it before torch is imported); the structure check takes them over where it hashes each
     file by itself (``hash_source``) and they are its files, else they are stopped. Stopped on return
     either way."""

@@ -15,8 +15,9 @@ from moetool.engines import declares_fp8, refusal, refusal_of
 from moetool.errors import InputError
 from moetool.io.checkpoint import INDEX_NAME, MANIFEST_NAME, _inside
 from moetool.io.fs import real_path
-from moetool.io.hashing import HashesAhead, PlannedHashes, ProcessHashes, file_hash_threads
+from moetool.io.hashing import PlannedHashes, file_hash_threads
 from moetool.io.prefetch import ReadPlan
+from moetool.io.process_hashes import HashesAhead, ProcessHashes
 from moetool.model import FP8_DTYPES
 from moetool.validate.protocol import Context
 from moetool.validate.report import Check
