@@ -313,3 +313,11 @@ def test_validate_on_cuda_holds_chunks_not_a_layer(tmp_path: Path) -> None:
     assert peak <= chunk_bytes + HEADROOM, (
         f"device peak {peak / MIB:.0f} MiB; two chunks {chunk_bytes / MIB:.0f} MiB, layer {layer / MIB:.0f} MiB"
     )
+
+
+@pytest.mark.parametrize("targets", ["experts", "linear"])
+@pytest.mark.parametrize("flip", [False, True], ids=["clean", "flipped"])
+def test_other_tensors_larger_than_a_step_are_read_in_runs_of_rows_on_cuda(
+    ws_cuda: tv.Workspace, monkeypatch: pytest.MonkeyPatch, targets: str, flip: bool
+) -> None:
+    tio.test_other_tensors_larger_than_a_step_are_read_in_runs_of_rows(ws_cuda, monkeypatch, targets, flip)

@@ -1033,7 +1033,7 @@ def test_other_tensors_larger_than_a_step_are_read_in_runs_of_rows(
 
     monkeypatch.setattr(TensorsCheck, "compare_others", spy)
     log = ReadLog(monkeypatch)
-    opts = ValidateOptions(device=ws.device, tokens=ws.tokens)
+    opts = ValidateOptions(device=ws.device, backend="triton", tokens=ws.tokens)
     in_runs = validate_checkpoints(orig, conv, ValidateOptions(**{**opts.__dict__, "read_budget": 1}))
     with Checkpoint(orig) as o, Checkpoint(conv) as c:
         assert_each_byte_once(log, o)

@@ -80,10 +80,14 @@ class KernelsCheck:
             x = run.x[tag]
             parts = w13_parts(wq.shape[1] // 2) if tag == "w13" else 1
             run.got[tag][rows] = be.grouped(x[rows], lid[rows], wq, ws, parts=parts).cpu()
-            xd = x.to(wf.device)
-            for i in lid[rows].unique().tolist():  # float32 GEMM per expert on the original weights
-                sel = lid == i
-                run.ref[tag][sel] = (xd[sel.to(wf.device)] @ wf[i].float().T).cpu()
+            # the float32 GEMM per expert on the original weights, gathered where they are and brought
+            # back at once (one synchronisation a part, not one an expert)
+            xd, ld = x.to(wf.device), lid.to(wf.device)
+            ref = torch.zeros(x.shape[0], wf.shape[1], device=wf.device)
+            for i in lid[rows].unique().tolist():
+                sel = ld == i
+                ref[sel] = xd[sel] @ wf[i].float().T
+            run.ref[tag][rows] = ref[rows.to(wf.device)].cpu()
 
     def result(self, step: LayerStep, batch: Tensors) -> Check:
         run = self._run

@@ -197,8 +197,7 @@ class Validator:
                         elif isinstance(batch.label, Chunk):
                             self._run_chunk(batch)
                         else:
-                            with self._timed("tensors"):
-                                self.tensors.compare_others(batch.label.names, batch, batch.label.rows)
+                            self._run_others(batch)
                     self.timings["read_wait"] = pf.wait_s
                     self.report.io = self._io(pf)
                     self.report.timeline.update(
@@ -261,6 +260,18 @@ class Validator:
                     check.part(step, b, step.experts)
                     self._results[check.group][step.layer] = check.result(step, b)
         self.ctx.forget_layer()  # the layer's weights go with its step
+
+    def _run_others(self, batch: Batch) -> None:
+        """Other tensors, compared where the checks run: on the device after one transfer (its read
+        buffer given back at once), as a layer's are; comparing gigabytes of an embedding or an LM head
+        on the host would take the cores and the memory bandwidth the reader threads need."""
+        with self._timed("transfer"):
+            b = batch.to(self.ctx.device)
+            if b is not batch:
+                batch.release()
+        with self._timed("tensors"):
+            self.tensors.compare_others(b.label.names, b, b.label.rows)
+        b.release()
 
     def _run_chunk(self, batch: Batch) -> None:
         """Check a chunk of a layer on the device (one transfer, its read buffer given back as soon as
