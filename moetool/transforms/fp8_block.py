@@ -38,6 +38,7 @@ __all__ = [
     "sm100_pack_exponents",
     "sm100_stored_shape",
     "sm100_unpack",
+    "source_is_sound",
 ]
 
 
@@ -91,7 +92,7 @@ def check_source(
     where = f"expert {expert}, " if expert is not None else ""
     fix = "the source checkpoint is corrupt: re-download it or repair this tensor"
     sf = s.float()
-    bad = ~(torch.isfinite(sf) & (sf > 0))
+    bad, nan = _defects(q, sf)
     if bool(bad.any()):
         rb, cb = (int(i) for i in bad.nonzero()[0])
         raise InputError(
@@ -100,7 +101,6 @@ def check_source(
             tensor=name,
             fix=fix,
         )
-    nan = (q.view(torch.uint8) & 0x7F) == 0x7F
     if bool(nan.any()):
         r, c = (int(i) for i in nan.nonzero()[0])
         raise InputError(
@@ -109,6 +109,18 @@ def check_source(
             tensor=name,
             fix=fix,
         )
+
+
+def _defects(q: torch.Tensor, sf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`check_source` refuses, as masks: scales not finite and positive, e4m3 NaN bytes."""
+    return ~(torch.isfinite(sf) & (sf > 0)), (q.view(torch.uint8) & 0x7F) == 0x7F
+
+
+def source_is_sound(q: torch.Tensor, s: torch.Tensor) -> bool:
+    """Whether :func:`check_source` accepts FP8 ``q`` with scales ``s`` (any leading dimensions, e.g.
+    stacked experts): one test for all of it, where the caller needs no block named."""
+    bad, nan = _defects(q, s.float())
+    return not bool(bad.any()) and not bool(nan.any())
 
 
 def _scale_defect(v: float) -> str:
