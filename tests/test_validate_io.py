@@ -793,17 +793,23 @@ def test_hash_source_auto_reads_on_the_cpu_and_files_on_cuda() -> None:
         hashes_from_reads("both", "cpu")
 
 
-def test_validate_says_where_its_hashes_read(ws: tv.Workspace) -> None:
-    """``--hash-source`` on the command line; ``-v`` and the report say which source ran."""
+def test_validate_says_where_its_hashes_read(ws: tv.Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--hash-source`` on the command line; ``-v`` and the report say which source ran: the checks'
+    buffers, a hashing process, or threads of this process where that process cannot start."""
     orig, conv = ws.source("deepseek_v3"), ws.converted("deepseek_v3", "deepgemm-float")
-    for source, said, from_reads in [
-        ("files", "from each file, read by its own thread", False),
-        ("reads", "from the checks' read buffers", True),
+    for source, said, by in [
+        ("files", "from each file, read in a process of its own", "process"),
+        ("reads", "from the checks' read buffers", "reads"),
+        ("files", "from each file, read by threads of this process", "threads"),
     ]:
+        from_reads = by == "reads"
+        if by == "threads":
+            monkeypatch.setattr(process_hashes, "WORKER", ws.scratch("no-such-worker.py"))
         res = ws.validate(orig, conv, "-v", "--hash-source", source)
         assert res.code == 0, res.err
         assert said in res.err, res.err
         assert res.report["timeline"]["hashes_from_reads"] is from_reads
+        assert res.report["timeline"]["hashes_by"] == by
         # the command starts the files' hashes before anything else, and validate takes them over
         assert res.report["timeline"]["hashes_ahead"] is not from_reads
         assert ("before torch was imported" in res.err) is not from_reads, res.err

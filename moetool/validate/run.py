@@ -210,6 +210,7 @@ class Validator:
             if structure is not None and self.report.io:
                 self.report.io.update(structure.io())
                 self.report.timeline["hashes"] = structure.timeline()
+                self.report.timeline["hashes_by"] = structure.hashed_by()
         finally:
             if structure is not None:
                 structure.close()

@@ -113,6 +113,17 @@ class StructureCheck:
         h = self._hashes
         return {"converted_hashed_from_reads": h.from_buffers, "hash_read": h.read_itself} if h else {}
 
+    def hashed_by(self) -> str | None:
+        """What read the converted files for their sha256: ``"reads"`` (the checks' buffers),
+        ``"process"`` (a process of its own) or ``"threads"`` (threads of this one, where no process
+        could run); None where nothing was hashed. Settled once ``result()`` has the digests."""
+        h = self._hashes
+        if h is None:
+            return None
+        if isinstance(h, ProcessHashes):
+            return "process" if h.pid is not None else "threads"
+        return "reads"
+
     def timeline(self) -> list[dict[str, Any]]:
         """Per converted file, its hash's ``PlannedHashes.timeline`` row (file named relative to the
         checkpoint), seconds counted from the start of hashing."""
