@@ -378,6 +378,15 @@ class PlannedHashes:
     def result(self, file: str) -> str:
         return self._digests[file].result()
 
+    def future(self, file: str) -> Future[str]:
+        """The future that ``result(file)`` waits on."""
+        return self._digests[file]
+
+    @property
+    def started(self) -> float:
+        """``time.perf_counter()`` at creation: what ``timeline()``'s seconds count from."""
+        return self._t0
+
     def close(self) -> None:
         with self._cond:
             self._stop = True

@@ -252,7 +252,7 @@ class ProcessHashes:
                     os.close(fd)
                 raise
             for f in pending:
-                self._local._digests[f].add_done_callback(lambda fut, f=f: _copy(fut, self._digests[f]))
+                self._local.future(f).add_done_callback(lambda fut, f=f: _copy(fut, self._digests[f]))
 
     @property
     def done_at(self) -> float:
@@ -275,7 +275,7 @@ class ProcessHashes:
             rows = [{"file": f, **{k: round(v, 3) for k, v in t.items()}} for f, t in self._rows.items()]
         local = self._local
         if local is not None:
-            shift = local._t0 - self._t0
+            shift = local.started - self._t0
             for row in local.timeline():
                 rows.append(
                     {**row, "start": round(row["start"] + shift, 3), "end": round(row["end"] + shift, 3)}
