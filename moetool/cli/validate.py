@@ -80,12 +80,12 @@ def timeline_lines(tl: dict) -> list[str]:
             f"after their checks {tl['held_by_hashes']:.2f} s; buffers {'pinned' if tl.get('pinned') else 'pageable'}"
         )
     if "hashes_from_reads" in tl:
-        source = {
-            "process": "each file, read in a process of its own",
-            "threads": "each file, read by threads of this process",
-        }.get(tl.get("hashes_by"), "each file, read by itself")
         if tl["hashes_from_reads"]:
             source = "the checks' read buffers"
+        elif tl.get("hashes_by") == "threads":  # no hashing process could start
+            source = "each file, read by threads of this process"
+        else:
+            source = "each file, read in a process of its own"
         line = f"sha256 of the converted files from {source} (--hash-source)"
         if tl.get("hashes_ahead"):
             line += f", begun {secs(tl.get('hashes_began'))} s after the process started, before torch was imported"

@@ -50,6 +50,7 @@ def default_read_budget(largest: int) -> int:
     runs of rows: ``ReadSchedule.splittable``) has ``largest`` bytes: twice that, so a tensor and its
     original fit one step, and at least 1 GiB, so a step's reads still spread over every reader thread
     in 32 MiB pieces. Runs of rows keep a large embedding or LM head (1.85 GB each in DeepSeek-V3) from
-    sizing the buffers: on CUDA they are pinned, and pinned memory costs its time to lock and to let go. Two buffers of it bound the host memory like quantize's 4 x largest tensor
-    (+ 1 GB), whatever the number of experts per layer."""
+    sizing the buffers: on CUDA they are pinned, and pinned memory costs its time to lock and to let
+    go. Two buffers of it bound the host memory like quantize's 4 x largest tensor (+ 1 GB), whatever
+    the number of experts per layer."""
     return max(MIN_READ_BUDGET, 2 * largest)

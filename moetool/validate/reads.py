@@ -131,9 +131,9 @@ class ReadSchedule:
             or find_scale(self.o_ck.tensors, name)
         ):
             return False
-        if c.dtype == o.dtype and not find_scale(self.c_ck.tensors, name):
-            return True
         scale = find_scale(self.c_ck.tensors, name)
+        if c.dtype == o.dtype and not scale:
+            return True
         blocks = [fp8_block.cdiv(d, fp8_block.BLOCK) for d in o.shape]
         return (
             c.dtype == "F8_E4M3"

@@ -215,11 +215,8 @@ class TensorsCheck:
                 src = Src(name)
                 got = slice_field(batch, "c", src, self.ctx.c_ck.root)
                 orig = slice_field(batch, "o", src, self.ctx.o_ck.root)
-                if span is None:
-                    self._others[name] = self._compare(src, src, got, orig, None)
-                else:
-                    region = Src(name, rows=span)
-                    self._others[name] = self._compare(src, src, got, orig, None, at=span[0], region=region)
+                at, region = (0, None) if span is None else (span[0], Src(name, rows=span))
+                self._others[name] = self._compare(src, src, got, orig, None, at=at, region=region)
             except MoetoolError as e:
                 self._others[name] = e
 
