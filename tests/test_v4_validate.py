@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -132,6 +133,67 @@ def test_token_table_routing_elsewhere_fails(v4: dict[str, Path], ws: Workspace)
     assert not moe["layer 0"]["passed"] and "top-k ids differ" in moe["layer 0"]["detail"]
     assert all(moe[f"layer {n}"]["passed"] for n in (1, 2, 3))
     assert any(name in c["detail"] for c in checks(res, "tensors") if not c["passed"])
+
+
+@pytest.mark.parametrize(
+    ("conv", "defect"),
+    [("hf", None), ("dg", None), ("lossy", None), ("dg", "flip"), ("hf", "binade"), ("lossy", "hide")],
+)
+def test_fp4_stacks_are_proven_at_once_with_the_same_report(
+    v4: dict[str, Path], ws: Workspace, monkeypatch: pytest.MonkeyPatch, conv: str, defect: str | None
+) -> None:
+    """The tensors check casts a layer's stacked FP4 experts at once and compares the stacks; the first
+    expert (its error statistics), an expert moetool.json lists as lossy, and whatever the stacks cannot
+    prove (a chunk with a lossy block, a mismatch) go region by region. The report is the one the
+    region-by-region path makes, clean or not."""
+    from moetool.validate import tensors
+    from moetool.validate.tensors import TensorsCheck
+
+    src = v4["lossy_src" if conv == "lossy" else "src"]
+    bad = v4[conv]
+    if defect == "flip":  # layer 1, expert 2's down projection
+        bad = edited(ws, bad)
+        name, _ = _names(bad, 1)
+        flip_fp8_byte(bad, name, (2, 5, 7))
+        refresh_manifest(bad)
+    elif defect == "binade":  # layer 2, expert 1's up projection
+        bad = edited(ws, bad)
+        name = "layers.2.ffn.experts.1.w3.scale"
+
+        def bump(t: dict[str, torch.Tensor]) -> None:
+            t[name] = t[name].clone()
+            t[name].view(torch.uint8)[0, 1] += 1
+
+        rewrite_shard(bad, bump)
+        refresh_manifest(bad)
+    elif defect == "hide":  # the lossy block of layer 1, expert 3 left out of moetool.json
+        bad = edited(ws, bad)
+        manifest = json.loads((bad / MANIFEST).read_text())
+        manifest["fp4_lossy_blocks"] = {"blocks": 0, "elements": 0, "listed": []}
+        (bad / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    proven: list[set[int]] = []
+    stacks_equal = TensorsCheck._fp4_stacks_equal
+
+    def spy(self: TensorsCheck, *args: Any) -> set[int]:
+        proven.append(stacks_equal(self, *args))
+        return proven[-1]
+
+    monkeypatch.setattr(TensorsCheck, "_fp4_stacks_equal", spy)
+    if defect in ("flip", "binade"):  # one expert per chunk: the proof stops at the defect's chunk
+        monkeypatch.setattr(tensors, "FP4_STACK_BYTES", {"cpu": 1})
+    fast = ws.validate(src, bad)
+    monkeypatch.setattr(TensorsCheck, "_fp4_stacks_equal", lambda *args: set())
+    slow = ws.validate(src, bad)
+    assert fast.code == slow.code == (1 if defect else 0), (fast.out, fast.err)
+    assert checks(fast) == checks(slow)
+    everything = {1, 2, 3}
+    by_layer = {
+        None: {1: {1, 2} if conv == "lossy" else everything},  # expert 3 is listed lossy
+        "flip": {1: {1}},
+        "binade": {2: set()},
+        "hide": {1: set()},  # the chunk holding the lossy block proves nothing
+    }[defect]
+    assert proven == [by_layer.get(n, everything) for n in LAYERS], proven
 
 
 @pytest.mark.gpu

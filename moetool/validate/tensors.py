@@ -23,6 +23,9 @@ from moetool.validate.report import Check
 EQUAL_CHUNK = 1 << 24  # words compared per thread call on the CPU
 #: bytes of originals quantized per call when a stack of experts is checked at once
 STACK_BYTES = 512 << 20
+#: bytes of float32 values made per call when a stack of FP4 experts is checked at once, by device type
+#: (on the CPU they count against validate's memory, which stays within its read buffers plus headroom)
+FP4_STACK_BYTES = {"cpu": 256 << 20, "cuda": 4 << 30}
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -123,9 +126,10 @@ class TensorsCheck:
         experts cost a few launches and synchronisations instead of several per region, which on a GPU
         is what the check's time went to (the data are already on the device). Only where a stack's
         blocks are its regions' blocks: float or block-FP8 originals, FP8 experts, per-region scale rows
-        on both sides, every region starting on a block boundary. Anything else, a difference or an
-        error included, is left to the per-region comparison, which reports it exactly as it always
-        has; these are only ever proofs of equality, so the report is the same either way."""
+        on both sides, every region starting on a block boundary; FP4 originals in
+        :meth:`_fp4_stacks_equal`. Anything else, a difference or an error included, is left to the
+        per-region comparison, which reports it exactly as it always has; these are only ever proofs of
+        equality, so the report is the same either way."""
         o, c = step.orig, step.conv
         aligned = (
             [(r0 // fp8_block.BLOCK, fp8_block.cdiv(r1, fp8_block.BLOCK)) for r0, r1 in c.parts] if c else []
@@ -137,7 +141,6 @@ class TensorsCheck:
             or not c.fp8
             or c.whole_scales
             or o.whole_scales
-            or o.fp4
             or o.int4_group
             or o.parts != c.parts
             or any(r0 % fp8_block.BLOCK for r0, _ in c.parts)
@@ -146,6 +149,8 @@ class TensorsCheck:
         ):
             return set()
         ours = [e for e in experts if e in o.pos and e in c.pos]  # fused slots come from the shared expert
+        if o.fp4:
+            return self._fp4_stacks_equal(step, b, ours)
         w13, w2 = b["o|w13"], b["o|w2"]
         if o.fp8 != (w13.dtype == torch.float8_e4m3fn) or not w13.dtype.is_floating_point:
             return set()
@@ -170,6 +175,60 @@ class TensorsCheck:
                 if got_s.shape != want_s.shape or not (
                     same_bytes(got_q, want_q, self.ctx.pool)
                     and same_bytes(got_s, want_s.float(), self.ctx.pool)
+                ):
+                    return proven
+            proven.update(group)
+        return proven
+
+    def _fp4_stacks_equal(self, step: LayerStep, b: Tensors, experts: list[int]) -> set[int]:
+        """:meth:`_stacks_equal` for DeepSeek-V4's FP4 originals: DeepSeek's cast of a chunk of stacked
+        experts gives the converted bytes and scales, changes no value in any block, and the FP8 values
+        equal the FP4 values exactly (dequantized by the torch references, independently of the cast
+        kernel). What the per-region path proves of such an expert, at a few launches per chunk. An
+        expert whose sources moetool.json lists as lossy, or a chunk with any lossy block, is left to
+        the per-region path, which checks the list."""
+        from moetool.kernels import dispatch
+        from moetool.kernels.fp4_cast_ref import dequant_fp4_ref
+        from moetool.validate.regions import expected_sources
+
+        o, c = step.orig, step.conv
+        assert o is not None and c is not None
+        if self._lossy is not None and self._lossy[0]:
+            listed = self._lossy[0]
+
+            def clean(e: int) -> bool:
+                gu, d = expected_sources(self.ctx.orig, self.ctx.conv, step.layer, e)
+                return not any(src.describe() in listed for src in (*gu, d))
+
+            experts = [e for e in experts if clean(e)]
+        w13, w2, s13, s2 = b["o|w13"], b["o|w2"], b["o|s13"], b["o|s2"]
+        if w13.dtype not in (torch.int8, torch.uint8) or not len(w13):
+            return set()
+        # two float32 values per FP4 byte, in two tensors (the cast's and the original's) at a time
+        per = (w13[0].numel() + w2[0].numel()) * 2 * 4 * 2
+        dev = torch.device(self.ctx.device)
+        step_n = max(1, FP4_STACK_BYTES.get(dev.type, FP4_STACK_BYTES["cpu"]) // per)
+        proven: set[int] = set()
+        for i in range(0, len(experts), step_n):
+            group = experts[i : i + step_n]
+            for w, s, got_q, got_s in (
+                (w13, s13, c.select(b["c|w13"], group), c.select(b["c|s13"], group)),
+                (w2, s2, c.select(b["c|w2"], group), c.select(b["c|s2"], group)),
+            ):
+                packed, scale = o.select(w, group).to(dev), o.select(s, group).to(dev)
+                try:
+                    want_q, want_s, changed = dispatch.fp4_cast(packed, scale)
+                except MoetoolError:  # the per-region path names the region and the row
+                    return proven
+                got_q, got_s = got_q.to(want_q.device), got_s.to(want_q.device).float()
+                if (
+                    got_s.shape != want_s.shape
+                    or bool(changed.any())
+                    or not same_bytes(got_q, want_q, self.ctx.pool)
+                    or not same_bytes(got_s, want_s.float(), self.ctx.pool)
+                    or not torch.equal(
+                        fp8_block.dequantize(want_q, want_s.float()), dequant_fp4_ref(packed, scale)
+                    )
                 ):
                     return proven
             proven.update(group)
