@@ -471,14 +471,7 @@ def test_stacked_experts_are_proven_at_once_with_the_same_report(
         )
         assert dtype == "F32", dtype
         write_bytes(shard, off + element_offset(shape, (1, 0), 4), struct.pack("<f", float("nan")))
-    proven: list[set[int]] = []
-    stacks_equal = TensorsCheck._stacks_equal
-
-    def spy(self: TensorsCheck, *args: Any) -> set[int]:
-        proven.append(stacks_equal(self, *args))
-        return proven[-1]
-
-    monkeypatch.setattr(TensorsCheck, "_stacks_equal", spy)
+    proven = spy_on_stack_proofs(monkeypatch)
     if defect:  # one expert per stack: the proof stops at the stack holding the defect
         monkeypatch.setattr(tensors, "STACK_BYTES", 1)
     fast = ws.validate(orig, conv)
@@ -493,6 +486,21 @@ def test_stacked_experts_are_proven_at_once_with_the_same_report(
     # layers 1 and 2: experts 1-3 proven (never the fused slots); in the layer with the defect (expert
     # 2) only what came before it
     assert proven == [{1, 2, 3}, {1} if defect else {1, 2, 3}], proven
+
+
+def spy_on_stack_proofs(monkeypatch: pytest.MonkeyPatch) -> list[set[int]]:
+    """The experts the tensors check proves stack against stack, one set per call, as validate runs."""
+    from moetool.validate.tensors import TensorsCheck
+
+    proven: list[set[int]] = []
+    stacks_equal = TensorsCheck._stacks_equal
+
+    def spy(self: TensorsCheck, *args: Any) -> set[int]:
+        proven.append(stacks_equal(self, *args))
+        return proven[-1]
+
+    monkeypatch.setattr(TensorsCheck, "_stacks_equal", spy)
+    return proven
 
 
 def swap_whole_experts(folder: Path, layer: int, layout: str, a: int, b: int) -> str:

@@ -8,6 +8,7 @@ the blocks it does not keep are the ones moetool.json records (``fp4_lossy_block
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -126,10 +127,11 @@ class TensorsCheck:
         experts cost a few launches and synchronisations instead of several per region, which on a GPU
         is what the check's time went to (the data are already on the device). Only where a stack's
         blocks are its regions' blocks: float or block-FP8 originals, FP8 experts, per-region scale rows
-        on both sides, every region starting on a block boundary; FP4 originals in
-        :meth:`_fp4_stacks_equal`. Anything else, a difference or an error included, is left to the
-        per-region comparison, which reports it exactly as it always has; these are only ever proofs of
-        equality, so the report is the same either way."""
+        on both sides, every region starting on a block boundary. FP4 originals (DeepSeek-V4) are cast a
+        stack at a time, in chunks of up to ``FP4_STACK_BYTES`` of float32 values; an expert moetool.json
+        lists as lossy, or a chunk with a lossy block, is not proven here. Anything else, a difference or
+        an error included, is left to the per-region comparison, which reports it exactly as it always
+        has; these are only ever proofs of equality, so the report is the same either way."""
         o, c = step.orig, step.conv
         aligned = (
             [(r0 // fp8_block.BLOCK, fp8_block.cdiv(r1, fp8_block.BLOCK)) for r0, r1 in c.parts] if c else []
@@ -149,29 +151,49 @@ class TensorsCheck:
         ):
             return set()
         ours = [e for e in experts if e in o.pos and e in c.pos]  # fused slots come from the shared expert
-        if o.fp4:
-            return self._fp4_stacks_equal(step, b, ours)
         w13, w2 = b["o|w13"], b["o|w2"]
+        if not len(w13):
+            return set()
+        if o.fp4:
+            if w13.dtype not in (torch.int8, torch.uint8):
+                return set()
+            # two float32 values per FP4 byte, in two tensors (the cast's and the original's) at a time
+            per = (w13[0].numel() + w2[0].numel()) * 2 * 4 * 2
+            budget = FP4_STACK_BYTES.get(torch.device(self.ctx.device).type, FP4_STACK_BYTES["cpu"])
+            return self._prove_chunks(step, b, self._fp4_unlisted(step, ours), budget // per, self._fp4_cast)
         if o.fp8 != (w13.dtype == torch.float8_e4m3fn) or not w13.dtype.is_floating_point:
             return set()
-        s13, s2 = (b["o|s13"], b["o|s2"]) if o.fp8 else (None, None)
-        per = (w13[0].numel() + w2[0].numel()) * w13.element_size() if len(w13) else 1
-        step_n = max(1, STACK_BYTES // max(per, 1))
+        per = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+        return self._prove_chunks(step, b, ours, STACK_BYTES // max(per, 1), self._expected_stack)
+
+    def _prove_chunks(
+        self,
+        step: LayerStep,
+        b: Tensors,
+        experts: list[int],
+        n: int,
+        expected: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor] | None],
+    ) -> set[int]:
+        """The experts among ``experts`` proven ``n`` at a time, up to the first chunk that is not: for a
+        chunk's gate/up stack and its down stack, ``expected(originals, their scales or None)`` gives the
+        converted FP8 bytes and scales, or None where it cannot prove them."""
+        o, c = step.orig, step.conv
+        assert o is not None and c is not None
+        n = max(1, n)
         proven: set[int] = set()
-        for i in range(0, len(ours), step_n):
-            group = ours[i : i + step_n]
-            for w, s, got_q, got_s in (
-                (w13, s13, c.select(b["c|w13"], group), c.select(b["c|s13"], group)),
-                (w2, s2, c.select(b["c|w2"], group), c.select(b["c|s2"], group)),
-            ):
+        for i in range(0, len(experts), n):
+            group = experts[i : i + n]
+            for w, s in (("w13", "s13"), ("w2", "s2")):
+                scales = o.select(b["o|" + s], group) if o.fp8 or o.fp4 else None
                 try:
-                    want = self._expected_stack(o.select(w, group), None if s is None else o.select(s, group))
+                    want = expected(o.select(b["o|" + w], group), scales)
                 except MoetoolError:  # the per-region path names the region and the block
                     return proven
                 if want is None:
                     return proven
                 want_q, want_s = want
-                got_q, got_s = got_q.to(want_q.device), got_s.to(want_q.device).float()
+                got_q = c.select(b["c|" + w], group).to(want_q.device)
+                got_s = c.select(b["c|" + s], group).to(want_q.device).float()
                 if got_s.shape != want_s.shape or not (
                     same_bytes(got_q, want_q, self.ctx.pool)
                     and same_bytes(got_s, want_s.float(), self.ctx.pool)
@@ -180,59 +202,38 @@ class TensorsCheck:
             proven.update(group)
         return proven
 
-    def _fp4_stacks_equal(self, step: LayerStep, b: Tensors, experts: list[int]) -> set[int]:
-        """:meth:`_stacks_equal` for DeepSeek-V4's FP4 originals: DeepSeek's cast of a chunk of stacked
-        experts gives the converted bytes and scales, changes no value in any block, and the FP8 values
-        equal the FP4 values exactly (dequantized by the torch references, independently of the cast
-        kernel). What the per-region path proves of such an expert, at a few launches per chunk. An
-        expert whose sources moetool.json lists as lossy, or a chunk with any lossy block, is left to
-        the per-region path, which checks the list."""
-        from moetool.kernels import dispatch
-        from moetool.kernels.fp4_cast_ref import dequant_fp4_ref
+    def _fp4_unlisted(self, step: LayerStep, experts: list[int]) -> list[int]:
+        """``experts`` less those with a source moetool.json lists as lossy (the per-region path checks
+        the list)."""
         from moetool.validate.regions import expected_sources
 
-        o, c = step.orig, step.conv
-        assert o is not None and c is not None
-        if self._lossy is not None and self._lossy[0]:
-            listed = self._lossy[0]
+        if self._lossy is None or not self._lossy[0]:
+            return experts
+        listed = self._lossy[0]
 
-            def clean(e: int) -> bool:
-                gu, d = expected_sources(self.ctx.orig, self.ctx.conv, step.layer, e)
-                return not any(src.describe() in listed for src in (*gu, d))
+        def clean(e: int) -> bool:
+            gu, d = expected_sources(self.ctx.orig, self.ctx.conv, step.layer, e)
+            return not any(src.describe() in listed for src in (*gu, d))
 
-            experts = [e for e in experts if clean(e)]
-        w13, w2, s13, s2 = b["o|w13"], b["o|w2"], b["o|s13"], b["o|s2"]
-        if w13.dtype not in (torch.int8, torch.uint8) or not len(w13):
-            return set()
-        # two float32 values per FP4 byte, in two tensors (the cast's and the original's) at a time
-        per = (w13[0].numel() + w2[0].numel()) * 2 * 4 * 2
-        dev = torch.device(self.ctx.device)
-        step_n = max(1, FP4_STACK_BYTES.get(dev.type, FP4_STACK_BYTES["cpu"]) // per)
-        proven: set[int] = set()
-        for i in range(0, len(experts), step_n):
-            group = experts[i : i + step_n]
-            for w, s, got_q, got_s in (
-                (w13, s13, c.select(b["c|w13"], group), c.select(b["c|s13"], group)),
-                (w2, s2, c.select(b["c|w2"], group), c.select(b["c|s2"], group)),
-            ):
-                packed, scale = o.select(w, group).to(dev), o.select(s, group).to(dev)
-                try:
-                    want_q, want_s, changed = dispatch.fp4_cast(packed, scale)
-                except MoetoolError:  # the per-region path names the region and the row
-                    return proven
-                got_q, got_s = got_q.to(want_q.device), got_s.to(want_q.device).float()
-                if (
-                    got_s.shape != want_s.shape
-                    or bool(changed.any())
-                    or not same_bytes(got_q, want_q, self.ctx.pool)
-                    or not same_bytes(got_s, want_s.float(), self.ctx.pool)
-                    or not torch.equal(
-                        fp8_block.dequantize(want_q, want_s.float()), dequant_fp4_ref(packed, scale)
-                    )
-                ):
-                    return proven
-            proven.update(group)
-        return proven
+        return [e for e in experts if clean(e)]
+
+    def _fp4_cast(
+        self, packed: torch.Tensor, scale: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """DeepSeek's cast of stacked FP4 experts on the device, where it changes no value and its FP8
+        values equal the FP4 values exactly (both dequantized by the torch references, independently of
+        the cast kernel); None where a block is lossy."""
+        from moetool.kernels import dispatch
+        from moetool.kernels.fp4_cast_ref import dequant_fp4_ref
+
+        assert scale is not None
+        packed, scale = packed.to(self.ctx.device), scale.to(self.ctx.device)
+        q, s, changed = dispatch.fp4_cast(packed, scale)
+        if bool(changed.any()) or not torch.equal(
+            fp8_block.dequantize(q, s.float()), dequant_fp4_ref(packed, scale)
+        ):
+            return None
+        return q, s
 
     def _expected_stack(
         self, w: torch.Tensor, s: torch.Tensor | None
