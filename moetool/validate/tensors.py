@@ -223,14 +223,12 @@ class TensorsCheck:
         """DeepSeek's cast of stacked FP4 experts on the device, where it changes no value and its FP8
         values equal the FP4 values exactly (both dequantized by the torch references, independently of
         the cast kernel); None where a block is lossy."""
-        from moetool.kernels import dispatch
         from moetool.kernels.fp4_cast_ref import dequant_fp4_ref
 
         assert scale is not None
-        packed, scale = packed.to(self.ctx.device), scale.to(self.ctx.device)
-        q, s, changed = dispatch.fp4_cast(packed, scale)
+        q, s, changed = self._expected_fp4((packed, scale))
         if bool(changed.any()) or not torch.equal(
-            fp8_block.dequantize(q, s.float()), dequant_fp4_ref(packed, scale)
+            fp8_block.dequantize(q, s.float()), dequant_fp4_ref(packed.to(q.device), scale.to(q.device))
         ):
             return None
         return q, s
@@ -358,16 +356,17 @@ class TensorsCheck:
         return None
 
     def _expected_fp4(
-        self, src: Src, orig: tuple[torch.Tensor, torch.Tensor | None]
+        self, orig: tuple[torch.Tensor, torch.Tensor | None], name: str | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DeepSeek's cast of an FP4 original region on the device (Triton on CUDA, the torch reference
-        on the CPU: same bytes): FP8 bytes, E8M0 scales and the changed elements per block."""
+        """DeepSeek's cast of FP4 originals (a region, or stacked experts) on the device (Triton on CUDA,
+        the torch reference on the CPU: same bytes): FP8 bytes, E8M0 scales and the changed elements per
+        block; an error names ``name``."""
         t, s = orig
         assert s is not None
         from moetool.kernels import dispatch
 
         t, s = t.to(self.ctx.device).contiguous(), s.to(self.ctx.device).contiguous()
-        return dispatch.fp4_cast(t, s, name=src.describe())
+        return dispatch.fp4_cast(t, s, name=name)
 
     def _compare_fp4(
         self,
@@ -381,7 +380,7 @@ class TensorsCheck:
         cast is and lossy exactly where moetool.json says, else why."""
         from moetool.kernels.fp4_cast_ref import FP8_BLOCK, dequant_fp4_ref
 
-        want_q, want_s, changed = self._expected_fp4(orig_src, orig)
+        want_q, want_s, changed = self._expected_fp4(orig, orig_src.describe())
         got_q, got_s = got[0].to(want_q.device), got[1].to(want_q.device)
         why = self._fp8_differs(
             conv_src,
@@ -469,7 +468,7 @@ class TensorsCheck:
             for j in parts:
                 src, orig = self.ctx.orig_region(step, b, e, j)
                 if orig[0].dtype == torch.int8:  # FP4: DeepSeek's cast, its E8M0 bytes packed as they are
-                    expected.append(self._expected_fp4(src, orig)[:2])
+                    expected.append(self._expected_fp4(orig, src.describe())[:2])
                 else:
                     expected.append(self._expected_quant(src, orig))
             want_q = torch.cat([p[0] for p in expected])
